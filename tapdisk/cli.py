@@ -1,0 +1,183 @@
+"""The ``tapdisk`` command: ``tapdisk serve`` runs an NBD server in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from tapdisk.drivers.base import Image, ImageError
+from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
+
+from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
+
+log = logging.getLogger("tapdisk")
+
+SERVE_EXAMPLES = """\
+examples:
+  tapdisk serve --unix /tmp/disk.sock raw:/var/lib/images/disk.img
+      then: nbdinfo 'nbd+unix:///?socket=/tmp/disk.sock'
+  tapdisk serve --tcp 127.0.0.1:10809 --read-only raw:disk.img
+      then: qemu-img convert -O qcow2 nbd://127.0.0.1:10809 copy.qcow2
+  tapdisk serve --unix /tmp/s.sock boot=raw:a.img data=raw:b.img
+      then: qemu-io -f raw 'nbd+unix:///data?socket=/tmp/s.sock'
+"""
+
+
+def run_loop(coro: Coroutine[Any, Any, int]) -> int:
+    """Run ``coro`` on uvloop when it is installed, else on plain asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def split_export(text: str) -> tuple[str | None, str]:
+    """``NAME=TYPE:PATH`` or ``TYPE:PATH`` -> (name or None, spec)."""
+    name, sep, spec = text.partition("=")
+    if sep and ":" not in name:
+        return name, spec
+    return None, text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tapdisk", description="Userspace block-device daemon serving disk images over NBD."
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve images over NBD in the foreground",
+        description="Serve one or more images over NBD until SIGTERM or SIGINT. "
+        'With one image it is also the default export "". '
+        f"Image types: {', '.join(sorted(DRIVERS))}.",
+        epilog=SERVE_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--unix",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="listen on a unix socket (repeatable)",
+    )
+    serve.add_argument(
+        "--tcp",
+        metavar="HOST:PORT",
+        type=parse_host_port,
+        action="append",
+        default=[],
+        help="listen on TCP (repeatable; default 127.0.0.1:10809 when no --unix is given)",
+    )
+    serve.add_argument("--read-only", "-r", action="store_true", help="refuse all writes")
+    serve.add_argument("--direct", action="store_true", help="bypass the page cache (O_DIRECT)")
+    serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT,
+        metavar="SECS",
+        help="drop clients that take longer to negotiate",
+    )
+    serve.add_argument(
+        "images",
+        nargs="+",
+        metavar="[NAME=]TYPE:PATH",
+        help="image to serve; its export name is NAME or the file's name",
+    )
+    return parser
+
+
+def open_exports(args: argparse.Namespace) -> list[Export]:
+    """Open every image named on the command line; close them all on failure."""
+    options = OpenOptions(read_only=args.read_only, direct=args.direct)
+    opened: list[Image] = []
+    exports: list[Export] = []
+    names: set[str] = set()
+    try:
+        for item in args.images:
+            name, spec = split_export(item)
+            image = open_image(spec, options)
+            opened.append(image)
+            name = name if name is not None else os.path.basename(spec.partition(":")[2])
+            if name in names:
+                raise ImageError(f"two exports named {name!r}; use NAME=TYPE:PATH")
+            names.add(name)
+            exports.append(Export(name, image, read_only=args.read_only))
+    except BaseException:
+        for image in opened:
+            asyncio.run(image.close())
+        raise
+    return exports
+
+
+async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
+    server = NBDServer(exports, handshake_timeout=args.handshake_timeout)
+    uris: list[str] = []
+    try:
+        for path in args.unix:
+            await server.listen_unix(path)
+            uris.append(f"nbd+unix:///?socket={os.path.abspath(path)}")
+        tcp = args.tcp or ([] if args.unix else [("127.0.0.1", 10809)])
+        for host, port in tcp:
+            bound = await server.listen_tcp(host, port)
+            shown = f"[{host}]" if ":" in host else host
+            uris.append(f"nbd://{shown}:{bound}/")
+    except OSError as exc:
+        print(f"tapdisk: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        await server.shutdown()
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    for uri in uris:
+        print(uri, flush=True)
+    for export in exports:
+        log.info(
+            "serving %s as export %r (%d bytes%s)",
+            export.image.spec,
+            export.name,
+            export.image.size,
+            ", read-only" if export.read_only else "",
+        )
+    await stop.wait()
+    log.info("shutting down")
+    await server.shutdown()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="tapdisk: %(levelname)s: %(message)s")
+    if args.command == "serve":
+        try:
+            exports = open_exports(args)
+        except ImageError as exc:
+            print(f"tapdisk: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"tapdisk: {exc}", file=sys.stderr)
+            return 1
+        return run_loop(serve(args, exports))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

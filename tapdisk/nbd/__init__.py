@@ -1,0 +1,1 @@
+"""The NBD protocol, sans-IO: constants, handshake state machine, request/reply codec."""

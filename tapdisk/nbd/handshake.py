@@ -1,0 +1,340 @@
+"""The fixed-newstyle NBD handshake as a sans-IO state machine.
+
+Feed it the bytes a client sends with ``receive``; collect the bytes to send
+back with ``take_output``.  When the client picks an export (GO or
+EXPORT_NAME) ``receive`` returns a ``Negotiated`` event and transmission
+begins; any bytes after the final option belong to the transmission phase and
+are left in ``leftover``.  Protocol violations raise ``ProtocolError``: the
+caller closes the connection.  There are no sockets or clocks in here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from .constants import (
+    BASE_ALLOCATION,
+    CLIENT_FLAGS,
+    EXPORT_NAME_PADDING,
+    EXPORT_NAME_REPLY,
+    GREETING,
+    IHAVEOPT,
+    NBDMAGIC,
+    OPTION_HEADER,
+    OPTION_REPLY_HEADER,
+    OPTION_REPLY_MAGIC,
+    U16,
+    U32,
+    ClientFlag,
+    HandshakeFlag,
+    Info,
+    Option,
+    Reply,
+    TransmissionFlag,
+)
+
+#: Largest option payload we buffer; bigger ones are skipped and refused.
+MAX_OPTION_LENGTH: Final = 64 * 1024
+#: Longest string (export name, query) the spec allows.
+MAX_STRING: Final = 4096
+#: Metadata context id handed out for base:allocation.
+BASE_ALLOCATION_ID: Final = 1
+
+SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+
+
+class ProtocolError(Exception):
+    """The peer broke a rule that leaves no way to answer: hard-disconnect."""
+
+
+class ClientAborted(Exception):
+    """The client ended negotiation with NBD_OPT_ABORT (already acknowledged)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExportInfo:
+    """What a client learns about one export during the handshake."""
+
+    name: str
+    size: int
+    #: Transmission flags independent of the connection (SEND_DF is added per
+    #: connection, only once structured replies are negotiated).
+    flags: TransmissionFlag
+    description: str = ""
+    min_block: int = 1
+    preferred_block: int = 4096
+    max_payload: int = 32 * 1024 * 1024
+    block_status: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Negotiated:
+    """Handshake done: transmission starts on this export with these settings."""
+
+    export: ExportInfo
+    flags: TransmissionFlag
+    structured: bool
+    #: Context id for base:allocation, or None when the client selected none.
+    allocation_context: int | None
+
+
+def connection_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
+    """Transmission flags for one connection to ``export``."""
+    flags = export.flags | TransmissionFlag.HAS_FLAGS
+    if structured:
+        flags |= TransmissionFlag.SEND_DF
+    return flags
+
+
+class Handshake:
+    """Server side of the fixed-newstyle handshake for one connection."""
+
+    def __init__(self, exports: Mapping[str, ExportInfo], default_export: str | None) -> None:
+        self._exports = exports
+        self._default = default_export
+        self._buffer = bytearray()
+        self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
+        self._have_client_flags = False
+        self._no_zeroes = False
+        self._structured = False
+        self._allocation_context: int | None = None
+        self._context_export: ExportInfo | None = None
+        self._skip = 0  # bytes of an over-long option still to discard
+        self._skip_option = 0
+        self.leftover = b""
+
+    def take_output(self) -> bytes:
+        """Bytes to send to the client now."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def receive(self, data: bytes) -> Negotiated | None:
+        """Consume client bytes; return Negotiated once an export is chosen."""
+        self._buffer += data
+        if not self._have_client_flags:
+            if len(self._buffer) < CLIENT_FLAGS.size:
+                return None
+            (flags,) = CLIENT_FLAGS.unpack_from(self._buffer)
+            del self._buffer[: CLIENT_FLAGS.size]
+            if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+                raise ProtocolError(f"unknown client flags {flags:#x}")
+            self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
+            self._have_client_flags = True
+        while True:
+            if self._skip:
+                n = min(self._skip, len(self._buffer))
+                del self._buffer[:n]
+                self._skip -= n
+                if self._skip:
+                    return None
+                self._reply(self._skip_option, Reply.ERR_TOO_BIG, b"option data too long")
+            if len(self._buffer) < OPTION_HEADER.size:
+                return None
+            magic, option, length = OPTION_HEADER.unpack_from(self._buffer)
+            if magic != IHAVEOPT:
+                raise ProtocolError(f"bad option magic {magic:#x}")
+            if length > MAX_OPTION_LENGTH:
+                del self._buffer[: OPTION_HEADER.size]
+                self._skip, self._skip_option = length, option
+                continue
+            end = OPTION_HEADER.size + length
+            if len(self._buffer) < end:
+                return None
+            payload = bytes(self._buffer[OPTION_HEADER.size : end])
+            del self._buffer[:end]
+            result = self._handle_option(option, payload)
+            if result is not None:
+                self.leftover = bytes(self._buffer)
+                self._buffer.clear()
+                return result
+
+    # -- replies -----------------------------------------------------------------
+
+    def _reply(self, option: int, reply: int, data: bytes = b"") -> None:
+        self._out += OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, reply, len(data))
+        self._out += data
+
+    def _error(self, option: int, reply: Reply, message: str) -> None:
+        self._reply(option, reply, message.encode())
+
+    # -- options -----------------------------------------------------------------
+
+    def _handle_option(self, option: int, payload: bytes) -> Negotiated | None:
+        if option == Option.EXPORT_NAME:
+            return self._export_name(payload)
+        if option == Option.ABORT:
+            self._reply(option, Reply.ACK)
+            raise ClientAborted()
+        if option == Option.LIST:
+            self._list(payload)
+        elif option in (Option.INFO, Option.GO):
+            return self._info_or_go(option, payload)
+        elif option == Option.STRUCTURED_REPLY:
+            if payload:
+                self._error(option, Reply.ERR_INVALID, "STRUCTURED_REPLY takes no data")
+            else:
+                self._structured = True
+                self._reply(option, Reply.ACK)
+        elif option in (Option.LIST_META_CONTEXT, Option.SET_META_CONTEXT):
+            self._meta_context(option, payload)
+        else:
+            self._error(option, Reply.ERR_UNSUP, f"option {option} not supported")
+        return None
+
+    def _lookup(self, name: str) -> ExportInfo | None:
+        if name == "" and self._default is not None:
+            name = self._default
+        return self._exports.get(name)
+
+    def _export_name(self, payload: bytes) -> Negotiated:
+        try:
+            export = self._lookup(payload.decode())
+        except UnicodeDecodeError:
+            export = None
+        if export is None:
+            raise ProtocolError(f"EXPORT_NAME for unknown export {payload[:64]!r}")
+        flags = connection_flags(export, self._structured)
+        self._out += EXPORT_NAME_REPLY.pack(export.size, flags)
+        if not self._no_zeroes:
+            self._out += bytes(EXPORT_NAME_PADDING)
+        return self._negotiated(export, flags)
+
+    def _negotiated(self, export: ExportInfo, flags: TransmissionFlag) -> Negotiated:
+        # A selected context only applies to the export it was selected for.
+        context = self._allocation_context if self._context_export is export else None
+        return Negotiated(export, flags, self._structured, context)
+
+    def _list(self, payload: bytes) -> None:
+        if payload:
+            self._error(Option.LIST, Reply.ERR_INVALID, "LIST takes no data")
+            return
+        for export in self._exports.values():
+            name = export.name.encode()
+            self._reply(
+                Option.LIST, Reply.SERVER, U32.pack(len(name)) + name + export.description.encode()
+            )
+        self._reply(Option.LIST, Reply.ACK)
+
+    def _info_or_go(self, option: int, payload: bytes) -> Negotiated | None:
+        parsed = _parse_info_request(payload)
+        if parsed is None:
+            self._error(option, Reply.ERR_INVALID, "malformed INFO/GO request")
+            return None
+        name, requests = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._error(option, Reply.ERR_UNKNOWN, f"no export named {name!r}")
+            return None
+        flags = connection_flags(export, self._structured)
+        self._reply(
+            option, Reply.INFO, U16.pack(Info.EXPORT) + EXPORT_NAME_REPLY.pack(export.size, flags)
+        )
+        if Info.NAME in requests:
+            self._reply(option, Reply.INFO, U16.pack(Info.NAME) + export.name.encode())
+        if Info.DESCRIPTION in requests and export.description:
+            self._reply(
+                option, Reply.INFO, U16.pack(Info.DESCRIPTION) + export.description.encode()
+            )
+        # Block sizes are always sent: clients that did not ask may ignore them.
+        self._reply(
+            option,
+            Reply.INFO,
+            U16.pack(Info.BLOCK_SIZE)
+            + struct_block_size(export.min_block, export.preferred_block, export.max_payload),
+        )
+        self._reply(option, Reply.ACK)
+        if option == Option.GO:
+            return self._negotiated(export, flags)
+        return None
+
+    def _meta_context(self, option: int, payload: bytes) -> None:
+        if not self._structured:
+            self._error(option, Reply.ERR_INVALID, "negotiate STRUCTURED_REPLY first")
+            if option == Option.SET_META_CONTEXT:
+                self._allocation_context = None
+            return
+        parsed = _parse_meta_context_request(payload)
+        if parsed is None:
+            self._error(option, Reply.ERR_INVALID, "malformed meta context request")
+            if option == Option.SET_META_CONTEXT:
+                self._allocation_context = None
+            return
+        name, queries = parsed
+        export = self._lookup(name)
+        if export is None:
+            self._error(option, Reply.ERR_UNKNOWN, f"no export named {name!r}")
+            return
+        if option == Option.LIST_META_CONTEXT:
+            wanted = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
+            if wanted and export.block_status:
+                self._context_reply(option, 0)
+        else:
+            selected = export.block_status and BASE_ALLOCATION in queries
+            self._allocation_context = BASE_ALLOCATION_ID if selected else None
+            self._context_export = export
+            if selected:
+                self._context_reply(option, BASE_ALLOCATION_ID)
+        self._reply(option, Reply.ACK)
+
+    def _context_reply(self, option: int, context_id: int) -> None:
+        self._reply(option, Reply.META_CONTEXT, U32.pack(context_id) + BASE_ALLOCATION.encode())
+
+
+def struct_block_size(minimum: int, preferred: int, maximum: int) -> bytes:
+    """Payload of NBD_INFO_BLOCK_SIZE after its type."""
+    return U32.pack(minimum) + U32.pack(preferred) + U32.pack(maximum)
+
+
+def _parse_info_request(payload: bytes) -> tuple[str, set[int]] | None:
+    """(export name, requested info types) or None when malformed."""
+    if len(payload) < 6:
+        return None
+    (name_len,) = U32.unpack_from(payload)
+    if name_len > min(len(payload) - 6, MAX_STRING):
+        return None
+    try:
+        name = payload[4 : 4 + name_len].decode()
+    except UnicodeDecodeError:
+        return None
+    pos = 4 + name_len
+    (count,) = U16.unpack_from(payload, pos)
+    pos += 2
+    if len(payload) != pos + 2 * count:
+        return None
+    requests = {U16.unpack_from(payload, pos + 2 * i)[0] for i in range(count)}
+    return name, requests
+
+
+def _parse_meta_context_request(payload: bytes) -> tuple[str, list[str]] | None:
+    """(export name, queries) or None when malformed."""
+    if len(payload) < 8:
+        return None
+    (name_len,) = U32.unpack_from(payload)
+    if name_len > min(len(payload) - 8, MAX_STRING):
+        return None
+    pos = 4 + name_len
+    try:
+        name = payload[4:pos].decode()
+    except UnicodeDecodeError:
+        return None
+    (count,) = U32.unpack_from(payload, pos)
+    pos += 4
+    queries = []
+    for _ in range(count):
+        if pos + 4 > len(payload):
+            return None
+        (length,) = U32.unpack_from(payload, pos)
+        pos += 4
+        if length > MAX_STRING or pos + length > len(payload):
+            return None
+        try:
+            queries.append(payload[pos : pos + length].decode())
+        except UnicodeDecodeError:
+            return None
+        pos += length
+    if pos != len(payload):
+        return None
+    return name, queries

@@ -1,0 +1,264 @@
+"""The NBD transmission phase, sans-IO: request parsing, validation, reply bytes.
+
+``RequestReader`` is shaped for ``asyncio.BufferedProtocol``: the transport
+asks it for a buffer to receive into and tells it how many bytes arrived.
+Headers land in a reusable buffer; a WRITE payload gets a buffer of its own and
+the socket fills it directly, so large writes are never copied in user space.
+Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final, NamedTuple
+
+from .constants import (
+    ERROR_PAYLOAD_HEAD,
+    EXTENT,
+    HOLE_PAYLOAD,
+    REPLY_FLAG_DONE,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    STRUCTURED_DATA_HEADER,
+    STRUCTURED_HEADER,
+    STRUCTURED_REPLY_MAGIC,
+    U32,
+    ChunkType,
+    Command,
+    CommandFlag,
+    Error,
+    TransmissionFlag,
+)
+from .handshake import ProtocolError
+
+#: Receive buffer for request headers (and small writes that arrive with them).
+HEADER_BUFFER_SIZE: Final = 256 * 1024
+#: Most extents sent in one BLOCK_STATUS chunk (the spec suggests at most 2**20).
+MAX_EXTENTS: Final = 1 << 16
+#: Error messages longer than this are cut (the spec allows 4096 bytes).
+MAX_MESSAGE: Final = 1024
+
+#: Command flags each command accepts (FUA is accepted on every command).
+_ALLOWED_FLAGS: Final = {
+    Command.READ: CommandFlag.FUA | CommandFlag.DF,
+    Command.WRITE: CommandFlag.FUA,
+    Command.DISC: CommandFlag(0),
+    Command.FLUSH: CommandFlag.FUA,
+    Command.TRIM: CommandFlag.FUA,
+    Command.CACHE: CommandFlag.FUA,
+    Command.WRITE_ZEROES: CommandFlag.FUA | CommandFlag.NO_HOLE | CommandFlag.FAST_ZERO,
+    Command.BLOCK_STATUS: CommandFlag.FUA | CommandFlag.REQ_ONE,
+}
+#: Which transmission flag a command needs, if any.
+_NEEDS_FLAG: Final = {
+    Command.FLUSH: TransmissionFlag.SEND_FLUSH,
+    Command.TRIM: TransmissionFlag.SEND_TRIM,
+    Command.CACHE: TransmissionFlag.SEND_CACHE,
+    Command.WRITE_ZEROES: TransmissionFlag.SEND_WRITE_ZEROES,
+}
+_MODIFYING: Final = frozenset({Command.WRITE, Command.TRIM, Command.WRITE_ZEROES})
+
+
+class Request(NamedTuple):
+    """One decoded request; ``payload`` is set only for WRITE."""
+
+    cookie: int
+    command: int
+    flags: int
+    offset: int
+    length: int
+    payload: bytearray | None
+
+
+class RequestReader:
+    """Incremental request decoder fed through get_buffer/buffer_updated."""
+
+    __slots__ = (
+        "_buf",
+        "_end",
+        "_header",
+        "_max_payload",
+        "_payload",
+        "_payload_filled",
+        "_payload_view",
+        "_view",
+    )
+
+    def __init__(self, max_payload: int) -> None:
+        self._max_payload = max_payload
+        self._buf = bytearray(HEADER_BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._end = 0
+        # While a WRITE payload is being received: its header and buffer.
+        self._header: tuple[int, int, int, int, int] | None = None
+        self._payload: bytearray | None = None
+        self._payload_view: memoryview | None = None
+        self._payload_filled = 0
+
+    @property
+    def idle(self) -> bool:
+        """True between requests (no partial header or payload buffered)."""
+        return self._end == 0 and self._payload is None
+
+    def get_buffer(self) -> memoryview:
+        """Where the next received bytes should go."""
+        if self._payload_view is not None:
+            return self._payload_view[self._payload_filled :]
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> list[Request]:
+        """Account for ``nbytes`` received; return the requests now complete."""
+        if self._payload is not None:
+            self._payload_filled += nbytes
+            if self._payload_filled < len(self._payload):
+                return []
+            return [self._finish_payload()]
+        self._end += nbytes
+        return self._parse_headers()
+
+    def _finish_payload(self) -> Request:
+        assert self._header is not None and self._payload is not None
+        flags, command, cookie, offset, length = self._header
+        request = Request(cookie, command, flags, offset, length, self._payload)
+        self._header = self._payload = self._payload_view = None
+        self._payload_filled = 0
+        return request
+
+    def _parse_headers(self) -> list[Request]:
+        requests: list[Request] = []
+        buf, pos, end = self._buf, 0, self._end
+        size = REQUEST.size
+        while end - pos >= size:
+            magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf, pos)
+            if magic != REQUEST_MAGIC:
+                raise ProtocolError(f"bad request magic {magic:#x}")
+            pos += size
+            if command != Command.WRITE or length == 0:
+                requests.append(Request(cookie, command, flags, offset, length, None))
+                continue
+            if length > self._max_payload:
+                raise ProtocolError(
+                    f"write of {length} bytes exceeds the {self._max_payload} limit"
+                )
+            payload = bytearray(length)
+            have = min(end - pos, length)
+            payload[:have] = self._view[pos : pos + have]
+            pos += have
+            if have == length:
+                requests.append(Request(cookie, command, flags, offset, length, payload))
+                continue
+            # The rest of this payload goes straight from the socket into it.
+            self._header = (flags, command, cookie, offset, length)
+            self._payload = payload
+            self._payload_view = memoryview(payload)
+            self._payload_filled = have
+            break
+        remaining = end - pos
+        if remaining and pos:
+            buf[:remaining] = buf[pos:end]
+        self._end = remaining
+        return requests
+
+
+def check_request(
+    request: Request,
+    export_flags: int,
+    size: int,
+    max_payload: int,
+    block_status_ok: bool,
+) -> Error | None:
+    """Why a request must be refused (its NBD error), or None if it is valid.
+
+    ``block_status_ok``: a metadata context was negotiated for this connection.
+    """
+    command, flags, offset, length = request.command, request.flags, request.offset, request.length
+    allowed = _ALLOWED_FLAGS.get(command)  # type: ignore[call-overload]
+    if allowed is None or flags & ~allowed:
+        return Error.EINVAL
+    if flags & CommandFlag.DF and not export_flags & TransmissionFlag.SEND_DF:
+        return Error.EINVAL
+    if flags & CommandFlag.FAST_ZERO and not export_flags & TransmissionFlag.SEND_FAST_ZERO:
+        return Error.EINVAL
+    needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
+    if needed is not None and not export_flags & needed:
+        return Error.EINVAL
+    if command == Command.FLUSH:
+        return Error.EINVAL if offset or length else None
+    if command == Command.BLOCK_STATUS and not block_status_ok:
+        return Error.EINVAL
+    if command in _MODIFYING and export_flags & TransmissionFlag.READ_ONLY:
+        return Error.EPERM
+    if offset + length > size:
+        return (
+            Error.ENOSPC
+            if command in (Command.WRITE, Command.WRITE_ZEROES) and offset <= size
+            else Error.EINVAL
+        )
+    if command == Command.READ and length > max_payload:
+        return Error.EINVAL
+    return None
+
+
+# -- replies ----------------------------------------------------------------------
+
+
+def simple_reply(cookie: int, error: int = 0) -> bytes:
+    """A 16-byte simple reply header (READ data, if any, follows it)."""
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, error, cookie)
+
+
+def data_chunk_header(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    """Header of an OFFSET_DATA chunk; ``length`` bytes of data follow it."""
+    return STRUCTURED_DATA_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        ChunkType.OFFSET_DATA,
+        cookie,
+        length + 8,
+        offset,
+    )
+
+
+def hole_chunk(cookie: int, offset: int, length: int, done: bool = True) -> bytes:
+    """An OFFSET_HOLE chunk: ``length`` bytes at ``offset`` read as zeros."""
+    return STRUCTURED_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC,
+        REPLY_FLAG_DONE if done else 0,
+        ChunkType.OFFSET_HOLE,
+        cookie,
+        HOLE_PAYLOAD.size,
+    ) + HOLE_PAYLOAD.pack(offset, length)
+
+
+def done_chunk(cookie: int) -> bytes:
+    """A NONE chunk with DONE: a structured reply finished successfully."""
+    return STRUCTURED_HEADER.pack(
+        STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.NONE, cookie, 0
+    )
+
+
+def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
+    """An ERROR chunk with DONE, carrying a human-readable message."""
+    text = message.encode()[:MAX_MESSAGE]
+    payload = ERROR_PAYLOAD_HEAD.pack(error, len(text)) + text
+    return (
+        STRUCTURED_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.ERROR, cookie, len(payload)
+        )
+        + payload
+    )
+
+
+def block_status_chunk(cookie: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:
+    """A BLOCK_STATUS chunk with DONE for (length, flags) extents."""
+    body = bytearray(U32.pack(context_id))
+    for length, flags in extents:
+        body += EXTENT.pack(length, flags)
+    return (
+        STRUCTURED_HEADER.pack(
+            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.BLOCK_STATUS, cookie, len(body)
+        )
+        + body
+    )

@@ -1,0 +1,509 @@
+"""The NBD server: asyncio glue between sockets, the sans-IO codec and images.
+
+One ``NBDConnection`` (an ``asyncio.BufferedProtocol``) per client socket.
+Requests are validated by the codec, then run against the export's image:
+reads that hit the page cache are answered inline on the event loop, the rest
+run as tasks, so many requests are in flight per connection and replies go out
+in completion order.  All connections to an export share one ``Image``, so a
+FLUSH on any connection covers writes completed on every one (multi-conn).
+
+Memory is bounded per connection: reading from the socket pauses while too many
+requests or too many payload bytes are in flight, or while the client is not
+reading its replies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from tapdisk.drivers.base import Image, ImageError
+
+from .nbd.constants import Command, CommandFlag, Error, TransmissionFlag, nbd_error
+from .nbd.handshake import (
+    ClientAborted,
+    ExportInfo,
+    Handshake,
+    Negotiated,
+    ProtocolError,
+    connection_flags,
+)
+from .nbd.transmission import (
+    MAX_EXTENTS,
+    Request,
+    RequestReader,
+    block_status_chunk,
+    check_request,
+    data_chunk_header,
+    done_chunk,
+    error_chunk,
+    simple_reply,
+)
+
+log = logging.getLogger("tapdisk.server")
+
+#: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
+MAX_PAYLOAD: Final = 32 * 1024 * 1024
+#: Requests in flight on one connection before we stop reading from it.
+MAX_IN_FLIGHT: Final = 256
+#: Payload bytes (write data being stored, read data being sent) per connection
+#: before we stop reading from it.
+MAX_BYTES_IN_FLIGHT: Final = 128 * 1024 * 1024
+#: Seconds a client may take to finish the handshake.
+HANDSHAKE_TIMEOUT: Final = 30.0
+
+
+class Export:
+    """An image served under a name, with the NBD flags its capabilities allow."""
+
+    def __init__(
+        self, name: str, image: Image, *, read_only: bool = False, description: str = ""
+    ) -> None:
+        self.name = name
+        self.image = image
+        self.read_only = read_only or image.read_only
+        caps = image.capabilities
+        flags = TransmissionFlag.HAS_FLAGS
+        if self.read_only:
+            flags |= TransmissionFlag.READ_ONLY
+        if caps.flush:
+            flags |= TransmissionFlag.SEND_FLUSH
+            if caps.fua:
+                flags |= TransmissionFlag.SEND_FUA
+        if not self.read_only:
+            if caps.trim:
+                flags |= TransmissionFlag.SEND_TRIM
+            if caps.zero:
+                flags |= TransmissionFlag.SEND_WRITE_ZEROES
+                if caps.fast_zero:
+                    flags |= TransmissionFlag.SEND_FAST_ZERO
+        if caps.multi_conn:
+            flags |= TransmissionFlag.CAN_MULTI_CONN
+        if caps.cache:
+            flags |= TransmissionFlag.SEND_CACHE
+        self.info = ExportInfo(
+            name=name,
+            size=image.size,
+            flags=flags,
+            description=description or image.spec,
+            min_block=image.block_size,
+            preferred_block=max(4096, image.block_size),
+            max_payload=MAX_PAYLOAD,
+            block_status=caps.extents,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DirectAttach:
+    """Settings for a socket that skips the handshake (the kernel's nbd driver)."""
+
+    export: str
+    flags: TransmissionFlag | None = None  # None: the export's own flags
+
+
+class NBDServer:
+    """Serves a set of exports on any number of listeners and handed-in sockets."""
+
+    def __init__(
+        self,
+        exports: Iterable[Export],
+        *,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+    ) -> None:
+        self.exports = {export.name: export for export in exports}
+        self.default_export = next(iter(self.exports)) if len(self.exports) == 1 else None
+        if "" in self.exports:
+            self.default_export = ""
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[NBDConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_paths: list[str] = []
+        self.closing = False
+
+    @property
+    def export_infos(self) -> dict[str, ExportInfo]:
+        return {name: export.info for name, export in self.exports.items()}
+
+    async def listen_unix(self, path: str) -> None:
+        """Listen on a unix socket; refuse to steal a path another server uses."""
+        if os.path.exists(path):
+            if _unix_socket_alive(path):
+                raise OSError(errno.EADDRINUSE, f"unix socket {path} is in use by another server")
+            os.unlink(path)  # stale socket file left by a crashed server
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(lambda: NBDConnection(self), path, backlog=128)
+        os.chmod(path, 0o600)
+        self._servers.append(server)
+        self._unix_paths.append(path)
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on TCP; returns the bound port (useful with port 0)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: NBDConnection(self), host, port, backlog=128, reuse_address=True
+        )
+        self._servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    async def serve_socket(self, sock: socket.socket, direct: DirectAttach | None = None) -> None:
+        """Serve an already-connected socket, with or without a handshake."""
+        loop = asyncio.get_running_loop()
+        await loop.connect_accepted_socket(lambda: NBDConnection(self, direct), sock)
+
+    async def shutdown(self) -> None:
+        """Stop listening, let in-flight requests finish, close connections and images."""
+        self.closing = True
+        for server in self._servers:
+            server.close()
+        for path in self._unix_paths:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        await asyncio.gather(*(conn.drain_and_close() for conn in list(self.connections)))
+        for server in self._servers:
+            await server.wait_closed()
+        for export in self.exports.values():
+            try:
+                if not export.read_only:
+                    await export.image.flush()
+            except OSError as exc:
+                log.error("%s: flush at shutdown failed: %s", export.image.spec, exc)
+            await export.image.close()
+
+
+def _unix_socket_alive(path: str) -> bool:
+    """True when something accepts connections on the unix socket at ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+class NBDConnection(asyncio.BufferedProtocol):
+    """One client connection: handshake, then requests until disconnect."""
+
+    def __init__(self, server: NBDServer, direct: DirectAttach | None = None) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._direct = direct
+        self._handshake: Handshake | None = None
+        self._handshake_buf = bytearray(4096)
+        self._timeout: asyncio.TimerHandle | None = None
+        self._reader = RequestReader(MAX_PAYLOAD)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._in_flight = 0
+        self._bytes_in_flight = 0
+        self._read_paused = False
+        self._write_paused = False
+        self._disconnecting = False
+        self._closed = asyncio.get_running_loop().create_future()
+        # Set when transmission begins.
+        self.export: Export | None = None
+        self.image: Image | None = None
+        self.flags = TransmissionFlag(0)
+        self.structured = False
+        self.allocation_context: int | None = None
+        self._size = 0
+
+    # -- asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.peer = str(transport.get_extra_info("peername") or "unix")
+        if self._direct is not None:
+            export = self.server.exports[self._direct.export]
+            flags = self._direct.flags or connection_flags(export.info, structured=False)
+            self._begin_transmission(Negotiated(export.info, flags, False, None))
+            return
+        if self.server.closing:
+            transport.abort()
+            return
+        self._handshake = Handshake(self.server.export_infos, self.server.default_export)
+        transport.write(self._handshake.take_output())
+        loop = asyncio.get_running_loop()
+        self._timeout = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._handshake is not None:
+            return memoryview(self._handshake_buf)
+        return self._reader.get_buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        try:
+            if self._handshake is not None:
+                self._handshake_received(bytes(self._handshake_buf[:nbytes]))
+                return
+            for request in self._reader.buffer_updated(nbytes):
+                self._dispatch(request)
+        except ProtocolError as exc:
+            log.warning("%s: protocol error, closing connection: %s", self.peer, exc)
+            self._abort()
+        except ClientAborted:
+            self._close_when_drained()
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._timeout is not None:
+            self._timeout.cancel()
+        self._disconnecting = True
+        self._maybe_finished()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._update_reading()
+
+    # -- handshake ---------------------------------------------------------------
+
+    def _handshake_received(self, data: bytes) -> None:
+        assert self._handshake is not None and self.transport is not None
+        negotiated = self._handshake.receive(data)
+        output = self._handshake.take_output()
+        if output:
+            self.transport.write(output)
+        if negotiated is not None:
+            leftover = self._handshake.leftover
+            self._begin_transmission(negotiated)
+            self._feed(leftover)
+
+    def _handshake_timed_out(self) -> None:
+        log.warning(
+            "%s: handshake not finished in %.0f s, closing",
+            self.peer,
+            self.server.handshake_timeout,
+        )
+        self._abort()
+
+    def _begin_transmission(self, negotiated: Negotiated) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+        self._handshake = None
+        self.export = self.server.exports[negotiated.export.name]
+        self.image = self.export.image
+        self._size = negotiated.export.size
+        self.flags = negotiated.flags
+        self.structured = negotiated.structured
+        self.allocation_context = negotiated.allocation_context
+
+    def _feed(self, data: bytes) -> None:
+        """Push bytes that arrived with the handshake through the request reader."""
+        view = memoryview(data)
+        while view:
+            target = self._reader.get_buffer()
+            n = min(len(target), len(view))
+            target[:n] = view[:n]
+            view = view[n:]
+            for request in self._reader.buffer_updated(n):
+                self._dispatch(request)
+
+    # -- requests ----------------------------------------------------------------
+
+    def _dispatch(self, request: Request) -> None:
+        if self._disconnecting:
+            return  # nothing may follow DISC
+        command = request.command
+        error = check_request(
+            request, self.flags, self._size, MAX_PAYLOAD, self.allocation_context is not None
+        )
+        if error is not None:
+            self._send_error(request, error, "invalid request")
+            return
+        if command == Command.READ:
+            buf = bytearray(request.length)
+            if self.image.read_nowait(request.offset, memoryview(buf)):  # type: ignore[union-attr]
+                self._send_read(request, buf)
+                return
+            self._start(self._read(request, buf), request.length)
+        elif command == Command.DISC:
+            self._close_when_drained()
+        elif command == Command.WRITE:
+            self._start(self._run(request), request.length)
+        else:
+            self._start(self._run(request), 0)
+
+    def _start(self, coro, nbytes: int) -> None:  # type: ignore[no-untyped-def]
+        self._in_flight += 1
+        self._bytes_in_flight += nbytes
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        task.nbytes = nbytes  # type: ignore[attr-defined]
+        self._update_reading()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._in_flight -= 1
+        self._bytes_in_flight -= task.nbytes  # type: ignore[attr-defined]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s: request handler failed", self.peer, exc_info=task.exception())
+        self._update_reading()
+        self._maybe_finished()
+
+    async def _read(self, request: Request, buf: bytearray) -> None:
+        try:
+            await self.image.read(request.offset, memoryview(buf))  # type: ignore[union-attr]
+        except OSError as exc:
+            self._send_error(request, nbd_error(exc.errno), f"read failed: {exc.strerror}")
+            return
+        except ImageError as exc:
+            self._send_error(request, Error.EIO, str(exc))
+            return
+        self._send_read(request, buf)
+
+    async def _run(self, request: Request) -> None:
+        image = self.image
+        assert image is not None
+        command, flags, offset, length = (
+            request.command,
+            request.flags,
+            request.offset,
+            request.length,
+        )
+        fua = bool(flags & CommandFlag.FUA)
+        try:
+            if command == Command.WRITE:
+                if length:
+                    await image.write(offset, memoryview(request.payload), fua)  # type: ignore[arg-type]
+            elif command == Command.FLUSH:
+                await image.flush()
+            elif command == Command.TRIM:
+                if length:
+                    await image.discard(offset, length, fua)
+            elif command == Command.WRITE_ZEROES:
+                if length:
+                    await image.write_zeroes(
+                        offset,
+                        length,
+                        may_unmap=not flags & CommandFlag.NO_HOLE,
+                        fast_only=bool(flags & CommandFlag.FAST_ZERO),
+                        fua=fua,
+                    )
+            elif command == Command.CACHE:
+                if length:
+                    await image.cache(offset, length)
+            elif command == Command.BLOCK_STATUS:
+                await self._block_status(request)
+                return
+        except OSError as exc:
+            self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
+            return
+        except ImageError as exc:
+            log.error("%s: %s", image.spec, exc)
+            self._send_error(request, Error.EIO, str(exc))
+            return
+        self._send(simple_reply(request.cookie))
+
+    async def _block_status(self, request: Request) -> None:
+        assert self.image is not None and self.allocation_context is not None
+        if request.length == 0:
+            self._send_error(request, Error.EINVAL, "zero-length block status")
+            return
+        extents = await self.image.extents(request.offset, request.length)
+        pairs: list[tuple[int, int]] = []
+        remaining = request.length
+        for extent in extents:
+            length = min(extent.length, remaining)
+            if length <= 0:
+                break
+            flags = int(extent.flags)
+            if pairs and pairs[-1][1] == flags:
+                pairs[-1] = (pairs[-1][0] + length, flags)
+            else:
+                pairs.append((length, flags))
+            remaining -= length
+            if len(pairs) >= MAX_EXTENTS:
+                break
+        if request.flags & CommandFlag.REQ_ONE:
+            pairs = pairs[:1]
+        self._send(block_status_chunk(request.cookie, self.allocation_context, pairs))
+
+    # -- replies -----------------------------------------------------------------
+
+    def _send(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def _send_read(self, request: Request, buf: bytearray) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if not request.length:
+            header = done_chunk(request.cookie) if self.structured else simple_reply(request.cookie)
+            transport.write(header)
+        elif self.structured:
+            transport.writelines(
+                (data_chunk_header(request.cookie, request.offset, request.length), buf)
+            )
+        else:
+            transport.writelines((simple_reply(request.cookie), buf))
+
+    def _send_error(self, request: Request, error: int, message: str) -> None:
+        if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
+            self._send(error_chunk(request.cookie, error, message))
+        else:
+            self._send(simple_reply(request.cookie, error))
+
+    # -- flow control and shutdown -----------------------------------------------
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = (
+            self._write_paused
+            or self._in_flight >= MAX_IN_FLIGHT
+            or self._bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+            or self._disconnecting
+        )
+        if pause and not self._read_paused:
+            transport.pause_reading()
+            self._read_paused = True
+        elif not pause and self._read_paused:
+            transport.resume_reading()
+            self._read_paused = False
+
+    def _close_when_drained(self) -> None:
+        self._disconnecting = True
+        self._update_reading()
+        self._maybe_finished()
+
+    def _maybe_finished(self) -> None:
+        if not self._disconnecting or self._in_flight:
+            return
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _abort(self) -> None:
+        self._disconnecting = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def drain_and_close(self) -> None:
+        """Server shutdown: stop taking requests, finish those in flight, close."""
+        self._close_when_drained()
+        await self._closed
