@@ -1,0 +1,115 @@
+"""Shared fixtures: real ``tapdisk serve`` processes and real images made by qemu-img."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+#: The tapdisk console script of the interpreter running the tests.
+TAPDISK = str(Path(sys.executable).with_name("tapdisk"))
+
+
+def require(tool: str) -> str:
+    """Path of an external tool; the test fails (not skips) when it is missing."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed; .ci/run installs it")
+    return path
+
+
+def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120) -> str:
+    """Run a command, return its stdout; raise with its stderr on failure."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(map(str, argv))} exited {proc.returncode}:\n{proc.stdout}{proc.stderr}"
+        )
+    return proc.stdout
+
+
+@dataclass
+class Served:
+    """A running ``tapdisk serve`` process."""
+
+    proc: subprocess.Popen[str]
+    socket: Path
+    uris: list[str] = field(default_factory=list)
+
+    def uri(self, export: str = "") -> str:
+        """nbd+unix URI for an export ("" = the default export)."""
+        return f"nbd+unix:///{export}?socket={self.socket}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Signal the server and wait for it; returns its exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    @property
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+
+def start_tapdisk(socket: Path, *args: str, timeout: float = 20) -> Served:
+    """Start ``tapdisk serve --unix SOCKET ARGS...`` and wait until it listens."""
+    proc = subprocess.Popen(
+        [TAPDISK, "serve", "--unix", str(socket), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # the first URI is printed once listening
+    if not line:
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.wait(timeout)
+        raise AssertionError(f"tapdisk serve {' '.join(args)} failed to start:\n{err}")
+    served = Served(proc, socket, [line.strip()])
+    return served
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[..., Served]]:
+    """Factory: ``serve("raw:/path", "--read-only")`` -> a running server, stopped afterwards."""
+    started: list[Served] = []
+
+    def factory(*args: str) -> Served:
+        served = start_tapdisk(tmp_path / f"nbd{len(started)}.sock", *args)
+        started.append(served)
+        return served
+
+    yield factory
+    for served in started:
+        if served.proc.poll() is None:
+            served.stop()
+
+
+@pytest.fixture
+def raw_image(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: a raw image of ``size`` bytes, optionally filled by qemu-io commands."""
+
+    def factory(size: str = "64M", *qemu_io: str, name: str = "disk.raw") -> Path:
+        path = tmp_path / name
+        run(require("qemu-img"), "create", "-q", "-f", "raw", path, size)
+        if qemu_io:
+            args: list[str] = []
+            for cmd in qemu_io:
+                args += ["-c", cmd]
+            run(require("qemu-io"), "-f", "raw", *args, path)
+        return path
+
+    return factory
