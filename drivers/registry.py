@@ -18,7 +18,11 @@ from .base import Image, ImageError
 DRIVERS: dict[str, str] = {
     "raw": "raw:open_raw",
     "aio": "raw:open_raw",
+    "fault": "fault:open_fault",
 }
+
+#: Layer types: their argument is ``OPTIONS:INNER-SPEC``, not a path.
+LAYERS: frozenset[str] = frozenset({"fault"})
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,8 @@ def open_image(spec: str, options: OpenOptions | None = None) -> Image:
     kind, path = parse_spec(spec)
     options = options or OpenOptions()
     try:
-        return opener_for(kind)(os.path.abspath(path), options)
+        target = path if kind in LAYERS else os.path.abspath(path)
+        return opener_for(kind)(target, options)
     except FileNotFoundError as exc:
         raise ImageError(f"{spec}: no such file {exc.filename or path!r}") from exc
     except PermissionError as exc:
