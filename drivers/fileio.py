@@ -73,7 +73,7 @@ def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
 class ImageFile:
     """An open file descriptor with async, copy-free positional I/O."""
 
-    __slots__ = ("_loop", "direct", "fd", "path")
+    __slots__ = ("_loop", "_nowait", "direct", "fd", "path")
 
     def __init__(self, path: str, *, writable: bool, direct: bool = False) -> None:
         flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
@@ -82,6 +82,8 @@ class ImageFile:
         self.path = path
         self.direct = direct
         self.fd = os.open(path, flags)
+        # Cleared when the file system refuses RWF_NOWAIT (tmpfs does).
+        self._nowait = not direct
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def _run(self, func, *args):  # type: ignore[no-untyped-def]
@@ -96,11 +98,16 @@ class ImageFile:
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         """Read from the page cache without blocking; False if any part would block."""
-        if self.direct:
+        if not self._nowait:
             return False
         try:
             n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
+            return False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            self._nowait = False
             return False
         if n == len(buf):
             return True
