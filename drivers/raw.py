@@ -193,17 +193,29 @@ class RawImage(Image):
 
     async def _direct_read(self, offset: int, buf: memoryview) -> None:
         start, span = self._aligned_span(offset, len(buf))
-        with mmap.mmap(-1, span) as bounce:
-            await self.file.read(start, memoryview(bounce))
-            skip = offset - start
-            buf[:] = memoryview(bounce)[skip : skip + len(buf)]
+        bounce = _bounce_buffer(span)
+        await self.file.read(start, bounce)
+        skip = offset - start
+        buf[:] = bounce[skip : skip + len(buf)]
 
     async def _direct_write(self, offset: int, data: memoryview) -> None:
         start, span = self._aligned_span(offset, len(data))
-        with mmap.mmap(-1, span) as bounce:
-            view = memoryview(bounce)
-            if start != offset or span != len(data):
-                await self.file.read(start, view)  # read-modify-write of edge blocks
-            skip = offset - start
-            view[skip : skip + len(data)] = data
-            await self.file.write(start, view)
+        bounce = _bounce_buffer(span)
+        if start != offset or span != len(data):
+            await self.file.read(start, bounce)  # read-modify-write of edge blocks
+        skip = offset - start
+        bounce[skip : skip + len(data)] = data
+        await self.file.write(start, bounce)
+        if start + span > self.size:
+            # Whole blocks went past an unaligned end of file: cut it back.
+            await self.file.truncate(self.size)
+
+
+def _bounce_buffer(size: int) -> memoryview:
+    """A page-aligned buffer for O_DIRECT I/O.
+
+    The mapping is never closed explicitly: an I/O thread may still hold a
+    view of it for a moment after the await returns, and ``mmap.close`` would
+    then fail with BufferError.  It is unmapped when the last view goes.
+    """
+    return memoryview(mmap.mmap(-1, size))
