@@ -103,6 +103,14 @@ class Image(abc.ABC):
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""
 
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        """Write ``data`` without blocking on I/O if the image can (page cache).
+
+        Returns False, having written nothing, when the caller must await
+        ``write`` instead.  Never used for FUA writes.
+        """
+        return False
+
     @abc.abstractmethod
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         """Write all of ``data`` at ``offset``; durable before returning if ``fua``."""

@@ -68,6 +68,9 @@ class RawImage(Image):
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         return self.file.read_nowait(offset, buf)
 
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        return self.file.write_nowait(offset, data)
+
     async def read(self, offset: int, buf: memoryview) -> None:
         if self.file.direct:
             await self._direct_read(offset, buf)
