@@ -181,6 +181,10 @@ def check_request(
         return Error.EINVAL
     if flags & CommandFlag.FAST_ZERO and not export_flags & TransmissionFlag.SEND_FAST_ZERO:
         return Error.EINVAL
+    # Before the feature check: a read-only export advertises no TRIM or
+    # WRITE_ZEROES, yet the spec wants EPERM for them, not EINVAL.
+    if command in _MODIFYING and export_flags & TransmissionFlag.READ_ONLY:
+        return Error.EPERM
     needed = _NEEDS_FLAG.get(command)  # type: ignore[call-overload]
     if needed is not None and not export_flags & needed:
         return Error.EINVAL
@@ -188,8 +192,6 @@ def check_request(
         return Error.EINVAL if offset or length else None
     if command == Command.BLOCK_STATUS and not block_status_ok:
         return Error.EINVAL
-    if command in _MODIFYING and export_flags & TransmissionFlag.READ_ONLY:
-        return Error.EPERM
     if offset + length > size:
         return (
             Error.ENOSPC
