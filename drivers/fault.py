@@ -189,6 +189,11 @@ class FaultImage(Image):
             return False
         return self.inner.read_nowait(offset, buf)
 
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        if "write" in self.config.ops and not self.exhausted:
+            return False
+        return self.inner.write_nowait(offset, data)
+
     async def read(self, offset: int, buf: memoryview) -> None:
         await self._fail_or_pass("read")
         await self.inner.read(offset, buf)

@@ -1,0 +1,337 @@
+"""One virtual block device: an image stack behind a scheduler, pausable and replaceable.
+
+A ``VBD`` is itself an ``Image``, so ``tapdisk.server.Export(name, vbd)`` serves
+it unchanged and every connection to it (NBD clients, kernel sockets) shares
+one queue, one set of statistics and one pause state.  Requests go through the
+``Scheduler`` (queueing, merging, retry); page-cache hits still take the
+``read_nowait``/``write_nowait`` shortcut while the device runs, and any error
+there falls back to the queued path so that it is retried.
+
+Pause quiesces the scheduler (new requests wait, in-flight ones drain),
+flushes and closes the image.  Unpause opens the same spec or a new one of
+the same size, and the waiting requests run against it.  A snapshot is a pause,
+an overlay created on the current leaf, and an unpause on the overlay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+from typing import Any, Final
+
+from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
+from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
+
+from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerConfig
+
+log = logging.getLogger("tapdisk.vbd")
+
+#: Formats an overlay can be created in, and the leaf formats they can sit on.
+OVERLAY_FORMATS: Final = ("qcow2", "vhd")
+LEAF_FORMATS: Final = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "vhd": "vpc"}
+
+
+class VBDError(Exception):
+    """A control operation is not possible in the VBD's current state."""
+
+
+class VBD(Image):
+    """An image stack served as one device; see the module docstring."""
+
+    def __init__(
+        self,
+        image: Image,
+        *,
+        options: OpenOptions | None = None,
+        config: SchedulerConfig | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.options = options or OpenOptions()
+        self.config = config or SchedulerConfig()
+        self.name = name or image.spec
+        self.size = image.size
+        self.read_only = image.read_only
+        self.block_size = image.block_size
+        self._spec = image.spec
+        self._format = image.format_name
+        self._caps = image.capabilities
+        self.scheduler = Scheduler(image, self.config, self.name)
+        self.stats = self.scheduler.stats
+        self._lock = asyncio.Lock()
+        self._paused = False
+        self._closed = False
+
+    @classmethod
+    def open(
+        cls,
+        spec: str,
+        options: OpenOptions | None = None,
+        config: SchedulerConfig | None = None,
+        name: str | None = None,
+    ) -> VBD:
+        """Open ``TYPE:PATH`` (any registered driver or layer) as a VBD."""
+        return cls(open_image(spec, options), options=options, config=config, name=name)
+
+    # -- identity ----------------------------------------------------------------
+
+    @property
+    def spec(self) -> str:  # type: ignore[override]
+        """Spec of the image currently behind the device (changes on unpause/snapshot)."""
+        return self._spec
+
+    @property
+    def format_name(self) -> str:
+        return self._format
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._caps
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    @property
+    def pausing(self) -> bool:
+        """True while a pause is draining requests."""
+        return self.scheduler.paused and not self._paused and not self._closed
+
+    # -- data path ---------------------------------------------------------------
+
+    def read_nowait(self, offset: int, buf: memoryview) -> bool:
+        scheduler = self.scheduler
+        image = scheduler.image
+        if scheduler.paused or image is None:
+            return False
+        try:
+            if not image.read_nowait(offset, buf):
+                return False
+        except OSError:
+            return False  # the queued path retries it
+        stats = self.stats
+        stats.reads += 1
+        stats.bytes_read += len(buf)
+        stats.latency(0)
+        return True
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        scheduler = self.scheduler
+        image = scheduler.image
+        if scheduler.paused or image is None:
+            return False
+        try:
+            if not image.write_nowait(offset, data):
+                return False
+        except OSError:
+            return False  # rewriting the same bytes through the queue is harmless
+        stats = self.stats
+        stats.writes += 1
+        stats.bytes_written += len(data)
+        stats.latency(0)
+        return True
+
+    async def read(self, offset: int, buf: memoryview) -> None:
+        await self.scheduler.read(offset, buf)
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        await self.scheduler.write(offset, data, fua)
+
+    async def flush(self) -> None:
+        await self.scheduler.flush()
+
+    async def discard(self, offset: int, length: int, fua: bool = False) -> None:
+        await self.scheduler.call("discard", lambda image: image.discard(offset, length, fua))
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = True,
+        fast_only: bool = False,
+        fua: bool = False,
+    ) -> None:
+        await self.scheduler.call(
+            "write_zeroes",
+            lambda image: image.write_zeroes(
+                offset, length, may_unmap=may_unmap, fast_only=fast_only, fua=fua
+            ),
+        )
+
+    async def extents(self, offset: int, length: int) -> list[Extent]:
+        result: list[Extent] = await self.scheduler.call(
+            "extents", lambda image: image.extents(offset, length)
+        )
+        return result
+
+    async def cache(self, offset: int, length: int) -> None:
+        await self.scheduler.call("cache", lambda image: image.cache(offset, length))
+
+    async def close(self) -> None:
+        """Drain, close the image and fail anything still queued; idempotent."""
+        async with self._lock:
+            if self._closed:
+                return
+            await self.scheduler.quiesce()
+            self._closed = True
+            image = self.scheduler.image
+            self.scheduler.image = None
+            self.scheduler.close()
+            if image is not None:
+                await image.close()
+
+    # -- control -----------------------------------------------------------------
+
+    async def pause(self) -> None:
+        """Queue new requests, drain those in flight, flush and close the image.
+
+        Idempotent.  If the flush fails the device keeps running and the error
+        is raised.
+        """
+        async with self._lock:
+            await self._pause()
+
+    async def unpause(self, spec: str | None = None) -> None:
+        """Reopen the image (or ``spec``, which must have the same size) and run.
+
+        Raises VBDError when the device is not paused or the new image does not
+        fit; the device then stays paused.
+        """
+        async with self._lock:
+            await self._unpause(spec)
+
+    async def snapshot(self, path: str, fmt: str = "qcow2") -> str:
+        """Pause, create a ``fmt`` overlay at ``path`` over the current leaf, run on it.
+
+        Returns the new spec.  On failure the device goes back to the image it
+        had (running, unless it was paused before).
+        """
+        if fmt not in OVERLAY_FORMATS:
+            raise VBDError(f"snapshot format {fmt!r} not supported (use qcow2 or vhd)")
+        async with self._lock:
+            kind, leaf = parse_spec(self._spec)
+            if kind in LAYERS or kind not in LEAF_FORMATS:
+                raise VBDError(f"cannot snapshot {self._spec}: leaf type {kind!r} has no overlay")
+            if os.path.exists(path):
+                raise VBDError(f"snapshot target {path} already exists")
+            was_paused = self._paused
+            await self._pause()
+            try:
+                await asyncio.to_thread(create_overlay, path, fmt, kind, leaf, self.size)
+                new_spec = f"{fmt}:{os.path.abspath(path)}"
+                await self._unpause(new_spec)
+            except BaseException:
+                if os.path.exists(path) and self._paused:
+                    os.unlink(path)
+                if not was_paused and self._paused:
+                    await self._unpause(None)
+                raise
+            log.info("%s: snapshot taken, now running on %s", self.name, new_spec)
+            return new_spec
+
+    async def _pause(self) -> None:
+        if self._closed:
+            raise VBDError(f"{self.name} is closed")
+        if self._paused:
+            return
+        scheduler = self.scheduler
+        await scheduler.quiesce()
+        image = scheduler.image
+        assert image is not None
+        if not image.read_only:
+            try:
+                await image.flush()
+            except (OSError, ImageError):
+                scheduler.resume()
+                raise
+        await image.close()
+        scheduler.image = None
+        self._paused = True
+        log.info("%s: paused", self.name)
+
+    async def _unpause(self, spec: str | None) -> None:
+        if self._closed:
+            raise VBDError(f"{self.name} is closed")
+        if not self._paused:
+            raise VBDError(f"{self.name} is not paused")
+        image = await asyncio.to_thread(open_image, spec or self._spec, self.options)
+        if image.size != self.size:
+            await image.close()
+            raise VBDError(
+                f"{image.spec} has {image.size} bytes but the device has {self.size}; "
+                "refusing to change the size of a live device"
+            )
+        self._spec = image.spec
+        self._format = image.format_name
+        self._paused = False
+        self.scheduler.resume(image)
+        log.info("%s: running on %s", self.name, image.spec)
+
+    # -- statistics --------------------------------------------------------------
+
+    def stats_dict(self) -> dict[str, Any]:
+        """The counters as JSON-ready data; the shape is documented in control/protocol.py."""
+        s = self.stats
+        cumulative = 0
+        buckets: list[list[Any]] = []
+        for bound, count in zip((*LATENCY_BUCKETS_US, "+Inf"), s.latency_buckets, strict=True):
+            cumulative += count
+            buckets.append([bound, cumulative])
+        return {
+            "spec": self._spec,
+            "format": self._format,
+            "size": self.size,
+            "read_only": self.read_only,
+            "paused": self._paused,
+            "reads": s.reads,
+            "writes": s.writes,
+            "flushes": s.flushes,
+            "discards": s.discards,
+            "write_zeroes": s.zeroes,
+            "bytes_read": s.bytes_read,
+            "bytes_written": s.bytes_written,
+            "read_time_us": s.read_us,
+            "write_time_us": s.write_us,
+            "merges": s.merges,
+            "retries": s.retries,
+            "in_flight": self.scheduler.in_flight,
+            "queued": self.scheduler.queued,
+            "errors": [
+                {"op": op, "errno": name, "count": count}
+                for (op, name), count in sorted(s.errors.items())
+            ],
+            "latency_us": {
+                "count": s.latency_count,
+                "sum": s.latency_sum_us,
+                "max": s.latency_max_us,
+                "buckets": buckets,
+            },
+        }
+
+
+def create_overlay(path: str, fmt: str, leaf_kind: str, leaf_path: str, size: int) -> None:
+    """Create a ``fmt`` image at ``path`` whose backing file is the leaf.
+
+    Uses the project's own creators when the format packages provide them,
+    else ``qemu-img create`` (qcow2 only: qemu-img cannot create differencing
+    VHDs).  Raises VBDError naming the failure.
+    """
+    leaf_path = os.path.abspath(leaf_path)
+    backing_format = LEAF_FORMATS[leaf_kind]
+    if fmt == "vhd":
+        try:
+            from tapdisk.drivers.vhd import create as vhd_create  # type: ignore[attr-defined]
+        except ImportError as exc:
+            raise VBDError("vhd snapshots need the vhd driver's create function") from exc
+        vhd_create.snapshot(path, leaf_path)
+        return
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", leaf_path, "-F", backing_format]
+    argv += [path, str(size)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise VBDError(f"cannot create overlay {path}: {exc}") from exc
+    if proc.returncode != 0:
+        raise VBDError(f"cannot create overlay {path}: {proc.stderr.strip()}")
