@@ -226,7 +226,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         # Set when transmission begins.
         self.export: Export | None = None
         self.image: Image | None = None
-        self.flags = TransmissionFlag(0)
+        self.flags = 0
         self.structured = False
         self.allocation_context: int | None = None
         self._size = 0
@@ -318,7 +318,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.export = self.server.exports[negotiated.export.name]
         self.image = self.export.image
         self._size = negotiated.export.size
-        self.flags = negotiated.flags
+        self.flags = int(negotiated.flags)  # plain int: checked on every request
         self.structured = negotiated.structured
         self.allocation_context = negotiated.allocation_context
 
