@@ -1,0 +1,274 @@
+"""The control-socket protocol between ``tap-ctl`` and a tapdisk daemon (sans-IO).
+
+No sockets here: ``encode`` turns a message into bytes, ``Decoder.feed`` turns
+bytes into messages, and ``parse_request``/``parse_response`` validate them.
+The daemon (``tapdisk/daemon.py``) and ``tap-ctl`` (``control/tapctl.py``) share
+only this module.
+
+Transport
+---------
+One unix stream socket per tapdisk process, ``<dir>/ctl<pid>``, mode 0600;
+``<dir>`` is ``/run/tapdisk`` unless ``--control-dir`` or ``$TAPDISK_CONTROL_DIR``
+says otherwise.  Each opened VBD is also served over NBD at
+``<dir>/nbd<pid>.<minor>``.  Every message is a 4-byte big-endian length
+followed by that many bytes of UTF-8 JSON holding one object, at most
+``MAX_MESSAGE`` bytes.  A client sends requests; the daemon answers each, in
+order, with one response.
+
+Requests and responses
+----------------------
+Request: ``{"id": INT, "op": NAME, "args": {...}}``.  Response:
+``{"id": INT, "ok": true, "result": ...}`` or
+``{"id": INT, "ok": false, "error": {"kind": KIND, "message": TEXT}}``, where KIND
+is one of ``ERROR_KINDS``.  Operations (``OPS`` lists their arguments):
+
+==========  ==============================================  ==============================
+op          args                                            result
+==========  ==============================================  ==============================
+pid         --                                              {"pid": INT}
+list        --                                              [VBD-INFO, ...]
+open        spec, [minor], [read_only], [timeout]           VBD-INFO
+close       minor                                           null
+attach      minor, [index], [connections], [timeout]         VBD-INFO (with "device")
+detach      minor                                           VBD-INFO
+pause       minor                                           VBD-INFO
+resume      minor, [spec]                                   VBD-INFO
+snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
+stats       [minor]                                         STATS, or [STATS, ...] without minor
+shutdown    --                                              null (the process then exits)
+==========  ==============================================  ==============================
+
+``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``).
+``index`` asks for ``/dev/nbd<index>``; without it the kernel picks a free one.
+
+VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
+"size": INT, "read_only": BOOL, "nbd_socket": PATH, "device": "/dev/nbdN" or null}``.
+``state`` is an OR of the ``STATE_*`` bits below.
+
+STATS (one VBD; plain counters since the VBD was opened, never reset)::
+
+    {
+      "pid": INT, "minor": INT, "device": "/dev/nbdN" or null, "connections": INT,
+      "spec": "TYPE:PATH", "format": "raw|vhd|qcow2|...", "size": INT,
+      "read_only": BOOL, "paused": BOOL,
+      "reads": INT, "writes": INT, "flushes": INT, "discards": INT, "write_zeroes": INT,
+      "bytes_read": INT, "bytes_written": INT,
+      "read_time_us": INT, "write_time_us": INT,     # summed request latency
+      "merges": INT,          # requests absorbed into a neighbour's I/O
+      "retries": INT,         # attempts repeated after a transient error
+      "in_flight": INT,       # requests holding a queue slot now (gauge)
+      "queued": INT,          # of those, not yet dispatched (gauge; all of them while paused)
+      "errors": [{"op": "read|write|flush|discard|write_zeroes|extents|cache",
+                  "errno": "EIO", "count": INT}, ...],   # requests failed to the client
+      "latency_us": {"count": INT, "sum": INT, "max": INT,
+                     "buckets": [[50, INT], [100, INT], ..., ["+Inf", INT]]}
+    }
+
+Latency is from the request's arrival at the VBD to its completion, in
+microseconds; ``buckets`` are cumulative ``[upper bound, count]`` pairs as in a
+Prometheus histogram.  Requests answered from the page cache count with
+latency 0.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+#: Length prefix of every message.
+HEADER: Final = struct.Struct(">I")
+#: Largest message body accepted, in bytes.
+MAX_MESSAGE: Final = 1 << 20
+#: Default directory of control and NBD sockets, and its environment override.
+DEFAULT_DIR: Final = "/run/tapdisk"
+DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+
+# VBD state bits reported by list (``state=0x..``).
+STATE_ATTACHED: Final = 0x1  # handed to the kernel as /dev/nbdN
+STATE_PAUSED: Final = 0x2
+STATE_PAUSING: Final = 0x4  # a pause is draining requests
+STATE_CLOSING: Final = 0x8
+
+ERROR_KINDS: Final = frozenset(
+    {
+        "invalid",  # malformed request or argument
+        "not-found",  # no VBD with that minor
+        "state",  # not possible in the VBD's state (unpause while running...)
+        "image",  # the image cannot be opened or used
+        "os",  # a system call failed
+        "unsupported",  # the kernel has no nbd support, or a format lacks a feature
+        "internal",  # a bug in the daemon
+    }
+)
+
+_INT = (int,)
+_NUM = (int, float)
+_STR = (str,)
+_BOOL = (bool,)
+
+#: op -> {argument: (accepted types, required)}.
+OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
+    "pid": {},
+    "list": {},
+    "open": {
+        "spec": (_STR, True),
+        "minor": (_INT, False),
+        "read_only": (_BOOL, False),
+        "timeout": (_NUM, False),
+    },
+    "close": {"minor": (_INT, True)},
+    "attach": {
+        "minor": (_INT, True),
+        "index": (_INT, False),
+        "connections": (_INT, False),
+        "timeout": (_NUM, False),
+    },
+    "detach": {"minor": (_INT, True)},
+    "pause": {"minor": (_INT, True)},
+    "resume": {"minor": (_INT, True), "spec": (_STR, False)},
+    "snapshot": {"minor": (_INT, True), "path": (_STR, True), "format": (_STR, False)},
+    "stats": {"minor": (_INT, False)},
+    "shutdown": {},
+}
+
+
+class ProtocolError(Exception):
+    """Bytes or a message that break the protocol; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: int
+    op: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_message(self) -> dict[str, Any]:
+        return {"id": self.id, "op": self.op, "args": self.args}
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    id: int
+    ok: bool
+    result: Any = None
+    kind: str = ""
+    message: str = ""
+
+    @classmethod
+    def success(cls, request_id: int, result: Any = None) -> Response:
+        return cls(request_id, True, result)
+
+    @classmethod
+    def failure(cls, request_id: int, kind: str, message: str) -> Response:
+        if kind not in ERROR_KINDS:
+            raise ValueError(f"unknown error kind {kind!r}")
+        return cls(request_id, False, kind=kind, message=message)
+
+    def to_message(self) -> dict[str, Any]:
+        if self.ok:
+            return {"id": self.id, "ok": True, "result": self.result}
+        return {"id": self.id, "ok": False, "error": {"kind": self.kind, "message": self.message}}
+
+
+def encode(message: Request | Response | dict[str, Any]) -> bytes:
+    """One framed message."""
+    if isinstance(message, Request | Response):
+        message = message.to_message()
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+    return HEADER.pack(len(body)) + body
+
+
+class Decoder:
+    """Reassembles framed messages from a byte stream fed in arbitrary pieces."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add bytes; return every complete message (JSON objects) they finish."""
+        self._buf += data
+        messages: list[dict[str, Any]] = []
+        while len(self._buf) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buf)
+            if length > MAX_MESSAGE:
+                raise ProtocolError(f"length prefix {length} exceeds the {MAX_MESSAGE}-byte limit")
+            end = HEADER.size + length
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[HEADER.size : end])
+            del self._buf[:end]
+            try:
+                message = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ProtocolError(f"message body is not JSON: {exc}") from None
+            if not isinstance(message, dict):
+                raise ProtocolError(f"message is a JSON {type(message).__name__}, not an object")
+            messages.append(message)
+        return messages
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete message held back."""
+        return len(self._buf)
+
+
+def _check_id(message: dict[str, Any]) -> int:
+    request_id = message.get("id")
+    if type(request_id) is not int:
+        raise ProtocolError(f"field 'id' must be an integer, got {request_id!r}")
+    return request_id
+
+
+def parse_request(message: dict[str, Any]) -> Request:
+    """Validate a decoded request: known op, known arguments of the right types."""
+    request_id = _check_id(message)
+    op = message.get("op")
+    if not isinstance(op, str) or op not in OPS:
+        raise ProtocolError(f"field 'op': unknown operation {op!r} (known: {', '.join(OPS)})")
+    args = message.get("args", {})
+    if not isinstance(args, dict):
+        raise ProtocolError(f"field 'args' of {op} must be an object")
+    schema = OPS[op]
+    for name, value in args.items():
+        if name not in schema:
+            raise ProtocolError(f"{op}: unknown argument {name!r}")
+        types, _ = schema[name]
+        # bool is an int subclass; accept it only where a bool is wanted.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = "/".join(t.__name__ for t in types)
+            raise ProtocolError(f"{op}: argument {name!r} must be {wanted}, got {value!r}")
+    for name, (_, required) in schema.items():
+        if required and name not in args:
+            raise ProtocolError(f"{op}: missing argument {name!r}")
+    return Request(request_id, op, dict(args))
+
+
+def parse_response(message: dict[str, Any]) -> Response:
+    """Validate a decoded response."""
+    request_id = _check_id(message)
+    ok = message.get("ok")
+    if ok is True:
+        return Response(request_id, True, message.get("result"))
+    if ok is not False:
+        raise ProtocolError(f"field 'ok' must be true or false, got {ok!r}")
+    error = message.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError("failed response has no 'error' object")
+    kind, text = error.get("kind"), error.get("message")
+    if kind not in ERROR_KINDS or not isinstance(text, str):
+        raise ProtocolError(f"bad error object {error!r}")
+    return Response(request_id, False, kind=kind, message=text)
+
+
+def control_socket(directory: str, pid: int) -> str:
+    """Path of the control socket of tapdisk ``pid``."""
+    return f"{directory}/ctl{pid}"
+
+
+def nbd_socket(directory: str, pid: int, minor: int) -> str:
+    """Path of the NBD socket serving ``minor`` of tapdisk ``pid``."""
+    return f"{directory}/nbd{pid}.{minor}"

@@ -1,0 +1,127 @@
+"""The control protocol, sans-IO: framing, validation, and the byte stream in any pieces."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tapdisk.control.protocol import (
+    MAX_MESSAGE,
+    OPS,
+    Decoder,
+    ProtocolError,
+    Request,
+    Response,
+    encode,
+    parse_request,
+    parse_response,
+)
+
+
+def test_request_round_trips_through_encode_and_decode():
+    request = Request(7, "open", {"spec": "raw:/x.img", "read_only": True, "timeout": 5})
+    [message] = Decoder().feed(encode(request))
+    assert parse_request(message) == request
+
+
+def test_frame_is_big_endian_length_then_json():
+    data = encode(Response.success(1, {"pid": 42}))
+    (length,) = struct.unpack(">I", data[:4])
+    assert length == len(data) - 4
+    assert json.loads(data[4:]) == {"id": 1, "ok": True, "result": {"pid": 42}}
+
+
+@given(st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20), st.data())
+def test_decoder_reassembles_messages_split_anywhere(cut_sizes, data):
+    messages = [
+        Request(i, "resume", {"minor": i, "spec": "qcow2:/p" * i}).to_message() for i in range(5)
+    ]
+    stream = b"".join(encode(m) for m in messages)
+    decoder = Decoder()
+    out = []
+    pos = 0
+    while pos < len(stream):
+        n = data.draw(st.sampled_from(cut_sizes))
+        out += decoder.feed(stream[pos : pos + n])
+        pos += n
+    assert out == messages
+    assert decoder.pending == 0
+
+
+def test_decoder_holds_back_an_incomplete_message():
+    data = encode(Request(1, "pid"))
+    decoder = Decoder()
+    assert decoder.feed(data[:-1]) == []
+    assert decoder.pending == len(data) - 1
+    assert decoder.feed(data[-1:]) == [{"id": 1, "op": "pid", "args": {}}]
+
+
+def test_oversized_length_prefix_is_refused_before_buffering():
+    with pytest.raises(ProtocolError, match="length prefix"):
+        Decoder().feed(struct.pack(">I", MAX_MESSAGE + 1))
+
+
+def test_body_that_is_not_json_is_refused():
+    with pytest.raises(ProtocolError, match="not JSON"):
+        Decoder().feed(struct.pack(">I", 3) + b"{x}")
+
+
+def test_body_that_is_not_an_object_is_refused():
+    with pytest.raises(ProtocolError, match="not an object"):
+        Decoder().feed(struct.pack(">I", 2) + b"[]")
+
+
+def test_unknown_op_is_refused_naming_it():
+    with pytest.raises(ProtocolError, match="'format_disk'"):
+        parse_request({"id": 1, "op": "format_disk"})
+
+
+def test_missing_required_argument_is_refused_naming_it():
+    with pytest.raises(ProtocolError, match="missing argument 'minor'"):
+        parse_request({"id": 1, "op": "pause", "args": {}})
+
+
+def test_unknown_argument_is_refused():
+    with pytest.raises(ProtocolError, match="unknown argument 'force'"):
+        parse_request({"id": 1, "op": "close", "args": {"minor": 0, "force": True}})
+
+
+def test_argument_of_wrong_type_is_refused():
+    with pytest.raises(ProtocolError, match="'minor' must be int"):
+        parse_request({"id": 1, "op": "close", "args": {"minor": "0"}})
+
+
+def test_bool_is_not_accepted_as_an_integer():
+    with pytest.raises(ProtocolError, match="'minor' must be int"):
+        parse_request({"id": 1, "op": "close", "args": {"minor": True}})
+
+
+def test_non_integer_id_is_refused():
+    with pytest.raises(ProtocolError, match="'id'"):
+        parse_request({"id": "1", "op": "pid"})
+
+
+def test_every_op_accepts_its_required_arguments():
+    samples = {int: 1, str: "raw:/x", bool: True, float: 1.5}
+    for op, schema in OPS.items():
+        args = {name: samples[types[0]] for name, (types, required) in schema.items() if required}
+        assert parse_request({"id": 1, "op": op, "args": args}).op == op
+
+
+def test_failure_response_round_trips():
+    response = Response.failure(3, "state", "vbd 0 is not paused")
+    [message] = Decoder().feed(encode(response))
+    assert parse_response(message) == response
+
+
+def test_failure_with_unknown_kind_cannot_be_built():
+    with pytest.raises(ValueError):
+        Response.failure(1, "oops", "x")
+
+
+def test_response_with_bad_error_object_is_refused():
+    with pytest.raises(ProtocolError, match="bad error object"):
+        parse_response({"id": 1, "ok": False, "error": {"kind": "nope", "message": "x"}})
