@@ -44,6 +44,7 @@ from .nbd.transmission import (
     data_chunk_header,
     done_chunk,
     error_chunk,
+    hole_chunk,
     simple_reply,
 )
 
@@ -51,6 +52,9 @@ log = logging.getLogger("tapdisk.server")
 
 #: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
+#: Zeros to compare read data against: all-zero reads are answered with an
+#: OFFSET_HOLE chunk instead of the data when structured replies are on.
+ZEROS: Final = bytes(MAX_PAYLOAD)
 #: Requests in flight on one connection before we stop reading from it.
 MAX_IN_FLIGHT: Final = 256
 #: Payload bytes (write data being stored, read data being sent) per connection
@@ -489,9 +493,12 @@ class NBDConnection(asyncio.BufferedProtocol):
             header = done_chunk(request.cookie) if self.structured else simple_reply(request.cookie)
             transport.write(header)
         elif self.structured:
-            transport.writelines(
-                (data_chunk_header(request.cookie, request.offset, request.length), buf)
-            )
+            if ZEROS.startswith(buf):  # a memcmp: cheap, and it stops at the first data byte
+                transport.write(hole_chunk(request.cookie, request.offset, request.length))
+            else:
+                transport.writelines(
+                    (data_chunk_header(request.cookie, request.offset, request.length), buf)
+                )
         else:
             transport.writelines((simple_reply(request.cookie), buf))
 
