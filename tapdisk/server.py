@@ -15,6 +15,7 @@ reading its replies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -221,6 +222,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._timeout: asyncio.TimerHandle | None = None
         self._reader = RequestReader(MAX_PAYLOAD)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Decoded requests waiting while the connection is over its limits.
+        self._backlog: collections.deque[Request] = collections.deque()
         self._in_flight = 0
         self._bytes_in_flight = 0
         self._read_paused = False
@@ -267,8 +270,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if self._handshake is not None:
                 self._handshake_received(bytes(self._handshake_buf[:nbytes]))
                 return
-            for request in self._reader.buffer_updated(nbytes):
-                self._dispatch(request)
+            self._dispatch_all(self._reader.buffer_updated(nbytes))
         except ProtocolError as exc:
             log.warning("%s: protocol error, closing connection: %s", self.peer, exc)
             self._abort()
@@ -283,6 +285,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._timeout is not None:
             self._timeout.cancel()
         self._disconnecting = True
+        self._backlog.clear()
         self._maybe_finished()
 
     def pause_writing(self) -> None:
@@ -291,16 +294,21 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._backlog:
+            self._drain_backlog()
         self._update_reading()
 
     # -- handshake ---------------------------------------------------------------
 
     def _handshake_received(self, data: bytes) -> None:
         assert self._handshake is not None and self.transport is not None
-        negotiated = self._handshake.receive(data)
-        output = self._handshake.take_output()
-        if output:
-            self.transport.write(output)
+        try:
+            negotiated = self._handshake.receive(data)
+        finally:
+            # Replies queued before ClientAborted (the ABORT's own ACK) still go out.
+            output = self._handshake.take_output()
+            if output:
+                self.transport.write(output)
         if negotiated is not None:
             leftover = self._handshake.leftover
             self._begin_transmission(negotiated)
@@ -334,10 +342,29 @@ class NBDConnection(asyncio.BufferedProtocol):
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
-            for request in self._reader.buffer_updated(n):
-                self._dispatch(request)
+            self._dispatch_all(self._reader.buffer_updated(n))
 
     # -- requests ----------------------------------------------------------------
+
+    def _dispatch_all(self, requests: list[Request]) -> None:
+        """Dispatch decoded requests, parking the rest once the connection is over its limits.
+
+        One receive can carry thousands of requests (say 32 MiB READs); without
+        the backlog each would get its buffer before reading could pause.
+        """
+        if self._backlog:
+            self._backlog.extend(requests)
+            return
+        for index, request in enumerate(requests):
+            if self._read_paused:
+                self._backlog.extend(requests[index:])
+                return
+            self._dispatch(request)
+
+    def _drain_backlog(self) -> None:
+        backlog = self._backlog
+        while backlog and not self._over_limits():
+            self._dispatch(backlog.popleft())
 
     def _dispatch(self, request: Request) -> None:
         if self._disconnecting:
@@ -397,6 +424,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._bytes_in_flight -= task.nbytes  # type: ignore[attr-defined]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: request handler failed", self.peer, exc_info=task.exception())
+        if self._backlog:
+            self._drain_backlog()
         self._update_reading()
         self._maybe_finished()
 
@@ -510,16 +539,19 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- flow control and shutdown -----------------------------------------------
 
-    def _update_reading(self) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        pause = (
+    def _over_limits(self) -> bool:
+        return (
             self._write_paused
             or self._in_flight >= MAX_IN_FLIGHT
             or self._bytes_in_flight >= MAX_BYTES_IN_FLIGHT
             or self._disconnecting
         )
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        pause = self._over_limits() or bool(self._backlog)
         if pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True
