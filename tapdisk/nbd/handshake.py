@@ -43,6 +43,9 @@ MAX_STRING: Final = 4096
 BASE_ALLOCATION_ID: Final = 1
 
 SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
+#: A plain int: ``~`` on an IntFlag only inverts within its defined members,
+#: which would make every unknown bit look known.
+KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
 
 
 class ProtocolError(Exception):
@@ -119,7 +122,7 @@ class Handshake:
                 return None
             (flags,) = CLIENT_FLAGS.unpack_from(self._buffer)
             del self._buffer[: CLIENT_FLAGS.size]
-            if flags & ~(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES):
+            if flags & ~KNOWN_CLIENT_FLAGS:
                 raise ProtocolError(f"unknown client flags {flags:#x}")
             self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
             self._have_client_flags = True
