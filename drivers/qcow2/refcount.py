@@ -1,0 +1,289 @@
+"""Refcount table and blocks: lookup, cluster allocation, deferred frees, table growth.
+
+Refcounts are kept in memory (blocks loaded on first use) and written back by
+the image's flush in qemu's crash-safe order: blocks that count new clusters
+reach disk before anything that references those clusters, and decrements are
+held back (``free_later``) until the references to the freed clusters are gone
+on disk, so the disk never shows a reference to a cluster counted 0.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from ..base import ImageFormatError
+from ..fileio import pread_full
+from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK
+
+_NARROW_CODE = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+
+def decode_block(raw: bytes, order: int) -> array:
+    """Refcount block bytes -> one int per cluster (big-endian, LSB-first sub-byte)."""
+    if order >= 3:
+        values = array(_NARROW_CODE[order], raw)
+        if order > 3:
+            values.byteswap()
+        return array("Q", values)
+    bits = 1 << order
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    table = [bytes((b >> (bits * k)) & mask for k in range(per)) for b in range(256)]
+    return array("Q", b"".join([table[b] for b in raw]))
+
+
+def encode_block(values: array, order: int) -> bytes:
+    """Inverse of ``decode_block``."""
+    if order >= 3:
+        out = array(_NARROW_CODE[order], values)
+        if order > 3:
+            out.byteswap()
+        return out.tobytes()
+    bits = 1 << order
+    per = 8 // bits
+    raw = bytearray(len(values) // per)
+    for k in range(per):
+        shift = bits * k
+        for i, v in enumerate(values[k::per]):
+            if v:
+                raw[i] |= v << shift
+    return bytes(raw)
+
+
+class Refcounts:
+    """In-memory refcounts of one image with write-back to its file."""
+
+    def __init__(
+        self,
+        fd: int,
+        path: str,
+        cluster_bits: int,
+        order: int,
+        table_offset: int,
+        table_clusters: int,
+        file_size: int,
+    ) -> None:
+        self.fd = fd
+        self.path = path
+        self.cluster_bits = cluster_bits
+        self.cluster_size = 1 << cluster_bits
+        self.order = order
+        self.max_refcount = (1 << (1 << order)) - 1
+        self.block_bits = cluster_bits + 3 - order
+        self.table_offset = table_offset
+        self.table_clusters = table_clusters
+        raw = bytearray(table_clusters << cluster_bits)
+        pread_full(fd, memoryview(raw), table_offset)
+        self.table = array("Q", bytes(raw))
+        self.table.byteswap()
+        self.blocks: dict[int, array] = {}
+        self.dirty_blocks: set[int] = set()
+        self.dirty_entries: set[int] = set()
+        #: The table moved (grew): write all of it and switch the header.
+        self.table_moved = False
+        self.pending_free: list[tuple[int, int]] = []
+        self.hint = 0
+        #: First cluster index above the file and every cluster handed out.
+        self.top = -(-file_size // self.cluster_size)
+        self.block_clusters: set[int] = set()
+        for rt, entry in enumerate(self.table):
+            if entry & ~REFT_OFFSET_MASK:
+                raise ImageFormatError(f"{path}: refcount table entry {rt} has reserved bits set")
+            off = entry & REFT_OFFSET_MASK
+            if off:
+                if off % self.cluster_size:
+                    raise ImageFormatError(
+                        f"{path}: refcount table entry {rt} ({off:#x}) is not cluster aligned"
+                    )
+                if off + self.cluster_size > file_size:
+                    raise ImageFormatError(
+                        f"{path}: refcount table entry {rt} ({off:#x}) lies past the end of file"
+                    )
+                cluster = off >> cluster_bits
+                if cluster in self.block_clusters:
+                    raise ImageFormatError(
+                        f"{path}: refcount table entry {rt} ({off:#x}) reuses another "
+                        "refcount block (refcount loop)"
+                    )
+                self.block_clusters.add(cluster)
+
+    # -- lookup ---------------------------------------------------------------------------
+
+    def block(self, rt: int) -> array | None:
+        """The decoded refcount block for table index ``rt``; None if unallocated."""
+        blk = self.blocks.get(rt)
+        if blk is not None:
+            return blk
+        if rt >= len(self.table):
+            return None
+        off = self.table[rt] & REFT_OFFSET_MASK
+        if not off:
+            return None
+        raw = bytearray(self.cluster_size)
+        pread_full(self.fd, memoryview(raw), off)
+        blk = self.blocks[rt] = decode_block(bytes(raw), self.order)
+        return blk
+
+    def get(self, cluster: int) -> int:
+        """Refcount of host cluster index ``cluster``."""
+        blk = self.block(cluster >> self.block_bits)
+        if blk is None:
+            return 0
+        return blk[cluster & ((1 << self.block_bits) - 1)]
+
+    def change(self, cluster: int, delta: int) -> int:
+        """Add ``delta`` to a cluster's refcount (its block must exist); returns the result."""
+        rt = cluster >> self.block_bits
+        blk = self.block(rt)
+        if blk is None:
+            raise ImageFormatError(
+                f"{self.path}: cluster {cluster} has no refcount block (refcount table entry {rt})"
+            )
+        i = cluster & ((1 << self.block_bits) - 1)
+        value = blk[i] + delta
+        if value < 0:
+            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would drop below 0")
+        if value > self.max_refcount:
+            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would overflow")
+        blk[i] = value
+        self.dirty_blocks.add(rt)
+        if value == 0 and cluster < self.hint:
+            self.hint = cluster
+        return value
+
+    # -- allocation -----------------------------------------------------------------------
+
+    def _find_free(self, start: int, n: int) -> int:
+        """First run of ``n`` clusters counted 0 at or after ``start``."""
+        per = 1 << self.block_bits
+        run_start = c = max(start, 1)
+        while c - run_start < n:
+            rt = c >> self.block_bits
+            blk = self.block(rt)
+            if blk is None:
+                c = (rt + 1) * per
+                continue
+            i = c & (per - 1)
+            if blk[i]:
+                try:
+                    i = blk.index(0, i)
+                except ValueError:
+                    c = run_start = (rt + 1) * per
+                    continue
+                c = run_start = rt * per + i
+                continue
+            c += 1
+        return run_start
+
+    def alloc(self, n: int = 1) -> int:
+        """Allocate ``n`` contiguous clusters (refcount 1); returns the first index."""
+        while True:
+            start = self._find_free(self.hint, n)
+            missing = None
+            for rt in range(start >> self.block_bits, ((start + n - 1) >> self.block_bits) + 1):
+                if rt >= len(self.table) or not self.table[rt]:
+                    missing = rt
+                    break
+            if missing is None:
+                for c in range(start, start + n):
+                    self.change(c, 1)
+                self.hint = start + n
+                self.top = max(self.top, start + n)
+                return start
+            if missing >= len(self.table):
+                self._grow_table(missing + 1)
+                continue
+            self._new_block(missing, start)
+
+    def _new_block(self, rt: int, cluster: int) -> None:
+        """Put a new, empty refcount block for range ``rt`` at host cluster ``cluster``."""
+        self.blocks[rt] = array("Q", bytes(8 << self.block_bits))
+        self.table[rt] = cluster << self.cluster_bits
+        self.dirty_entries.add(rt)
+        self.dirty_blocks.add(rt)
+        self.block_clusters.add(cluster)
+        self.top = max(self.top, cluster + 1)
+        self.change(cluster, 1)
+
+    def _grow_table(self, min_entries: int) -> None:
+        """Move the table to the end of the image with room for ``min_entries`` blocks.
+
+        The new table and any refcount blocks needed to count it are placed at
+        the top of the image, where every cluster is free; the header switch
+        happens at the next flush, after the new table is on disk.
+        """
+        per_cluster = self.cluster_size // 8
+        entries = max(min_entries, len(self.table) * 3 // 2)
+        top = self.top
+        while True:
+            tclusters = -(-entries // per_cluster)
+            k = 0
+            while True:
+                last = top + k + tclusters - 1
+                needed = [
+                    rt
+                    for rt in range(top >> self.block_bits, (last >> self.block_bits) + 1)
+                    if rt >= len(self.table) or not self.table[rt]
+                ]
+                if len(needed) == k:
+                    break
+                k = len(needed)
+            if ((top + k + tclusters - 1) >> self.block_bits) < tclusters * per_cluster:
+                break
+            entries = tclusters * per_cluster * 2
+        if tclusters << self.cluster_bits > MAX_REFTABLE_BYTES:
+            raise OSError(28, f"{self.path}: refcount table would exceed its 8 MiB limit")
+        old_offset, old_clusters = self.table_offset, self.table_clusters
+        self.table.extend([0] * (tclusters * per_cluster - len(self.table)))
+        for i, rt in enumerate(needed):
+            cluster = top + i
+            self.blocks[rt] = array("Q", bytes(8 << self.block_bits))
+            self.table[rt] = cluster << self.cluster_bits
+            self.dirty_blocks.add(rt)
+            self.block_clusters.add(cluster)
+        self.table_offset = (top + k) << self.cluster_bits
+        self.table_clusters = tclusters
+        self.table_moved = True
+        self.top = top + k + tclusters
+        for c in range(top, top + k + tclusters):
+            self.change(c, 1)
+        self.free_later(old_offset >> self.cluster_bits, old_clusters)
+
+    def free_later(self, cluster: int, count: int = 1) -> None:
+        """Drop refcounts once the references to these clusters are gone on disk."""
+        self.pending_free.append((cluster, count))
+
+    def apply_frees(self) -> bool:
+        """Apply the held-back decrements; True if there were any."""
+        if not self.pending_free:
+            return False
+        pending, self.pending_free = self.pending_free, []
+        for cluster, count in pending:
+            for c in range(cluster, cluster + count):
+                self.change(c, -1)
+        return True
+
+    # -- write-back -----------------------------------------------------------------------
+
+    def dirty_block_writes(self) -> list[tuple[int, bytes]]:
+        """(offset, bytes) for every dirty block; marks them clean."""
+        out = [
+            (self.table[rt] & REFT_OFFSET_MASK, encode_block(self.blocks[rt], self.order))
+            for rt in sorted(self.dirty_blocks)
+        ]
+        self.dirty_blocks.clear()
+        return out
+
+    def table_writes(self) -> list[tuple[int, bytes]]:
+        """(offset, bytes) of the changed table entries, or the whole moved table."""
+        if self.table_moved:
+            data = array("Q", self.table)
+            data.byteswap()
+            self.dirty_entries.clear()
+            return [(self.table_offset, data.tobytes())]
+        out = [
+            (self.table_offset + 8 * rt, self.table[rt].to_bytes(8, "big"))
+            for rt in sorted(self.dirty_entries)
+        ]
+        self.dirty_entries.clear()
+        return out
