@@ -178,6 +178,7 @@ def test_fast_zero_succeeds_where_zeroing_is_cheap(served_image):
     assert h.pread(2 * MiB, MiB) == bytes(2 * MiB)
     assert h.pread(1, MiB - 1) == b"\x99"
     h.shutdown()
+    assert image.read_bytes()[MiB : 3 * MiB] == bytes(2 * MiB)
 
 
 def test_fast_zero_fails_with_enotsup_where_it_would_write_zeros(serve, shm_dir):
