@@ -14,6 +14,7 @@ from typing import Any
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
+from . import daemon
 from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
 
 log = logging.getLogger("tapdisk")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]TYPE:PATH",
         help="image to serve; its export name is NAME or the file's name",
     )
+    daemon.add_parser(sub)
     return parser
 
 
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tapdisk: {exc}", file=sys.stderr)
             return 1
         return run_loop(serve(args, exports))
+    if args.command == "daemon":
+        return daemon.main(args)
     return 2
 
 

@@ -139,6 +139,8 @@ class VBD(Image):
         await self.scheduler.write(offset, data, fua)
 
     async def flush(self) -> None:
+        if self._closed:
+            return  # close flushed everything (NBDServer.shutdown flushes after a close)
         await self.scheduler.flush()
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
@@ -170,7 +172,7 @@ class VBD(Image):
         await self.scheduler.call("cache", lambda image: image.cache(offset, length))
 
     async def close(self) -> None:
-        """Drain, close the image and fail anything still queued; idempotent."""
+        """Drain, flush and close the image, fail anything still queued; idempotent."""
         async with self._lock:
             if self._closed:
                 return
@@ -179,8 +181,14 @@ class VBD(Image):
             image = self.scheduler.image
             self.scheduler.image = None
             self.scheduler.close()
-            if image is not None:
-                await image.close()
+            if image is None:
+                return
+            try:
+                if not image.read_only:
+                    await image.flush()
+            except (OSError, ImageError) as exc:
+                log.error("%s: flush at close failed: %s", self.name, exc)
+            await image.close()
 
     # -- control -----------------------------------------------------------------
 

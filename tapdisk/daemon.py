@@ -1,0 +1,510 @@
+"""The long-running tapdisk process, steered through its control socket.
+
+One daemon holds any number of VBDs.  Each has a *minor* (unique on the host:
+the daemon holds an ``flock`` on ``<dir>/minor<N>.lock`` for as long as the
+VBD is open, so minors of crashed processes are reclaimed), is served over
+NBD on ``<dir>/nbd<pid>.<minor>``, and may be attached to the kernel as
+``/dev/nbdN`` through ``tapdisk.control.kernel``.  The control socket
+``<dir>/ctl<pid>`` speaks ``tapdisk.control.protocol``; requests on one
+connection are answered in order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import signal
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from tapdisk.control import protocol
+from tapdisk.control.protocol import ProtocolError, Request, Response
+from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.registry import OpenOptions, open_image
+
+from .scheduler import SchedulerConfig
+from .server import DirectAttach, Export, NBDServer
+from .vbd import VBD, VBDError
+
+log = logging.getLogger("tapdisk.daemon")
+
+DEFAULTS = SchedulerConfig()
+
+#: Seconds the kernel waits for a reply beyond our own retry deadline before
+#: declaring a socket dead; the device's deadline must fire first.
+KERNEL_TIMEOUT_MARGIN = 60
+#: Seconds I/O on a device whose sockets all died waits for new ones.
+KERNEL_DEAD_CONN_TIMEOUT = 60
+
+
+class ControlError(Exception):
+    """A request that fails with a protocol error kind and a message."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class Device:
+    """One opened VBD of this daemon."""
+
+    minor: int
+    vbd: VBD
+    server: NBDServer
+    nbd_socket: str
+    lock_fd: int
+    kernel_index: int | None = None
+    closing: bool = False
+    kernel_sockets: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def state(self) -> int:
+        state = 0
+        if self.kernel_index is not None:
+            state |= protocol.STATE_ATTACHED
+        if self.vbd.paused:
+            state |= protocol.STATE_PAUSED
+        if self.vbd.pausing:
+            state |= protocol.STATE_PAUSING
+        if self.closing:
+            state |= protocol.STATE_CLOSING
+        return state
+
+    @property
+    def device(self) -> str | None:
+        return None if self.kernel_index is None else f"/dev/nbd{self.kernel_index}"
+
+
+class Daemon:
+    """The control server and the VBDs of one tapdisk process."""
+
+    def __init__(self, directory: str, config: SchedulerConfig | None = None) -> None:
+        self.directory = os.path.abspath(directory)
+        self.config = config or SchedulerConfig()
+        self.pid = os.getpid()
+        self.control_path = protocol.control_socket(self.directory, self.pid)
+        self.devices: dict[int, Device] = {}
+        self.stopped = asyncio.Event()
+        self._stopping = False
+        self._server: asyncio.AbstractServer | None = None
+        self._ops = {
+            "pid": self._op_pid,
+            "list": self._op_list,
+            "open": self._op_open,
+            "close": self._op_close,
+            "attach": self._op_attach,
+            "detach": self._op_detach,
+            "pause": self._op_pause,
+            "resume": self._op_resume,
+            "snapshot": self._op_snapshot,
+            "stats": self._op_stats,
+            "shutdown": self._op_shutdown,
+        }
+
+    # -- lifetime ----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the directory (0700) if needed and listen on the control socket."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)  # a previous process with our pid is gone
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve_client, self.control_path)
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.control_path, 0o600)
+        log.info("control socket %s", self.control_path)
+
+    async def shutdown(self) -> None:
+        """Detach and close every device, stop listening, remove the control socket."""
+        if self._stopping:
+            return
+        self._stopping = True
+        for minor in list(self.devices):
+            try:
+                await self._close_device(minor)
+            except Exception:
+                log.exception("minor %d: close at shutdown failed", minor)
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        self.stopped.set()
+
+    # -- control connections -----------------------------------------------------
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        decoder = protocol.Decoder()
+        try:
+            while not reader.at_eof():
+                data = await reader.read(65536)
+                if not data:
+                    break
+                for message in decoder.feed(data):
+                    response = await self.handle_message(message)
+                    writer.write(protocol.encode(response))
+                    await writer.drain()
+                    if self.stopped.is_set():
+                        return
+        except ProtocolError as exc:
+            log.warning("control client sent a bad frame, closing it: %s", exc)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+
+    async def handle_message(self, message: dict[str, Any]) -> Response:
+        """Validate and run one request; every failure becomes an error response."""
+        request_id = message.get("id") if type(message.get("id")) is int else 0
+        try:
+            request = protocol.parse_request(message)
+        except ProtocolError as exc:
+            return Response.failure(request_id, "invalid", str(exc))  # type: ignore[arg-type]
+        try:
+            result = await self._ops[request.op](request)
+        except ControlError as exc:
+            return Response.failure(request.id, exc.kind, str(exc))
+        except VBDError as exc:
+            return Response.failure(request.id, "state", str(exc))
+        except ImageError as exc:
+            return Response.failure(request.id, "image", str(exc))
+        except OSError as exc:
+            return Response.failure(request.id, "os", str(exc))
+        except Exception as exc:
+            log.exception("%s request failed", request.op)
+            return Response.failure(request.id, "internal", f"{type(exc).__name__}: {exc}")
+        return Response.success(request.id, result)
+
+    # -- operations --------------------------------------------------------------
+
+    def _device(self, request: Request) -> Device:
+        minor = request.args["minor"]
+        device = self.devices.get(minor)
+        if device is None:
+            raise ControlError("not-found", f"tapdisk {self.pid} has no minor {minor}")
+        return device
+
+    def info(self, device: Device) -> dict[str, Any]:
+        vbd = device.vbd
+        return {
+            "pid": self.pid,
+            "minor": device.minor,
+            "state": device.state,
+            "spec": vbd.spec,
+            "size": vbd.size,
+            "read_only": vbd.read_only,
+            "nbd_socket": device.nbd_socket,
+            "device": device.device,
+        }
+
+    async def _op_pid(self, request: Request) -> dict[str, int]:
+        return {"pid": self.pid}
+
+    async def _op_list(self, request: Request) -> list[dict[str, Any]]:
+        return [self.info(device) for _, device in sorted(self.devices.items())]
+
+    async def _op_open(self, request: Request) -> dict[str, Any]:
+        args = request.args
+        timeout = args.get("timeout", self.config.timeout)
+        if not timeout > 0:
+            raise ControlError("invalid", f"timeout must be positive, got {timeout}")
+        minor, lock_fd = self._lock_minor(args.get("minor"))
+        try:
+            options = OpenOptions(read_only=args.get("read_only", False))
+            image = await asyncio.to_thread(open_image, args["spec"], options)
+            config = SchedulerConfig(
+                queue_depth=self.config.queue_depth,
+                max_merge=self.config.max_merge,
+                timeout=float(timeout),
+                watchdog=self.config.watchdog,
+            )
+            vbd = VBD(image, options=options, config=config, name=f"minor {minor}")
+            path = protocol.nbd_socket(self.directory, self.pid, minor)
+            server = NBDServer([Export("", vbd)])
+            try:
+                await server.listen_unix(path)
+            except BaseException:
+                await server.shutdown()
+                raise
+        except BaseException:
+            self._unlock_minor(minor, lock_fd)
+            raise
+        device = Device(minor, vbd, server, path, lock_fd)
+        self.devices[minor] = device
+        log.info("minor %d: opened %s, NBD on %s", minor, vbd.spec, path)
+        return self.info(device)
+
+    async def _op_close(self, request: Request) -> None:
+        self._device(request)
+        await self._close_device(request.args["minor"])
+
+    async def _close_device(self, minor: int) -> None:
+        device = self.devices[minor]
+        if device.closing:
+            raise ControlError("state", f"minor {minor} is already closing")
+        device.closing = True
+        try:
+            if device.kernel_index is not None:
+                await self._detach(device)
+            if device.vbd.paused:
+                await device.vbd.close()  # requests waiting for the pause fail now
+            await device.server.shutdown()
+        finally:
+            del self.devices[minor]
+            self._unlock_minor(minor, device.lock_fd)
+        log.info("minor %d: closed", minor)
+
+    async def _op_attach(self, request: Request) -> dict[str, Any]:
+        device = self._device(request)
+        if device.kernel_index is not None:
+            raise ControlError("state", f"minor {device.minor} is already {device.device}")
+        connections = request.args.get("connections", 1)
+        if not 1 <= connections <= 64:
+            raise ControlError("invalid", f"connections must be 1..64, got {connections}")
+        try:
+            from tapdisk.control import kernel
+        except ImportError as exc:
+            raise ControlError("unsupported", f"kernel attach is not available: {exc}") from exc
+        try:
+            await asyncio.to_thread(kernel.ensure_module)
+        except kernel.KernelAttachError as exc:
+            raise ControlError("unsupported", exc.strerror or str(exc)) from exc
+        export = device.server.exports[""]
+        pairs = [socket.socketpair() for _ in range(connections)]
+        for ours, _ in pairs:
+            await device.server.serve_socket(ours, DirectAttach(""))
+        vbd = device.vbd
+        timeout = request.args.get("timeout", vbd.config.timeout + KERNEL_TIMEOUT_MARGIN)
+        kernel_ends = [theirs for _, theirs in pairs]
+        try:
+            index = await asyncio.to_thread(
+                kernel.connect,
+                kernel_ends,
+                vbd.size,
+                server_flags=int(export.info.flags),
+                backend_id=self._backend_id(device),
+                block_size=max(512, vbd.block_size),
+                timeout=int(timeout),
+                dead_conn_timeout=KERNEL_DEAD_CONN_TIMEOUT,
+                index=request.args.get("index"),
+            )
+        except kernel.KernelAttachError as exc:
+            for ours, _ in pairs:
+                ours.close()
+            kind = "unsupported" if exc.errno == errno.ENOENT else "os"
+            raise ControlError(kind, exc.strerror or str(exc)) from exc
+        finally:
+            for theirs in kernel_ends:
+                theirs.close()  # the kernel holds its own references now
+        device.kernel_index = index
+        log.info("minor %d: attached as /dev/nbd%d", device.minor, index)
+        return self.info(device)
+
+    def _backend_id(self, device: Device) -> str:
+        return f"tapdisk:{self.pid}:{device.minor}"
+
+    async def _op_detach(self, request: Request) -> dict[str, Any]:
+        device = self._device(request)
+        if device.kernel_index is None:
+            raise ControlError("state", f"minor {device.minor} is not attached")
+        await self._detach(device)
+        return self.info(device)
+
+    async def _detach(self, device: Device) -> None:
+        from tapdisk.control import kernel
+
+        index = device.kernel_index
+        assert index is not None
+        await asyncio.to_thread(kernel.disconnect, index)
+        device.kernel_index = None
+        log.info("minor %d: detached from /dev/nbd%d", device.minor, index)
+
+    async def _op_pause(self, request: Request) -> dict[str, Any]:
+        device = self._device(request)
+        await device.vbd.pause()
+        return self.info(device)
+
+    async def _op_resume(self, request: Request) -> dict[str, Any]:
+        device = self._device(request)
+        await device.vbd.unpause(request.args.get("spec"))
+        return self.info(device)
+
+    async def _op_snapshot(self, request: Request) -> dict[str, Any]:
+        device = self._device(request)
+        await device.vbd.snapshot(request.args["path"], request.args.get("format", "qcow2"))
+        return self.info(device)
+
+    async def _op_stats(self, request: Request) -> dict[str, Any] | list[dict[str, Any]]:
+        if "minor" in request.args:
+            return self.stats(self._device(request))
+        return [self.stats(device) for _, device in sorted(self.devices.items())]
+
+    def stats(self, device: Device) -> dict[str, Any]:
+        return {
+            "pid": self.pid,
+            "minor": device.minor,
+            "device": device.device,
+            "connections": len(device.server.connections),
+            **device.vbd.stats_dict(),
+        }
+
+    async def _op_shutdown(self, request: Request) -> None:
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))
+
+    # -- minors ------------------------------------------------------------------
+
+    def _lock_minor(self, wanted: int | None) -> tuple[int, int]:
+        """Take the lock of ``wanted`` (or of the lowest free minor); (minor, fd)."""
+        if wanted is not None:
+            if not 0 <= wanted < 1 << 20:
+                raise ControlError("invalid", f"minor {wanted} is out of range")
+            fd = self._try_lock(wanted)
+            if fd is None:
+                raise ControlError("state", f"minor {wanted} is in use")
+            return wanted, fd
+        minor = 0
+        while True:
+            fd = self._try_lock(minor)
+            if fd is not None:
+                return minor, fd
+            minor += 1
+
+    def _try_lock(self, minor: int) -> int | None:
+        path = f"{self.directory}/minor{minor}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            try:
+                same = os.stat(path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)  # we locked a file its owner just unlinked; try again
+
+    def _unlock_minor(self, minor: int, fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.directory}/minor{minor}.lock")
+        os.close(fd)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The ``tapdisk daemon`` subcommand (tap-ctl spawn runs it)."""
+    parser = sub.add_parser(
+        "daemon",
+        help="run a tapdisk steered through its control socket (what tap-ctl spawn starts)",
+        description="Run in the foreground, listening on <dir>/ctl<pid>; tap-ctl opens, pauses, "
+        "attaches and closes images in it.  Logs go to stderr.",
+        epilog=DAEMON_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--control-dir",
+        metavar="DIR",
+        default=os.environ.get(protocol.DIR_ENV, protocol.DEFAULT_DIR),
+        help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
+    )
+    parser.add_argument(
+        "--timeout",
+        "-t",
+        type=float,
+        default=DEFAULTS.timeout,
+        metavar="SECS",
+        help="default per-request retry deadline of opened images (default %(default)s)",
+    )
+    parser.add_argument(
+        "--queue-depth",
+        type=int,
+        default=DEFAULTS.queue_depth,
+        metavar="N",
+        help="requests queued or in flight per device (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-merge",
+        type=int,
+        default=DEFAULTS.max_merge,
+        metavar="BYTES",
+        help="largest merged I/O; 0 disables merging (default %(default)s)",
+    )
+    parser.add_argument(
+        "--watchdog",
+        type=float,
+        default=DEFAULTS.watchdog,
+        metavar="SECS",
+        help="log requests without progress for this long (default %(default)s)",
+    )
+    parser.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="FD",
+        help="write the control socket path to FD and close it once listening",
+    )
+
+
+DAEMON_EXAMPLES = """\
+examples:
+  tapdisk daemon --control-dir /tmp/td &
+  tap-ctl --control-dir /tmp/td open -p $! -a raw:/var/lib/images/disk.img
+"""
+
+
+def main(args: argparse.Namespace) -> int:
+    """Entry point of ``tapdisk daemon``."""
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="tapdisk[%(process)d]: %(levelname)s: %(message)s",
+        force=True,
+    )
+    try:
+        config = SchedulerConfig(
+            queue_depth=args.queue_depth,
+            max_merge=args.max_merge,
+            timeout=args.timeout,
+            watchdog=args.watchdog,
+        )
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    from .cli import run_loop
+
+    return run_loop(run(args.control_dir, config, args.ready_fd))
+
+
+async def run(directory: str, config: SchedulerConfig, ready: int | None = None) -> int:
+    """Run a daemon until shutdown or SIGTERM/SIGINT.
+
+    Once listening, writes ``<control socket path>\\n`` to file descriptor
+    ``ready`` (if given) and closes it, so a spawner knows it can connect.
+    """
+    daemon = Daemon(directory, config)
+    try:
+        await daemon.start()
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", daemon.control_path, exc)
+        return 1
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, lambda: asyncio.ensure_future(daemon.shutdown()))
+    if ready is not None:
+        os.write(ready, f"{daemon.control_path}\n".encode())
+        os.close(ready)
+    await daemon.stopped.wait()
+    log.info("exiting")
+    return 0
