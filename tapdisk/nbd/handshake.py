@@ -140,6 +140,8 @@ class Handshake:
             if magic != IHAVEOPT:
                 raise ProtocolError(f"bad option magic {magic:#x}")
             if length > MAX_OPTION_LENGTH:
+                if option == Option.EXPORT_NAME:  # it has no error reply: hang up
+                    raise ProtocolError(f"EXPORT_NAME of {length} bytes")
                 del self._buffer[: OPTION_HEADER.size]
                 self._skip, self._skip_option = length, option
                 continue
