@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ from tapdisk.control.protocol import ProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from . import logs
 from .scheduler import SchedulerConfig
 from .server import DirectAttach, Export, NBDServer
 from .vbd import VBD, VBDError
@@ -467,11 +469,7 @@ examples:
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tapdisk daemon``."""
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="tapdisk[%(process)d]: %(levelname)s: %(message)s",
-        force=True,
-    )
+    logs.setup(args.log_level or "info")
     try:
         config = SchedulerConfig(
             queue_depth=args.queue_depth,
@@ -487,11 +485,18 @@ def main(args: argparse.Namespace) -> int:
     return run_loop(run(args.control_dir, config, args.ready_fd))
 
 
-async def run(directory: str, config: SchedulerConfig, ready: int | None = None) -> int:
+async def run(
+    directory: str,
+    config: SchedulerConfig,
+    ready: int | None = None,
+    boot: Callable[[Daemon], Awaitable[None]] | None = None,
+) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT.
 
-    Once listening, writes ``<control socket path>\\n`` to file descriptor
-    ``ready`` (if given) and closes it, so a spawner knows it can connect.
+    Once listening, awaits ``boot(daemon)`` if given (``tapdisk service`` attaches
+    its configured devices there and notifies systemd; if it raises, the daemon
+    shuts down and returns 1), then writes ``<control socket path>\\n`` to file
+    descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
     daemon = Daemon(directory, config)
     try:
@@ -502,6 +507,13 @@ async def run(directory: str, config: SchedulerConfig, ready: int | None = None)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, lambda: asyncio.ensure_future(daemon.shutdown()))
+    if boot is not None:
+        try:
+            await boot(daemon)
+        except Exception as exc:
+            log.error("%s", exc)
+            await daemon.shutdown()
+            return 1
     if ready is not None:
         os.write(ready, f"{daemon.control_path}\n".encode())
         os.close(ready)
