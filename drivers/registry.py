@@ -18,6 +18,7 @@ from .base import Image, ImageError
 DRIVERS: dict[str, str] = {
     "raw": "raw:open_raw",
     "aio": "raw:open_raw",
+    "vhd": "vhd.image:open_vhd",
     "qcow2": "qcow2.image:open_qcow2",
     "qcow": "qcow:open_qcow",
     "fault": "fault:open_fault",

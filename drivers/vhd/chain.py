@@ -1,0 +1,135 @@
+"""Finding a differencing image's parent: locators, allowed directories, UUID and loop checks.
+
+Parent locators are tried relative ones first (W2ru, then MacX and W2ku when
+they hold relative paths, as blktap writes them), then absolute ones, then the
+header's parent name beside the child.  A candidate that resolves outside the
+allowed directories is never opened.  The caller checks the parent's UUID and
+the chain for loops with ``check_parent``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from collections.abc import Iterable
+
+from ..base import ImageFormatError
+from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
+from .meta import Metadata, read_at
+
+#: Refuse chains deeper than this (blktap's default snapshot limit is far below).
+MAX_CHAIN_DEPTH = 256
+
+
+def decode_locator(code: int, data: bytes) -> str | None:
+    """The path a locator holds, with ``/`` separators; None for unusable codes."""
+    try:
+        if code == PLAT_MACX:
+            text = data.decode("utf-8").rstrip("\x00")
+            return text.removeprefix("file://")
+        if code in (PLAT_W2KU, PLAT_W2RU):
+            text = data.decode("utf-16-le").rstrip("\x00")
+            return text.replace("\\", "/")
+    except UnicodeDecodeError:
+        return None
+    return None
+
+
+def locator_paths(fd: int, meta: Metadata) -> list[tuple[str, str]]:
+    """(field name, path as stored) for each readable locator, relative paths first."""
+    assert meta.header is not None
+    found: list[tuple[str, str]] = []
+    for i, loc in enumerate(meta.header.locators):
+        if loc.code not in (PLAT_MACX, PLAT_W2KU, PLAT_W2RU) or loc.data_length == 0:
+            continue
+        text = decode_locator(loc.code, read_at(fd, loc.data_offset, loc.data_length))
+        if text:
+            found.append((f"header.locator[{i}]", text))
+
+    def rank(item: tuple[str, str]) -> int:
+        return 1 if _is_absolute(item[1]) else 0
+
+    found.sort(key=rank)
+    if meta.header.parent_name:
+        found.append(("header.parent_name", os.path.basename(meta.header.parent_name)))
+    return found
+
+
+def _is_absolute(path: str) -> bool:
+    return path.startswith("/") or (len(path) > 1 and path[1] == ":")
+
+
+def allowed_roots(child: str, allowed_dirs: Iterable[str]) -> list[str]:
+    dirs = list(allowed_dirs) or [os.path.dirname(os.path.abspath(child))]
+    return [os.path.realpath(d) for d in dirs]
+
+
+def is_allowed(path: str, roots: list[str]) -> bool:
+    real = os.path.realpath(path)
+    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str] = ()) -> str:
+    """Absolute path of the parent of differencing image ``child``.
+
+    Raises ImageFormatError naming the locator when every candidate is missing
+    or a candidate escapes the allowed directories.
+    """
+    roots = allowed_roots(child, allowed_dirs)
+    base = os.path.dirname(os.path.abspath(child))
+    escaped: list[str] = []
+    tried: list[str] = []
+    for field_name, stored in locator_paths(fd, meta):
+        candidate = os.path.normpath(os.path.join(base, stored))
+        if not is_allowed(candidate, roots):
+            escaped.append(f"{field_name} {stored!r}")
+            continue
+        tried.append(candidate)
+        if os.path.isfile(candidate) or _is_block_device(candidate):
+            return candidate
+    if escaped:
+        raise ImageFormatError(
+            f"{child}: parent {', '.join(escaped)} escapes the allowed directories "
+            f"({', '.join(roots)})"
+        )
+    name = meta.header.parent_name if meta.header else ""
+    raise ImageFormatError(
+        f"{child}: parent {name!r} not found (tried {', '.join(tried) or 'no locators'})"
+    )
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def check_parent_uuid(child: str, meta: Metadata, parent: str, parent_footer: Footer) -> None:
+    """The parent found must be the image the child was made from: its UUID matches."""
+    assert meta.header is not None
+    if parent_footer.uuid != meta.header.parent_uuid:
+        raise ImageFormatError(
+            f"{child}: header.parent_uuid {uuid_text(meta.header.parent_uuid)} does not "
+            f"match the UUID {parent_footer.uuid_str} of parent {parent}"
+        )
+
+
+def uuid_text(raw: bytes) -> str:
+    return str(uuid.UUID(bytes=raw))
+
+
+def file_identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def check_loop(path: str, seen: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """Add ``path`` to the chain so far; raise when it is already in it or the chain is deep."""
+    ident = file_identity(path)
+    if ident in seen:
+        raise ImageFormatError(f"{path}: parent chain has a loop (this file is its own ancestor)")
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise ImageFormatError(f"{path}: parent chain is deeper than {MAX_CHAIN_DEPTH}")
+    return (*seen, ident)
