@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
@@ -140,7 +141,9 @@ class NBDServer:
 
     async def listen_unix(self, path: str) -> None:
         """Listen on a unix socket; refuse to steal a path another server uses."""
-        if os.path.exists(path):
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise OSError(errno.EEXIST, f"{path} exists and is not a socket; not replacing it")
             if _unix_socket_alive(path):
                 raise OSError(errno.EADDRINUSE, f"unix socket {path} is in use by another server")
             os.unlink(path)  # stale socket file left by a crashed server

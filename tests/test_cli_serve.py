@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-import struct
 import subprocess
 import time
 
@@ -13,9 +12,6 @@ import pytest
 from conftest import TAPDISK, require, run, start_tapdisk
 
 MiB = 1 << 20
-REQUEST = struct.Struct(">IHHQQI")
-SIMPLE_REPLY = struct.Struct(">IIQ")
-REQUEST_MAGIC = 0x25609513
 
 
 def serve_fails(*args: str) -> tuple[int, str]:
@@ -173,3 +169,11 @@ def test_direct_mode_serves_aligned_and_unaligned_io(tmp_path, image):
     assert data[3999:4101] == b"\x5a" + b"\x02" * 100 + b"\x5a"
     assert data[8192:16384] == b"\x01" * 8192
     assert len(data) == 4 * MiB
+
+
+def test_socket_path_that_is_a_regular_file_is_left_alone(tmp_path, image):
+    # A slip such as "--unix disk.raw" must not delete the image.
+    status, err = serve_fails("--unix", str(image), f"raw:{image}")
+    assert status != 0
+    assert "not a socket" in err
+    assert image.read_bytes() == b"\x5a" * 4 * MiB
