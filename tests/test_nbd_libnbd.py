@@ -258,3 +258,21 @@ def test_read_only_export_refuses_writes_with_eperm(served_image):
     assert h.pread(4096, 0) == b"\x61" * 4096
     assert image.read_bytes() == b"\x61" * MiB
     h.shutdown()
+
+
+def test_structured_read_of_zeros_arrives_as_a_hole_chunk(served_image):
+    uri, _ = served_image(4 * MiB)  # sparse: all zeros
+    h = connect(uri)
+    h.pwrite(b"\x01" * 4096, MiB)
+    chunks: list[tuple[int, int, int]] = []
+
+    def chunk(data: bytes, offset: int, status: int, error: object) -> int:
+        chunks.append((len(data), offset, status))
+        return 0
+
+    assert h.pread_structured(65536, 0, chunk) == bytes(65536)
+    assert chunks == [(65536, 0, nbd.READ_HOLE)]
+    chunks.clear()
+    assert h.pread_structured(4096, MiB, chunk) == b"\x01" * 4096
+    assert chunks == [(4096, MiB, nbd.READ_DATA)]
+    h.shutdown()
