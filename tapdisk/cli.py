@@ -14,7 +14,7 @@ from typing import Any
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
-from . import daemon
+from . import daemon, exporter, logs, service
 from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
 
 log = logging.getLogger("tapdisk")
@@ -60,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tapdisk", description="Userspace block-device daemon serving disk images over NBD."
     )
     parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="default info (exporter, service: the configuration's log_level)",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser(
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="image to serve; its export name is NAME or the file's name",
     )
     daemon.add_parser(sub)
+    service.add_parser(sub)
+    exporter.add_parser(sub)
     return parser
 
 
@@ -167,7 +171,11 @@ async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="tapdisk: %(levelname)s: %(message)s")
+    if args.command == "exporter":
+        return exporter.run(args, args.log_level)
+    if args.command == "service":
+        return service.main(args, args.log_level)
+    logs.setup(args.log_level or "info")
     if args.command == "serve":
         try:
             exports = open_exports(args)
