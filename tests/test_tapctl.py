@@ -90,8 +90,8 @@ def nbd_uri(sock: str) -> str:
     return f"nbd+unix:///?socket={sock}"
 
 
-@pytest.fixture
-def tapctl() -> Iterator[TapCtl]:
+def private_tapctl() -> Iterator[TapCtl]:
+    """A TapCtl over a fresh control directory; cleaned up when resumed."""
     # A short directory: unix socket paths are limited to 108 bytes.
     directory = Path(tempfile.mkdtemp(prefix="td", dir="/tmp"))
     ctl = TapCtl(directory / "run")
@@ -101,7 +101,13 @@ def tapctl() -> Iterator[TapCtl]:
 
 
 @pytest.fixture
-def image(tmp_path):
+def tapctl() -> Iterator[TapCtl]:
+    yield from private_tapctl()
+
+
+def image_factory(tmp_path: Path):
+    """``image(size, name, *qemu_io_commands)`` -> a raw image made by qemu-img."""
+
     def factory(size: str = "16M", name: str = "disk.raw", *qemu_io: str) -> Path:
         path = tmp_path / name
         run(require("qemu-img"), "create", "-q", "-f", "raw", path, size)
@@ -110,6 +116,11 @@ def image(tmp_path):
         return path
 
     return factory
+
+
+@pytest.fixture
+def image(tmp_path):
+    return image_factory(tmp_path)
 
 
 def kernel_nbd_available() -> bool:
