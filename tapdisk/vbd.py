@@ -322,21 +322,23 @@ class VBD(Image):
 def create_overlay(path: str, fmt: str, leaf_kind: str, leaf_path: str, size: int) -> None:
     """Create a ``fmt`` image at ``path`` whose backing file is the leaf.
 
-    Uses the project's own creators when the format packages provide them,
-    else ``qemu-img create`` (qcow2 only: qemu-img cannot create differencing
-    VHDs).  Raises VBDError naming the failure.
+    VHD overlays come from the vhd package's ``snapshot_vhd`` (over a vhd or a
+    raw leaf); qcow2 overlays from ``qemu-img create`` (the qcow2 package has
+    no creator).  Raises VBDError naming the failure.
     """
     leaf_path = os.path.abspath(leaf_path)
-    backing_format = LEAF_FORMATS[leaf_kind]
     if fmt == "vhd":
+        if leaf_kind not in ("vhd", "raw", "aio"):
+            raise VBDError(f"a vhd overlay cannot sit on a {leaf_kind} image")
+        from tapdisk.drivers.vhd.create import snapshot_vhd
+
         try:
-            from tapdisk.drivers.vhd import create as vhd_create  # type: ignore[attr-defined]
-        except ImportError as exc:
-            raise VBDError("vhd snapshots need the vhd driver's create function") from exc
-        vhd_create.snapshot(path, leaf_path)
+            snapshot_vhd(path, leaf_path, parent_raw=leaf_kind != "vhd")
+        except (OSError, ImageError) as exc:
+            raise VBDError(f"cannot create overlay {path}: {exc}") from exc
         return
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", leaf_path, "-F", backing_format]
-    argv += [path, str(size)]
+    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", leaf_path]
+    argv += ["-F", LEAF_FORMATS[leaf_kind], path, str(size)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:

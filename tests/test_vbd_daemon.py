@@ -217,3 +217,45 @@ def test_a_deep_nbdcopy_stream_through_the_daemon_matches_the_file(tapctl, image
     run(require("nbdcopy"), nbd_uri(sock), tmp_path / "back.raw")
     assert (tmp_path / "back.raw").read_bytes() == source.read_bytes()
     assert Path(path).read_bytes() == source.read_bytes()
+
+
+def test_vhd_snapshot_under_concurrent_writes_keeps_every_write(tapctl, tmp_path, serve):
+    from tapdisk.drivers.vhd.create import create_vhd
+
+    base = tmp_path / "base.vhd"
+    create_vhd(str(base), SIZE)
+    pid, minor, sock = tapctl.spawn_open(f"vhd:{base}")
+    target = ("-p", str(pid), "-m", str(minor))
+    overlay = tmp_path / "leaf.vhd"
+    with Writers(sock) as writers:
+        writers.wait_for_writes(30)
+        assert tapctl.out("snapshot", *target, "-a", f"vhd:{overlay}") == f"vhd:{overlay}"
+        writers.wait_for_writes(30)
+    assert writers.errors == []
+    assert read_all(sock) == bytes(writers.expected)
+    tapctl.out("close", *target)
+    # qemu cannot read differencing VHDs; a fresh tapdisk opens the chain from disk.
+    reopened = serve(f"vhd:{overlay}", "--read-only")
+    assert read_all(str(reopened.socket)) == bytes(writers.expected)
+
+
+def test_a_failed_snapshot_leaves_the_device_running_on_its_image(tapctl, image, tmp_path):
+    path = image()
+    pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
+    target = ("-p", str(pid), "-m", str(minor))
+    missing_dir = tmp_path / "no" / "such" / "dir" / "snap.qcow2"
+    proc = tapctl("snapshot", *target, "-a", f"qcow2:{missing_dir}", check=False)
+    assert proc.returncode == 1 and "cannot create overlay" in proc.stderr
+    [info] = tapctl.listing()
+    assert info["state"] == 0 and info["spec"] == f"raw:{path}"
+    out = run(
+        require("qemu-io"),
+        "-f",
+        "raw",
+        "-c",
+        "write -P 9 0 4k",
+        "-c",
+        "read -P 9 0 4k",
+        nbd_uri(sock),
+    )
+    assert "Pattern verification failed" not in out
