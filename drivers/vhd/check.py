@@ -1,0 +1,238 @@
+"""Consistency check and repair of one VHD (what ``vhd-util check`` and ``repair`` run).
+
+``check_vhd`` returns a list of problems, each naming the field or block;
+an empty list means the image is valid.  It covers what the driver needs at
+open time (through ``meta.load``) plus the stricter rules blktap checks: both
+footers, reserved fields, geometry, the batmap, parent locators and UUID.
+``repair_vhd`` rewrites what can be rebuilt without guessing: a damaged
+trailing or backup footer, and an invalid batmap.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..base import ImageError, ImageFormatError
+from . import bitmap as bits
+from .chain import find_parent
+from .format import (
+    BAT_UNUSED,
+    BATMAP_VERSION,
+    FEATURES_RESERVED,
+    FILE_FORMAT_VERSION,
+    FOOTER_COOKIE,
+    FOOTER_SIZE,
+    HEADER_VERSION,
+    NO_DATA_OFFSET,
+    SECTOR,
+    TAP_VERSION,
+    TYPE_DIFF,
+    TYPE_FIXED,
+    BatmapHeader,
+    Footer,
+    batmap_checksum,
+    chs_geometry,
+    has_batmap,
+    pad_sector,
+    vhd_now,
+)
+from .meta import Metadata, load, read_at
+
+
+def check_vhd(
+    path: str,
+    *,
+    parents: bool = False,
+    bitmaps: bool = False,
+    ignore_footer: bool = False,
+    allowed_dirs: tuple[str, ...] = (),
+) -> list[str]:
+    """Problems found in ``path`` (and its ancestors with ``parents``); [] when valid."""
+    problems: list[str] = []
+    seen: set[tuple[int, int]] = set()
+    current: str | None = os.path.abspath(path)
+    roots = allowed_dirs or (os.path.dirname(os.path.abspath(path)),)
+    while current is not None:
+        st = os.stat(current)
+        if (st.st_dev, st.st_ino) in seen:
+            problems.append(f"{current}: parent chain has a loop")
+            break
+        seen.add((st.st_dev, st.st_ino))
+        found, parent = _check_one(current, bitmaps, ignore_footer, roots)
+        problems += found
+        current = parent if parents and not found else None
+    return problems
+
+
+def _check_one(
+    path: str, bitmaps: bool, ignore_footer: bool, roots: tuple[str, ...]
+) -> tuple[list[str], str | None]:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            meta = load(fd, path)
+        except ImageFormatError as exc:
+            return [str(exc)], None
+        problems = [f"{path}: {p}" for p in _footer_problems(meta.footer)]
+        if meta.footer_recovered and not ignore_footer:
+            problems.append(f"{path}: primary footer invalid (the backup footer is intact)")
+        if not meta.is_fixed:
+            problems += [f"{path}: {p}" for p in _dynamic_problems(fd, meta, bitmaps)]
+        parent = None
+        if meta.is_diff and meta.header is not None:
+            try:
+                parent = find_parent(path, fd, meta, roots)
+                if meta.header.parent_uuid != bytes(16):
+                    pfd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        pmeta = load(pfd, parent)
+                    finally:
+                        os.close(pfd)
+                    if pmeta.footer.uuid != meta.header.parent_uuid:
+                        problems.append(
+                            f"{path}: header.parent_uuid does not match parent {parent}"
+                        )
+                else:
+                    parent = None
+            except (ImageError, OSError) as exc:
+                problems.append(f"{path}: invalid parent: {exc}")
+                parent = None
+        return problems, parent
+    finally:
+        os.close(fd)
+
+
+def _footer_problems(f: Footer) -> list[str]:
+    out = []
+    if f.cookie != FOOTER_COOKIE:
+        out.append(f"footer.cookie is {f.cookie!r} (image disabled)")
+    if not f.features & FEATURES_RESERVED or f.features & ~0x3:
+        out.append(f"footer.features {f.features:#x} invalid")
+    if f.version != FILE_FORMAT_VERSION:
+        out.append(f"footer.version {f.version:#x} invalid")
+    if f.disk_type == TYPE_FIXED and f.data_offset != NO_DATA_OFFSET:
+        out.append(f"footer.data_offset {f.data_offset:#x} invalid for a fixed disk")
+    if f.timestamp > vhd_now() + 60:
+        out.append("footer.timestamp is in the future")
+    if f.is_tap and f.creator_version > TAP_VERSION:
+        out.append(f"footer.creator_version {f.creator_version:#x} unsupported")
+    c, h, s = chs_geometry(f.current_size)
+    if f.geometry > (c << 16 | h << 8 | s) and f.creator_app not in (b"qem2", b"qemu"):
+        out.append("footer.geometry too large")
+    if f.saved_state not in (0, 1):
+        out.append(f"footer.saved_state {f.saved_state} invalid")
+    if f.hidden not in (0, 1):
+        out.append(f"footer.hidden {f.hidden} invalid")
+    if any(f.reserved):
+        out.append("footer.reserved is not zero")
+    if f.uuid == bytes(16):
+        out.append("footer.uuid is null")
+    return out
+
+
+def _dynamic_problems(fd: int, meta: Metadata, bitmaps: bool) -> list[str]:
+    h = meta.header
+    assert h is not None and meta.bat is not None
+    out = []
+    backup = read_at(fd, 0, FOOTER_SIZE)
+    if backup != meta.footer.pack() and not meta.footer_recovered:
+        try:
+            Footer.unpack(backup, "backup")
+            out.append("primary and backup footers do not match")
+        except ImageFormatError as exc:
+            out.append(f"backup footer invalid: {str(exc).removeprefix('backup: ')}")
+    if h.version != HEADER_VERSION:
+        out.append(f"header.version {h.version:#x} invalid")
+    if h.data_offset != NO_DATA_OFFSET:
+        out.append(f"header.data_offset {h.data_offset:#x} should be all ones")
+    if h.reserved1 or any(h.reserved2):
+        out.append("header.reserved is not zero")
+    if meta.footer.disk_type != TYPE_DIFF and (
+        h.parent_uuid != bytes(16) or h.parent_name or any(loc.code for loc in h.locators)
+    ):
+        out.append("header has parent fields but the disk is not differencing")
+    if has_batmap(meta.footer):
+        if meta.batmap_error:
+            out.append(f"batmap is invalid: {meta.batmap_error}")
+        elif meta.batmap is not None:
+            for b in range(meta.blocks):
+                if bits.test_bit(meta.batmap, b) and meta.bat[b] == BAT_UNUSED:
+                    out.append(f"batmap shows unallocated block {b} full")
+    if bitmaps:
+        out += _bitmap_problems(fd, meta)
+    return out
+
+
+def _bitmap_problems(fd: int, meta: Metadata) -> list[str]:
+    """In a dynamic disk, sectors whose bitmap bit is clear must hold zeros."""
+    assert meta.bat is not None and meta.header is not None
+    if meta.is_diff:
+        return []
+    out = []
+    spb = meta.header.block_size // SECTOR
+    zero = bytes(SECTOR)
+    for b in range(meta.blocks):
+        entry = meta.bat[b]
+        if entry == BAT_UNUSED:
+            continue
+        bm = read_at(fd, entry * SECTOR, meta.bitmap_size)
+        if bits.is_full(bm, spb):
+            continue
+        data = read_at(fd, entry * SECTOR + meta.bitmap_size, meta.header.block_size)
+        for s in range(spb):
+            if not bits.test_bit(bm, s) and data[s * SECTOR : (s + 1) * SECTOR] != zero:
+                out.append(f"sector {s:#x} of block {b:#x} has data where bitmap is clear")
+                break
+    return out
+
+
+def repair_vhd(path: str) -> list[str]:
+    """Fix what can be rebuilt; returns a line per repair made."""
+    done: list[str] = []
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        meta = load(fd, path)
+        packed = meta.footer.pack()
+        if meta.footer_recovered:
+            os.pwrite(fd, packed, meta.data_end)
+            os.ftruncate(fd, meta.data_end + FOOTER_SIZE)
+            done.append("rewrote the primary footer from the backup")
+        if not meta.is_fixed and read_at(fd, 0, FOOTER_SIZE) != packed:
+            os.pwrite(fd, packed, 0)
+            done.append("rewrote the backup footer")
+        if has_batmap(meta.footer) and meta.batmap_error:
+            _rebuild_batmap(fd, meta)
+            done.append("rebuilt the batmap")
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    return done
+
+
+def _rebuild_batmap(fd: int, meta: Metadata) -> None:
+    """Write a fresh batmap header and map right after the BAT, from the bitmaps."""
+    assert meta.header is not None and meta.bat is not None
+    hoff = meta.batmap_offset
+    sectors = pad_sector(-(-meta.header.max_table_entries // 8)) // SECTOR
+    first_block = min(
+        (meta.bat[b] * SECTOR for b in range(meta.blocks) if meta.bat[b] != BAT_UNUSED),
+        default=meta.data_end,
+    )
+    if hoff + SECTOR + sectors * SECTOR > first_block:
+        raise ImageFormatError(f"{meta.path}: no room for a batmap after the BAT")
+    bmap = bytearray(sectors * SECTOR)
+    spb = meta.header.block_size // SECTOR
+    for b in range(meta.blocks):
+        if meta.bat[b] != BAT_UNUSED:
+            bm = read_at(fd, meta.bat[b] * SECTOR, meta.bitmap_size)
+            if bits.is_full(bm, spb):
+                bits.set_bit(bmap, b)
+    old = meta.batmap_header
+    hdr = BatmapHeader(
+        offset=hoff + SECTOR,
+        size_sectors=sectors,
+        version=BATMAP_VERSION,
+        marker=old.marker if old else 0,
+    )
+    hdr.checksum = batmap_checksum(bmap, meta.footer.current_size, BATMAP_VERSION)
+    os.pwrite(fd, hdr.pack() + bytes(bmap), hoff)

@@ -1,0 +1,79 @@
+"""Coalesce: copy every sector a differencing VHD holds into its parent.
+
+The child is read directly (its own sectors only, from its bitmaps); the
+parent is opened read-write through its driver, so a VHD parent allocates with
+the same crash ordering as any write and a raw parent is written in place.
+The parent is flushed before returning; the child is left untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from ..base import Image, ImageError
+from ..raw import RawImage
+from . import bitmap as bits
+from .format import BAT_UNUSED, SECTOR
+from .image import VhdImage
+
+#: ``progress(done_blocks, total_blocks)`` is called after each allocated block.
+Progress = Callable[[int, int], None]
+
+
+def coalesce(
+    child_path: str, *, progress: Progress | None = None, allowed_dirs: tuple[str, ...] = ()
+) -> tuple[str, int]:
+    """Copy ``child_path``'s data into its parent; returns (parent path, sectors copied)."""
+    return asyncio.run(_coalesce(child_path, progress, allowed_dirs))
+
+
+async def _coalesce(
+    child_path: str, progress: Progress | None, allowed_dirs: tuple[str, ...]
+) -> tuple[str, int]:
+    child = VhdImage(child_path, read_only=True, allowed_dirs=allowed_dirs)
+    try:
+        if child.parent is None or child.store is None:
+            raise ImageError(f"{child_path} is not a differencing VHD: nothing to coalesce into")
+        below = child.parent
+        parent_path = below.spec.partition(":")[2]
+        parent: Image = (
+            VhdImage(parent_path, allowed_dirs=allowed_dirs or (os.path.dirname(child.path),))
+            if isinstance(below, VhdImage)
+            else RawImage(parent_path)
+        )
+        try:
+            sectors = await _copy_sectors(child, parent, progress)
+            await parent.flush()
+        finally:
+            await parent.close()
+        return parent_path, sectors
+    finally:
+        await child.close()
+
+
+async def _copy_sectors(child: VhdImage, parent: Image, progress: Progress | None) -> int:
+    store = child.store
+    assert store is not None
+    used = [b for b in range(store.blocks) if store.bat[b] != BAT_UNUSED]
+    buf = memoryview(bytearray(store.block_size))
+    copied = 0
+    for done, b in enumerate(used, 1):
+        bm = await store.bitmap(b)
+        base = store.data_base(b)
+        block_start = b << store.shift
+        for first, stop, present in bits.runs(bm, 0, store.sectors_per_block):
+            if not present:
+                continue
+            lo, hi = first * SECTOR, stop * SECTOR
+            hi = min(hi, max(0, parent.size - block_start))
+            if hi <= lo:
+                continue
+            part = buf[: hi - lo]
+            await child.file.read(base + lo, part)
+            await parent.write(block_start + lo, part)
+            copied += (hi - lo) // SECTOR
+        if progress is not None:
+            progress(done, len(used))
+    return copied
