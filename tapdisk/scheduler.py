@@ -331,6 +331,7 @@ class Scheduler:
         if self.paused or not self._pending:
             return
         batch, self._pending = self._pending, []
+        batch = [req for req in batch if not req.future.done()]  # type: ignore[union-attr]
         now = time.monotonic()
         for group in self._groups(batch):
             leader = group[0]
