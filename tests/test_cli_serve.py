@@ -90,11 +90,15 @@ def test_signal_stops_cleanly_and_removes_the_socket(tmp_path, image, signum):
     served = start_tapdisk(tmp_path / "s.sock", f"raw:{image}")
     h = nbd.NBD()
     h.connect_uri(served.uri())  # an idle client must not hold the shutdown up
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stalled.connect(str(served.socket))  # nor one that never finishes its handshake
+    stalled.recv(18)
     start = time.monotonic()
     assert served.stop(signum) == 0
     assert time.monotonic() - start < 5
     assert not served.socket.exists()
     assert "Traceback" not in served.stderr
+    stalled.close()
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path, image):

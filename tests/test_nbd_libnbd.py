@@ -276,3 +276,17 @@ def test_structured_read_of_zeros_arrives_as_a_hole_chunk(served_image):
     assert h.pread_structured(4096, MiB, chunk) == b"\x01" * 4096
     assert chunks == [(4096, MiB, nbd.READ_DATA)]
     h.shutdown()
+
+
+def test_largest_advertised_request_succeeds(served_image):
+    uri, image = served_image(64 * MiB)
+    h = connect(uri)
+    largest = h.get_block_size(nbd.SIZE_MAXIMUM)
+    assert largest == 32 * MiB
+    data = os.urandom(1024) * (largest // 1024)
+    h.pwrite(data, 16 * MiB)
+    assert h.pread(largest, 16 * MiB) == data
+    h.shutdown()
+    with open(image, "rb") as f:
+        f.seek(16 * MiB)
+        assert f.read(largest) == data
