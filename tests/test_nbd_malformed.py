@@ -461,6 +461,22 @@ def test_flush_with_an_offset_gets_einval(server):
     assert client.simple_reply() == (0, 72)
 
 
+def test_read_over_32_mib_gets_einval_and_payload_less_commands_may_exceed_it(serve, tmp_path):
+    image = tmp_path / "big.raw"
+    with open(image, "wb") as f:
+        f.truncate(64 * MiB)
+    served = serve(f"raw:{image}")
+    client = Client(served.socket)
+    client.go()
+    client.request(CMD_READ, 0, 32 * MiB + 1, cookie=1)
+    assert client.simple_reply() == (EINVAL, 1)
+    client.request(CMD_WRITE_ZEROES, 0, 48 * MiB, cookie=2)
+    assert client.simple_reply() == (0, 2)
+    client.request(CMD_TRIM, 0, 64 * MiB, cookie=3)
+    assert client.simple_reply() == (0, 3)
+    assert client.read(0, 4) == bytes(4)
+
+
 def test_write_over_32_mib_disconnects_without_allocating_it(server):
     bystander = Client(server.socket)
     bystander.go()
