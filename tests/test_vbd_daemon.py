@@ -259,3 +259,18 @@ def test_a_failed_snapshot_leaves_the_device_running_on_its_image(tapctl, image,
         nbd_uri(sock),
     )
     assert "Pattern verification failed" not in out
+
+
+def test_adjacent_requests_from_a_real_client_are_merged(tapctl, image):
+    path = image()
+    # rate=0 injects nothing but keeps every request off the page-cache shortcut.
+    pid, minor, sock = tapctl.spawn_open(f"fault:rate=0:raw:{path}")
+    commands = []
+    for i in range(32):
+        commands += ["-c", f"aio_write -P {i + 1} {i * 4096} 4k"]
+    run(require("qemu-io"), "-f", "raw", *commands, "-c", "aio_flush", nbd_uri(sock))
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+    assert stats["merges"] > 0
+    assert stats["writes"] == 32
+    data = path.read_bytes()
+    assert data[: 32 * 4096] == b"".join(bytes([i + 1]) * 4096 for i in range(32))
