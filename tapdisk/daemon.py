@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from tapdisk.control import protocol
@@ -64,7 +64,6 @@ class Device:
     lock_fd: int
     kernel_index: int | None = None
     closing: bool = False
-    kernel_sockets: list[socket.socket] = field(default_factory=list)
 
     @property
     def state(self) -> int:

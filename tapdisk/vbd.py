@@ -28,8 +28,9 @@ from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerConfig
 
 log = logging.getLogger("tapdisk.vbd")
 
-#: Formats an overlay can be created in, and the leaf formats they can sit on.
+#: Formats an overlay can be created in.
 OVERLAY_FORMATS: Final = ("qcow2", "vhd")
+#: Leaf types an overlay can sit on, with their qemu-img format names (for ``-F``).
 LEAF_FORMATS: Final = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "vhd": "vpc"}
 
 
