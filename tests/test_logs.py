@@ -9,9 +9,15 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
+
+import nbd
+from conftest import TAPDISK, run
 
 from tapdisk.logs import BURST, RateLimit, priority
 
@@ -174,3 +180,48 @@ def test_rate_limit_memory_is_bounded():
 
 def test_priorities_follow_sd_daemon():
     assert [priority(n) for n in (50, 40, 30, 20, 10, 25, 5)] == [2, 3, 4, 6, 7, 6, 7]
+
+
+def test_failing_disk_in_a_real_daemon_cannot_flood_the_journal(tmp_path):
+    """32 requests on a disk that always fails with EIO: retried, logged a few times only."""
+    directory = tmp_path / "run"
+    image = tmp_path / "disk.raw"
+    image.write_bytes(b"\0" * (4 << 20))
+    read_end, write_end = os.pipe()
+    st = os.fstat(write_end)
+    env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    daemon = subprocess.Popen(
+        [TAPDISK, "daemon", "--control-dir", str(directory)], stderr=write_end, env=env
+    )
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        try:
+            deadline = time.monotonic() + 30
+            while not (directory / f"ctl{daemon.pid}").exists():
+                assert time.monotonic() < deadline, "the daemon did not start"
+                time.sleep(0.05)
+            tapctl = Path(sys.executable).with_name("tap-ctl")
+            spec = f"fault:duration=600,ops=write:raw:{image}"
+            opened = run(
+                tapctl, "open", "--control-dir", directory, "-p", str(daemon.pid), "-t", "1",
+                "-a", spec,
+            )  # fmt: skip
+            h = nbd.NBD()
+            h.connect_uri(f"nbd+unix:///?socket={opened.strip()}")
+            for i in range(32):
+                h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(4096)), i * 65536)  # not merged
+            while h.aio_in_flight() > 0:
+                h.poll(-1)
+            h.shutdown()
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            daemon.wait(60)
+        lines = reader.read().decode().splitlines()
+    assert all(line[:3] in ("<3>", "<4>", "<6>", "<7>") for line in lines), lines
+    retrying = [line for line in lines if line.endswith(", retrying")]
+    assert len(retrying) == BURST - 1  # the BURST-th carries the "suppressed" note
+    assert all(line.startswith("<6>minor 0: write of 4096 bytes at offset ") for line in retrying)
+    summary = [line for line in lines if "identical messages suppressed)" in line]
+    assert len(summary) == 1
+    assert summary[0].startswith("<6>minor 0: write of 4096 bytes at offset ")
+    assert summary[0].endswith(f"({32 - BURST} identical messages suppressed)")
