@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tapdisk.control.protocol import (
     MAX_MESSAGE,
@@ -125,3 +126,31 @@ def test_failure_with_unknown_kind_cannot_be_built():
 def test_response_with_bad_error_object_is_refused():
     with pytest.raises(ProtocolError, match="bad error object"):
         parse_response({"id": 1, "ok": False, "error": {"kind": "nope", "message": "x"}})
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_raise_only_protocol_errors(data):
+    with contextlib.suppress(ProtocolError):
+        for message in Decoder().feed(data):
+            parse_request(message)
+
+
+@settings(deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from(["id", "op", "args"]),
+        st.one_of(
+            st.integers(),
+            st.text(max_size=8),
+            st.none(),
+            st.booleans(),
+            st.dictionaries(
+                st.text(max_size=6), st.one_of(st.integers(), st.text(max_size=4)), max_size=3
+            ),
+        ),
+    )
+)
+def test_arbitrary_json_objects_raise_only_protocol_errors(message):
+    with contextlib.suppress(ProtocolError):
+        parse_request(message)
