@@ -30,6 +30,7 @@ from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 from . import logs
+from .nbd.handshake import connection_flags
 from .scheduler import SchedulerConfig
 from .server import DirectAttach, Export, NBDServer
 from .vbd import VBD, VBDError
@@ -295,7 +296,7 @@ class Daemon:
                 kernel.connect,
                 kernel_ends,
                 vbd.size,
-                server_flags=int(export.info.flags),
+                server_flags=int(connection_flags(export.info, structured=False)),
                 backend_id=self._backend_id(device),
                 block_size=max(512, vbd.block_size),
                 timeout=int(timeout),
@@ -315,7 +316,8 @@ class Daemon:
         return self.info(device)
 
     def _backend_id(self, device: Device) -> str:
-        return f"tapdisk:{self.pid}:{device.minor}"
+        """Shown in /sys/block/nbdN/backend; free of the pid, so a successor can reconfigure."""
+        return f"tapdisk:minor{device.minor}"
 
     async def _op_detach(self, request: Request) -> dict[str, Any]:
         device = self._device(request)
