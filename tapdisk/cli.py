@@ -30,6 +30,16 @@ examples:
 """
 
 
+TAPDISK_EXAMPLES = """\
+examples:
+  tapdisk serve --unix /tmp/disk.sock raw:/var/lib/images/disk.img
+  tapdisk --log-level debug daemon --control-dir /tmp/td
+  tapdisk service --config /etc/tapdisk/tapdisk.yaml
+  tapdisk exporter --metrics-listen 127.0.0.1:9847
+  tapdisk COMMAND --help     more examples for each command
+"""
+
+
 def run_loop(coro: Coroutine[Any, Any, int]) -> int:
     """Run ``coro`` on uvloop when it is installed, else on plain asyncio."""
     try:
@@ -57,7 +67,10 @@ def split_export(text: str) -> tuple[str | None, str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tapdisk", description="Userspace block-device daemon serving disk images over NBD."
+        prog="tapdisk",
+        description="Userspace block-device daemon serving disk images over NBD.",
+        epilog=TAPDISK_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--log-level",
