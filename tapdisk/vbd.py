@@ -214,8 +214,9 @@ class VBD(Image):
     async def snapshot(self, path: str, fmt: str = "qcow2") -> str:
         """Pause, create a ``fmt`` overlay at ``path`` over the current leaf, run on it.
 
-        Returns the new spec.  On failure the device goes back to the image it
-        had (running, unless it was paused before).
+        Returns the new spec.  A device that was paused stays paused (on the
+        overlay).  On failure the overlay is removed and the device goes back
+        to the image it had, running unless it was paused before.
         """
         if fmt not in OVERLAY_FORMATS:
             raise VBDError(f"snapshot format {fmt!r} not supported (use qcow2 or vhd)")
@@ -227,17 +228,22 @@ class VBD(Image):
                 raise VBDError(f"snapshot target {path} already exists")
             was_paused = self._paused
             await self._pause()
+            new_spec = f"{fmt}:{os.path.abspath(path)}"
             try:
                 await asyncio.to_thread(create_overlay, path, fmt, kind, leaf, self.size)
-                new_spec = f"{fmt}:{os.path.abspath(path)}"
-                await self._unpause(new_spec)
+                image = await self._open_same_size(new_spec)
             except BaseException:
-                if os.path.exists(path) and self._paused:
+                if os.path.exists(path):
                     os.unlink(path)
-                if not was_paused and self._paused:
+                if not was_paused:
                     await self._unpause(None)
                 raise
-            log.info("%s: snapshot taken, now running on %s", self.name, new_spec)
+            if was_paused:
+                await image.close()
+                self._spec, self._format = image.spec, image.format_name
+            else:
+                self._run_on(image)
+            log.info("%s: snapshot taken, the leaf is now %s", self.name, new_spec)
             return new_spec
 
     async def _pause(self) -> None:
@@ -265,13 +271,21 @@ class VBD(Image):
             raise VBDError(f"{self.name} is closed")
         if not self._paused:
             raise VBDError(f"{self.name} is not paused")
-        image = await asyncio.to_thread(open_image, spec or self._spec, self.options)
+        self._run_on(await self._open_same_size(spec or self._spec))
+
+    async def _open_same_size(self, spec: str) -> Image:
+        """Open ``spec`` with the device's options; refuse it if its size differs."""
+        image = await asyncio.to_thread(open_image, spec, self.options)
         if image.size != self.size:
             await image.close()
             raise VBDError(
                 f"{image.spec} has {image.size} bytes but the device has {self.size}; "
                 "refusing to change the size of a live device"
             )
+        return image
+
+    def _run_on(self, image: Image) -> None:
+        """Make ``image`` the device's image and let queued requests run."""
         self._spec = image.spec
         self._format = image.format_name
         self._paused = False

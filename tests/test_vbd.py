@@ -156,3 +156,23 @@ def test_requests_after_close_fail_with_eshutdown(raw_image):
         return info.value.errno
 
     assert asyncio.run(go()) == errno.ESHUTDOWN
+
+
+def test_snapshot_of_a_paused_vbd_leaves_it_paused_on_the_overlay(raw_image, tmp_path):
+    base = raw_image("4M", "write -P 0x71 0 4k")
+    overlay = tmp_path / "over.qcow2"
+
+    async def go():
+        dev = VBD.open(f"raw:{base}")
+        await dev.pause()
+        await dev.snapshot(str(overlay))
+        paused, spec = dev.paused, dev.spec
+        await dev.unpause()
+        buf = bytearray(4096)
+        await dev.read(0, memoryview(buf))
+        await dev.close()
+        return paused, spec, bytes(buf)
+
+    paused, spec, data = asyncio.run(go())
+    assert paused and spec == f"qcow2:{overlay}"
+    assert data == b"\x71" * 4096
