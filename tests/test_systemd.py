@@ -203,3 +203,8 @@ def test_service_with_an_invalid_configuration_exits_1_naming_key_and_line(tmp_p
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "line 2: retry_deadline: expected a number of seconds, got 'soon'" in err
+
+
+def test_service_and_tapdisk_help_have_examples():
+    assert "examples:" in run(TAPDISK, "service", "--help")
+    assert "examples:" in run(TAPDISK, "--help")
