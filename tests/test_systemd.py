@@ -85,7 +85,7 @@ def test_service_is_type_notify_and_restarts_on_failure():
     text = (UNITS / "tapdisk.service").read_text().splitlines()
     assert "Type=notify" in text
     assert "Restart=on-failure" in text
-    assert "ExecStart=tapdisk service --config /etc/tapdisk/tapdisk.yaml" in text
+    assert "ExecStart=tapdisk service" in text
 
 
 def test_tmpfiles_creates_the_runtime_directory_for_root_only(tmp_path):
