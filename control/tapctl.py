@@ -63,6 +63,28 @@ examples:
 """
 
 
+#: ``tap-ctl COMMAND --help`` examples, one block per subcommand.
+COMMAND_EXAMPLES = {
+    "create": "  tap-ctl create -a vhd:/var/lib/images/disk.vhd\n"
+    "  tap-ctl create -a qcow2:/images/d.qcow2 -R -t 30 -d /dev/nbd3\n"
+    "  tap-ctl create --no-attach -a raw:/images/d.img     prints the NBD socket\n",
+    "destroy": "  tap-ctl destroy -d /dev/nbd0\n  tap-ctl destroy -p 1234 -m 0\n",
+    "list": "  tap-ctl list\n  tap-ctl list -t vhd --json\n  tap-ctl list -p 1234\n",
+    "spawn": "  tap-ctl spawn                                        prints the new pid\n",
+    "open": "  tap-ctl open -p 1234 -a vhd:/images/disk.vhd\n"
+    "  tap-ctl open -p 1234 -m 2 -a raw:/images/d.img -R -t 30\n",
+    "close": "  tap-ctl close -p 1234 -m 0\n",
+    "attach": "  tap-ctl attach -p 1234 -m 0\n  tap-ctl attach -p 1234 -m 0 -d /dev/nbd5 -n 4\n",
+    "detach": "  tap-ctl detach -p 1234 -m 0\n  tap-ctl detach -d /dev/nbd5\n",
+    "pause": "  tap-ctl pause -d /dev/nbd0\n  tap-ctl pause -p 1234 -m 0\n",
+    "unpause": "  tap-ctl unpause -d /dev/nbd0\n"
+    "  tap-ctl unpause -d /dev/nbd0 -a vhd:/var/lib/images/new-leaf.vhd\n",
+    "snapshot": "  tap-ctl snapshot -d /dev/nbd0 -a qcow2:/images/overlay.qcow2\n",
+    "stats": "  tap-ctl stats -d /dev/nbd0\n  tap-ctl stats -p 1234                every minor\n",
+    "shutdown": "  tap-ctl shutdown -p 1234\n",
+}
+
+
 class TapCtlError(Exception):
     """A failure to report and exit non-zero on."""
 
@@ -456,7 +478,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Any, help_text: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p = sub.add_parser(
+            name,
+            parents=[common],
+            help=help_text,
+            description=help_text,
+            epilog="examples:\n" + COMMAND_EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
         return p
 
