@@ -369,6 +369,20 @@ def status(index: int | None = None) -> dict[int, bool]:
     return devices
 
 
+def backend(index: int) -> str | None:
+    """The backend identifier of ``/dev/nbdN`` (what ``reconfigure`` must present).
+
+    None when the device is not connected or the kernel does not keep one.
+    A new server taking over a device reads it here.
+    """
+    try:
+        with open(f"/sys/block/nbd{index}/backend") as f:
+            text = f.read().rstrip("\n")
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return text or None
+
+
 class LinkDeadWatcher:
     """Receives the kernel's LINK_DEAD events (a device lost a socket).
 

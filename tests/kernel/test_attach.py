@@ -107,7 +107,7 @@ def test_backend_identifier_shows_in_sysfs(
     server = direct_server(f"raw:{make_raw(tmp_path)}")
     index = server.attach(backend_id="tapdisk-test:42")
     assert sysfs(index, "backend") == "tapdisk-test:42"
-    assert kernel.status(index) == {index: True}
+    assert kernel.backend(index) == "tapdisk-test:42"
 
 
 def test_ext4_written_through_the_device_is_intact_in_the_image(
@@ -235,6 +235,30 @@ def test_reconfigure_resizes_the_device_online(
     assert int(sh("blockdev", "--getsize64", device(index))) == 96 * MiB
 
 
+def test_io_fails_once_no_server_takes_over_within_dead_conn_timeout(
+    direct_server: Callable[..., DirectServer], tmp_path: Path
+) -> None:
+    server = direct_server(f"raw:{make_raw(tmp_path)}")
+    index = server.attach(timeout=5, dead_conn_timeout=2)
+    try:
+        with kernel.LinkDeadWatcher() as watcher:
+            server.stop(detach=False)
+            watcher.wait(index, 1, timeout=30)
+        start = time.monotonic()
+        proc = subprocess.run(
+            ["dd", "if=/dev/zero", f"of={device(index)}", "bs=4k", "count=1", "oflag=direct"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        waited = time.monotonic() - start
+    finally:
+        kernel.disconnect(index)
+    assert proc.returncode != 0
+    assert "Input/output error" in proc.stderr
+    assert waited >= 1.5  # it did wait for a replacement first
+
+
 def start_attacher(*args: str) -> tuple[subprocess.Popen[str], int]:
     """``kerneltools.py ARGS`` in its own process; returns it and the device index."""
     proc = subprocess.Popen(
@@ -266,18 +290,19 @@ def test_server_restart_under_fio_load_loses_no_io(
     dmesg_before = sh("dmesg")
     fio = subprocess.Popen(
         ["fio", "--name=restart", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
-         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M", "--rate_iops=400",
+         "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=8M", "--rate_iops=400",
          "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        time.sleep(3)
+        time.sleep(2)
         assert fio.poll() is None, "fio finished before the restart: the test proves nothing"
         with kernel.LinkDeadWatcher() as watcher:
             start = time.monotonic()
             old.send_signal(stop_signal)
             assert old.wait(60) in (0, -signal.SIGKILL)
             watcher.wait(index, 1, timeout=30)
+            assert kernel.backend(index) == spec
             new, taken = start_attacher(spec, "--reconfigure", str(index))
             gap = time.monotonic() - start
         assert taken == index
