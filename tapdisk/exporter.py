@@ -33,7 +33,7 @@ from tapdisk.control import protocol
 
 from . import config as configuration
 from . import logs, sdnotify
-from .metrics import REQUIRED_STATS, TapdiskCollector
+from .metrics import TapdiskCollector, check_stats
 
 log = logging.getLogger("tapdisk.exporter")
 
@@ -91,9 +91,10 @@ def fetch_stats(path: str, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, An
     if not isinstance(devices, list):
         raise protocol.ProtocolError(f"stats answered a {type(devices).__name__}, not a list")
     for stats in devices:
-        missing = REQUIRED_STATS - stats.keys() if isinstance(stats, dict) else REQUIRED_STATS
-        if missing:
-            raise protocol.ProtocolError(f"stats lack {', '.join(sorted(missing))}")
+        try:
+            check_stats(stats)
+        except ValueError as exc:
+            raise protocol.ProtocolError(str(exc)) from None
     return devices
 
 
@@ -105,25 +106,26 @@ class Gatherer:
         self.timeout = timeout
         self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="scrape")
 
-    def _one(self, path: str) -> list[dict[str, Any]] | None:
+    def _one(self, path: str) -> list[dict[str, Any]] | str:
+        """The daemon's devices, or why it could not be read ("" if it has just exited)."""
         try:
             return fetch_stats(path, self.timeout)
         except FileNotFoundError:
-            return []  # the daemon exited between the listing and the scrape
+            return ""  # the daemon exited between the listing and the scrape
         except (OSError, protocol.ProtocolError) as exc:
             # The path is the subject, so a stale socket is reported a few times, not forever.
             log.warning("%s: no stats: %s", path, exc)
-            return None
+            return str(exc) or type(exc).__name__
 
     def __call__(self) -> tuple[list[dict[str, Any]], int, int]:
         devices: list[dict[str, Any]] = []
         answered = failed = 0
         for result in self.pool.map(self._one, control_sockets(self.directory)):
-            if result is None:
-                failed += 1
-            else:
+            if isinstance(result, list):
                 answered += 1
                 devices.extend(result)
+            elif result:
+                failed += 1
         return devices, answered, failed
 
 

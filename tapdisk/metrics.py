@@ -98,6 +98,46 @@ REQUIRED_STATS = frozenset(
 )
 
 
+def check_stats(stats: object) -> None:
+    """Raise ValueError unless ``stats`` has the STATS shape the collector reads.
+
+    The exporter talks to daemons of possibly another version; one malformed answer
+    must cost that daemon's devices, not the whole scrape.
+    """
+    if not isinstance(stats, dict):
+        raise ValueError(f"a device's stats are a {type(stats).__name__}, not an object")
+    missing = REQUIRED_STATS - stats.keys()
+    if missing:
+        raise ValueError(f"stats lack {', '.join(sorted(missing))}")
+    for _, key, *_ in (*COUNTERS, *GAUGES):
+        if not isinstance(stats[key], int | float):
+            raise ValueError(f"stats field {key!r} is {stats[key]!r}, not a number")
+    for key in ("spec", "format"):
+        if not isinstance(stats[key], str):
+            raise ValueError(f"stats field {key!r} is {stats[key]!r}, not text")
+    errors, latency = stats["errors"], stats["latency_us"]
+    if not isinstance(errors, list) or not all(
+        isinstance(e, dict)
+        and isinstance(e.get("op"), str)
+        and isinstance(e.get("errno"), str)
+        and isinstance(e.get("count"), int)
+        for e in errors
+    ):
+        raise ValueError(f"stats field 'errors' is malformed: {errors!r}")
+    if not (
+        isinstance(latency, dict)
+        and isinstance(latency.get("sum"), int | float)
+        and isinstance(latency.get("buckets"), list)
+        and latency["buckets"]
+        and latency["buckets"][-1][0] == "+Inf"
+        and all(
+            isinstance(b, list) and len(b) == 2 and isinstance(b[1], int)
+            for b in latency["buckets"]
+        )
+    ):
+        raise ValueError(f"stats field 'latency_us' is malformed: {latency!r}")
+
+
 def device_label(stats: Mapping[str, Any]) -> str:
     """``nbd0`` for a device attached as /dev/nbd0, else ``td<pid>.<minor>``."""
     device = stats.get("device")

@@ -29,7 +29,7 @@ import pytest
 from conftest import TAPDISK, require, run
 from prometheus_client.parser import text_string_to_metric_families
 
-from tapdisk.metrics import device_label, errno_label
+from tapdisk.metrics import check_stats, device_label, errno_label
 
 BIN = Path(sys.executable).parent
 EXPORTER = str(BIN / "tapdisk-exporter")
@@ -368,6 +368,21 @@ def test_invalid_configuration_stops_the_exporter_naming_key_and_line(tmp_path):
     )
     assert proc.returncode == 1
     assert f"{config}: line 2: metrics_listen: expected HOST:PORT" in proc.stderr
+
+
+def test_stats_of_another_shape_are_refused_naming_the_field(start_daemon, image):
+    daemon = start_daemon()
+    minor, _ = daemon.open(f"raw:{image()}")
+    stats = json.loads(daemon.tapctl("stats", "-p", str(daemon.pid), "-m", str(minor)))
+    check_stats(stats)  # what a daemon really answers passes
+    with pytest.raises(ValueError, match="stats lack reads"):
+        check_stats({k: v for k, v in stats.items() if k != "reads"})
+    with pytest.raises(ValueError, match="'bytes_read' is '12', not a number"):
+        check_stats({**stats, "bytes_read": "12"})
+    with pytest.raises(ValueError, match="'latency_us' is malformed"):
+        check_stats({**stats, "latency_us": {**stats["latency_us"], "buckets": []}})
+    with pytest.raises(ValueError, match="'errors' is malformed"):
+        check_stats({**stats, "errors": [{"op": "read", "count": 1}]})
 
 
 def test_device_label_is_the_kernel_device_once_attached():
