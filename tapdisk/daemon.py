@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from tapdisk.control.protocol import ProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from . import config as configuration
 from . import logs
 from .nbd.handshake import connection_flags
 from .scheduler import SchedulerConfig
@@ -425,26 +427,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
     )
     parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file (default {configuration.DEFAULT_PATH}, if it exists); "
+        "its retry_deadline, queue_depth, merge_size and log_level apply unless a flag is given",
+    )
+    parser.add_argument(
         "--timeout",
         "-t",
         type=float,
-        default=DEFAULTS.timeout,
         metavar="SECS",
-        help="default per-request retry deadline of opened images (default %(default)s)",
+        help="default per-request retry deadline of opened images "
+        f"(default: the configuration's, else {DEFAULTS.timeout:g})",
     )
     parser.add_argument(
         "--queue-depth",
         type=int,
-        default=DEFAULTS.queue_depth,
         metavar="N",
-        help="requests queued or in flight per device (default %(default)s)",
+        help="requests queued or in flight per device "
+        f"(default: the configuration's, else {DEFAULTS.queue_depth})",
     )
     parser.add_argument(
         "--max-merge",
         type=int,
-        default=DEFAULTS.max_merge,
         metavar="BYTES",
-        help="largest merged I/O; 0 disables merging (default %(default)s)",
+        help="largest merged I/O; 0 disables merging "
+        f"(default: the configuration's merge_size, else {DEFAULTS.max_merge})",
     )
     parser.add_argument(
         "--watchdog",
@@ -464,18 +472,28 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 DAEMON_EXAMPLES = """\
 examples:
   tapdisk daemon --control-dir /tmp/td &
-  tap-ctl --control-dir /tmp/td open -p $! -a raw:/var/lib/images/disk.img
+  tap-ctl open --control-dir /tmp/td -p $! -a raw:/var/lib/images/disk.img
 """
+
+
+def _given(flag: Any, setting: Any) -> Any:
+    """A command-line value if one was given, else the configuration's."""
+    return setting if flag is None else flag
 
 
 def main(args: argparse.Namespace) -> int:
     """Entry point of ``tapdisk daemon``."""
-    logs.setup(args.log_level or "info")
+    try:
+        settings = configuration.load(args.config)
+    except configuration.ConfigError as exc:
+        print(f"tapdisk daemon: {exc}", file=sys.stderr)
+        return 2
+    logs.setup(args.log_level or settings.log_level)
     try:
         config = SchedulerConfig(
-            queue_depth=args.queue_depth,
-            max_merge=args.max_merge,
-            timeout=args.timeout,
+            queue_depth=_given(args.queue_depth, settings.queue_depth),
+            max_merge=_given(args.max_merge, settings.merge_size),
+            timeout=_given(args.timeout, settings.retry_deadline),
             watchdog=args.watchdog,
         )
     except ValueError as exc:

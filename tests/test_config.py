@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
+import nbd
 import pytest
+from conftest import TAPDISK, run
 
 from tapdisk.config import (
     DEVICE_SCHEMA,
@@ -255,3 +261,60 @@ def test_readme_example_is_a_valid_configuration():
     example = section.partition("```yaml\n")[2].partition("```")[0]
     config = parse(example, "README.md")
     assert [d.device for d in config.devices] == [0, None]
+
+
+# --- the configuration in real tapdisk daemons -----------------------------------------
+
+
+def failing_write_takes(tmp_path: Path, config: str, *flags: str) -> float:
+    """Seconds a write to an always-failing (EIO) disk takes to fail in a real daemon
+    started with ``--config`` holding ``config`` and ``flags``."""
+    path = tmp_path / "tapdisk.yaml"
+    path.write_text(config)
+    directory = tmp_path / "run"
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    daemon = subprocess.Popen(
+        [TAPDISK, "daemon", "--config", str(path), "--control-dir", str(directory), *flags],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (directory / f"ctl{daemon.pid}").exists():
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.05)
+        tapctl = Path(sys.executable).with_name("tap-ctl")
+        spec = f"fault:duration=600,ops=write:raw:{image}"
+        opened = run(tapctl, "open", "--control-dir", directory, "-p", str(daemon.pid), "-a", spec)
+        h = nbd.NBD()
+        h.connect_uri(f"nbd+unix:///?socket={opened.strip()}")
+        start = time.monotonic()
+        with pytest.raises(nbd.Error, match="EIO"):
+            h.pwrite(bytes(4096), 0)
+        took = time.monotonic() - start
+        h.shutdown()
+        return took
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(60)
+
+
+def test_daemon_takes_the_retry_deadline_from_the_configuration(tmp_path):
+    assert 0.9 < failing_write_takes(tmp_path, "retry_deadline: 1\n") < 10
+
+
+def test_daemon_flag_overrides_the_configured_retry_deadline(tmp_path):
+    assert 0.9 < failing_write_takes(tmp_path, "retry_deadline: 600\n", "--timeout", "1") < 10
+
+
+def test_daemon_with_an_invalid_configuration_exits_naming_key_and_line(tmp_path):
+    path = tmp_path / "tapdisk.yaml"
+    path.write_text("log_level: info\nqueue_depth: -3\n")
+    proc = subprocess.run(
+        [TAPDISK, "daemon", "--config", str(path), "--control-dir", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert f"{path}: line 2: queue_depth: must be between 1 and 65536, got -3" in proc.stderr
