@@ -362,6 +362,9 @@ def _flag(key: str, parser: Callable[[object], Any]) -> Callable[[str], Any]:
 def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> None:
     """Add ``--config`` and one override flag per setting in ``keys`` to ``parser``.
 
+    ``keys`` are among retry_deadline, queue_depth, merge_size, control_dir and
+    metrics_listen; log_level has its own flag, before the subcommand.
+
     Every flag defaults to None so that only flags actually given override the file.
     """
     parser.add_argument(
@@ -375,19 +378,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         "merge_size": (None, "SIZE", "largest merged request, e.g. 1MiB"),
         "control_dir": (None, "DIR", "directory of the control and NBD sockets"),
         "metrics_listen": (None, "HOST:PORT", "address of the Prometheus endpoint"),
-        "log_level": (None, "LEVEL", "one of " + ", ".join(LOG_LEVELS)),
     }
     for key in keys:
-        if key == "allowed_dirs":
-            parser.add_argument(
-                "--allow-dir",
-                dest="allowed_dirs",
-                metavar="DIR",
-                action="append",
-                type=_flag("allowed_dirs", _directory),
-                help="directory images may be opened from (repeatable; replaces the file's list)",
-            )
-            continue
         short, metavar, text = helps[key]
         flags = [f"--{key.replace('_', '-')}"] + ([short] if short else [])
         parser.add_argument(
@@ -398,7 +390,4 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
 def from_arguments(args: argparse.Namespace, keys: Sequence[str]) -> Config:
     """The configuration file named by ``args.config`` with the given flags applied."""
     config = load(args.config)
-    values = {key: getattr(args, key, None) for key in keys}
-    if values.get("allowed_dirs") is not None:
-        values["allowed_dirs"] = tuple(values["allowed_dirs"])
-    return config.override(**values)
+    return config.override(**{key: getattr(args, key, None) for key in keys})

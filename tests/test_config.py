@@ -218,25 +218,17 @@ def parser_for(keys):
 def test_flags_override_the_file(tmp_path):
     path = tmp_path / "tapdisk.yaml"
     path.write_text(FULL)
-    keys = list(SCHEMA)
+    keys = ["retry_deadline", "queue_depth", "merge_size", "control_dir", "metrics_listen"]
     args = parser_for(keys).parse_args(
-        ["--config", str(path), "-t", "7.5", "--queue-depth", "4", "--log-level", "error"]
+        ["--config", str(path), "-t", "7.5", "--queue-depth", "4", "--metrics-listen", ":80"]
     )
     config = from_arguments(args, keys)
-    assert (config.retry_deadline, config.queue_depth, config.log_level) == (7.5, 4, "error")
+    assert (config.retry_deadline, config.queue_depth) == (7.5, 4)
+    assert config.metrics_listen == ("127.0.0.1", 80)
     # What no flag names still comes from the file.
     assert config.merge_size == 512 << 10
     assert config.control_dir == "/run/td"
     assert len(config.devices) == 2
-
-
-def test_allow_dir_flags_replace_the_file_list(tmp_path):
-    path = tmp_path / "tapdisk.yaml"
-    path.write_text("allowed_dirs: [/srv/a]\n")
-    args = parser_for(["allowed_dirs"]).parse_args(
-        ["--config", str(path), "--allow-dir", "/x", "--allow-dir", "/y/"]
-    )
-    assert from_arguments(args, ["allowed_dirs"]).allowed_dirs == ("/x", "/y")
 
 
 def test_flag_values_are_validated_like_the_file():
