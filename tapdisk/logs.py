@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, MutableMapping
@@ -124,10 +125,16 @@ class RateLimit(logging.Filter):
         self.max_keys = max_keys
         self.clock = clock
         self._windows: OrderedDict[tuple[object, ...], _Window] = OrderedDict()
+        # Filters run outside the handler's lock; the exporter logs from several threads.
+        self._lock = threading.Lock()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.level:
             return True
+        with self._lock:
+            return self._filter(record)
+
+    def _filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.levelno, _subject(record), str(record.msg))
         now = self.clock()
         window = self._windows.get(key)
@@ -154,10 +161,11 @@ class RateLimit(logging.Filter):
 
     def drain(self) -> list[tuple[int, int, str]]:
         """(level, suppressed count, last suppressed message) not yet reported; forgets all."""
-        pending = [
-            (w.levelno, w.suppressed, w.text) for w in self._windows.values() if w.suppressed
-        ]
-        self._windows.clear()
+        with self._lock:
+            pending = [
+                (w.levelno, w.suppressed, w.text) for w in self._windows.values() if w.suppressed
+            ]
+            self._windows.clear()
         return pending
 
 
