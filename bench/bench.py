@@ -190,6 +190,49 @@ def vhd_image(raw: Path, workdir: Path) -> Path:
     return out
 
 
+def vhd_image(raw: Path, workdir: Path) -> Path:
+    """A fully allocated dynamic VHD with the raw image's contents (exact size: force_size)."""
+    out = workdir / "image.vhd"
+    subprocess.run(
+        [
+            "qemu-img",
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vpc",
+            "-o",
+            "subformat=dynamic,force_size=on",
+            str(raw),
+            str(out),
+        ],
+        check=True,
+    )
+    return out
+
+
+def on_own_copy(server: Server) -> Server:
+    """``server`` serving its own copy of the image (``NAME-image``), for targets where two
+    servers writing one file at once would corrupt it (allocating writes)."""
+
+    def argv(sock: Path, image: Path) -> list[str]:
+        return server.argv(sock, image.with_name(f"{server.name}-{image.name}"))
+
+    return Server(server.name, argv, server.default)
+
+
+def empty_vhd_images(raw: Path, workdir: Path) -> Path:
+    """Empty dynamic VHDs of the raw image's size, one per server: every first write to a
+    2 MiB block allocates it."""
+    vhd_util = Path(sys.executable).with_name("vhd-util")
+    size_mb = str(raw.stat().st_size >> 20)
+    for name in ("image.vhd", "tapdisk-image.vhd", "qemu-nbd-image.vhd"):
+        subprocess.run(
+            [str(vhd_util), "create", "-n", str(workdir / name), "-s", size_mb], check=True
+        )
+    return workdir / "image.vhd"
+
+
 TARGETS: tuple[Target, ...] = (
     Target(
         "raw",
@@ -203,6 +246,12 @@ TARGETS: tuple[Target, ...] = (
         ),
     ),
     Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
+    Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
+    Target(
+        "vhd-alloc",
+        empty_vhd_images,
+        (on_own_copy(tapdisk_server("vhd")), on_own_copy(qemu_nbd_server("vpc"))),
+    ),
 )
 
 
