@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import signal
 import socket
@@ -318,6 +319,28 @@ def test_stale_control_socket_is_counted_and_does_not_break_the_scrape(
     assert value(samples, "tapdisk_daemon_scrape_failures") == 1
     assert value(samples, "tapdisk_daemons") == 1
     assert series_of(samples, daemon.device(minor))
+
+
+def test_hung_daemon_costs_the_scrape_only_its_timeout(start_daemon, image, control_dir):
+    healthy, hung = start_daemon(), start_daemon()
+    minor, _ = healthy.open(f"raw:{image()}")
+    started = start_exporter(
+        "--control-dir", str(control_dir), "--metrics-listen", "127.0.0.1:0",
+        "--scrape-timeout", "0.5",
+    )  # fmt: skip
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        begin = time.monotonic()
+        samples = started.scrape()
+        took = time.monotonic() - begin
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+        started.proc.send_signal(signal.SIGTERM)
+        started.proc.communicate(timeout=30)
+    assert took < 5
+    assert value(samples, "tapdisk_daemon_scrape_failures") == 1
+    assert value(samples, "tapdisk_daemons") == 1
+    assert series_of(samples, healthy.device(minor))
 
 
 def test_build_info_names_the_version(exporter):
