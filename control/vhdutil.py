@@ -46,6 +46,9 @@ from tapdisk.drivers.vhd.image import VhdImage
 from tapdisk.drivers.vhd.meta import Metadata, load, read_at
 
 MiB = 1 << 20
+#: Like blktap's tool, vhd-util follows parents wherever they are; only the driver that
+#: serves images confines them to allowed directories.
+ANYWHERE = ("/",)
 
 
 class UsageError(Exception):
@@ -65,7 +68,7 @@ def _parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
     try:
         if not resolve:
             return locator_paths(fd, meta)[0][1]
-        return find_parent(os.path.abspath(path), fd, meta, ("/",))
+        return find_parent(os.path.abspath(path), fd, meta, ANYWHERE)
     finally:
         os.close(fd)
 
@@ -225,7 +228,9 @@ def cmd_check(argv: list[str]) -> int:
     if rest:
         raise UsageError(usage)
     name = o["n"]
-    problems = check_vhd(name, parents="p" in o, bitmaps="b" in o, ignore_footer="i" in o)
+    problems = check_vhd(
+        name, parents="p" in o, bitmaps="b" in o, ignore_footer="i" in o, allowed_dirs=ANYWHERE
+    )
     if problems:
         for line in problems:
             print(line)
@@ -288,7 +293,7 @@ def cmd_coalesce(argv: list[str]) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\r{100.0 * done / total:6.2f}%", end="", flush=True)
 
-    _, sectors = coalesce(o["n"], progress=progress if show else None)
+    _, sectors = coalesce(o["n"], progress=progress if show else None, allowed_dirs=ANYWHERE)
     if show:
         print("\r100.00%")
     print(f"Coalesced {sectors} sectors")
