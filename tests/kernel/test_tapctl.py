@@ -165,6 +165,19 @@ def test_fio_verify_through_a_created_device(tapctl: TapCtl, tmp_path: Path, kin
     assert dmesg_io_errors(dev, before) == []
 
 
+def test_create_with_two_connections_gives_a_two_queue_device(
+    tapctl: TapCtl, tmp_path: Path
+) -> None:
+    image = make_image(tmp_path, "raw")
+    dev = tapctl.create(f"raw:{image}", "-n", "2")
+    assert len(os.listdir(f"/sys/block/{os.path.basename(dev)}/mq")) == 2
+    pattern = tmp_path / "pattern"
+    digest = sha256_of_new(pattern, 16 * MiB)
+    sh("dd", f"if={pattern}", f"of={dev}", "bs=1M", "oflag=direct", "conv=fsync", "status=none")
+    tapctl.destroy(dev)
+    assert sha256_file(image, 16 * MiB) == digest
+
+
 def test_list_shows_the_created_device(tapctl: TapCtl, tmp_path: Path) -> None:
     image = make_image(tmp_path, "raw")
     dev = tapctl.create(f"raw:{image}")
