@@ -160,6 +160,12 @@ def test_bat_smaller_than_virtual_size_is_refused(tmp_path):
     refused(path, "header.max_table_entries")
 
 
+def test_absurd_bat_size_is_refused(tmp_path):
+    path = make(tmp_path)
+    patch_header(path, max_table_entries=0xFFFFFFFF)
+    refused(path, "header.max_table_entries", "exceeds the limit")
+
+
 def test_bat_overlapping_header_is_refused(tmp_path):
     path = make(tmp_path)
     patch_header(path, table_offset=1024)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 from pathlib import Path
 
 from conftest import require, run
@@ -16,6 +17,7 @@ from tapdisk.drivers.vhd.create import create_vhd
 from tapdisk.drivers.vhd.image import VhdImage
 
 MiB = 1 << 20
+VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
 
 
 def read_all(path: Path) -> bytes:
@@ -147,3 +149,4 @@ def test_qemu_reads_our_image_after_qemu_writes_into_it(tmp_path):
     apply(model, [(5 * MiB + 100, b"\x5a" * 9000), (12 * MiB, b"\x77" * MiB)])
     assert read_all(path) == model
     assert qemu_raw(path, tmp_path) == model
+    run(VHD_UTIL, "check", "-n", path)

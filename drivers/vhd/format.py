@@ -49,6 +49,8 @@ VHD_EPOCH = 946684800
 MAX_VIRTUAL_SIZE = 0xFF000000 * SECTOR
 MIN_BLOCK_SIZE = SECTOR
 MAX_BLOCK_SIZE = 64 << 20
+#: A 64 MiB BAT: 2040 GiB in 128 KiB blocks.  More is refused rather than read into memory.
+MAX_TABLE_ENTRIES = 1 << 24
 #: BAT entries are sector numbers in 32 bits: nothing can live beyond 2 TiB.
 MAX_FILE_OFFSET = BAT_UNUSED * SECTOR
 
@@ -353,8 +355,12 @@ class Header:
                 f"{self.max_table_entries} < {needed} blocks needed for current_size "
                 f"{footer.current_size}",
             )
-        if self.max_table_entries * 4 > MAX_VIRTUAL_SIZE // DEFAULT_BLOCK_SIZE * 4 * 64:
-            raise _fail(where, "header.max_table_entries", f"{self.max_table_entries} is absurd")
+        if self.max_table_entries > MAX_TABLE_ENTRIES:
+            raise _fail(
+                where,
+                "header.max_table_entries",
+                f"{self.max_table_entries} exceeds the limit of {MAX_TABLE_ENTRIES}",
+            )
         bat_end = self.table_offset + self.bat_bytes
         overlaps_header = (
             self.table_offset < footer.data_offset + HEADER_SIZE and bat_end > footer.data_offset
