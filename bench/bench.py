@@ -190,27 +190,6 @@ def vhd_image(raw: Path, workdir: Path) -> Path:
     return out
 
 
-def vhd_image(raw: Path, workdir: Path) -> Path:
-    """A fully allocated dynamic VHD with the raw image's contents (exact size: force_size)."""
-    out = workdir / "image.vhd"
-    subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "vpc",
-            "-o",
-            "subformat=dynamic,force_size=on",
-            str(raw),
-            str(out),
-        ],
-        check=True,
-    )
-    return out
-
-
 def on_own_copy(server: Server) -> Server:
     """``server`` serving its own copy of the image (``NAME-image``), for targets where two
     servers writing one file at once would corrupt it (allocating writes)."""
@@ -245,7 +224,6 @@ TARGETS: tuple[Target, ...] = (
             nbdkit_file_server(threads=64),
         ),
     ),
-    Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
     Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
     Target(
         "vhd-alloc",
