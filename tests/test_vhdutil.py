@@ -355,3 +355,41 @@ def test_read_prints_parent_locators(tmp_path):
         assert f"       code         : {code}" in out
     assert "       decoded name : ./base.vhd" in out
     assert "Parent name         : base.vhd" in out
+
+
+def test_scan_with_a_adds_parents_outside_the_filter(tmp_path):
+    (tmp_path / "gold").mkdir()
+    base = tmp_path / "gold" / "base.vhd"
+    child = tmp_path / "c.vhd"
+    ok("create", "-n", base, "-s", "8")
+    ok("snapshot", "-n", child, "-p", base, "-e")
+    plain = ok("scan", "-m", tmp_path / "*.vhd").splitlines()
+    assert [line.split()[0] for line in plain] == ["vhd=c.vhd"]
+    tree = ok("scan", "-a", "-p", "-m", tmp_path / "*.vhd").splitlines()
+    assert [line.split()[0] for line in tree] == ["vhd=base.vhd", "vhd=c.vhd"]
+    assert tree[1].startswith("   ")
+    missing = ok("scan", "-p", "-m", tmp_path / "*.vhd")
+    assert missing.rstrip().endswith("parent=base.vhd (not found in scan)")
+
+
+def test_query_u_prints_the_parent_as_stored(tmp_path):
+    base = tmp_path / "base.vhd"
+    child = tmp_path / "c.vhd"
+    ok("create", "-n", base, "-s", "8")
+    ok("snapshot", "-n", child, "-p", base)
+    assert ok("query", "-n", child, "-p", "-u") == "./base.vhd\n"
+
+
+def test_repair_b_copies_the_backup_footer_over_the_trailing_one(tmp_path):
+    path = tmp_path / "d.vhd"
+    ok("create", "-n", path, "-s", "8")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 512)
+        f.write(b"\x00" * 512)
+    ok("repair", "-n", path, "-b")
+    ok("check", "-n", path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+        f.seek(size - 512)
+        assert f.read(512) == head
