@@ -20,13 +20,14 @@ from collections.abc import Callable
 
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.vhd import edit
-from tapdisk.drivers.vhd.chain import find_parent, locator_paths
+from tapdisk.drivers.vhd.chain import decode_locator, find_parent, locator_paths
 from tapdisk.drivers.vhd.check import check_vhd, repair_vhd
 from tapdisk.drivers.vhd.coalesce import coalesce
 from tapdisk.drivers.vhd.create import create_vhd, snapshot_vhd
 from tapdisk.drivers.vhd.format import (
     BAT_UNUSED,
     FOOTER_SIZE,
+    HEADER_SIZE,
     PLAT_MAC,
     PLAT_MACX,
     PLAT_NONE,
@@ -40,6 +41,7 @@ from tapdisk.drivers.vhd.format import (
     Footer,
     Header,
     batmap_checksum,
+    checksum,
     has_batmap,
 )
 from tapdisk.drivers.vhd.image import VhdImage
@@ -433,9 +435,10 @@ def cmd_read(argv: list[str]) -> int:
     hexa = "x" in o
     fd = os.open(o["n"], os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _print_footer(meta.footer, hexa)
+        footer_at = 0 if meta.footer_recovered else meta.file_size - FOOTER_SIZE
+        _print_footer(meta.footer, hexa, read_at(fd, footer_at, FOOTER_SIZE))
         if meta.header is not None:
-            _print_header(meta.header, hexa)
+            _print_header(meta.header, hexa, read_at(fd, meta.footer.data_offset, HEADER_SIZE))
             if meta.is_diff:
                 _print_locators(fd, meta, hexa)
             if has_batmap(meta.footer) and meta.batmap_header is not None:
@@ -464,13 +467,18 @@ TYPE_STR = [
 ]
 
 
+def _csum_line_of(raw: bytes, at: int) -> str:
+    """The checksum line of a stored structure whose checksum field is at ``at``."""
+    stored = int.from_bytes(raw[at : at + 4], "big")
+    return _csum_line(stored, checksum(raw[:at] + bytes(4) + raw[at + 4 :]))
+
+
 def _csum_line(stored: int, computed: int) -> str:
     verdict = "Good!" if stored == computed else "Bad!"
     return f"Checksum            : {stored:#x}|{computed:#x} ({verdict})"
 
 
-def _print_footer(f: Footer, hexa: bool) -> None:
-    packed = f.pack()
+def _print_footer(f: Footer, hexa: bool, raw: bytes) -> None:
     c, h, s = f.geometry >> 16, (f.geometry >> 8) & 0xFF, f.geometry & 0xFF
     os_name = {0x5769326B: "Windows", 0x4D616320: "Macintosh"}.get(f.creator_os, "Unknown!")
     features = ("<TEMP>" if f.features & 1 else "") + ("<RESV>" if f.features & 2 else "")
@@ -494,7 +502,7 @@ def _print_footer(f: Footer, hexa: bool) -> None:
         f"                    : = {_num(hexa, (c * h * s) >> 11)} MB "
         f"({_num(hexa, c * h * s << 9)} Bytes)",
         f"Disk type           : {TYPE_STR[f.disk_type] if f.disk_type < 7 else 'Unknown type!'}",
-        _csum_line(int.from_bytes(packed[64:68], "big"), int.from_bytes(packed[64:68], "big")),
+        _csum_line_of(raw, 64),
         f"UUID                : {uuidlib.UUID(bytes=f.uuid)}",
         f"Saved state         : {'No' if f.saved_state == 0 else 'Yes'}",
         f"Hidden              : {f.hidden}",
@@ -503,8 +511,7 @@ def _print_footer(f: Footer, hexa: bool) -> None:
     print("\n".join(lines))
 
 
-def _print_header(h: Header, hexa: bool) -> None:
-    packed = h.pack()
+def _print_header(h: Header, hexa: bool, raw: bytes) -> None:
     lines = [
         "VHD Header Summary:",
         "-------------------",
@@ -517,7 +524,7 @@ def _print_header(h: Header, hexa: bool) -> None:
         f"Parent name         : {h.parent_name}",
         f"Parent UUID         : {uuidlib.UUID(bytes=h.parent_uuid)}",
         f"Parent timestamp    : {_time(h.parent_timestamp)}",
-        _csum_line(int.from_bytes(packed[36:40], "big"), int.from_bytes(packed[36:40], "big")),
+        _csum_line_of(raw, 36),
         "",
     ]
     print("\n".join(lines))
@@ -535,8 +542,6 @@ CODE_NAMES = {
 
 
 def _print_locators(fd: int, meta: Metadata, hexa: bool) -> None:
-    from tapdisk.drivers.vhd.chain import decode_locator
-
     assert meta.header is not None
     print("VHD Parent Locators:\n--------------------")
     for i, loc in enumerate(meta.header.locators):

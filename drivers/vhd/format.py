@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..base import ImageFormatError
 
@@ -227,9 +227,6 @@ class Footer:
     @property
     def uuid_str(self) -> str:
         return str(uuidlib.UUID(bytes=self.uuid))
-
-    def copy(self, **changes: object) -> Footer:
-        return replace(self, **changes)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
