@@ -23,10 +23,12 @@ Timeouts (seconds):
 
 Restarting a server under a live device: subscribe a ``LinkDeadWatcher``, stop
 the old server (its sockets close, the kernel emits LINK_DEAD per socket), wait
-for those events, then ``reconfigure`` with fresh sockets.  The kernel only
-fills *dead* slots and silently drops sockets when none is dead, which is why
-the wait comes first.  The old process does not need to be the one that
-connected: the device is owned by netlink, not by a process.
+for those events, then ``reconfigure`` with fresh sockets and the device's
+``backend(index)``.  The kernel only fills *dead* slots and drops other
+sockets while still reporting success, which is why the wait comes first
+(``reconfigure`` notices a dropped socket and raises EBUSY).  The new process
+does not need to be the one that connected: the device is owned by netlink,
+not by a process.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import os
 import select
 import shutil
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import Sequence
@@ -311,14 +314,22 @@ def reconfigure(
 
     Each socket replaces one *dead* connection (see the module docstring for
     the restart recipe); ``backend_id`` must equal the one given to
-    ``connect``.  ``size``/``block_size`` resize the device online; None leaves
-    a setting as it is.  The server flags cannot change: serve the new sockets
-    with the same flags as the old ones.
+    ``connect`` (``backend(index)`` reads it).  ``size``/``block_size`` resize
+    the device online; None leaves a setting as it is.  The server flags
+    cannot change: serve the new sockets with the same flags as the old ones.
+
+    The kernel reports success even for sockets it did not take (no dead
+    slot), so each socket is checked afterwards: the kernel sets its send
+    timeout to the device's request timeout when it adopts it.  A socket left
+    untouched raises KernelAttachError(EBUSY).  This needs a device timeout
+    above zero, which ``connect`` guarantees.
     """
     what = f"nbd RECONFIGURE of /dev/nbd{index}"
     if block_size is not None:
         _check_block_size(block_size, what)
     fds = [sock.fileno() for sock in sockets]
+    for kernel_end in sockets:
+        _set_send_timeout(kernel_end, 0)
     with GenlSocket() as sock:
         family = _nbd_family(sock)
         seq = sock.next_seq()
@@ -338,6 +349,26 @@ def reconfigure(
             ),
             seq,
         )
+    untaken = [kernel_end.fileno() for kernel_end in sockets if not _send_timeout(kernel_end)]
+    if untaken:
+        raise KernelAttachError(
+            errno.EBUSY,
+            f"{what}: the kernel did not take socket fds {untaken}: no connection of the"
+            " device was dead (is its old server still connected?)",
+        )
+
+
+#: struct timeval, as SO_SNDTIMEO takes and returns it.
+TIMEVAL = struct.Struct("@ll")
+
+
+def _set_send_timeout(sock: socket.socket, seconds: int) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, TIMEVAL.pack(seconds, 0))
+
+
+def _send_timeout(sock: socket.socket) -> float:
+    sec, usec = TIMEVAL.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, TIMEVAL.size))
+    return sec + usec / 1e6
 
 
 def disconnect(index: int) -> None:

@@ -226,6 +226,17 @@ def test_reconfigure_with_another_backend_is_refused(
     assert refused.value.errno == errno.EINVAL
 
 
+def test_reconfigure_refuses_sockets_while_the_old_ones_are_alive(
+    direct_server: Callable[..., DirectServer], tmp_path: Path
+) -> None:
+    server = direct_server(f"raw:{make_raw(tmp_path)}")
+    index = server.attach()
+    with pytest.raises(KernelAttachError, match="did not take socket") as refused:
+        server.take_over(index)
+    assert refused.value.errno == errno.EBUSY
+    assert kernel.status(index) == {index: True}
+
+
 def test_reconfigure_resizes_the_device_online(
     direct_server: Callable[..., DirectServer], tmp_path: Path
 ) -> None:
