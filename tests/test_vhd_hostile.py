@@ -185,6 +185,19 @@ def test_parent_locator_outside_file_is_refused(tmp_path):
     refused(child, "header.locator[1].data_offset")
 
 
+def test_parent_locator_overlapping_the_bat_is_refused(tmp_path):
+    base = make(tmp_path)
+    child = tmp_path / "child.vhd"
+    snapshot_vhd(str(child), str(base))
+    with open(child, "r+b") as f:
+        f.seek(512)
+        header = Header.unpack(f.read(1024), str(child))
+        header.locators[2].data_offset = 1536
+        f.seek(512)
+        f.write(header.pack())
+    refused(child, "overlaps the BAT")
+
+
 def test_parent_name_escaping_allowed_directories_is_refused(tmp_path):
     outside = tmp_path / "outside"
     inside = tmp_path / "inside"

@@ -157,20 +157,41 @@ def load(fd: int, path: str) -> Metadata:
     meta.header = header
     raw = read_at(fd, header.table_offset, header.max_table_entries * 4)
     meta.bat = bat_from_bytes(raw)
-    meta_end = max(footer.data_offset + HEADER_SIZE, header.table_offset + header.bat_bytes)
+    regions = [
+        ("footer copy", 0, FOOTER_SIZE),
+        ("header", footer.data_offset, HEADER_SIZE),
+        ("BAT", header.table_offset, header.bat_bytes),
+    ]
     if footer.disk_type == TYPE_DIFF:
-        for loc in header.locators:
-            if loc.code:
-                meta_end = max(meta_end, loc.data_offset + pad_sector(loc.data_length))
+        for i, loc in enumerate(header.locators):
+            if loc.code and loc.data_length:
+                regions.append(
+                    (f"header.locator[{i}]", loc.data_offset, pad_sector(loc.data_length))
+                )
     if has_batmap(footer):
-        meta_end = max(meta_end, _load_batmap(fd, meta, limit))
-    meta.meta_end = meta_end
+        _load_batmap(fd, meta, limit)
+        regions.append(("batmap header", meta.batmap_offset, SECTOR))
+        if meta.batmap_header is not None and meta.batmap is not None:
+            bh = meta.batmap_header
+            regions.append(("batmap", bh.offset, bh.size_sectors * SECTOR))
+    _check_disjoint(path, regions)
+    meta.meta_end = max(off + length for _, off, length in regions)
     meta.data_end = _check_bat(meta, limit)
     return meta
 
 
-def _load_batmap(fd: int, meta: Metadata, limit: int) -> int:
-    """Read the batmap; on any fault record why in ``batmap_error``.  Returns its end."""
+def _check_disjoint(path: str, regions: list[tuple[str, int, int]]) -> None:
+    """Metadata structures must not overlap: writing one would clobber another."""
+    ordered = sorted(regions, key=lambda r: r[1])
+    for (name_a, off_a, len_a), (name_b, off_b, _) in itertools.pairwise(ordered):
+        if off_a + len_a > off_b:
+            raise ImageFormatError(
+                f"{path}: {name_b} at {off_b:#x} overlaps the {name_a} at {off_a:#x}"
+            )
+
+
+def _load_batmap(fd: int, meta: Metadata, limit: int) -> None:
+    """Read the batmap; on any fault record why in ``batmap_error``."""
     assert meta.header is not None
     hoff = meta.batmap_offset
     try:
@@ -191,10 +212,9 @@ def _load_batmap(fd: int, meta: Metadata, limit: int) -> int:
             raise ImageFormatError(f"batmap.checksum mismatch (stored {bh.checksum:#010x})")
     except ImageFormatError as exc:
         meta.batmap_error = str(exc).removeprefix(f"{meta.path}: ")
-        return hoff + SECTOR
+        return
     meta.batmap_header = bh
     meta.batmap = bmap
-    return bh.offset + bh.size_sectors * SECTOR
 
 
 def _check_bat(meta: Metadata, limit: int) -> int:
