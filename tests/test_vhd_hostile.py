@@ -136,6 +136,12 @@ def test_absurd_virtual_size_is_refused(tmp_path):
     refused(path, "footer.current_size")
 
 
+def test_disabled_image_is_refused(tmp_path):
+    path = make(tmp_path)
+    patch_footers(path, cookie=b"v_poison")
+    refused(path, "v_poison")
+
+
 def test_unknown_disk_type_is_refused(tmp_path):
     path = make(tmp_path)
     patch_footers(path, disk_type=7)

@@ -21,7 +21,7 @@ from ..registry import OpenOptions
 from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
 from .chain import check_loop, check_parent_uuid, find_parent
-from .format import BAT_UNUSED, FOOTER_SIZE, SECTOR
+from .format import BAT_UNUSED, FOOTER_SIZE, POISON_COOKIE, SECTOR
 from .meta import Metadata, load
 
 HOLE = ExtentFlags.HOLE | ExtentFlags.ZERO
@@ -54,6 +54,8 @@ class VhdImage(Image):
         try:
             self.meta: Metadata = load(self.file.fd, path)
             self.size = self.meta.footer.current_size
+            if self.meta.footer.cookie == POISON_COOKIE:
+                raise ImageFormatError(f"{path}: footer.cookie is v_poison (image disabled)")
             if not read_only and self.meta.batmap_error:
                 raise ImageFormatError(
                     f"{path}: {self.meta.batmap_error} (vhd-util repair rebuilds it)"
