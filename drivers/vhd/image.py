@@ -67,7 +67,7 @@ class VhdImage(Image):
             if not read_only and self.meta.footer_recovered:
                 self._restore_footer()
         except BaseException:
-            self.file.close()
+            self._close_files()
             raise
         self.store = None if self.meta.is_fixed else BlockStore(self.file, self.meta)
         self._dirty = False
@@ -76,6 +76,15 @@ class VhdImage(Image):
             zero=not read_only,
             extents=True,
         )
+
+    def _close_files(self) -> None:
+        """Close this file and the chain's below it, without an event loop (failed opens)."""
+        self.file.close()
+        parent = self.parent
+        if isinstance(parent, VhdImage):
+            parent._close_files()
+        elif isinstance(parent, RawImage):
+            parent.file.close()
 
     def _restore_footer(self) -> None:
         """Rewrite a footer torn by a crash from the backup copy, dropping the torn tail."""
@@ -415,6 +424,6 @@ def _open_parent(
     try:
         check_parent_uuid(path, meta, parent_path, parent.meta.footer)
     except ImageFormatError:
-        parent.file.close()
+        parent._close_files()
         raise
     return parent
