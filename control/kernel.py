@@ -17,7 +17,7 @@ Timeouts (seconds):
   socket dead (a LINK_DEAD event) and requeue the request.  It must be longer
   than the daemon's own per-request retry deadline.  It is also how requests
   that were lost with a dying server (sent, never read) are resent after a
-  restart, so 0 ("never") is refused with one socket: they would hang forever.
+  restart, so 0 ("never") is refused: they would hang forever.
 - ``dead_conn_timeout``: once every socket of a device is dead, I/O waits this
   long for ``reconfigure`` to supply fresh ones before failing with EIO.
 
