@@ -102,3 +102,14 @@ def test_datagram_socket_is_refused() -> None:
         pytest.raises(KernelAttachError, match="not a stream socket"),
     ):
         kernel.connect([dgram], 1 << 20, server_flags=FLAGS, backend_id="t")
+
+
+@without_nbd
+def test_link_dead_watcher_without_the_nbd_driver_is_enoent() -> None:
+    with pytest.raises(KernelAttachError) as missing:
+        kernel.LinkDeadWatcher()
+    assert missing.value.errno == errno.ENOENT
+
+
+def test_backend_of_a_missing_device_is_none() -> None:
+    assert kernel.backend(4000) is None
