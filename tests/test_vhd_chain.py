@@ -296,3 +296,22 @@ def test_hidden_flag_and_marker_round_trip(tmp_path):
     assert image.meta.batmap_header is not None and image.meta.batmap_header.marker == 7
     asyncio.run(image.close())
     assert check_vhd(str(path)) == []
+
+
+def test_write_nowait_goes_straight_into_full_blocks_only(tmp_path):
+    path = tmp_path / "d.vhd"
+    create_vhd(str(path), SIZE)
+    write(path, [(0, b"\x01" * 2 * MiB)])  # block 0 full, block 1 unallocated
+
+    async def go() -> tuple[bool, bool]:
+        image = VhdImage(str(path))
+        inside = image.write_nowait(4096, memoryview(b"\x02" * 4096))
+        new_block = image.write_nowait(2 * MiB, memoryview(b"\x03" * 4096))
+        await image.close()
+        return inside, new_block
+
+    assert asyncio.run(go()) == (True, False)
+    data = read_all(path)
+    assert data[4096:8192] == b"\x02" * 4096
+    assert data[2 * MiB : 2 * MiB + 4096] == bytes(4096)
+    assert check_vhd(str(path)) == []
