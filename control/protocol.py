@@ -53,8 +53,12 @@ STATS (one VBD; plain counters since the VBD was opened, never reset)::
       "read_only": BOOL, "paused": BOOL,
       "reads": INT, "writes": INT, "flushes": INT, "discards": INT, "write_zeroes": INT,
       "bytes_read": INT, "bytes_written": INT,
-      "read_time_us": INT, "write_time_us": INT,     # summed request latency
+      "read_time_us": INT, "write_time_us": INT, "flush_time_us": INT,
+      "discard_time_us": INT, "write_zeroes_time_us": INT,
+                              # summed latency of the requests of each kind completed
+      "io_time_us": INT,      # time with at least one request in flight (busy time)
       "merges": INT,          # requests absorbed into a neighbour's I/O
+      "read_merges": INT, "write_merges": INT,    # the same, reads and writes apart
       "retries": INT,         # attempts repeated after a transient error
       "in_flight": INT,       # requests holding a queue slot now (gauge)
       "queued": INT,          # of those, not yet dispatched (gauge; all of them while paused)
@@ -66,8 +70,12 @@ STATS (one VBD; plain counters since the VBD was opened, never reset)::
 
 Latency is from the request's arrival at the VBD to its completion, in
 microseconds; ``buckets`` are cumulative ``[upper bound, count]`` pairs as in a
-Prometheus histogram.  Requests answered from the page cache count with
-latency 0.
+Prometheus histogram.  Requests answered inline from the page cache count with
+the measured time of their copy (a few microseconds, often under one, which
+rounds to 0).  Only requests completed successfully add to the ``*_time_us``
+counters; failed ones are counted in ``errors`` and in ``latency_us``.
+``io_time_us`` includes the current busy period and time spent queued while
+paused, like the kernel's io_ticks.
 """
 
 from __future__ import annotations

@@ -71,12 +71,27 @@ COUNTERS: tuple[tuple[str, str, str, float], ...] = (
     ("tapdisk_written_bytes", "bytes_written", "Bytes written.", 1),
     ("tapdisk_read_time_seconds", "read_time_us", "Time spent by all reads.", 1e-6),
     ("tapdisk_write_time_seconds", "write_time_us", "Time spent by all writes.", 1e-6),
+    ("tapdisk_discard_time_seconds", "discard_time_us", "Time spent by all discards.", 1e-6),
     (
-        "tapdisk_merged_requests",
-        "merges",
-        "Requests merged into an adjacent request's I/O.",
-        1,
+        "tapdisk_write_zeroes_time_seconds",
+        "write_zeroes_time_us",
+        "Time spent by all write-zeroes requests.",
+        1e-6,
     ),
+    (
+        "tapdisk_flush_requests_time_seconds",
+        "flush_time_us",
+        "Time spent by all flushes.",
+        1e-6,
+    ),
+    (
+        "tapdisk_io_time_seconds",
+        "io_time_us",
+        "Time with at least one request in flight.",
+        1e-6,
+    ),
+    ("tapdisk_reads_merged", "read_merges", "Reads merged into an adjacent read's I/O.", 1),
+    ("tapdisk_writes_merged", "write_merges", "Writes merged into an adjacent write's I/O.", 1),
     ("tapdisk_retries", "retries", "Request attempts repeated after a transient error.", 1),
 )
 

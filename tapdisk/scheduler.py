@@ -101,20 +101,25 @@ class Stats:
     __slots__ = (
         "bytes_read",
         "bytes_written",
+        "discard_us",
         "discards",
         "errors",
+        "flush_us",
         "flushes",
+        "io_ns",
         "latency_buckets",
         "latency_count",
         "latency_max_us",
         "latency_sum_us",
-        "merges",
+        "read_merges",
         "read_us",
         "reads",
         "retries",
+        "write_merges",
         "write_us",
         "writes",
         "zeroes",
+        "zeroes_us",
     )
 
     def __init__(self) -> None:
@@ -125,16 +130,29 @@ class Stats:
         self.zeroes = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        # Summed latency of the requests completed successfully, per kind.
         self.read_us = 0
         self.write_us = 0
-        self.merges = 0
+        self.flush_us = 0
+        self.discard_us = 0
+        self.zeroes_us = 0
+        self.read_merges = 0
+        self.write_merges = 0
         self.retries = 0
+        #: Nanoseconds with at least one request in flight, up to the start of the
+        #: current busy period (``Scheduler.io_time_ns`` adds the rest).
+        self.io_ns = 0
         #: (operation, errno name) -> count of requests that failed with it.
         self.errors: dict[tuple[str, str], int] = {}
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS_US) + 1)
         self.latency_count = 0
         self.latency_sum_us = 0
         self.latency_max_us = 0
+
+    @property
+    def merges(self) -> int:
+        """Requests absorbed into a neighbour's I/O, reads and writes together."""
+        return self.read_merges + self.write_merges
 
     def latency(self, us: int) -> None:
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_US, us)] += 1
@@ -219,6 +237,7 @@ class Scheduler:
         self._write_waiters: list[asyncio.Future[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
+        self._busy_since = 0  # monotonic ns when in_flight last went from 0 to 1
 
     # -- public request API ------------------------------------------------------
 
@@ -226,6 +245,13 @@ class Scheduler:
     def in_flight(self) -> int:
         """Requests holding a slot: queued, waiting for a pause to end, or executing."""
         return self.config.queue_depth - self._free
+
+    def io_time_ns(self) -> int:
+        """Nanoseconds with at least one request in flight (node_exporter's io_time)."""
+        ns = self.stats.io_ns
+        if self._free < self.config.queue_depth:
+            ns += time.monotonic_ns() - self._busy_since
+        return ns
 
     @property
     def queued(self) -> int:
@@ -283,6 +309,8 @@ class Scheduler:
             raise OSError(errno.ESHUTDOWN, "device closed")
         if self._free > 0 and not self._slot_waiters:
             self._free -= 1
+            if self._free == self.config.queue_depth - 1:
+                self._busy_since = time.monotonic_ns()
         else:
             await self._wait_slot()
         try:
@@ -318,6 +346,8 @@ class Scheduler:
                 waiter.set_result(None)  # the slot goes straight to the waiter
                 return
         self._free += 1
+        if self._free == self.config.queue_depth:
+            self.stats.io_ns += time.monotonic_ns() - self._busy_since
 
     # -- dispatch and merging ----------------------------------------------------
 
@@ -336,7 +366,10 @@ class Scheduler:
         for group in self._groups(batch):
             leader = group[0]
             if len(group) > 1:
-                self.stats.merges += len(group) - 1
+                if leader.kind == READ:
+                    self.stats.read_merges += len(group) - 1
+                else:
+                    self.stats.write_merges += len(group) - 1
             if leader.kind == WRITE:
                 self._write_seq += 1
                 leader.seq = self._write_seq
@@ -512,10 +545,13 @@ class Scheduler:
                 stats.write_us += us
             elif kind == FLUSH:
                 stats.flushes += 1
+                stats.flush_us += us
             elif req.name == "discard":
                 stats.discards += 1
+                stats.discard_us += us
             elif req.name == "write_zeroes":
                 stats.zeroes += 1
+                stats.zeroes_us += us
             if i == 0 and leader_first:
                 continue
             assert req.future is not None

@@ -229,6 +229,83 @@ def test_latency_histogram_counts_every_request(start_daemon, image, exporter):
     assert value(samples, "tapdisk_request_duration_seconds_sum", device=device) > 0
 
 
+def test_flush_discard_and_write_zeroes_times_are_counted(start_daemon, image, exporter):
+    daemon = start_daemon()
+    minor, uri = daemon.open(f"raw:{image()}")
+    with client(uri) as h:
+        h.pwrite(b"\1" * 65536, 0)
+        h.flush()
+        h.trim(1 << 20, 1 << 20)
+        h.zero(1 << 20, 4 << 20)
+    samples = exporter.scrape()
+    device = daemon.device(minor)
+    # Each of these goes through a thread (fdatasync, fallocate): well over a microsecond.
+    assert value(samples, "tapdisk_flush_requests_time_seconds_total", device=device) > 0
+    assert value(samples, "tapdisk_discard_time_seconds_total", device=device) > 0
+    assert value(samples, "tapdisk_write_zeroes_time_seconds_total", device=device) > 0
+
+
+def test_io_time_counts_overlapping_requests_once(start_daemon, image, exporter):
+    daemon = start_daemon()
+    # Two flushes that each fail once after 0.5 s (EIO, retried), in flight together.
+    spec = f"fault:burst=2,count=1,delay=0.5,ops=flush:raw:{image()}"
+    minor, uri = daemon.open(spec)
+    device = daemon.device(minor)
+    assert value(exporter.scrape(), "tapdisk_io_time_seconds_total", device=device) == 0
+    with client(uri) as h:
+        pending = {h.aio_flush(), h.aio_flush()}
+        while pending:
+            h.poll(-1)
+            pending = {cookie for cookie in pending if not h.aio_command_completed(cookie)}
+    samples = exporter.scrape()
+    flush_time = value(samples, "tapdisk_flush_requests_time_seconds_total", device=device)
+    io_time = value(samples, "tapdisk_io_time_seconds_total", device=device)
+    assert value(samples, "tapdisk_retries_total", device=device) == 2
+    assert flush_time >= 1.0  # both waited out the delay
+    assert 0.5 <= io_time < 0.75 * flush_time  # busy time, not summed latency
+    time.sleep(0.3)
+    idle = exporter.scrape()  # an idle device's busy time stands still
+    assert value(idle, "tapdisk_io_time_seconds_total", device=device) == io_time
+
+
+def test_reads_and_writes_merged_are_counted_apart(start_daemon, image, exporter):
+    daemon = start_daemon()
+    # rate=0 injects nothing but keeps every request off the page-cache shortcut.
+    minor, uri = daemon.open(f"fault:rate=0:raw:{image()}")
+    device = daemon.device(minor)
+
+    def batch(command: str) -> None:
+        commands = []
+        for i in range(32):
+            commands += ["-c", f"{command} {i * 4096} 4k"]
+        run(require("qemu-io"), "-f", "raw", *commands, "-c", "aio_flush", uri)
+
+    batch("aio_write -P 7")
+    samples = exporter.scrape()
+    writes_merged = value(samples, "tapdisk_writes_merged_total", device=device)
+    assert writes_merged > 0
+    assert value(samples, "tapdisk_reads_merged_total", device=device) == 0
+    batch("aio_read -P 7")
+    samples = exporter.scrape()
+    assert value(samples, "tapdisk_reads_merged_total", device=device) > 0
+    assert value(samples, "tapdisk_writes_merged_total", device=device) == writes_merged
+    assert value(samples, "tapdisk_reads_completed_total", device=device) == 32
+
+
+def test_writes_through_the_page_cache_shortcut_have_a_real_latency(start_daemon, image, exporter):
+    daemon = start_daemon()
+    minor, uri = daemon.open(f"raw:{image()}")
+    with client(uri) as h:
+        for i in range(8):
+            h.pwrite(b"\x33" * (1 << 20), i << 20)  # copied into the page cache inline
+    samples = exporter.scrape()
+    device = daemon.device(minor)
+    assert value(samples, "tapdisk_writes_completed_total", device=device) == 8
+    assert value(samples, "tapdisk_write_time_seconds_total", device=device) > 0
+    assert value(samples, "tapdisk_request_duration_seconds_sum", device=device) > 0
+    assert value(samples, "tapdisk_io_time_seconds_total", device=device) > 0
+
+
 def test_device_info_names_format_image_and_read_only(start_daemon, image, exporter):
     daemon = start_daemon()
     path = image()
