@@ -21,14 +21,17 @@ VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
 
 
 def read_all(path: Path) -> bytes:
-    async def go() -> bytes:
-        image = VhdImage(str(path), read_only=True)
-        buf = bytearray(image.size)
+    image = VhdImage(str(path), read_only=True)
+    buf = bytearray(image.size)
+
+    async def go() -> None:
         await image.read(0, memoryview(buf))
         await image.close()
-        return bytes(buf)
 
-    return asyncio.run(go())
+    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
+    # task's result (all of it) while restoring the SIGINT handler.
+    asyncio.run(go())
+    return bytes(buf)
 
 
 def write_all(path: Path, writes: list[tuple[int, bytes]]) -> None:

@@ -40,14 +40,17 @@ def write(path: Path, writes: list[tuple[int, bytes]]) -> None:
 
 
 def read_all(path: Path) -> bytes:
-    async def go() -> bytes:
-        image = VhdImage(str(path), read_only=True)
-        buf = bytearray(image.size)
+    image = VhdImage(str(path), read_only=True)
+    buf = bytearray(image.size)
+
+    async def go() -> None:
         await image.read(0, memoryview(buf))
         await image.close()
-        return bytes(buf)
 
-    return asyncio.run(go())
+    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
+    # task's result (all of it) while restoring the SIGINT handler.
+    asyncio.run(go())
+    return bytes(buf)
 
 
 def test_create_makes_tap_style_dynamic_image(tmp_path):
