@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run
+from conftest import require, run
 from tapdisk.drivers.vhd.create import create_vhd, snapshot_vhd
 from tapdisk.drivers.vhd.image import VhdImage
 
@@ -176,3 +176,32 @@ def test_sigkill_at_random_moments_leaves_valid_image_with_flushed_writes(tmp_pa
         model = bytearray(actual)
         rounds += 1
     assert os.path.getsize(path) < 2 * SIZE
+
+
+def test_block_leaked_by_a_crash_is_zeroed_when_its_space_is_reused(tmp_path):
+    """The state a kill leaves between extending the file and writing the BAT entry:
+    stale bytes past the last referenced block, then a valid footer.  The next
+    allocation reuses that space; qemu, which ignores bitmaps, must read zeros there."""
+    path = tmp_path / "leak.vhd"
+    create_vhd(str(path), SIZE)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(size - 512)
+        footer = f.read(512)
+        f.seek(size - 512)
+        f.write(b"\xee" * (2 * MiB + 8192))
+        f.write(footer)
+    run(VHD_UTIL, "check", "-n", path)
+
+    async def write_one() -> None:
+        image = VhdImage(str(path))
+        await image.write(MiB, memoryview(b"\x11" * 512))
+        await image.close()
+
+    asyncio.run(write_one())
+    run(VHD_UTIL, "check", "-n", path, "-b")
+    out = tmp_path / "out.raw"
+    run(require("qemu-img"), "convert", "-f", "vpc", "-O", "raw", path, out)
+    expected = bytearray(SIZE)
+    expected[MiB : MiB + 512] = b"\x11" * 512
+    assert out.read_bytes() == expected
