@@ -362,8 +362,8 @@ def _flag(key: str, parser: Callable[[object], Any]) -> Callable[[str], Any]:
 def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> None:
     """Add ``--config`` and one override flag per setting in ``keys`` to ``parser``.
 
-    ``keys`` are among retry_deadline, queue_depth, merge_size, control_dir and
-    metrics_listen; log_level has its own flag, before the subcommand.
+    ``keys`` are among retry_deadline, queue_depth, merge_size, control_dir,
+    allowed_dirs and metrics_listen; log_level has its own flag, before the subcommand.
 
     Every flag defaults to None so that only flags actually given override the file.
     """
@@ -380,6 +380,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         "metrics_listen": (None, "HOST:PORT", "address of the Prometheus endpoint"),
     }
     for key in keys:
+        if key == "allowed_dirs":
+            add_allowed_dirs_argument(parser)
+            continue
         short, metavar, text = helps[key]
         flags = [f"--{key.replace('_', '-')}"] + ([short] if short else [])
         parser.add_argument(
@@ -387,7 +390,23 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         )
 
 
+def add_allowed_dirs_argument(parser: argparse.ArgumentParser) -> None:
+    """``--allowed-dir DIR``, repeatable; given at all, it replaces the file's allowed_dirs."""
+    parser.add_argument(
+        "--allowed-dir",
+        dest="allowed_dirs",
+        metavar="DIR",
+        action="append",
+        type=_flag("allowed_dirs", _directory),
+        help="directory images and their parents may be opened from "
+        "(repeatable; replaces the configuration's allowed_dirs)",
+    )
+
+
 def from_arguments(args: argparse.Namespace, keys: Sequence[str]) -> Config:
     """The configuration file named by ``args.config`` with the given flags applied."""
     config = load(args.config)
-    return config.override(**{key: getattr(args, key, None) for key in keys})
+    values = {key: getattr(args, key, None) for key in keys}
+    if values.get("allowed_dirs") is not None:
+        values["allowed_dirs"] = tuple(values["allowed_dirs"])
+    return config.override(**values)

@@ -89,9 +89,16 @@ class Device:
 class Daemon:
     """The control server and the VBDs of one tapdisk process."""
 
-    def __init__(self, directory: str, config: SchedulerConfig | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        config: SchedulerConfig | None = None,
+        allowed_dirs: tuple[str, ...] = (),
+    ) -> None:
         self.directory = os.path.abspath(directory)
         self.config = config or SchedulerConfig()
+        #: When set, images, their parents and snapshot overlays must lie inside these.
+        self.allowed_dirs = allowed_dirs
         self.pid = os.getpid()
         self.control_path = protocol.control_socket(self.directory, self.pid)
         self.devices: dict[int, Device] = {}
@@ -225,9 +232,12 @@ class Daemon:
         timeout = args.get("timeout", self.config.timeout)
         if not timeout > 0:
             raise ControlError("invalid", f"timeout must be positive, got {timeout}")
+        self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
         minor, lock_fd = self._lock_minor(args.get("minor"))
         try:
-            options = OpenOptions(read_only=args.get("read_only", False))
+            options = OpenOptions(
+                read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
+            )
             image = await asyncio.to_thread(open_image, args["spec"], options)
             config = SchedulerConfig(
                 queue_depth=self.config.queue_depth,
@@ -344,11 +354,16 @@ class Daemon:
 
     async def _op_resume(self, request: Request) -> dict[str, Any]:
         device = self._device(request)
+        if "spec" in request.args:
+            spec = request.args["spec"]
+            self._check_allowed(spec, configuration.image_path(spec))
         await device.vbd.unpause(request.args.get("spec"))
         return self.info(device)
 
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         device = self._device(request)
+        path = os.path.abspath(request.args["path"])
+        self._check_allowed(path, path)
         await device.vbd.snapshot(request.args["path"], request.args.get("format", "qcow2"))
         return self.info(device)
 
@@ -365,6 +380,25 @@ class Daemon:
             "connections": len(device.server.connections),
             **device.vbd.stats_dict(),
         }
+
+    def _check_allowed(self, what: str, path: str | None) -> None:
+        """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
+
+        ``path`` is None for a spec whose path is relative: it cannot be checked.
+        """
+        if not self.allowed_dirs:
+            return
+        if path is not None:
+            real = os.path.realpath(path)
+            for top in self.allowed_dirs:
+                top = os.path.realpath(top)
+                if real == top or real.startswith(top.rstrip("/") + "/"):
+                    return
+        raise ControlError(
+            "image",
+            f"{what}: the image is outside the allowed directories "
+            f"({', '.join(self.allowed_dirs)}); give an absolute path inside one of them",
+        )
 
     async def _op_shutdown(self, request: Request) -> None:
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))
@@ -430,8 +464,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--config",
         metavar="PATH",
         help=f"configuration file (default {configuration.DEFAULT_PATH}, if it exists); "
-        "its retry_deadline, queue_depth, merge_size and log_level apply unless a flag is given",
+        "its retry_deadline, queue_depth, merge_size, allowed_dirs and log_level apply "
+        "unless a flag is given",
     )
+    configuration.add_allowed_dirs_argument(parser)
     parser.add_argument(
         "--timeout",
         "-t",
@@ -499,9 +535,10 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("%s", exc)
         return 2
+    allowed_dirs = tuple(_given(args.allowed_dirs, settings.allowed_dirs))
     from .cli import run_loop
 
-    return run_loop(run(args.control_dir, config, args.ready_fd))
+    return run_loop(run(args.control_dir, config, args.ready_fd, allowed_dirs=allowed_dirs))
 
 
 async def run(
@@ -509,6 +546,7 @@ async def run(
     config: SchedulerConfig,
     ready: int | None = None,
     boot: Callable[[Daemon], Awaitable[None]] | None = None,
+    allowed_dirs: tuple[str, ...] = (),
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT.
 
@@ -517,7 +555,7 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, config)
+    daemon = Daemon(directory, config, allowed_dirs)
     try:
         await daemon.start()
     except OSError as exc:
