@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -211,9 +211,6 @@ class Attrs:
             if k == kind:
                 return payload
         return None
-
-    def all(self, kind: int) -> Iterator[bytes]:
-        return (payload for k, payload in self.items if k == kind)
 
     def require(self, kind: int, name: str) -> bytes:
         payload = self.get(kind)
