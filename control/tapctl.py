@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tapdisk import config as configuration
+
 from . import protocol
 
 #: Seconds to wait for a daemon's answer (pause and snapshot can take a while).
@@ -192,9 +194,10 @@ def target(args: argparse.Namespace, *, need_minor: bool = True) -> tuple[int, i
     return args.pid, args.minor
 
 
-def spawn(directory: str) -> subprocess.Popen[bytes]:
+def spawn(directory: str, config: str | None = None) -> subprocess.Popen[bytes]:
     """Start a detached ``tapdisk daemon`` and wait until it listens.
 
+    ``config`` is the configuration file it reads (its own default when None).
     Its log goes to ``<directory>/tapdisk.log``; on failure the lines it wrote
     there are part of the error.
     """
@@ -205,6 +208,8 @@ def spawn(directory: str) -> subprocess.Popen[bytes]:
     ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "tapdisk.cli", "daemon", "--control-dir", directory]
     argv += ["--ready-fd", str(ready_w)]
+    if config is not None:
+        argv += ["--config", os.path.abspath(config)]
     try:
         proc = subprocess.Popen(
             argv,
@@ -279,7 +284,7 @@ def shutdown(directory: str, pid: int) -> None:
 
 
 def cmd_spawn(args: argparse.Namespace) -> None:
-    print(spawn(args.control_dir).pid)
+    print(spawn(args.control_dir, args.config).pid)
 
 
 def cmd_open(args: argparse.Namespace) -> None:
@@ -293,7 +298,7 @@ def cmd_open(args: argparse.Namespace) -> None:
 
 def cmd_create(args: argparse.Namespace) -> None:
     index = parse_device(args.device) if args.device else None
-    proc = spawn(args.control_dir)
+    proc = spawn(args.control_dir, args.config)
     try:
         with Client.connect(args.control_dir, proc.pid) as client:
             info = client.call(
@@ -466,8 +471,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--control-dir",
         metavar="DIR",
-        default=os.environ.get(protocol.DIR_ENV, protocol.DEFAULT_DIR),
-        help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
+        help=f"socket directory (default ${protocol.DIR_ENV}, else the configuration's "
+        f"control_dir, else {protocol.DEFAULT_DIR})",
+    )
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help=f"configuration file for control_dir (default {configuration.DEFAULT_PATH}, "
+        "if it exists); tapdisks spawned by create and spawn read it too",
     )
     parser = argparse.ArgumentParser(
         prog="tap-ctl",
@@ -555,9 +566,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_control_dir(args: argparse.Namespace) -> None:
+    """Fill in ``args.control_dir``: the flag, else $TAPDISK_CONTROL_DIR, else the file's."""
+    if args.control_dir is not None:
+        return
+    args.control_dir = os.environ.get(protocol.DIR_ENV)
+    if not args.control_dir:
+        try:
+            args.control_dir = configuration.load(args.config).control_dir
+        except configuration.ConfigError as exc:
+            raise TapCtlError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        resolve_control_dir(args)
         args.func(args)
     except TapCtlError as exc:
         print(f"tap-ctl: {exc}", file=sys.stderr)
