@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import stat
 from array import array
 
 from ..fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, ImageFile, is_unsupported
@@ -53,6 +55,7 @@ class BlockStore:
         self.blocks = meta.blocks
         self.footer_bytes = meta.footer.pack()
         self.file_size = meta.file_size
+        self.is_block_device = stat.S_ISBLK(os.fstat(file.fd).st_mode)
         self.next_free = meta.data_end
         #: Byte offset of a block's data when its bitmap is full (reads need no bitmap); else 0.
         self.fast = [0] * self.blocks
@@ -114,7 +117,12 @@ class BlockStore:
             if end > MAX_FILE_OFFSET:
                 raise OSError(errno.ENOSPC, f"{self.meta.path}: VHD file would exceed 2 TiB")
             old_size = self.file_size
-            if end + SECTOR > old_size:
+            if self.is_block_device:
+                # A volume does not grow: the footer follows the data inside it.
+                if end + SECTOR > old_size:
+                    raise OSError(errno.ENOSPC, f"{self.meta.path}: volume is full")
+                await self.file.write(end, memoryview(self.footer_bytes))
+            elif end + SECTOR > old_size:
                 await self.file.write(end, memoryview(self.footer_bytes))
                 self.file_size = end + SECTOR
             if min(end, old_size) > start:

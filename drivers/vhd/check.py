@@ -36,7 +36,7 @@ from .format import (
     pad_sector,
     vhd_now,
 )
-from .meta import Metadata, load, read_at
+from .meta import Metadata, cut_to, load, read_at
 
 
 def check_vhd(
@@ -195,7 +195,7 @@ def repair_vhd(path: str) -> list[str]:
         packed = meta.footer.pack()
         if meta.footer_recovered:
             os.pwrite(fd, packed, meta.data_end)
-            os.ftruncate(fd, meta.data_end + FOOTER_SIZE)
+            cut_to(fd, meta.data_end + FOOTER_SIZE)
             done.append("rewrote the primary footer from the backup")
         if not meta.is_fixed and read_at(fd, 0, FOOTER_SIZE) != packed:
             os.pwrite(fd, packed, 0)

@@ -22,7 +22,7 @@ from .format import (
     encode_geometry,
     has_batmap,
 )
-from .meta import Metadata, load
+from .meta import Metadata, cut_to, load
 
 
 class _Open:
@@ -49,7 +49,7 @@ class _Open:
         packed = self.meta.footer.pack()
         if self.meta.footer_recovered:
             os.pwrite(self.fd, packed, self.meta.data_end)
-            os.ftruncate(self.fd, self.meta.data_end + FOOTER_SIZE)
+            cut_to(self.fd, self.meta.data_end + FOOTER_SIZE)
         else:
             os.pwrite(self.fd, packed, self.meta.file_size - FOOTER_SIZE)
         if not self.meta.is_fixed:

@@ -22,7 +22,7 @@ from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
 from .chain import check_loop, check_parent_uuid, find_parent
 from .format import BAT_UNUSED, FOOTER_SIZE, POISON_COOKIE, SECTOR
-from .meta import Metadata, load
+from .meta import Metadata, cut_to, load
 
 HOLE = ExtentFlags.HOLE | ExtentFlags.ZERO
 #: Block status answers stop after this many bytes; the client asks again.
@@ -90,9 +90,9 @@ class VhdImage(Image):
         """Rewrite a footer torn by a crash from the backup copy, dropping the torn tail."""
         end = self.meta.data_end
         os.pwrite(self.file.fd, self.meta.footer.pack(), end)
-        os.ftruncate(self.file.fd, end + FOOTER_SIZE)
+        cut_to(self.file.fd, end + FOOTER_SIZE)
         os.fdatasync(self.file.fd)
-        self.meta.file_size = end + FOOTER_SIZE
+        self.meta.file_size = self.file.size()
         self.meta.footer_recovered = False
 
     @property

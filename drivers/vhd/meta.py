@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import stat
 import sys
 from array import array
 from dataclasses import dataclass
@@ -128,6 +129,12 @@ def read_footer(fd: int, path: str, file_size: int) -> tuple[Footer, bool]:
         if backup.disk_type == TYPE_FIXED:
             raise trailing_error from None
         return backup, True
+
+
+def cut_to(fd: int, length: int) -> None:
+    """Truncate a regular file to ``length``; block devices (LVM volumes) keep their size."""
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.ftruncate(fd, length)
 
 
 def load(fd: int, path: str) -> Metadata:
