@@ -178,6 +178,31 @@ def test_create_with_two_connections_gives_a_two_queue_device(
     assert sha256_file(image, 16 * MiB) == digest
 
 
+def test_create_on_a_chosen_device_uses_it(tapctl: TapCtl, tmp_path: Path) -> None:
+    dev = tapctl.create(f"raw:{make_image(tmp_path, 'raw')}", "-d", "/dev/nbd7")
+    assert dev == "/dev/nbd7"
+    assert kernel.status(7) == {7: True}
+
+
+def test_create_on_a_busy_device_fails_and_leaves_nothing_behind(
+    tapctl: TapCtl, tmp_path: Path
+) -> None:
+    first = tapctl.create(f"raw:{make_image(tmp_path, 'raw', name='first')}")
+    index = int(first.removeprefix("/dev/nbd"))
+    (pid,) = tapctl.pids()
+    second = make_image(tmp_path, "raw", name="second")
+    proc = subprocess.run(
+        [TAPCTL, "create", "--control-dir", tapctl.directory, "-a", f"raw:{second}", "-d", first],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1, proc.stdout
+    assert "busy" in proc.stderr, proc.stderr
+    assert tapctl.pids() == [pid]  # the new tapdisk is gone
+    assert kernel.status(index) == {index: True}  # the first device is untouched
+
+
 def test_list_shows_the_created_device(tapctl: TapCtl, tmp_path: Path) -> None:
     image = make_image(tmp_path, "raw")
     dev = tapctl.create(f"raw:{image}")
