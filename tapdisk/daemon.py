@@ -247,7 +247,7 @@ class Daemon:
             )
             vbd = VBD(image, options=options, config=config, name=f"minor {minor}")
             path = protocol.nbd_socket(self.directory, self.pid, minor)
-            server = NBDServer([Export("", vbd)])
+            server = NBDServer([Export("", vbd, label=vbd.name)])
             try:
                 await server.listen_unix(path)
             except BaseException:

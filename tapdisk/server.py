@@ -72,9 +72,17 @@ class Export:
     """An image served under a name, with the NBD flags its capabilities allow."""
 
     def __init__(
-        self, name: str, image: Image, *, read_only: bool = False, description: str = ""
+        self,
+        name: str,
+        image: Image,
+        *,
+        read_only: bool = False,
+        description: str = "",
+        label: str = "",
     ) -> None:
         self.name = name
+        #: How log messages name the export: ``label``, else its name, else the image spec.
+        self.label = label or name or image.spec
         self.image = image
         self.read_only = read_only or image.read_only
         caps = image.capabilities
@@ -183,7 +191,7 @@ class NBDServer:
                 if not export.read_only:
                     await export.image.flush()
             except OSError as exc:
-                log.error("%s: flush at shutdown failed: %s", export.image.spec, exc)
+                log.error("%s: flush at shutdown failed: %s", export.label, exc)
             await export.image.close()
 
 
@@ -219,6 +227,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
+        #: Subject of log messages: the export once known (at once when the server has
+        #: only one), else the peer.
+        self.subject = "?"
         self._direct = direct
         self._handshake: Handshake | None = None
         self._handshake_buf = bytearray(4096)
@@ -249,7 +260,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
-        self.peer = str(transport.get_extra_info("peername") or "unix")
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):  # TCP: (host, port) or (host, port, flow, scope)
+            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+        else:
+            self.peer = "unix"  # unix sockets (and the kernel's socketpairs) have no name
+        exports = list(self.server.exports.values())
+        self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
         if self._direct is not None:
             export = self.server.exports[self._direct.export]
             flags = self._direct.flags or connection_flags(export.info, structured=False)
@@ -275,7 +292,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 return
             self._dispatch_all(self._reader.buffer_updated(nbytes))
         except ProtocolError as exc:
-            log.warning("%s: protocol error, closing connection: %s", self.peer, exc)
+            log.warning("%s: protocol error, closing connection: %s", self.subject, exc)
             self._abort()
         except ClientAborted:
             self._close_when_drained()
@@ -317,10 +334,14 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._begin_transmission(negotiated)
             self._feed(leftover)
 
+    def _subject(self, export: Export) -> str:
+        """The export's label, and the client's address where it has one (TCP)."""
+        return export.label if self.peer == "unix" else f"{export.label} (client {self.peer})"
+
     def _handshake_timed_out(self) -> None:
         log.warning(
             "%s: handshake not finished in %.0f s, closing",
-            self.peer,
+            self.subject,
             self.server.handshake_timeout,
         )
         self._abort()
@@ -332,6 +353,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._handshake = None
         self.export = self.server.exports[negotiated.export.name]
         self.image = self.export.image
+        self.subject = self._subject(self.export)
         self._size = negotiated.export.size
         self.flags = int(negotiated.flags)  # plain int: checked on every request
         self.structured = negotiated.structured
@@ -426,7 +448,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._in_flight -= 1
         self._bytes_in_flight -= task.nbytes  # type: ignore[attr-defined]
         if not task.cancelled() and task.exception() is not None:
-            log.error("%s: request handler failed", self.peer, exc_info=task.exception())
+            log.error("%s: request handler failed", self.subject, exc_info=task.exception())
         if self._backlog:
             self._drain_backlog()
         self._update_reading()
@@ -481,7 +503,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
             return
         except ImageError as exc:
-            log.error("%s: %s", image.spec, exc)
+            log.error("%s: %s", self.subject, exc)
             self._send_error(request, Error.EIO, str(exc))
             return
         self._send(simple_reply(request.cookie))
