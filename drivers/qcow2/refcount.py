@@ -29,7 +29,7 @@ def decode_block(raw: bytes, order: int) -> array:
     per = 8 // bits
     mask = (1 << bits) - 1
     table = [bytes((b >> (bits * k)) & mask for k in range(per)) for b in range(256)]
-    return array("Q", b"".join([table[b] for b in raw]))
+    return array("Q", array("B", b"".join([table[b] for b in raw])))
 
 
 def encode_block(values: array, order: int) -> bytes:

@@ -1,0 +1,167 @@
+"""Writes through ``tapdisk serve qcow2:...`` keep the image consistent for qemu-img."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import Served, run
+from qcow_helpers import qemu_img, qemu_io
+
+K = 1024
+M = 1024 * K
+
+
+def workload(uri: str, ref: bytearray, seed: int, ops: int, *, align: int = 1) -> None:
+    """Random writes, discards and zeroes over NBD, mirrored into ``ref``."""
+    rng = random.Random(seed)
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    size = len(ref)
+    for _ in range(ops):
+        length = rng.choice([512, 4 * K, 64 * K, 200 * K + 7, 1 * M + 3])
+        off = rng.randrange(0, size - length) // align * align
+        op = rng.random()
+        if op < 0.6:
+            data = rng.randbytes(length)
+            h.pwrite(data, off)
+            ref[off : off + length] = data
+        elif op < 0.8:
+            h.zero(length, off)
+            ref[off : off + length] = bytes(length)
+        else:
+            h.trim(length, off)  # a hint: contents stay as they are or become zero
+            got = h.pread(length, off)
+            ref[off : off + length] = got
+    h.flush()
+    h.shutdown()
+
+
+def check_clean(path: Path) -> None:
+    out = run("qemu-img", "check", "-f", "qcow2", path)
+    assert "No errors were found" in out, out
+
+
+def compare(path: Path, ref: bytes, tmp: Path) -> None:
+    raw = tmp / "expected.raw"
+    raw.write_bytes(ref)
+    run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", path, raw)
+
+
+@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "cluster_size=4k,refcount_bits=1"])
+def test_random_workload_leaves_image_consistent(
+    tmp_path: Path, serve: Callable[..., Served], opts: str
+) -> None:
+    path = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, "32M")
+    ref = bytearray(32 * M)
+    srv = serve(f"qcow2:{path}")
+    workload(srv.uri(), ref, seed=1, ops=150)
+    assert srv.stop() == 0
+    check_clean(path)
+    compare(path, bytes(ref), tmp_path)
+
+
+def test_workload_over_backing_file_matches_qemu(
+    tmp_path: Path, serve: Callable[..., Served]
+) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "16M")
+    qemu_io("qcow2", base, "write -P 0x5a 0 16M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    ref = bytearray(b"\x5a" * (16 * M))
+    srv = serve(f"qcow2:{top}")
+    workload(srv.uri(), ref, seed=2, ops=120)
+    assert srv.stop() == 0
+    check_clean(top)
+    compare(top, bytes(ref), tmp_path)
+
+
+def test_writes_into_compressed_clusters_reallocate(
+    tmp_path: Path, serve: Callable[..., Served]
+) -> None:
+    src = tmp_path / "src.raw"
+    data = bytearray(b"compressible " * (8 * M // 13 + 1))[: 8 * M]
+    src.write_bytes(bytes(data))
+    path = tmp_path / "c.qcow2"
+    qemu_img("convert", "-c", "-f", "raw", "-O", "qcow2", src, path)
+    srv = serve(f"qcow2:{path}")
+    workload(srv.uri(), data, seed=3, ops=60)
+    assert srv.stop() == 0
+    out = run("qemu-img", "check", "-f", "qcow2", path, check=False)
+    assert "ERROR" not in out and "Leaked" not in out, out
+    compare(path, bytes(data), tmp_path)
+
+
+def test_internal_snapshot_survives_writes(tmp_path: Path, serve: Callable[..., Served]) -> None:
+    path = tmp_path / "s.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "8M")
+    qemu_io("qcow2", path, "write -P 0x31 0 8M")
+    qemu_img("snapshot", "-c", "before", path)
+    ref = bytearray(b"\x31" * (8 * M))
+    srv = serve(f"qcow2:{path}")
+    workload(srv.uri(), ref, seed=4, ops=40)
+    assert srv.stop() == 0
+    check_clean(path)
+    compare(path, bytes(ref), tmp_path)
+    snap = tmp_path / "snap.raw"
+    qemu_img("convert", "-l", "snapshot.name=before", "-O", "raw", path, snap)
+    assert snap.read_bytes() == b"\x31" * (8 * M)
+
+
+def test_refcount_table_grows(tmp_path: Path, serve: Callable[..., Served]) -> None:
+    path = tmp_path / "small.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=512", path, "24M")
+    ref = bytearray(24 * M)
+    srv = serve(f"qcow2:{path}")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    for off in range(0, 24 * M, M):
+        block = bytes([off // M + 1]) * M
+        h.pwrite(block, off)
+        ref[off : off + M] = block
+    h.flush()
+    h.shutdown()
+    assert srv.stop() == 0
+    check_clean(path)
+    compare(path, bytes(ref), tmp_path)
+    header = path.read_bytes()[:64]
+    assert int.from_bytes(header[56:60], "big") > 1  # refcount_table_clusters grew
+
+
+def test_discard_frees_clusters(tmp_path: Path, serve: Callable[..., Served]) -> None:
+    path = tmp_path / "d.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "16M")
+    qemu_io("qcow2", path, "write -P 1 0 16M")
+    srv = serve(f"qcow2:{path}")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    h.trim(8 * M, 4 * M)
+    h.flush()
+    h.shutdown()
+    assert srv.stop() == 0
+    check_clean(path)
+    out = run("qemu-img", "check", "-f", "qcow2", path)
+    assert "128/256" in out, out  # 64 KiB clusters: 8 MiB of 16 MiB still allocated
+
+
+def test_write_zeroes_sets_zero_flag(tmp_path: Path, serve: Callable[..., Served]) -> None:
+    path = tmp_path / "z.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io("qcow2", path, "write -P 1 0 4M")
+    srv = serve(f"qcow2:{path}")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    h.zero(2 * M, M)
+    h.flush()
+    h.shutdown()
+    assert srv.stop() == 0
+    check_clean(path)
+    mapping = qemu_img("map", "--output=json", path)
+    assert '"start": 1048576, "length": 2097152, "depth": 0, "present": true, "zero": true' in (
+        mapping
+    ), mapping
