@@ -9,10 +9,10 @@ Transport
 ---------
 One unix stream socket per tapdisk process, ``<dir>/ctl<pid>``, mode 0600;
 ``<dir>`` is ``/run/tapdisk`` unless ``--control-dir``, ``$TAPDISK_CONTROL_DIR`` or
-the configuration's ``control_dir`` says otherwise (in that order).  Each opened VBD is also served over NBD at
-``<dir>/nbd<pid>.<minor>``.  Every message is a 4-byte big-endian length
-followed by that many bytes of UTF-8 JSON holding one object, at most
-``MAX_MESSAGE`` bytes.  A client sends requests; the daemon answers each, in
+the configuration's ``control_dir`` says otherwise (in that order).  Each opened
+VBD is also served over NBD at ``<dir>/nbd<pid>.<minor>``.  Every message is a
+4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
+object, at most ``MAX_MESSAGE`` bytes.  A client sends requests; the daemon answers each, in
 order, with one response.
 
 Requests and responses
