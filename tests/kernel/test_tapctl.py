@@ -235,7 +235,7 @@ def test_pause_stalls_io_without_errors_and_unpause_resumes_it(
     image = make_image(tmp_path, "qcow2")
     dev = tapctl.create(f"qcow2:{image}")
     before = sh("dmesg")
-    fio = fio_verify(dev, 8, "--rate_iops=400")
+    fio = fio_verify(dev, 16, "--rate_iops=400")
     try:
         time.sleep(2)
         tapctl("pause", "-d", dev)
@@ -259,7 +259,7 @@ def test_snapshot_under_fio_load_moves_writes_to_the_overlay(
     overlay = tmp_path / f"overlay.{kind}"
     dev = tapctl.create(f"{kind}:{base}")
     before = sh("dmesg")
-    fio = fio_verify(dev, 8, "--rate_iops=400")
+    fio = fio_verify(dev, 16, "--rate_iops=400")
     try:
         time.sleep(2)
         assert fio.poll() is None, "fio finished before the snapshot: the test proves nothing"
