@@ -1,0 +1,366 @@
+"""``tap-img``: create, inspect, check, snapshot, commit, convert and map disk images.
+
+Speaks qemu-img's vocabulary for raw, qcow2, qcow and vhd images; the work is
+done by ``tapdisk.drivers.imageops`` and the format packages, which tapdisk
+and vhd-util share.  Exit codes: 0 success, 1 error; ``check`` uses qemu-img's
+0 clean / 2 corrupt / 3 leaks only / 63 no check for this format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from tapdisk.drivers import imageops
+from tapdisk.drivers.base import Image, ImageError
+from tapdisk.drivers.registry import OpenOptions, open_image
+
+
+def progress_bar(enabled: bool) -> Callable[[int, int], None] | None:
+    """A qemu-img style ``(xx.xx/100%)`` line on stderr, only when it is a terminal."""
+    if not enabled or not sys.stderr.isatty():  # never into logs or pipes
+        return None
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        pct = int(10000 * done / total) if total else 10000
+        if pct != last[0]:
+            last[0] = pct
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r    ({pct / 100:.2f}/100%){end}")
+            sys.stderr.flush()
+
+    return show
+
+
+def spec_of(path: str, fmt: str | None) -> str:
+    fmt = imageops.normalise_format(fmt) if fmt else imageops.detect_format(path)
+    return f"{fmt}:{path}"
+
+
+def parse_options(text: str | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key] = value
+    return out
+
+
+def open_ro(spec: str, allowed: tuple[str, ...]) -> Image:
+    return open_image(spec, OpenOptions(read_only=True, allowed_dirs=allowed))
+
+
+def info_dict(image: Image, path: str) -> dict[str, Any]:
+    from tapdisk.drivers.qcow2.format import COMPRESSION_NAMES, INCOMPAT_CORRUPT, INCOMPAT_DIRTY
+    from tapdisk.drivers.qcow2.image import Qcow2Image
+
+    out: dict[str, Any] = {
+        "filename": path,
+        "format": image.format_name,
+        "virtual-size": image.size,
+        "actual-size": os.stat(path).st_blocks * 512,
+    }
+    backing = getattr(image, "backing", None) or getattr(image, "parent", None)
+    if isinstance(image, Qcow2Image):
+        hdr = image.header
+        out["cluster-size"] = image.cluster_size
+        out["dirty-flag"] = bool(hdr.incompatible_features & INCOMPAT_DIRTY)
+        if image.backing_name is not None:
+            out["backing-filename"] = image.backing_name
+            if image.ext.backing_format:
+                out["backing-filename-format"] = image.ext.backing_format
+        if image.snapshots:
+            out["snapshots"] = [
+                {
+                    "id": s.id,
+                    "name": s.name,
+                    "vm-state-size": s.vm_state_size,
+                    "date-sec": s.date_sec,
+                    "date-nsec": s.date_nsec,
+                    "vm-clock-nsec": s.vm_clock_nsec,
+                }
+                for s in image.snapshots
+            ]
+        out["format-specific"] = {
+            "type": "qcow2",
+            "data": {
+                "compat": "1.1" if image.v3 else "0.10",
+                "compression-type": COMPRESSION_NAMES[hdr.compression_type],
+                "lazy-refcounts": bool(hdr.compatible_features & 1),
+                "refcount-bits": 1 << hdr.refcount_order,
+                "corrupt": bool(hdr.incompatible_features & INCOMPAT_CORRUPT),
+                "extended-l2": image.extended_l2,
+            },
+        }
+    elif backing is not None:
+        out["backing-filename"] = backing.spec.partition(":")[2]
+        out["backing-filename-format"] = backing.format_name
+    if backing is not None:
+        out["full-backing-filename"] = backing.spec.partition(":")[2]
+    return out
+
+
+def print_info(d: dict[str, Any]) -> None:
+    print(f"image: {d['filename']}")
+    print(f"file format: {d['format']}")
+    print(f"virtual size: {d['virtual-size']} bytes")
+    print(f"disk size: {d['actual-size']} bytes")
+    if "cluster-size" in d:
+        print(f"cluster_size: {d['cluster-size']}")
+    if "backing-filename" in d:
+        print(f"backing file: {d['backing-filename']}")
+        if "backing-filename-format" in d:
+            print(f"backing file format: {d['backing-filename-format']}")
+    if d.get("snapshots"):
+        print("Snapshot list:")
+        print(f"{'ID':<8}{'TAG':<20}{'VM SIZE':>10}")
+        for s in d["snapshots"]:
+            print(f"{s['id']:<8}{s['name']:<20}{s['vm-state-size']:>10}")
+    spec = d.get("format-specific")
+    if spec:
+        print("Format specific information:")
+        for key, value in spec["data"].items():
+            print(f"    {key}: {str(value).lower() if isinstance(value, bool) else value}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    chain: list[dict[str, Any]] = []
+    image = open_ro(spec_of(args.filename, args.f), tuple(args.allowed_dir))
+    try:
+        current: Image | None = image
+        path = os.path.abspath(args.filename)
+        while current is not None:
+            chain.append(info_dict(current, path))
+            if not args.backing_chain:
+                break
+            current = getattr(current, "backing", None) or getattr(current, "parent", None)
+            if current is not None:
+                path = current.spec.partition(":")[2]
+    finally:
+        asyncio.run(image.close())
+    if args.output == "json":
+        print(json.dumps(chain if args.backing_chain else chain[0], indent=4))
+    else:
+        for i, d in enumerate(chain):
+            if i:
+                print()
+            print_info(d)
+    return 0
+
+
+def cmd_create(args: argparse.Namespace) -> int:
+    size = imageops.parse_size(args.size) if args.size else None
+    imageops.create_image(
+        args.f,
+        args.filename,
+        size,
+        backing=args.b,
+        backing_fmt=args.F,
+        options=parse_options(args.o),
+    )
+    if not args.q:
+        print(f"Formatting '{args.filename}', fmt={args.f} size={size or 'of backing file'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = spec_of(args.filename, args.f)
+    fmt, _, path = spec.partition(":")
+    if fmt == "vhd":
+        from tapdisk.drivers.vhd.check import check_vhd
+
+        problems = check_vhd(path)
+        for p in problems:
+            print(p)
+        if not problems:
+            print("No errors were found on the image.")
+        return 2 if problems else 0
+    if fmt != "qcow2":
+        print(f"This image format ({fmt}) does not support checks")
+        return 63
+    from tapdisk.drivers.qcow2 import check
+    from tapdisk.drivers.qcow2.image import Qcow2Image
+
+    image = open_ro(spec, tuple(args.allowed_dir))
+    try:
+        assert isinstance(image, Qcow2Image)
+        result = check.check(image)
+    finally:
+        asyncio.run(image.close())
+    if args.r == "all" and (result.corruptions or result.leaks):
+        rw = Qcow2Image(path, OpenOptions(allowed_dirs=tuple(args.allowed_dir)))
+        try:
+            check.rebuild_refcounts(rw)
+        finally:
+            rw.file.close()
+        print("The following inconsistencies were found and repaired:")
+        print(f"    {len(result.leaks)} leaked clusters")
+        print(f"    {len(result.corruptions)} corruptions\n")
+        image = open_ro(spec, tuple(args.allowed_dir))
+        try:
+            assert isinstance(image, Qcow2Image)
+            result = check.check(image)
+        finally:
+            asyncio.run(image.close())
+    for line in result.corruptions:
+        print(line)
+    for line in result.leaks:
+        print(line)
+    if result.corruptions:
+        print(f"\n{len(result.corruptions)} errors were found on the image.")
+    elif result.leaks:
+        print(f"\n{len(result.leaks)} leaked clusters were found on the image.")
+    else:
+        print("No errors were found on the image.")
+    print(f"Image end offset: {result.image_end_offset}")
+    return result.exit_code
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    """New overlay ``overlay`` over ``base`` (format of the overlay: -f, default qcow2)."""
+    base_fmt = imageops.normalise_format(args.F) if args.F else imageops.detect_format(args.base)
+    fmt = args.f or ("vhd" if base_fmt == "vhd" else "qcow2")
+    overlay_dir = os.path.dirname(os.path.abspath(args.overlay))
+    backing = os.path.relpath(os.path.abspath(args.base), overlay_dir)
+    imageops.create_image(fmt, args.overlay, None, backing=backing, backing_fmt=base_fmt)
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    spec = spec_of(args.filename, args.f)
+    base = imageops.commit(spec, progress=progress_bar(True), allowed_dirs=tuple(args.allowed_dir))
+    if not args.q:
+        print(f"Image committed into {base.partition(':')[2]}.")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    imageops.convert(
+        spec_of(args.source, args.f),
+        args.target,
+        imageops.normalise_format(args.O),
+        progress=progress_bar(True),
+        options=parse_options(args.o),
+        allowed_dirs=tuple(args.allowed_dir),
+    )
+    return 0
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    image = open_ro(spec_of(args.filename, args.f), tuple(args.allowed_dir))
+    try:
+        entries = imageops.map_image(image)
+    finally:
+        asyncio.run(image.close())
+    if args.output == "json":
+        rows = []
+        for e in entries:
+            row: dict[str, Any] = {
+                "start": e.start,
+                "length": e.length,
+                "depth": e.depth,
+                "present": e.present,
+                "zero": e.zero,
+                "data": e.data,
+            }
+            if e.offset is not None:
+                row["offset"] = e.offset
+            rows.append(row)
+        print(json.dumps(rows))
+    else:
+        print(f"{'Offset':<20}{'Length':<20}{'Depth':<8}State")
+        for e in entries:
+            state = "data" if e.data else ("zero" if e.present else "unallocated")
+            print(f"{e.start:<#20x}{e.length:<#20x}{e.depth:<8}{state}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tap-img", description="Create, inspect and convert raw, qcow2, qcow and vhd images."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> Any:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        p.add_argument(
+            "--allowed-dir",
+            action="append",
+            default=[],
+            metavar="DIR",
+            help="directory backing files may live in (default: the image's own)",
+        )
+        return p
+
+    p = add("create", cmd_create, "create a new image")
+    p.add_argument("-f", required=True, metavar="FMT", help="raw, qcow2, qcow or vhd")
+    p.add_argument("-b", metavar="BACKING", help="backing file (relative to the new image)")
+    p.add_argument("-F", metavar="BFMT", help="format of the backing file")
+    p.add_argument("-o", metavar="OPTS", help="cluster_size=, compat=0.10|1.1, refcount_bits=")
+    p.add_argument("-q", action="store_true", help="quiet")
+    p.add_argument("filename")
+    p.add_argument("size", nargs="?", help="virtual size, e.g. 10G (default: the backing's)")
+
+    p = add("info", cmd_info, "show an image's format, size, backing file and snapshots")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("--backing-chain", action="store_true")
+    p.add_argument("filename")
+
+    p = add("check", cmd_check, "check an image's metadata for consistency")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("-r", choices=["leaks", "all"], help="repair (rebuilds qcow2 refcounts)")
+    p.add_argument("filename")
+
+    p = add("snapshot", cmd_snapshot, "create a new overlay image on top of an image")
+    p.add_argument("-f", metavar="FMT", help="format of the overlay (default qcow2, vhd for vhd)")
+    p.add_argument("-F", metavar="BFMT", help="format of the base image")
+    p.add_argument("base")
+    p.add_argument("overlay")
+
+    p = add("commit", cmd_commit, "merge an image's own data into its backing file")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument(
+        "-p",
+        action="store_true",
+        help="accepted for qemu-img compatibility; progress shows on a terminal",
+    )
+    p.add_argument("-q", action="store_true", help="quiet")
+    p.add_argument("filename")
+
+    p = add("convert", cmd_convert, "copy an image into a new image of another format")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("-O", required=True, metavar="FMT")
+    p.add_argument("-o", metavar="OPTS")
+    p.add_argument(
+        "-p",
+        action="store_true",
+        help="accepted for qemu-img compatibility; progress shows on a terminal",
+    )
+    p.add_argument("source")
+    p.add_argument("target")
+
+    p = add("map", cmd_map, "show where each range of the disk is stored")
+    p.add_argument("-f", metavar="FMT")
+    p.add_argument("--output", choices=["human", "json"], default="human")
+    p.add_argument("filename")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ImageError, OSError) as exc:
+        print(f"tap-img: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
