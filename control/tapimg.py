@@ -192,7 +192,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         result = check.check(image)
     finally:
         asyncio.run(image.close())
-    if args.r == "all" and (result.corruptions or result.leaks):
+    if args.r and (result.corruptions or result.leaks):
         rw = Qcow2Image(path, OpenOptions(allowed_dirs=tuple(args.allowed_dir)))
         try:
             check.rebuild_refcounts(rw)
@@ -315,7 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("check", cmd_check, "check an image's metadata for consistency")
     p.add_argument("-f", metavar="FMT")
-    p.add_argument("-r", choices=["leaks", "all"], help="repair (rebuilds qcow2 refcounts)")
+    p.add_argument(
+        "-r", choices=["leaks", "all"], help="repair; both modes rebuild the qcow2 refcounts"
+    )
     p.add_argument("filename")
 
     p = add("snapshot", cmd_snapshot, "create a new overlay image on top of an image")

@@ -550,8 +550,8 @@ class Qcow2Image(Image):
             idx = g & l2mask
             k = min(count - done, l2mask + 1 - idx)
             l1e = self.l1[l1i]
-            if not l1e & L1E_OFFSET_MASK and value_for == 0:
-                done += k  # nothing allocated here and nothing to record
+            if not l1e & L1E_OFFSET_MASK and (value_for == 0 or self.backing is None):
+                done += k  # reads as zeros already: no L2 table needed
                 continue
             l2off, table = await self._l2_for_write(l1i)
             for i in range(idx, idx + k):
