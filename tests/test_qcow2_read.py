@@ -118,3 +118,23 @@ def test_internal_snapshots_are_listed(tmp_path: Path) -> None:
     assert [s.name for s in img.snapshots] == ["first", "second"]
     img.file.close()
     assert read_all(f"qcow2:{path}") == qemu_raw(path, "qcow2", tmp_path)
+
+
+def test_cached_allocated_read_needs_no_thread(tmp_path: Path) -> None:
+    path = make(tmp_path, "fast.qcow2", "compat=1.1")
+    import asyncio
+
+    from tapdisk.drivers.registry import OpenOptions, open_image
+
+    async def go() -> tuple[bool, bool, bytes]:
+        img = open_image(f"qcow2:{path}", OpenOptions(read_only=True))
+        buf = bytearray(4096)
+        cold = img.read_nowait(8192, memoryview(buf))  # L2 table not loaded yet
+        await img.read(8192, memoryview(buf))
+        warm = img.read_nowait(8192, memoryview(buf))
+        await img.close()
+        return cold, warm, bytes(buf)
+
+    cold, warm, data = asyncio.run(go())
+    assert (cold, warm) == (False, True)
+    assert data == b"\x11" * 4096

@@ -10,6 +10,8 @@ import nbd
 import pytest
 from conftest import Served, run
 from qcow_helpers import qemu_img, qemu_io
+from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024
 M = 1024 * K
@@ -55,7 +57,10 @@ def compare(path: Path, ref: bytes, tmp: Path) -> None:
     compare_fmt(path, "qcow2", ref, tmp)
 
 
-@pytest.mark.parametrize("opts", ["compat=1.1", "compat=0.10", "cluster_size=4k,refcount_bits=1"])
+@pytest.mark.parametrize(
+    "opts",
+    ["compat=1.1", "compat=0.10", "cluster_size=4k,refcount_bits=1", "cluster_size=2M"],
+)
 def test_random_workload_leaves_image_consistent(
     tmp_path: Path, serve: Callable[..., Served], opts: str
 ) -> None:
@@ -169,3 +174,10 @@ def test_write_zeroes_sets_zero_flag(tmp_path: Path, serve: Callable[..., Served
     assert '"start": 1048576, "length": 2097152, "depth": 0, "present": true, "zero": true' in (
         mapping
     ), mapping
+
+
+def test_extended_l2_image_refuses_read_write_open(tmp_path: Path) -> None:
+    path = tmp_path / "x.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "4M")
+    with pytest.raises(ImageError, match="extended L2"):
+        open_image(f"qcow2:{path}", OpenOptions())
