@@ -10,8 +10,6 @@ import nbd
 import pytest
 from conftest import Served, run
 from qcow_helpers import qemu_img, qemu_io
-from tapdisk.drivers.base import ImageError
-from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024
 M = 1024 * K
@@ -176,8 +174,31 @@ def test_write_zeroes_sets_zero_flag(tmp_path: Path, serve: Callable[..., Served
     ), mapping
 
 
-def test_extended_l2_image_refuses_read_write_open(tmp_path: Path) -> None:
-    path = tmp_path / "x.qcow2"
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", path, "4M")
-    with pytest.raises(ImageError, match="extended L2"):
-        open_image(f"qcow2:{path}", OpenOptions())
+def test_extended_l2_workload_over_backing_matches_qemu(
+    tmp_path: Path, serve: Callable[..., Served]
+) -> None:
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"\x21" * (16 * M))
+    top = tmp_path / "x.qcow2"
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=64k",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        top,
+    )
+    qemu_io("qcow2", top, "write -P 0x31 100k 3k", "write -z 1M 16k")
+    ref = bytearray(base.read_bytes())
+    ref[100 * K : 103 * K] = b"\x31" * (3 * K)
+    ref[M : M + 16 * K] = bytes(16 * K)
+    srv = serve(f"qcow2:{top}")
+    workload(srv.uri(), ref, seed=5, ops=100)
+    assert srv.stop() == 0
+    check_clean(top)
+    compare(top, bytes(ref), tmp_path)

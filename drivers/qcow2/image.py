@@ -46,6 +46,8 @@ L2_CACHE_BYTES = 32 << 20
 #: Flush on our own when this many L2 tables are dirty (they are pinned in memory).
 MAX_DIRTY_L2 = 512
 _ZEROS = memoryview(bytes(2 << 20))
+#: Subcluster bitmap of an extended L2 entry whose 32 subclusters are all allocated.
+ALL_SUBCLUSTERS = 0xFFFFFFFF
 
 
 def open_qcow2(path: str, options: OpenOptions) -> Qcow2Image:
@@ -158,10 +160,6 @@ class Qcow2Image(Image):
 
         self.refcounts: Refcounts | None = None
         if not self.read_only:
-            if self.extended_l2:
-                raise ImageFormatError(
-                    f"{self.path}: images with extended L2 entries can only be opened read-only"
-                )
             if hdr.incompatible_features & INCOMPAT_DIRTY:
                 checkmod.rebuild_refcounts(self)
                 hdr.incompatible_features &= ~INCOMPAT_DIRTY
@@ -439,7 +437,16 @@ class Qcow2Image(Image):
         if off:
             rc.free_later(off >> self.cluster_bits)
 
-    def _in_place(self, entry: int) -> bool:
+    def _in_place(self, table: array | None, idx: int) -> bool:
+        """Whether guest cluster ``idx`` of ``table`` can be overwritten where it is."""
+        if table is None:
+            return False
+        if self.extended_l2:
+            entry = table[2 * idx]
+            if table[2 * idx + 1] != ALL_SUBCLUSTERS:
+                return False
+        else:
+            entry = table[idx]
         return (
             entry & OFLAG_COPIED != 0
             and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO)
@@ -468,16 +475,18 @@ class Qcow2Image(Image):
             idx = gc & l2mask
             l2off = self.l1[l1i] & L1E_OFFSET_MASK
             table = await self._load_l2(l2off) if l2off else None
-            entry = table[idx] if table is not None else 0
-            if self._in_place(entry):
+            st = 2 if self.extended_l2 else 1
+            if self._in_place(table, idx):
+                assert table is not None
+                entry = table[st * idx]
                 # Extend over following in-place clusters contiguous on the host.
                 host = entry & L2E_OFFSET_MASK
                 self._check_data_cluster(host, gc)
                 run = min(cs - within, n - pos)
                 i = idx + 1
                 while pos + run < n and table is not None and i <= l2mask:
-                    e = table[i]
-                    if not self._in_place(e) or e & L2E_OFFSET_MASK != host + (i - idx) * cs:
+                    e = table[st * i]
+                    if not self._in_place(table, i) or e & L2E_OFFSET_MASK != host + (i - idx) * cs:
                         break
                     self._check_data_cluster(e & L2E_OFFSET_MASK, gc + i - idx)
                     run += min(cs, n - pos - run)
@@ -489,8 +498,7 @@ class Qcow2Image(Image):
             k = 1
             covered = min(cs - within, n - pos)
             while pos + covered < n and idx + k <= l2mask:
-                e = table[idx + k] if table is not None else 0
-                if self._in_place(e):
+                if self._in_place(table, idx + k):
                     break
                 covered += min(cs, n - pos - covered)
                 k += 1
@@ -533,8 +541,11 @@ class Qcow2Image(Image):
         l2off, table = await self._l2_for_write(gc >> self.l2_bits)
         idx = gc & ((1 << self.l2_bits) - 1)
         for i in range(k):
-            old = table[idx + i]
-            table[idx + i] = (host + i * cs) | OFLAG_COPIED
+            st = 2 if self.extended_l2 else 1
+            old = table[st * (idx + i)]
+            table[st * (idx + i)] = (host + i * cs) | OFLAG_COPIED
+            if st == 2:
+                table[st * (idx + i) + 1] = ALL_SUBCLUSTERS
             self._release(old)
         self.l2cache.mark_dirty(l2off)
 
@@ -554,11 +565,20 @@ class Qcow2Image(Image):
                 done += k  # reads as zeros already: no L2 table needed
                 continue
             l2off, table = await self._l2_for_write(l1i)
-            for i in range(idx, idx + k):
-                old = table[i]
-                if old != value_for:
-                    table[i] = value_for
+            if self.extended_l2:
+                # No zero flag in extended entries: every subcluster reads as zero instead.
+                bitmap = ALL_SUBCLUSTERS << 32 if value_for == OFLAG_ZERO else 0
+                for i in range(idx, idx + k):
+                    old = table[2 * i]
+                    table[2 * i] = 0
+                    table[2 * i + 1] = bitmap
                     self._release(old)
+            else:
+                for i in range(idx, idx + k):
+                    old = table[i]
+                    if old != value_for:
+                        table[i] = value_for
+                        self._release(old)
             self.l2cache.mark_dirty(l2off)
             done += k
 
