@@ -216,3 +216,17 @@ def test_dirty_image_gets_refcounts_rebuilt_on_read_write_open(tmp_path: Path) -
 def qemu_img_check(path: Path) -> str:
     proc = subprocess.run(["qemu-img", "check", str(path)], capture_output=True, text=True)
     return proc.stdout + proc.stderr
+
+
+def test_unaligned_l2_entry_is_refused(tmp_path: Path) -> None:
+    path = image(tmp_path)
+    l1 = get(path, "l1_table_offset")
+    with path.open("r+b") as f:
+        f.seek(l1)
+        l2 = struct.unpack(">Q", f.read(8))[0] & 0x00FFFFFFFFFFFE00
+        f.seek(l2)
+        data = struct.unpack(">Q", f.read(8))[0]
+        f.seek(l2)
+        f.write(struct.pack(">Q", data + 0x1200))
+    with pytest.raises(ImageFormatError, match="not cluster aligned"):
+        read_all(f"qcow2:{path}")

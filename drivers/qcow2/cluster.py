@@ -52,6 +52,8 @@ def classify(
     if entry & STD_RESERVED:
         raise ImageFormatError(f"{where}: L2 entry {entry:#x} has reserved bits set")
     off = entry & L2E_OFFSET_MASK
+    if off & (cluster_size - 1):
+        raise ImageFormatError(f"{where}: L2 entry {entry:#x} is not cluster aligned")
     if entry & OFLAG_ZERO:
         if not v3:
             raise ImageFormatError(f"{where}: L2 entry has the zero flag in a version 2 image")
@@ -76,6 +78,8 @@ def classify_ext(
     if alloc & zero:
         raise ImageFormatError(f"{where}: subcluster bitmap {bitmap:#x} is both zero and allocated")
     off = entry & L2E_OFFSET_MASK
+    if off & (cluster_size - 1):
+        raise ImageFormatError(f"{where}: L2 entry {entry:#x} is not cluster aligned")
     if alloc and not off:
         raise ImageFormatError(f"{where}: subclusters allocated in an unallocated cluster")
     sc_size = cluster_size >> 5

@@ -273,7 +273,7 @@ class Qcow2Image(Image):
             return classify_ext(
                 table[2 * idx], table[2 * idx + 1], within, run, self.cluster_size, self._where(gc)
             )
-        kind, val, run = classify(table[idx], within, run, self.cluster_size, self.v3, "")
+        kind, val, run = classify(table[idx], within, run, self.cluster_size, self.v3, self.path)
         if run == maxlen or kind == COMPRESSED:
             return kind, val, run
         # Merge following clusters of the same kind (contiguous on the host for data).
@@ -283,7 +283,7 @@ class Qcow2Image(Image):
         while run < maxlen and idx < last:
             e = table[idx]
             k2, v2, r2 = classify(
-                e, 0, min(self.cluster_size, maxlen - run), self.cluster_size, self.v3, ""
+                e, 0, min(self.cluster_size, maxlen - run), self.cluster_size, self.v3, self.path
             )
             if k2 != kind or (kind == DATA and v2 != nxt):
                 break
