@@ -202,3 +202,21 @@ def test_extended_l2_workload_over_backing_matches_qemu(
     assert srv.stop() == 0
     check_clean(top)
     compare(top, bytes(ref), tmp_path)
+
+
+def test_writes_beyond_2_tib_stay_sparse(tmp_path: Path, serve: Callable[..., Served]) -> None:
+    path = tmp_path / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4T")
+    srv = serve(f"qcow2:{path}")
+    h = nbd.NBD()
+    h.connect_uri(srv.uri())
+    far = (3 << 40) + 12345
+    h.pwrite(b"far away" * 512, far)
+    h.zero(1 << 30, 2 << 40)
+    h.flush()
+    h.shutdown()
+    assert srv.stop() == 0
+    check_clean(path)
+    got = qemu_io("qcow2", path, f"read -v {far} 8")
+    assert "66 61 72 20 61 77 61 79" in got, got
+    assert path.stat().st_size < 16 << 20
