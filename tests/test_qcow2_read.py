@@ -138,3 +138,13 @@ def test_cached_allocated_read_needs_no_thread(tmp_path: Path) -> None:
     cold, warm, data = asyncio.run(go())
     assert (cold, warm) == (False, True)
     assert data == b"\x11" * 4096
+
+
+def test_vhd_backing_file_reads_identically(tmp_path: Path) -> None:
+    base = tmp_path / "base.vhd"
+    qemu_img("create", "-q", "-f", "vpc", "-o", "subformat=dynamic", base, "8M")
+    qemu_io("vpc", base, "write -P 0x44 0 3M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.vhd", "-F", "vpc", top)
+    qemu_io("qcow2", top, "write -P 0x45 1M 4k")
+    assert read_all(f"qcow2:{top}") == qemu_raw(top, "qcow2", tmp_path)
