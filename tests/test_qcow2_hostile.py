@@ -230,3 +230,27 @@ def test_unaligned_l2_entry_is_refused(tmp_path: Path) -> None:
         f.write(struct.pack(">Q", data + 0x1200))
     with pytest.raises(ImageFormatError, match="not cluster aligned"):
         read_all(f"qcow2:{path}")
+
+
+def test_random_metadata_damage_gives_image_errors_only(tmp_path: Path) -> None:
+    import random
+
+    good = tmp_path / "good.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", good, "1M")
+    qemu_io("qcow2", good, "write -P 1 0 64k", "write -c -P 2 128k 4k", "write -z 200k 8k")
+    pristine = good.read_bytes()
+    rng = random.Random(42)
+    bad = tmp_path / "bad.qcow2"
+    outcomes = {"ok": 0, "refused": 0}
+    for _ in range(300):
+        raw = bytearray(pristine)
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(0, 5 * 4096)
+            raw[pos] = rng.randrange(256)
+        bad.write_bytes(bytes(raw))
+        try:
+            read_all(f"qcow2:{bad}")
+            outcomes["ok"] += 1
+        except ImageError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 0 and outcomes["ok"] > 0
