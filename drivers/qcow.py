@@ -1,10 +1,16 @@
 """Legacy QCOW (version 1) images, ``qcow:/path``: read, write, backing file, compressed read.
 
 QCOW v1 has no refcounts: new L2 tables and data clusters are appended at the
-cluster-aligned end of the file, data first and the table entry that points
-at it afterwards, so a crash can leak space but never expose a reference to
-unwritten metadata.  Compressed clusters (bit 63) are read with raw deflate; a
-write into one moves the cluster to a new, uncompressed one.
+cluster-aligned end of the file.  Metadata changes are held in memory (the L1
+table, dirty L2 tables pinned in the cache) and written back by ``flush`` in a
+crash-safe order: data synced, then the L2 tables, synced, then the L1 entries,
+synced.  A crash can leak space but never leaves an entry pointing at data or
+a table that is not on disk.  Compressed clusters (bit 63) are read with raw
+deflate; a write into one moves the cluster to a new, uncompressed one.
+
+Every table entry is untrusted: an L2 table is checked when first read, so a
+hostile image cannot make a write land in the header, the L1 table, an L2
+table or past the end of the file.
 """
 
 from __future__ import annotations
@@ -13,18 +19,69 @@ import asyncio
 import errno
 import os
 import struct
-import zlib
 from array import array
+from bisect import bisect_right
+from dataclasses import dataclass
+from itertools import pairwise
 
 from .base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
-from .fileio import ImageFile, pread_full
+from .fileio import INLINE_WRITE_MAX, ImageFile, pread_full
 from .qcow2.backing import open_backing
+from .qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
+from .qcow2.compress import inflate_cluster
 from .registry import OpenOptions
 
 MAGIC = 0x514649FB
-HEADER = struct.Struct(">IIQIIQBBxxIQ")
 OFLAG_COMPRESSED = 1 << 63
+#: qemu's limits: cluster 512 B .. 64 KiB, L2 tables of 64 .. 8192 entries.
+CLUSTER_BITS_RANGE = range(9, 17)
+L2_BITS_RANGE = range(6, 14)
 MAX_L1_BYTES = 32 << 20
+MAX_BACKING_NAME = 1023
+#: L2 tables kept in memory; dirty ones beyond this force a write-back.
+L2_CACHE_BYTES = 32 << 20
+DIRTY_LIMIT_BYTES = 16 << 20
+#: Largest buffer built at once for a run of newly allocated clusters.
+ALLOC_CHUNK = 1 << 20
+
+
+@dataclass
+class QcowHeader:
+    """The 48-byte big-endian QCOW v1 header."""
+
+    STRUCT = struct.Struct(">IIQIIQBBxxIQ")
+
+    magic: int
+    version: int
+    backing_file_offset: int
+    backing_file_size: int
+    mtime: int
+    size: int
+    cluster_bits: int
+    l2_bits: int
+    crypt_method: int
+    l1_table_offset: int
+
+    @classmethod
+    def unpack(cls, raw: bytes | bytearray) -> QcowHeader:
+        return cls(*cls.STRUCT.unpack_from(raw))
+
+    def pack(self) -> bytes:
+        return self.STRUCT.pack(
+            self.magic,
+            self.version,
+            self.backing_file_offset,
+            self.backing_file_size,
+            self.mtime,
+            self.size,
+            self.cluster_bits,
+            self.l2_bits,
+            self.crypt_method,
+            self.l1_table_offset,
+        )
+
+
+HEADER_SIZE = QcowHeader.STRUCT.size
 
 
 def open_qcow(path: str, options: OpenOptions) -> QcowImage:
@@ -44,21 +101,12 @@ def create_qcow(
         l2_bits = cluster_bits - 3
     name = backing_file.encode() if backing_file else b""
     l1_size = -(-size // (1 << (cluster_bits + l2_bits)))
-    l1_off = -(-(HEADER.size + len(name)) // 8) * 8
-    header = HEADER.pack(
-        MAGIC,
-        1,
-        HEADER.size if name else 0,
-        len(name),
-        0,
-        size,
-        cluster_bits,
-        l2_bits,
-        0,
-        l1_off,
+    l1_off = -(-(HEADER_SIZE + len(name)) // 8) * 8
+    header = QcowHeader(
+        MAGIC, 1, HEADER_SIZE if name else 0, len(name), 0, size, cluster_bits, l2_bits, 0, l1_off
     )
     with open(path, "xb") as f:
-        f.write(header + name)
+        f.write(header.pack() + name)
         f.truncate(l1_off + l1_size * 8)
         f.flush()
         os.fsync(f.fileno())
@@ -79,51 +127,160 @@ class QcowImage(Image):
             self.file.close()
             raise
 
+    # -- opening and validation -----------------------------------------------------------
+
+    def _bad(self, what: str) -> ImageFormatError:
+        return ImageFormatError(f"{self.path}: {what}")
+
     def _open(self, options: OpenOptions) -> None:
         fd = self.file.fd
         file_size = os.fstat(fd).st_size
-        raw = bytearray(HEADER.size)
+        if file_size < HEADER_SIZE:
+            raise self._bad(f"file is {file_size} bytes, shorter than the QCOW header")
+        raw = bytearray(HEADER_SIZE)
         pread_full(fd, memoryview(raw), 0)
-        (magic, version, bfo, bfs, _mtime, size, cb, l2b, crypt, l1_off) = HEADER.unpack(raw)
-        where = self.path
-        if magic != MAGIC or version != 1:
-            raise ImageFormatError(f"{where}: magic/version is not QCOW version 1")
-        if not 9 <= cb <= 16:
-            raise ImageFormatError(f"{where}: header field cluster_bits is {cb}, expected 9..16")
-        if not 6 <= l2b <= 13:
-            raise ImageFormatError(f"{where}: header field l2_bits is {l2b}, expected 6..13")
-        if crypt:
-            raise ImageFormatError(f"{where}: header field crypt_method is {crypt}: not supported")
-        if size <= 1 or size >= 1 << 56:
-            raise ImageFormatError(f"{where}: header field size {size} out of range")
-        self.size = size
+        h = QcowHeader.unpack(raw)
+        if h.magic != MAGIC:
+            raise self._bad(f"header field magic is {h.magic:#x}, not QFI\\xfb")
+        if h.version != 1:
+            raise self._bad(f"header field version is {h.version}, expected 1 (QCOW v1)")
+        if h.cluster_bits not in CLUSTER_BITS_RANGE:
+            raise self._bad(f"header field cluster_bits is {h.cluster_bits}, expected 9..16")
+        if h.l2_bits not in L2_BITS_RANGE:
+            raise self._bad(f"header field l2_bits is {h.l2_bits}, expected 6..13")
+        if h.crypt_method:
+            raise self._bad(
+                f"header field crypt_method is {h.crypt_method}: encrypted QCOW images "
+                "(legacy AES) are not supported"
+            )
+        if h.size <= 1 or h.size >= 1 << 56:
+            raise self._bad(f"header field size {h.size} is out of range")
+        cb, l2b = h.cluster_bits, h.l2_bits
+        self.size = h.size
         self.cluster_bits = cb
-        self.cluster_size = 1 << cb
+        self.cluster_size = cs = 1 << cb
         self.l2_bits = l2b
-        l1_size = -(-size // (1 << (cb + l2b)))
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise ImageFormatError(f"{where}: L1 table for size {size} is too large")
-        if l1_off % 8 or l1_off < HEADER.size or l1_off + l1_size * 8 > file_size:
-            raise ImageFormatError(f"{where}: header field l1_table_offset {l1_off:#x} is invalid")
-        self.l1_offset = l1_off
-        raw_l1 = bytearray(l1_size * 8)
-        pread_full(fd, memoryview(raw_l1), l1_off)
-        self.l1 = array("Q", raw_l1)
-        self.l1.byteswap()
         self.l2_bytes = 8 << l2b
-        for i, e in enumerate(self.l1):
-            if e and (e % 8 or e + self.l2_bytes > file_size or e < l1_off + l1_size * 8):
-                raise ImageFormatError(f"{where}: L1 entry {i} ({e:#x}) is invalid")
-        self.l2cache: dict[int, array] = {}
-        self.end = -(-file_size // self.cluster_size) * self.cluster_size
+        self.c_shift = 63 - cb
+        l1_size = -(-h.size // (1 << (cb + l2b)))
+        if l1_size * 8 > MAX_L1_BYTES:
+            raise self._bad(f"header field size {h.size} needs an L1 table over 32 MiB")
+        l1_off = h.l1_table_offset
+        l1_end = l1_off + 8 * l1_size
+        if l1_off % 8 or l1_off < HEADER_SIZE:
+            raise self._bad(
+                f"header field l1_table_offset {l1_off:#x} is unaligned or in the header"
+            )
+        if l1_end > file_size:
+            raise self._bad(
+                f"header field l1_table_offset {l1_off:#x}: the L1 table ({l1_size} entries) "
+                f"runs past the end of the file ({file_size} bytes)"
+            )
+        name_end = HEADER_SIZE
+        if h.backing_file_offset:
+            bfo, bfs = h.backing_file_offset, h.backing_file_size
+            name_end = bfo + bfs
+            if not 0 < bfs <= MAX_BACKING_NAME:
+                raise self._bad(f"header field backing_file_size is {bfs}, expected 1..1023")
+            if bfo < HEADER_SIZE or name_end > file_size:
+                raise self._bad(f"header field backing_file_offset {bfo:#x} is outside the file")
+            if bfo < l1_end and l1_off < name_end:
+                raise self._bad(
+                    f"header field backing_file_offset {bfo:#x}: the name overlaps the L1 table"
+                )
+        self.l1_offset = l1_off
+        #: Everything before this is header, backing name and L1: never guest data.
+        self.meta_end = max(l1_end, name_end)
+        self.file_size = file_size
+        self.open_end = -(-file_size // cs) * cs
+        self.end = self.open_end
+        raw_l1 = bytearray(8 * l1_size)
+        pread_full(fd, memoryview(raw_l1), l1_off)
+        self.l1 = decode_table(raw_l1)
+        self.l2_starts = self._check_l1()
+        self.l2cache = L2Cache(L2_CACHE_BYTES // self.l2_bytes)
+        #: L2 tables whose entries have been checked (or that this process wrote).
+        self.checked: set[int] = set()
+        self.l1_dirty: set[int] = set()
         self.lock = asyncio.Lock()
-        if bfo:
-            if bfs == 0 or bfs > 1023 or bfo + bfs > min(file_size, l1_off):
-                raise ImageFormatError(f"{where}: header field backing_file_offset is invalid")
-            name = bytearray(bfs)
-            pread_full(fd, memoryview(name), bfo)
+        self._zcache: tuple[int, bytes] = (0, b"")
+        if h.backing_file_offset:
+            name = bytearray(h.backing_file_size)
+            pread_full(fd, memoryview(name), h.backing_file_offset)
             self.backing = open_backing(self.path, name.decode("utf-8", "replace"), None, options)
         self._caps = Capabilities(trim=False, zero=not self.read_only, extents=True)
+
+    def _check_l1(self) -> list[int]:
+        """Check the L1 entries; return the sorted L2 table offsets."""
+        used: list[tuple[int, int]] = []
+        for i, off in enumerate(self.l1):
+            if not off:
+                continue
+            if off % 512:
+                raise self._bad(f"L1 entry {i}: L2 table offset {off:#x} is not 512-byte aligned")
+            if off < self.meta_end:
+                raise self._bad(
+                    f"L1 entry {i}: L2 table offset {off:#x} overlaps the header or L1 table"
+                )
+            if off + self.l2_bytes > self.file_size:
+                raise self._bad(f"L1 entry {i}: L2 table offset {off:#x} is past the end of file")
+            used.append((off, i))
+        used.sort()
+        for (a, i), (b, j) in pairwise(used):
+            if b < a + self.l2_bytes:
+                raise self._bad(f"L1 entries {i} and {j}: L2 tables at {a:#x} and {b:#x} overlap")
+        return [off for off, _ in used]
+
+    def _check_l2(self, l2off: int, table: array) -> None:
+        """Refuse entries that are unaligned, past EOF, or overlap metadata."""
+        cs = self.cluster_size
+        starts = self.l2_starts
+        for idx, e in enumerate(table):
+            if not e:
+                continue
+            where = f"L2 table at {l2off:#x}, entry {idx}"
+            if e & OFLAG_COMPRESSED:
+                coff = e & ((1 << self.c_shift) - 1)
+                csize = (e >> self.c_shift) & (cs - 1)
+                if coff < self.meta_end or coff + csize > self.file_size:
+                    raise self._bad(
+                        f"{where}: compressed data at {coff:#x} (+{csize}) is outside the data area"
+                    )
+                continue
+            if e % cs:
+                raise self._bad(f"{where}: data offset {e:#x} is not cluster aligned")
+            if e < self.meta_end or e + cs > self.open_end:
+                raise self._bad(
+                    f"{where}: data offset {e:#x} is in the header/L1 area or past the end of file"
+                )
+            k = bisect_right(starts, e + cs - 1) - 1
+            if k >= 0 and starts[k] + self.l2_bytes > e:
+                raise self._bad(
+                    f"{where}: data offset {e:#x} overlaps the L2 table at {starts[k]:#x}"
+                )
+
+    def _adopt(self, l2off: int, raw: bytearray) -> array:
+        table = decode_table(raw)
+        if l2off not in self.checked:
+            self._check_l2(l2off, table)
+            self.checked.add(l2off)
+        return self.l2cache.put(l2off, table)
+
+    async def _table(self, l2off: int) -> array:
+        table = self.l2cache.get(l2off)
+        if table is None:
+            raw = bytearray(self.l2_bytes)
+            await self.file.read(l2off, memoryview(raw))
+            table = self._adopt(l2off, raw)
+        return table
+
+    def _table_sync(self, l2off: int) -> array:
+        table = self.l2cache.get(l2off)
+        if table is None:
+            raw = bytearray(self.l2_bytes)
+            pread_full(self.file.fd, memoryview(raw), l2off)
+            table = self._adopt(l2off, raw)
+        return table
 
     @property
     def capabilities(self) -> Capabilities:
@@ -133,39 +290,105 @@ class QcowImage(Image):
     def format_name(self) -> str:
         return "qcow"
 
-    async def _l2(self, off: int) -> array:
-        table = self.l2cache.get(off)
-        if table is None:
-            raw = bytearray(self.l2_bytes)
-            await self.file.read(off, memoryview(raw))
-            table = array("Q", raw)
-            table.byteswap()
-            if len(self.l2cache) > 4096:
-                self.l2cache.clear()
-            self.l2cache[off] = table
-        return table
+    # -- mapping ----------------------------------------------------------------------------
 
-    async def _entry(self, gc: int) -> int:
+    def _map_cached(self, off: int, maxlen: int) -> tuple[int, int, int] | None:
+        """(kind, host offset or raw entry, run) at guest ``off``; None if the L2 is not cached.
+
+        A run joins following clusters of the same kind (host-contiguous for data)
+        inside one L2 table.
+        """
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        gc = off >> cb
+        within = off & (cs - 1)
+        run = min(cs - within, maxlen)
+        l2b = self.l2_bits
+        l1i = gc >> l2b
+        l2off = self.l1[l1i] if l1i < len(self.l1) else 0
+        if not l2off:
+            return BACKING, 0, min(maxlen, ((l1i + 1) << (l2b + cb)) - off)
+        table = self.l2cache.get(l2off)
+        if table is None:
+            return None
+        idx = gc & ((1 << l2b) - 1)
+        e = table[idx]
+        if e & OFLAG_COMPRESSED:
+            return COMPRESSED, e, run
+        kind = DATA if e else BACKING
+        nxt = e + cs
+        idx += 1
+        last = len(table)
+        while run < maxlen and idx < last:
+            e2 = table[idx]
+            if kind == DATA:
+                if e2 != nxt:
+                    break
+                nxt += cs
+            elif e2:
+                break
+            run += min(cs, maxlen - run)
+            idx += 1
+        return kind, (e + within if e else 0), run
+
+    async def _map(self, off: int, maxlen: int) -> tuple[int, int, int]:
+        m = self._map_cached(off, maxlen)
+        if m is None:
+            await self._table(self.l1[(off >> self.cluster_bits) >> self.l2_bits])
+            m = self._map_cached(off, maxlen)
+            assert m is not None
+        return m
+
+    def allocated(self, gc: int) -> bool:
+        """Whether guest cluster ``gc`` is stored in this image (blocking; for tools)."""
         l1i = gc >> self.l2_bits
         l2off = self.l1[l1i] if l1i < len(self.l1) else 0
         if not l2off:
-            return 0
-        table = await self._l2(l2off)
-        return table[gc & ((1 << self.l2_bits) - 1)]
+            return False
+        return self._table_sync(l2off)[gc & ((1 << self.l2_bits) - 1)] != 0
 
-    async def _decompress(self, entry: int, gc: int) -> bytes:
-        shift = 63 - self.cluster_bits
-        csize = (entry >> shift) & (self.cluster_size - 1)
-        coff = entry & ((1 << shift) - 1)
+    # -- reads ------------------------------------------------------------------------------
+
+    async def _decompress(self, entry: int) -> bytes:
+        if self._zcache[0] == entry:
+            return self._zcache[1]
+        coff = entry & ((1 << self.c_shift) - 1)
+        csize = (entry >> self.c_shift) & (self.cluster_size - 1)
         raw = bytearray(csize)
         await self.file.read(coff, memoryview(raw))
-        try:
-            out = zlib.decompressobj(-15).decompress(bytes(raw), self.cluster_size)
-        except zlib.error as exc:
-            raise ImageFormatError(f"{self.path}: guest cluster {gc}: bad deflate data") from exc
-        if len(out) != self.cluster_size:
-            raise ImageFormatError(f"{self.path}: guest cluster {gc}: short compressed cluster")
+        out = inflate_cluster(bytes(raw), self.cluster_size, f"{self.path}: data at {coff:#x}")
+        self._zcache = (entry, out)
         return out
+
+    def read_nowait(self, offset: int, buf: memoryview) -> bool:
+        pos = 0
+        n = len(buf)
+        while pos < n:
+            m = self._map_cached(offset + pos, n - pos)
+            if m is None:
+                return False
+            kind, val, run = m
+            view = buf[pos : pos + run]
+            if kind == DATA:
+                if not self.file.read_nowait(val, view):
+                    return False
+            elif kind == BACKING:
+                if not self._backing_nowait(offset + pos, view):
+                    return False
+            else:
+                return False
+            pos += run
+        return True
+
+    def _backing_nowait(self, offset: int, view: memoryview) -> bool:
+        n = len(view)
+        backing = self.backing
+        have = 0 if backing is None else max(0, min(n, backing.size - offset))
+        if have and backing is not None and not backing.read_nowait(offset, view[:have]):
+            return False
+        if have < n:
+            view[have:] = bytes(n - have)
+        return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
         pos = 0
@@ -173,18 +396,15 @@ class QcowImage(Image):
         cs = self.cluster_size
         while pos < n:
             off = offset + pos
-            gc = off >> self.cluster_bits
-            within = off & (cs - 1)
-            run = min(cs - within, n - pos)
+            kind, val, run = await self._map(off, n - pos)
             view = buf[pos : pos + run]
-            entry = await self._entry(gc)
-            if entry & OFLAG_COMPRESSED:
-                data = await self._decompress(entry, gc)
-                view[:] = data[within : within + run]
-            elif entry:
-                await self.file.read(entry + within, view)
-            else:
+            if kind == DATA:
+                await self.file.read(val, view)
+            elif kind == BACKING:
                 await self._read_backing(off, view)
+            else:
+                within = off & (cs - 1)
+                view[:] = (await self._decompress(val))[within : within + run]
             pos += run
 
     async def _read_backing(self, offset: int, view: memoryview) -> None:
@@ -196,53 +416,115 @@ class QcowImage(Image):
         if have < n:
             view[have:] = bytes(n - have)
 
+    # -- writes -----------------------------------------------------------------------------
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        if self.read_only or len(data) > INLINE_WRITE_MAX:
+            return False
+        pieces: list[tuple[int, int, int]] = []
+        pos = 0
+        n = len(data)
+        while pos < n:
+            m = self._map_cached(offset + pos, n - pos)
+            if m is None or m[0] != DATA:
+                return False
+            pieces.append((pos, m[1], m[2]))
+            pos += m[2]
+        for pos, host, run in pieces:
+            self.file.write_nowait(host, data[pos : pos + run])
+        return True
+
+    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, f"{self.path} is open read-only")
+        async with self.lock:
+            await self._write_locked(offset, data)
+            if fua or len(self.l2cache.dirty) * self.l2_bytes > DIRTY_LIMIT_BYTES:
+                await self._flush_locked()
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        pos = 0
+        n = len(data)
+        while pos < n:
+            off = offset + pos
+            kind, val, run = await self._map(off, n - pos)
+            if kind == DATA:
+                await self.file.write(val, data[pos : pos + run])
+            else:
+                run = min(run, ALLOC_CHUNK)
+                await self._allocate(off, data[pos : pos + run])
+            pos += run
+
+    async def _allocate(self, off: int, data: memoryview) -> None:
+        """Write ``data`` (one kind, within one L2 table) into newly appended clusters."""
+        cb = self.cluster_bits
+        cs = self.cluster_size
+        gc0 = off >> cb
+        within = off & (cs - 1)
+        count = (within + len(data) + cs - 1) >> cb
+        buf = bytearray(count << cb)
+        view = memoryview(buf)
+        # Partial first/last clusters keep their old bytes (backing, zeros or compressed).
+        if within:
+            await self.read(gc0 << cb, view[:cs])
+        tail = (within + len(data)) & (cs - 1)
+        if tail and (count > 1 or not within):
+            await self.read((gc0 + count - 1) << cb, view[(count - 1) << cb :])
+        view[within : within + len(data)] = data
+        host = self._append(len(buf))
+        await self.file.write(host, view)
+        self._set_entries(gc0, count, host)
+
     def _append(self, length: int) -> int:
         off = self.end
         self.end += -(-length // self.cluster_size) * self.cluster_size
         return off
 
-    async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        if self.read_only:
-            raise OSError(errno.EPERM, f"{self.path} is open read-only")
-        cs = self.cluster_size
-        async with self.lock:
-            pos = 0
-            while pos < len(data):
-                off = offset + pos
-                gc = off >> self.cluster_bits
-                within = off & (cs - 1)
-                run = min(cs - within, len(data) - pos)
-                entry = await self._entry(gc)
-                if entry and not entry & OFLAG_COMPRESSED:
-                    await self.file.write(entry + within, data[pos : pos + run])
-                else:
-                    buf = bytearray(cs)
-                    if run < cs:
-                        await self.read(gc << self.cluster_bits, memoryview(buf))
-                    buf[within : within + run] = data[pos : pos + run]
-                    host = self._append(cs)
-                    await self.file.write(host, memoryview(buf))
-                    await self._set_entry(gc, host)
-                pos += run
-            if fua:
-                await self.file.sync()
+    def _set_entries(self, gc0: int, count: int, host: int) -> None:
+        """Point ``count`` guest clusters from ``gc0`` at consecutive host clusters (in memory).
 
-    async def _set_entry(self, gc: int, value: int) -> None:
-        l1i = gc >> self.l2_bits
+        The L2 table is cached (``_map`` loaded it) unless the L1 entry is empty,
+        in which case a new zeroed table is appended; both stay dirty until flush.
+        """
+        l2b = self.l2_bits
+        l1i = gc0 >> l2b
         l2off = self.l1[l1i]
-        if not l2off:
+        if l2off:
+            table = self.l2cache.get(l2off)
+            assert table is not None
+        else:
             l2off = self._append(self.l2_bytes)
-            await self.file.write(l2off, memoryview(bytes(self.l2_bytes)))
-            await self.file.sync()
+            table = self.l2cache.put(l2off, array("Q", bytes(self.l2_bytes)))
+            self.checked.add(l2off)
+            self.l2_starts.append(l2off)
             self.l1[l1i] = l2off
-            await self.file.write(self.l1_offset + 8 * l1i, memoryview(l2off.to_bytes(8, "big")))
-        table = await self._l2(l2off)
-        idx = gc & ((1 << self.l2_bits) - 1)
-        table[idx] = value
-        await self.file.write(l2off + 8 * idx, memoryview(value.to_bytes(8, "big")))
+            self.l1_dirty.add(l1i)
+        idx = gc0 & ((1 << l2b) - 1)
+        cs = self.cluster_size
+        for i in range(count):
+            table[idx + i] = host + i * cs
+        self.l2cache.mark_dirty(l2off)
 
     async def flush(self) -> None:
-        if not self.read_only:
+        if self.read_only:
+            return
+        async with self.lock:
+            await self._flush_locked()
+
+    async def _flush_locked(self) -> None:
+        """Data, then L2 tables, then L1 entries, each synced before the next."""
+        await self.file.sync()
+        dirty = sorted(self.l2cache.dirty)
+        if dirty:
+            for l2off in dirty:
+                await self.file.write(l2off, memoryview(encode_table(self.l2cache.tables[l2off])))
+            self.l2cache.dirty.difference_update(dirty)
+            await self.file.sync()
+        if self.l1_dirty:
+            for i in sorted(self.l1_dirty):
+                entry = self.l1[i].to_bytes(8, "big")
+                await self.file.write(self.l1_offset + 8 * i, memoryview(entry))
+            self.l1_dirty.clear()
             await self.file.sync()
 
     async def write_zeroes(
@@ -254,32 +536,44 @@ class QcowImage(Image):
         fast_only: bool = False,
         fua: bool = False,
     ) -> None:
+        if self.read_only:
+            raise OSError(errno.EPERM, f"{self.path} is open read-only")
         if fast_only:
             raise OSError(errno.ENOTSUP, "qcow v1 cannot zero without writing")
-        zeros = memoryview(bytes(min(length, 1 << 20)))
+        zeros = memoryview(bytes(min(length, ALLOC_CHUNK)))
         end = offset + length
-        while offset < end:
-            n = min(end - offset, len(zeros))
-            await self.write(offset, zeros[:n], fua=False)
-            offset += n
-        if fua:
-            await self.file.sync()
+        async with self.lock:
+            while offset < end:
+                kind, _, run = await self._map(offset, min(end - offset, len(zeros)))
+                backing = self.backing
+                if kind == BACKING and (backing is None or offset >= backing.size):
+                    offset += run  # already reads as zeros
+                    continue
+                await self._write_locked(offset, zeros[:run])
+                offset += run
+            if fua:
+                await self._flush_locked()
+
+    # -- block status and close -------------------------------------------------------------
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
-        out: list[Extent] = []
         end = min(offset + length, self.size)
+        out: list[Extent] = []
         pos = offset
-        while pos < end:
-            gc = pos >> self.cluster_bits
-            run = min(((gc + 1) << self.cluster_bits) - pos, end - pos)
-            entry = await self._entry(gc)
-            if entry:
-                flags = ExtentFlags.DATA
-            elif self.backing is not None and pos < self.backing.size:
-                run = min(run, self.backing.size - pos)
-                flags = (await self.backing.extents(pos, run))[0].flags
-            else:
-                flags = ExtentFlags.HOLE | ExtentFlags.ZERO
+        while pos < end and len(out) < 1024:
+            kind, _, run = await self._map(pos, end - pos)
+            backing = self.backing
+            if kind == BACKING and backing is not None and pos < backing.size:
+                run = min(run, backing.size - pos)
+                for ext in await backing.extents(pos, run):
+                    n = min(ext.length, run)
+                    out.append(Extent(n, ext.flags))
+                    run -= n
+                    pos += n
+                    if run <= 0:
+                        break
+                continue
+            flags = ExtentFlags.HOLE | ExtentFlags.ZERO if kind == BACKING else ExtentFlags.DATA
             if out and out[-1].flags == flags:
                 out[-1] = Extent(out[-1].length + run, flags)
             else:
@@ -287,20 +581,10 @@ class QcowImage(Image):
             pos += run
         return out or [Extent(length, ExtentFlags.DATA)]
 
-    def allocated(self, gc: int) -> bool:
-        """Whether guest cluster ``gc`` is stored in this image (blocking; for tools)."""
-        l1i = gc >> self.l2_bits
-        l2off = self.l1[l1i] if l1i < len(self.l1) else 0
-        if not l2off:
-            return False
-        raw = bytearray(8)
-        pread_full(self.file.fd, memoryview(raw), l2off + 8 * (gc & ((1 << self.l2_bits) - 1)))
-        return raw != bytes(8)
-
     async def close(self) -> None:
         try:
             if not self.read_only and self.file.fd >= 0:
-                await self.file.sync()
+                await self.flush()
         finally:
             self.file.close()
             if self.backing is not None:
