@@ -22,7 +22,17 @@ from ..fileio import ImageFile, pread_full, pwrite_full
 from ..registry import OpenOptions
 from . import check as checkmod
 from .backing import open_backing
-from .cluster import BACKING, COMPRESSED, DATA, ZERO, L2Cache, classify, classify_ext, decode_table
+from .cluster import (
+    BACKING,
+    COMPRESSED,
+    DATA,
+    STD_RESERVED,
+    ZERO,
+    L2Cache,
+    classify,
+    classify_ext,
+    decode_table,
+)
 from .compress import decompress_cluster
 from .format import (
     INCOMPAT_CORRUPT,
@@ -46,6 +56,8 @@ L2_CACHE_BYTES = 32 << 20
 #: Flush on our own when this many L2 tables are dirty (they are pinned in memory).
 MAX_DIRTY_L2 = 512
 _ZEROS = memoryview(bytes(2 << 20))
+#: L2 entry bits that make an entry anything but plain allocated data.
+_NOT_PLAIN = OFLAG_COMPRESSED | OFLAG_ZERO | STD_RESERVED
 #: Subcluster bitmap of an extended L2 entry whose 32 subclusters are all allocated.
 ALL_SUBCLUSTERS = 0xFFFFFFFF
 
@@ -111,6 +123,9 @@ class Qcow2Image(Image):
         self.csize_shift = 62 - (hdr.cluster_bits - 8)
         self.csize_mask = (1 << (hdr.cluster_bits - 8)) - 1
         self.coffset_mask = (1 << self.csize_shift) - 1
+        self._cluster_mask = cs - 1
+        self._l1_shift = hdr.cluster_bits + hdr.l2_bits
+        self._l2_mask = (1 << hdr.l2_bits) - 1
 
         # Clusters that hold metadata: a guest write must never land in one.
         self.meta: set[int] = {0}
@@ -307,6 +322,16 @@ class Qcow2Image(Image):
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         n = len(buf)
+        # Fast path: inside one cluster of a plain allocated entry in a cached L2 table.
+        within = offset & self._cluster_mask
+        if within + n <= self.cluster_size and not self.extended_l2:
+            l1i = offset >> self._l1_shift
+            table = self.l2cache.tables.get(self.l1[l1i] & L1E_OFFSET_MASK)
+            if table is not None:
+                entry = table[(offset >> self.cluster_bits) & self._l2_mask]
+                host = entry & L2E_OFFSET_MASK
+                if host and not entry & _NOT_PLAIN and not host & self._cluster_mask:
+                    return self.file.read_nowait(host + within, buf)
         m = self._map_cached(offset, n)
         if m is None:
             return False
