@@ -62,6 +62,8 @@ MAX_IN_FLIGHT: Final = 256
 #: Payload bytes (write data being stored, read data being sent) per connection
 #: before we stop reading from it.
 MAX_BYTES_IN_FLIGHT: Final = 128 * 1024 * 1024
+#: Batched inline replies are handed to the transport once they reach this size.
+BATCH_BYTES: Final = 1024 * 1024
 #: Socket send buffer requested per connection (the kernel may cap it).
 SEND_BUFFER: Final = 4 * 1024 * 1024
 #: Seconds a client may take to finish the handshake.
@@ -236,6 +238,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._timeout: asyncio.TimerHandle | None = None
         self._reader = RequestReader(MAX_PAYLOAD)
         self._tasks: set[asyncio.Task[None]] = set()
+        # Replies collected while dispatching one receive's requests inline.
+        self._batch: list[bytes | bytearray] | None = None
+        self._batch_bytes = 0
         # Decoded requests waiting while the connection is over its limits.
         self._backlog: collections.deque[Request] = collections.deque()
         self._in_flight = 0
@@ -380,11 +385,18 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._backlog:
             self._backlog.extend(requests)
             return
-        for index, request in enumerate(requests):
-            if self._read_paused:
-                self._backlog.extend(requests[index:])
-                return
-            self._dispatch(request)
+        # Replies answered inline are collected and sent with one writev at the
+        # end: at queue depth 16 that is one system call instead of sixteen.
+        self._batch = []
+        try:
+            for index, request in enumerate(requests):
+                if self._read_paused:
+                    self._backlog.extend(requests[index:])
+                    return
+                self._dispatch(request)
+        finally:
+            self._flush_batch()
+            self._batch = None
 
     def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -534,27 +546,42 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     # -- replies -----------------------------------------------------------------
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, *data: bytes | bytearray) -> None:
+        """Send one reply (header and payload), batched while dispatching inline."""
+        batch = self._batch
+        if batch is not None:
+            batch += data
+            self._batch_bytes += sum(map(len, data))
+            if self._batch_bytes >= BATCH_BYTES:
+                self._flush_batch()
+            return
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            transport.write(data)
+            transport.writelines(data)
+
+    def _flush_batch(self) -> None:
+        """Hand the batched replies to the transport (which may pause us)."""
+        batch = self._batch
+        if not batch:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.writelines(batch)
+        batch.clear()
+        self._batch_bytes = 0
 
     def _send_read(self, request: Request, buf: bytearray) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
         if not request.length:
-            header = done_chunk(request.cookie) if self.structured else simple_reply(request.cookie)
-            transport.write(header)
+            self._send(
+                done_chunk(request.cookie) if self.structured else simple_reply(request.cookie)
+            )
         elif self.structured:
             if ZEROS.startswith(buf):  # a memcmp: cheap, and it stops at the first data byte
-                transport.write(hole_chunk(request.cookie, request.offset, request.length))
+                self._send(hole_chunk(request.cookie, request.offset, request.length))
             else:
-                transport.writelines(
-                    (data_chunk_header(request.cookie, request.offset, request.length), buf)
-                )
+                self._send(data_chunk_header(request.cookie, request.offset, request.length), buf)
         else:
-            transport.writelines((simple_reply(request.cookie), buf))
+            self._send(simple_reply(request.cookie), buf)
 
     def _send_error(self, request: Request, error: int, message: str) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
