@@ -485,6 +485,20 @@ class Qcow2Image(Image):
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         self._check_writable()
+        # Fast path without the lock: an overwrite inside one cluster this image owns alone
+        # (COPIED) changes no metadata, so it cannot race with allocation.
+        within = offset & self._cluster_mask
+        if not fua and within + len(data) <= self.cluster_size and not self.extended_l2:
+            l1e = self.l1[offset >> self._l1_shift]
+            table = self.l2cache.tables.get(l1e & L1E_OFFSET_MASK)
+            if table is not None and l1e & OFLAG_COPIED:
+                gc = offset >> self.cluster_bits
+                entry = table[gc & self._l2_mask]
+                if entry & OFLAG_COPIED and self._in_place(table, gc & self._l2_mask):
+                    host = entry & L2E_OFFSET_MASK
+                    self._check_data_cluster(host, gc)
+                    await self.file.write(host + within, data)
+                    return
         async with self.lock:
             await self._write_locked(offset, data)
             if fua or len(self.l2cache.dirty) > MAX_DIRTY_L2:
