@@ -439,8 +439,12 @@ class QcowImage(Image):
             raise OSError(errno.EPERM, f"{self.path} is open read-only")
         async with self.lock:
             await self._write_locked(offset, data)
-            if fua or len(self.l2cache.dirty) * self.l2_bytes > DIRTY_LIMIT_BYTES:
-                await self._flush_locked()
+            await self._settle(fua)
+
+    async def _settle(self, fua: bool) -> None:
+        """Write metadata back for FUA, or when too many dirty L2 tables are pinned."""
+        if fua or len(self.l2cache.dirty) * self.l2_bytes > DIRTY_LIMIT_BYTES:
+            await self._flush_locked()
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
         pos = 0
@@ -551,8 +555,7 @@ class QcowImage(Image):
                     continue
                 await self._write_locked(offset, zeros[:run])
                 offset += run
-            if fua:
-                await self._flush_locked()
+            await self._settle(fua)
 
     # -- block status and close -------------------------------------------------------------
 
