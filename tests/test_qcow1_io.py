@@ -12,7 +12,7 @@ import pytest
 from conftest import Served, require, run
 from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
 from tapdisk.drivers.base import ExtentFlags
-from tapdisk.drivers.qcow import QcowImage
+from tapdisk.drivers.qcow import DIRTY_LIMIT_BYTES, QcowImage
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024
@@ -269,3 +269,21 @@ def test_qemu_io_writes_through_tapdisk_serve_match(
     compare(path, bytes(expect), tmp_path)
     out = run(require("qemu-img"), "info", "-f", "qcow", path)
     assert "file format: qcow" in out
+
+
+def test_dirty_metadata_is_written_back_without_flush_when_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "big.qcow"
+    qemu_img("create", "-q", "-f", "qcow", path, "16G")  # 4 KiB L2 tables, 2 MiB each
+    spans = (DIRTY_LIMIT_BYTES // 4096) + 8
+
+    async def go() -> None:
+        img = open_image(f"qcow:{path}", OpenOptions())
+        try:
+            for i in range(spans):
+                await img.write(i * 2 * M, memoryview(b"\x01"))
+            out = run(require("qemu-io"), "-r", "-f", "qcow", "-c", "read -P 1 0 1", path)
+            assert "read 1/1 bytes" in out
+        finally:
+            await img.close()
+
+    asyncio.run(go())
