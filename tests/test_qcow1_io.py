@@ -12,7 +12,8 @@ import pytest
 from conftest import Served, require, run
 from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
 from tapdisk.drivers.base import ExtentFlags
-from tapdisk.drivers.qcow import DIRTY_LIMIT_BYTES, QcowImage
+from tapdisk.drivers.qcow import QcowImage
+from tapdisk.drivers.qcow.image import DIRTY_LIMIT_BYTES
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024

@@ -1,4 +1,4 @@
-"""Legacy QCOW (version 1) images, ``qcow:/path``: read, write, backing file, compressed read.
+"""The QCOW v1 ``Image``: reads, allocating writes, backing file, compressed reads, flush.
 
 QCOW v1 has no refcounts: new L2 tables and data clusters are appended at the
 cluster-aligned end of the file.  Metadata changes are held in memory (the L1
@@ -18,26 +18,18 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
-import struct
 from array import array
 from bisect import bisect_right
-from dataclasses import dataclass
 from itertools import pairwise
 
-from .base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
-from .fileio import INLINE_WRITE_MAX, ImageFile, pread_full
-from .qcow2.backing import open_backing
-from .qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
-from .qcow2.compress import inflate_cluster
-from .registry import OpenOptions
+from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
+from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full
+from ..qcow2.backing import open_backing
+from ..qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
+from ..qcow2.compress import inflate_cluster
+from ..registry import OpenOptions
+from .format import HEADER_SIZE, OFLAG_COMPRESSED, QcowHeader, compressed_location
 
-MAGIC = 0x514649FB
-OFLAG_COMPRESSED = 1 << 63
-#: qemu's limits: cluster 512 B .. 64 KiB, L2 tables of 64 .. 8192 entries.
-CLUSTER_BITS_RANGE = range(9, 17)
-L2_BITS_RANGE = range(6, 14)
-MAX_L1_BYTES = 32 << 20
-MAX_BACKING_NAME = 1023
 #: L2 tables kept in memory; dirty ones beyond this force a write-back.
 L2_CACHE_BYTES = 32 << 20
 DIRTY_LIMIT_BYTES = 16 << 20
@@ -45,71 +37,9 @@ DIRTY_LIMIT_BYTES = 16 << 20
 ALLOC_CHUNK = 1 << 20
 
 
-@dataclass
-class QcowHeader:
-    """The 48-byte big-endian QCOW v1 header."""
-
-    STRUCT = struct.Struct(">IIQIIQBBxxIQ")
-
-    magic: int
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    mtime: int
-    size: int
-    cluster_bits: int
-    l2_bits: int
-    crypt_method: int
-    l1_table_offset: int
-
-    @classmethod
-    def unpack(cls, raw: bytes | bytearray) -> QcowHeader:
-        return cls(*cls.STRUCT.unpack_from(raw))
-
-    def pack(self) -> bytes:
-        return self.STRUCT.pack(
-            self.magic,
-            self.version,
-            self.backing_file_offset,
-            self.backing_file_size,
-            self.mtime,
-            self.size,
-            self.cluster_bits,
-            self.l2_bits,
-            self.crypt_method,
-            self.l1_table_offset,
-        )
-
-
-HEADER_SIZE = QcowHeader.STRUCT.size
-
-
 def open_qcow(path: str, options: OpenOptions) -> QcowImage:
     """Opener registered for ``qcow:``."""
     return QcowImage(path, options)
-
-
-def create_qcow(
-    path: str, size: int, *, backing_file: str | None = None, cluster_bits: int | None = None
-) -> None:
-    """Write a new, empty QCOW v1 image with qemu's default geometry."""
-    if os.path.exists(path):
-        raise ImageFormatError(f"{path} already exists")
-    if cluster_bits is None:
-        cluster_bits, l2_bits = (9, 12) if backing_file else (12, 9)
-    else:
-        l2_bits = cluster_bits - 3
-    name = backing_file.encode() if backing_file else b""
-    l1_size = -(-size // (1 << (cluster_bits + l2_bits)))
-    l1_off = -(-(HEADER_SIZE + len(name)) // 8) * 8
-    header = QcowHeader(
-        MAGIC, 1, HEADER_SIZE if name else 0, len(name), 0, size, cluster_bits, l2_bits, 0, l1_off
-    )
-    with open(path, "xb") as f:
-        f.write(header.pack() + name)
-        f.truncate(l1_off + l1_size * 8)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 class QcowImage(Image):
@@ -140,62 +70,20 @@ class QcowImage(Image):
         raw = bytearray(HEADER_SIZE)
         pread_full(fd, memoryview(raw), 0)
         h = QcowHeader.unpack(raw)
-        if h.magic != MAGIC:
-            raise self._bad(f"header field magic is {h.magic:#x}, not QFI\\xfb")
-        if h.version != 1:
-            raise self._bad(f"header field version is {h.version}, expected 1 (QCOW v1)")
-        if h.cluster_bits not in CLUSTER_BITS_RANGE:
-            raise self._bad(f"header field cluster_bits is {h.cluster_bits}, expected 9..16")
-        if h.l2_bits not in L2_BITS_RANGE:
-            raise self._bad(f"header field l2_bits is {h.l2_bits}, expected 6..13")
-        if h.crypt_method:
-            raise self._bad(
-                f"header field crypt_method is {h.crypt_method}: encrypted QCOW images "
-                "(legacy AES) are not supported"
-            )
-        if h.size <= 1 or h.size >= 1 << 56:
-            raise self._bad(f"header field size {h.size} is out of range")
+        #: Everything before this is header, backing name and L1: never guest data.
+        self.meta_end = h.check(file_size, self.path)
         cb, l2b = h.cluster_bits, h.l2_bits
         self.size = h.size
         self.cluster_bits = cb
         self.cluster_size = cs = 1 << cb
         self.l2_bits = l2b
         self.l2_bytes = 8 << l2b
-        self.c_shift = 63 - cb
-        l1_size = -(-h.size // (1 << (cb + l2b)))
-        if l1_size * 8 > MAX_L1_BYTES:
-            raise self._bad(f"header field size {h.size} needs an L1 table over 32 MiB")
-        l1_off = h.l1_table_offset
-        l1_end = l1_off + 8 * l1_size
-        if l1_off % 8 or l1_off < HEADER_SIZE:
-            raise self._bad(
-                f"header field l1_table_offset {l1_off:#x} is unaligned or in the header"
-            )
-        if l1_end > file_size:
-            raise self._bad(
-                f"header field l1_table_offset {l1_off:#x}: the L1 table ({l1_size} entries) "
-                f"runs past the end of the file ({file_size} bytes)"
-            )
-        name_end = HEADER_SIZE
-        if h.backing_file_offset:
-            bfo, bfs = h.backing_file_offset, h.backing_file_size
-            name_end = bfo + bfs
-            if not 0 < bfs <= MAX_BACKING_NAME:
-                raise self._bad(f"header field backing_file_size is {bfs}, expected 1..1023")
-            if bfo < HEADER_SIZE or name_end > file_size:
-                raise self._bad(f"header field backing_file_offset {bfo:#x} is outside the file")
-            if bfo < l1_end and l1_off < name_end:
-                raise self._bad(
-                    f"header field backing_file_offset {bfo:#x}: the name overlaps the L1 table"
-                )
-        self.l1_offset = l1_off
-        #: Everything before this is header, backing name and L1: never guest data.
-        self.meta_end = max(l1_end, name_end)
+        self.l1_offset = h.l1_table_offset
         self.file_size = file_size
         self.open_end = -(-file_size // cs) * cs
         self.end = self.open_end
-        raw_l1 = bytearray(8 * l1_size)
-        pread_full(fd, memoryview(raw_l1), l1_off)
+        raw_l1 = bytearray(8 * h.l1_size)
+        pread_full(fd, memoryview(raw_l1), self.l1_offset)
         self.l1 = decode_table(raw_l1)
         self.l2_starts = self._check_l1()
         self.l2cache = L2Cache(L2_CACHE_BYTES // self.l2_bytes)
@@ -240,8 +128,7 @@ class QcowImage(Image):
                 continue
             where = f"L2 table at {l2off:#x}, entry {idx}"
             if e & OFLAG_COMPRESSED:
-                coff = e & ((1 << self.c_shift) - 1)
-                csize = (e >> self.c_shift) & (cs - 1)
+                coff, csize = compressed_location(e, self.cluster_bits)
                 if coff < self.meta_end or coff + csize > self.file_size:
                     raise self._bad(
                         f"{where}: compressed data at {coff:#x} (+{csize}) is outside the data area"
@@ -352,8 +239,7 @@ class QcowImage(Image):
     async def _decompress(self, entry: int) -> bytes:
         if self._zcache[0] == entry:
             return self._zcache[1]
-        coff = entry & ((1 << self.c_shift) - 1)
-        csize = (entry >> self.c_shift) & (self.cluster_size - 1)
+        coff, csize = compressed_location(entry, self.cluster_bits)
         raw = bytearray(csize)
         await self.file.read(coff, memoryview(raw))
         out = inflate_cluster(bytes(raw), self.cluster_size, f"{self.path}: data at {coff:#x}")
