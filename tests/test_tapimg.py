@@ -172,3 +172,17 @@ def test_commit_into_vhd_parent_uses_vhd_coalesce(tmp_path: Path) -> None:
     expected = tmp_path / "expected.raw"
     expected.write_bytes(b"\x01" * (2 << 20) + b"\x02" * (2 << 20) + b"\x01" * (4 << 20))
     run("qemu-img", "compare", "-f", "raw", "-F", "vpc", expected, parent)
+
+
+def test_commit_qcow_leaf_into_qcow2_backing(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu_io("qcow2", base, "write -P 1 0 4M")
+    leaf = tmp_path / "leaf.qcow"
+    qemu_img("create", "-q", "-f", "qcow", "-b", "base.qcow2", "-F", "qcow2", leaf)
+    qemu_io("qcow", leaf, "write -P 2 1M 5k", "write -P 3 3M 512")
+    expected = tmp_path / "expected.raw"
+    qemu_img("convert", "-O", "raw", leaf, expected)
+    tapimg("commit", leaf)
+    run("qemu-img", "check", base)
+    run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", expected, base)
