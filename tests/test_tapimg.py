@@ -186,3 +186,36 @@ def test_commit_qcow_leaf_into_qcow2_backing(tmp_path: Path) -> None:
     tapimg("commit", leaf)
     run("qemu-img", "check", base)
     run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", expected, base)
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path: Path, chain: Path) -> None:
+    import os
+    import pty
+
+    piped = subprocess.run(
+        [TAPIMG, "convert", "-O", "raw", str(chain), str(tmp_path / "a.raw")],
+        capture_output=True,
+        text=True,
+    )
+    assert piped.returncode == 0 and piped.stderr == ""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [TAPIMG, "convert", "-O", "raw", str(chain), str(tmp_path / "b.raw")],
+            stdout=subprocess.DEVNULL,
+            stderr=slave,
+        )
+        os.close(slave)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+    assert proc.returncode == 0
+    assert b"(100.00/100%)" in shown
