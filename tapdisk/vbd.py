@@ -20,11 +20,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import subprocess
 from time import perf_counter_ns
 from typing import Any, Final
 
 from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
+from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
 
 from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerConfig
@@ -33,8 +33,8 @@ log = logging.getLogger("tapdisk.vbd")
 
 #: Formats an overlay can be created in.
 OVERLAY_FORMATS: Final = ("qcow2", "vhd")
-#: Leaf types an overlay can sit on, with their qemu-img format names (for ``-F``).
-LEAF_FORMATS: Final = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "vhd": "vpc"}
+#: Leaf types an overlay can sit on, with the backing format recorded for them.
+LEAF_FORMATS: Final = {"raw": "raw", "aio": "raw", "qcow2": "qcow2", "vhd": "vhd"}
 
 
 class VBDError(Exception):
@@ -356,26 +356,14 @@ class VBD(Image):
 def create_overlay(path: str, fmt: str, leaf_kind: str, leaf_path: str, size: int) -> None:
     """Create a ``fmt`` image at ``path`` whose backing file is the leaf.
 
-    VHD overlays come from the vhd package's ``snapshot_vhd`` (over a vhd or a
-    raw leaf); qcow2 overlays from ``qemu-img create`` (the qcow2 package has
-    no creator).  Raises VBDError naming the failure.
+    Uses the same creator as ``tap-img create -b`` and ``vhd-util snapshot``
+    (``drivers.imageops.create_image``).  Raises VBDError naming the failure.
     """
-    leaf_path = os.path.abspath(leaf_path)
-    if fmt == "vhd":
-        if leaf_kind not in ("vhd", "raw", "aio"):
-            raise VBDError(f"a vhd overlay cannot sit on a {leaf_kind} image")
-        from tapdisk.drivers.vhd.create import snapshot_vhd
-
-        try:
-            snapshot_vhd(path, leaf_path, parent_raw=leaf_kind != "vhd")
-        except (OSError, ImageError) as exc:
-            raise VBDError(f"cannot create overlay {path}: {exc}") from exc
-        return
-    argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-b", leaf_path]
-    argv += ["-F", LEAF_FORMATS[leaf_kind], path, str(size)]
+    if fmt == "vhd" and leaf_kind not in ("vhd", "raw", "aio"):
+        raise VBDError(f"a vhd overlay cannot sit on a {leaf_kind} image")
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired) as exc:
+        create_image(
+            fmt, path, size, backing=os.path.abspath(leaf_path), backing_fmt=LEAF_FORMATS[leaf_kind]
+        )
+    except (OSError, ImageError) as exc:
         raise VBDError(f"cannot create overlay {path}: {exc}") from exc
-    if proc.returncode != 0:
-        raise VBDError(f"cannot create overlay {path}: {proc.stderr.strip()}")
