@@ -419,8 +419,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             buf = bytearray(request.length)
             try:
                 done = image.read_nowait(request.offset, memoryview(buf))
-            except OSError as exc:
-                self._send_error(request, nbd_error(exc.errno), f"read failed: {exc.strerror}")
+            except Exception as exc:
+                self._fail(request, exc)
                 return
             if done:
                 self._send_read(request, buf)
@@ -436,8 +436,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             if not request.flags & CommandFlag.FUA:
                 try:
                     done = image.write_nowait(request.offset, memoryview(payload))
-                except OSError as exc:
-                    self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
+                except Exception as exc:
+                    self._fail(request, exc)
                     return
                 if done:
                     self._send(simple_reply(request.cookie))
@@ -469,11 +469,8 @@ class NBDConnection(asyncio.BufferedProtocol):
     async def _read(self, request: Request, buf: bytearray) -> None:
         try:
             await self.image.read(request.offset, memoryview(buf))  # type: ignore[union-attr]
-        except OSError as exc:
-            self._send_error(request, nbd_error(exc.errno), f"read failed: {exc.strerror}")
-            return
-        except ImageError as exc:
-            self._send_error(request, Error.EIO, str(exc))
+        except Exception as exc:
+            self._fail(request, exc)
             return
         self._send_read(request, buf)
 
@@ -511,12 +508,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             elif command == Command.BLOCK_STATUS:
                 await self._block_status(request)
                 return
-        except OSError as exc:
-            self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
-            return
-        except ImageError as exc:
-            log.error("%s: %s", self.subject, exc)
-            self._send_error(request, Error.EIO, str(exc))
+        except Exception as exc:
+            self._fail(request, exc)
             return
         self._send(simple_reply(request.cookie))
 
@@ -582,6 +575,21 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._send(data_chunk_header(request.cookie, request.offset, request.length), buf)
         else:
             self._send(simple_reply(request.cookie), buf)
+
+    def _fail(self, request: Request, exc: Exception) -> None:
+        """Answer a request whose I/O raised: every request gets a reply, even after a bug.
+
+        OSError keeps its errno (mapped to NBD's set); metadata errors and
+        anything unexpected become EIO and are logged.
+        """
+        if isinstance(exc, OSError):
+            self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
+            return
+        if isinstance(exc, ImageError):
+            log.error("%s: %s", self.subject, exc)
+        else:
+            log.error("%s: request failed", self.subject, exc_info=exc)
+        self._send_error(request, Error.EIO, str(exc) or type(exc).__name__)
 
     def _send_error(self, request: Request, error: int, message: str) -> None:
         if self.structured and request.command in (Command.READ, Command.BLOCK_STATUS):
