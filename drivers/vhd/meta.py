@@ -177,9 +177,12 @@ def load(fd: int, path: str) -> Metadata:
                 )
     if has_batmap(footer):
         _load_batmap(fd, meta, limit)
-        regions.append(("batmap header", meta.batmap_offset, SECTOR))
-        if meta.batmap_header is not None and meta.batmap is not None:
+        # An invalid batmap is not metadata any more: tools that do not know
+        # it (qemu's vpc driver) put their first data block where it was.
+        if meta.batmap_error is None:
+            assert meta.batmap_header is not None
             bh = meta.batmap_header
+            regions.append(("batmap header", meta.batmap_offset, SECTOR))
             regions.append(("batmap", bh.offset, bh.size_sectors * SECTOR))
     _check_disjoint(path, regions)
     meta.meta_end = max(off + length for _, off, length in regions)
