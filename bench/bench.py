@@ -212,6 +212,33 @@ def empty_vhd_images(raw: Path, workdir: Path) -> Path:
     return workdir / "image.vhd"
 
 
+def qcow2_image(raw: Path, workdir: Path) -> Path:
+    """A fully allocated qcow2 image (64 KiB clusters) with the raw image's contents."""
+    out = workdir / "image.qcow2"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)], check=True
+    )
+    return out
+
+
+def empty_qcow2_images(raw: Path, workdir: Path) -> Path:
+    """Empty qcow2 images of the raw image's size, one per server: first writes allocate."""
+    for name in ("image.qcow2", "tapdisk-image.qcow2", "qemu-nbd-image.qcow2"):
+        subprocess.run(
+            [
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                str(workdir / name),
+                str(raw.stat().st_size),
+            ],
+            check=True,
+        )
+    return workdir / "image.qcow2"
+
+
 TARGETS: tuple[Target, ...] = (
     Target(
         "raw",
@@ -223,6 +250,12 @@ TARGETS: tuple[Target, ...] = (
             qemu_nbd_server("raw", aio="io_uring"),
             nbdkit_file_server(threads=64),
         ),
+    ),
+    Target("qcow2", qcow2_image, (tapdisk_server("qcow2"), qemu_nbd_server("qcow2"))),
+    Target(
+        "qcow2-alloc",
+        empty_qcow2_images,
+        (on_own_copy(tapdisk_server("qcow2")), on_own_copy(qemu_nbd_server("qcow2"))),
     ),
     Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
     Target(
