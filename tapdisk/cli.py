@@ -15,6 +15,7 @@ from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
 from . import daemon, exporter, logs, service
+from .allocator import tune_allocator
 from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
 
 log = logging.getLogger("tapdisk")
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "exporter":
         return exporter.run(args, args.log_level)
+    tune_allocator()  # everything below serves I/O
     if args.command == "service":
         return service.main(args, args.log_level)
     logs.setup(args.log_level or "info")
