@@ -280,9 +280,24 @@ def cmd_map(args: argparse.Namespace) -> int:
     return 0
 
 
+EXAMPLES = """\
+examples:
+  tap-img create -f qcow2 disk.qcow2 20G
+  tap-img create -f qcow2 -b disk.qcow2 -F qcow2 leaf.qcow2
+  tap-img info --backing-chain --output=json leaf.qcow2
+  tap-img convert -f vhd -O qcow2 disk.vhd disk.qcow2      progress bar on a terminal
+  tap-img commit leaf.qcow2                                merge leaf into disk.qcow2
+  tap-img map --output=json leaf.qcow2
+  tap-img check disk.qcow2
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tap-img", description="Create, inspect and convert raw, qcow2, qcow and vhd images."
+        prog="tap-img",
+        description="Create, inspect and convert raw, qcow2, qcow and vhd images.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -615,11 +615,26 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
 }
 
 
+EXAMPLES = """
+examples:
+  vhd-util create -n disk.vhd -s 10240            10 GiB dynamic VHD
+  vhd-util snapshot -n leaf.vhd -p disk.vhd       differencing child of disk.vhd
+  vhd-util query -n leaf.vhd -v -s -p             virtual size, physical size, parent
+  vhd-util check -n leaf.vhd                      "leaf.vhd is valid" or what is wrong
+  vhd-util coalesce -n leaf.vhd                   copy leaf's data into its parent
+  vhd-util scan -f -m '/images/*.vhd' -p          the chains as a tree
+  vhd-util COMMAND -h                             the options of one command
+"""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0] not in COMMANDS:
         print(f"usage: vhd-util COMMAND [OPTIONS]\nCOMMAND := {{ {' | '.join(COMMANDS)} }}")
-        return 0 if args and args[0] in ("-h", "--help") else errno.EINVAL
+        if args and args[0] in ("-h", "--help"):
+            print(EXAMPLES, end="")
+            return 0
+        return errno.EINVAL
     cmd = args[0]
     try:
         return COMMANDS[cmd](args[1:])
