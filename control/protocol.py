@@ -31,6 +31,8 @@ open        spec, [minor], [read_only], [timeout]           VBD-INFO
 close       minor                                           null
 attach      minor, [index], [connections], [timeout]         VBD-INFO (with "device")
 detach      minor                                           VBD-INFO
+takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
+release     minor                                           null
 pause       minor                                           VBD-INFO
 resume      minor, [spec]                                   VBD-INFO
 snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
@@ -40,9 +42,20 @@ shutdown    --                                              null (the process th
 
 ``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``).
 ``index`` asks for ``/dev/nbd<index>``; without it the kernel picks a free one.
+Attach's ``timeout`` is the kernel's request timeout (default: the retry deadline
+plus 60 s).
+
+``takeover`` and ``release`` restart a tapdisk under a live device (tap-ctl
+restart): the old daemon pauses the VBD, then ``release`` cuts its kernel
+sockets and closes the VBD *without* a kernel DISCONNECT; the new daemon, which
+opened the same image, then ``takeover``s ``/dev/nbd<index>`` with fresh
+sockets (nbd RECONFIGURE, presenting the device's backend identifier), by
+default as many as the device has connections.  Requests the kernel had sent
+to the old daemon are resent once the kernel's request timeout fires.
 
 VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
-"size": INT, "read_only": BOOL, "nbd_socket": PATH, "device": "/dev/nbdN" or null}``.
+"size": INT, "read_only": BOOL, "timeout": NUM, "nbd_socket": PATH,
+"device": "/dev/nbdN" or null}``, ``timeout`` being the retry deadline.
 ``state`` is an OR of the ``STATE_*`` bits below.
 
 STATS (one VBD; plain counters since the VBD was opened, never reset)::
@@ -134,6 +147,8 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "timeout": (_NUM, False),
     },
     "detach": {"minor": (_INT, True)},
+    "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
+    "release": {"minor": (_INT, True)},
     "pause": {"minor": (_INT, True)},
     "resume": {"minor": (_INT, True), "spec": (_STR, False)},
     "snapshot": {"minor": (_INT, True), "path": (_STR, True), "format": (_STR, False)},

@@ -61,6 +61,7 @@ examples:
   tap-ctl unpause -d /dev/nbd0 -a vhd:/var/lib/images/new-leaf.vhd
   tap-ctl snapshot -p 1234 -m 0 -a qcow2:/images/overlay.qcow2
   tap-ctl stats -p 1234 -m 0
+  tap-ctl restart -d /dev/nbd0                            a new tapdisk serves it; prints its pid
   tap-ctl destroy -d /dev/nbd0
 """
 
@@ -84,6 +85,8 @@ COMMAND_EXAMPLES = {
     "snapshot": "  tap-ctl snapshot -d /dev/nbd0 -a qcow2:/images/overlay.qcow2\n",
     "stats": "  tap-ctl stats -d /dev/nbd0\n  tap-ctl stats -p 1234                every minor\n",
     "shutdown": "  tap-ctl shutdown -p 1234\n",
+    "restart": "  tap-ctl restart -d /dev/nbd0                  prints the new tapdisk's pid\n"
+    "  tap-ctl restart -p 1234 -m 0\n",
 }
 
 
@@ -306,7 +309,11 @@ def cmd_create(args: argparse.Namespace) -> None:
             )
             if not args.no_attach:
                 info = client.call(
-                    "attach", minor=info["minor"], index=index, connections=args.connections
+                    "attach",
+                    minor=info["minor"],
+                    index=index,
+                    connections=args.connections,
+                    timeout=args.kernel_timeout,
                 )
     except BaseException:
         with contextlib.suppress(TapCtlError), Client.connect(args.control_dir, proc.pid) as client:
@@ -350,8 +357,66 @@ def cmd_attach(args: argparse.Namespace) -> None:
         raise TapCtlError("attach needs -p PID and -m MINOR")
     index = parse_device(args.device) if args.device else None
     with Client.connect(args.control_dir, args.pid) as client:
-        info = client.call("attach", minor=args.minor, index=index, connections=args.connections)
+        info = client.call(
+            "attach",
+            minor=args.minor,
+            index=index,
+            connections=args.connections,
+            timeout=args.kernel_timeout,
+        )
     print(info["device"])
+
+
+def cmd_restart(args: argparse.Namespace) -> None:
+    """Hand an attached device to a new tapdisk without detaching it; print the new pid.
+
+    The new tapdisk is started first; the old VBD is then paused (image flushed
+    and closed) before the new one opens the image, so the two never have it
+    open at once.  Until the old tapdisk releases the device every failure
+    stops the new one and resumes the old.  The old tapdisk exits once it
+    serves nothing else.
+    """
+    pid, minor = target(args)
+    with Client.connect(args.control_dir, pid) as old:
+        info = next((row for row in old.call("list") if row["minor"] == minor), None)
+        if info is None:
+            raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
+        if info["device"] is None:
+            raise TapCtlError(f"tapdisk {pid} minor {minor} is not attached to the kernel")
+        proc = spawn(args.control_dir, args.config)  # before the pause: not part of the stall
+        paused = False
+        try:
+            new = Client.connect(args.control_dir, proc.pid)
+            old.call("pause", minor=minor)
+            paused = True
+            opened = new.call(
+                "open", spec=info["spec"], read_only=info["read_only"], timeout=info["timeout"]
+            )
+            old.call("release", minor=minor)
+        except BaseException:
+            _abandon(args.control_dir, proc)  # closes the image before the old VBD reopens it
+            if paused:
+                old.call("resume", minor=minor)
+            raise
+        with new:
+            try:
+                new.call("takeover", minor=opened["minor"], index=parse_device(info["device"]))
+            except TapCtlError as exc:
+                raise TapCtlError(
+                    f"{info['device']}: tapdisk {proc.pid} could not take it over ({exc}); "
+                    f"it has the image open as minor {opened['minor']}"
+                ) from None
+        others = old.call("list")
+    if not others:
+        shutdown(args.control_dir, pid)
+    print(proc.pid)
+
+
+def _abandon(directory: str, proc: subprocess.Popen[bytes]) -> None:
+    """Stop a tapdisk spawned for a restart that failed before it took anything over."""
+    with contextlib.suppress(TapCtlError), Client.connect(directory, proc.pid) as client:
+        client.call("shutdown")
+    _stop_after_shutdown(proc)
 
 
 def _simple(op: str) -> Any:
@@ -519,11 +584,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="retry deadline of each request (default 120)",
         )
 
+    def add_kernel_timeout(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--kernel-timeout",
+            type=int,
+            metavar="SECS",
+            help="the kernel's request timeout: a request lost with a restarted tapdisk is "
+            "resent after it (default: the retry deadline plus 60)",
+        )
+
     p = add("create", cmd_create, "spawn a tapdisk, open an image and attach it as /dev/nbdN")
     add_image(p)
     add_open_flags(p)
     p.add_argument("-d", "--device", metavar="/dev/nbdN", help="use this nbd device")
     p.add_argument("-n", "--connections", type=int, help="kernel sockets (multi-conn)")
+    add_kernel_timeout(p)
     p.add_argument(
         "--no-attach",
         action="store_true",
@@ -549,6 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--minor", type=int, help="device minor in that tapdisk")
     p.add_argument("-d", "--device", metavar="/dev/nbdN", help="use this nbd device")
     p.add_argument("-n", "--connections", type=int, help="kernel sockets (multi-conn)")
+    add_kernel_timeout(p)
     p = add("detach", _simple("detach"), "detach a device from the kernel, keep it open")
     add_target(p)
     p = add("pause", _simple("pause"), "pause: drain, flush and close the image")
@@ -560,6 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(p)
     p.add_argument("-a", "--args", metavar="FORMAT:PATH", required=True, help="overlay to create")
     p = add("stats", cmd_stats, "print device statistics as JSON")
+    add_target(p)
+    p = add("restart", cmd_restart, "hand an attached device to a new tapdisk; prints its pid")
     add_target(p)
     p = add("shutdown", cmd_shutdown, "close every device of a tapdisk and stop it")
     add_target(p, device=False)

@@ -21,6 +21,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,8 @@ DEFAULTS = SchedulerConfig()
 KERNEL_TIMEOUT_MARGIN = 60
 #: Seconds I/O on a device whose sockets all died waits for new ones.
 KERNEL_DEAD_CONN_TIMEOUT = 60
+#: Seconds a takeover waits for the kernel to notice that the old server's sockets closed.
+TAKEOVER_WAIT = 10.0
 
 
 class ControlError(Exception):
@@ -112,6 +115,8 @@ class Daemon:
             "close": self._op_close,
             "attach": self._op_attach,
             "detach": self._op_detach,
+            "takeover": self._op_takeover,
+            "release": self._op_release,
             "pause": self._op_pause,
             "resume": self._op_resume,
             "snapshot": self._op_snapshot,
@@ -217,6 +222,7 @@ class Daemon:
             "spec": vbd.spec,
             "size": vbd.size,
             "read_only": vbd.read_only,
+            "timeout": vbd.config.timeout,
             "nbd_socket": device.nbd_socket,
             "device": device.device,
         }
@@ -265,13 +271,13 @@ class Daemon:
         self._device(request)
         await self._close_device(request.args["minor"])
 
-    async def _close_device(self, minor: int) -> None:
+    async def _close_device(self, minor: int, *, detach: bool = True) -> None:
         device = self.devices[minor]
         if device.closing:
             raise ControlError("state", f"minor {minor} is already closing")
         device.closing = True
         try:
-            if device.kernel_index is not None:
+            if device.kernel_index is not None and detach:
                 await self._detach(device)
             if device.vbd.paused:
                 await device.vbd.close()  # requests waiting for the pause fail now
@@ -283,11 +289,74 @@ class Daemon:
 
     async def _op_attach(self, request: Request) -> dict[str, Any]:
         device = self._device(request)
+        connections = request.args.get("connections", 1)
+        self._check_attachable(device, connections)
+        kernel = await self._kernel()
+        vbd = device.vbd
+        timeout = int(request.args.get("timeout", vbd.config.timeout + KERNEL_TIMEOUT_MARGIN))
+        export = device.server.exports[""]
+
+        def connect(kernel_ends: list[socket.socket]) -> int:
+            return kernel.connect(
+                kernel_ends,
+                vbd.size,
+                server_flags=int(connection_flags(export.info, structured=False)),
+                backend_id=self._backend_id(device),
+                block_size=max(512, vbd.block_size),
+                timeout=timeout,
+                dead_conn_timeout=KERNEL_DEAD_CONN_TIMEOUT,
+                index=request.args.get("index"),
+            )
+
+        index = await self._hand_to_kernel(device, connections, connect)
+        log.info("minor %d: attached as /dev/nbd%d", device.minor, index)
+        return self.info(device)
+
+    async def _op_takeover(self, request: Request) -> dict[str, Any]:
+        """Serve an attached /dev/nbdN whose previous server has gone (tap-ctl restart).
+
+        RECONFIGURE gives the kernel fresh sockets in place of the dead ones; the
+        kernel resends the requests it lost with the old sockets once their
+        request timeout fires.  The kernel keeps its timeouts and flags.
+        """
+        device = self._device(request)
+        self._check_attachable(device, request.args.get("connections", 1))
+        kernel = await self._kernel()
+        index = request.args["index"]
+        backend_id = await asyncio.to_thread(kernel.backend, index)
+        if backend_id is None:
+            raise ControlError("state", f"/dev/nbd{index} is not connected: nothing to take over")
+        connections = request.args.get("connections") or _hardware_queues(index)
+
+        def reconfigure(kernel_ends: list[socket.socket]) -> int:
+            # One socket per RECONFIGURE, so that each is known taken or not: the
+            # kernel takes a socket only into a dead slot, and answers EBUSY until
+            # it has noticed that the old server's sockets closed.
+            deadline = time.monotonic() + TAKEOVER_WAIT
+            waiting = list(kernel_ends)
+            while waiting:
+                try:
+                    kernel.reconfigure(index, waiting[:1], backend_id=backend_id)
+                except kernel.KernelAttachError as exc:
+                    if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+                else:
+                    waiting.pop(0)
+            return index
+
+        await self._hand_to_kernel(device, connections, reconfigure)
+        log.info("minor %d: took over /dev/nbd%d (%s)", device.minor, index, backend_id)
+        return self.info(device)
+
+    def _check_attachable(self, device: Device, connections: int) -> None:
         if device.kernel_index is not None:
             raise ControlError("state", f"minor {device.minor} is already {device.device}")
-        connections = request.args.get("connections", 1)
         if not 1 <= connections <= 64:
             raise ControlError("invalid", f"connections must be 1..64, got {connections}")
+
+    async def _kernel(self) -> Any:
+        """The kernel module of tapdisk.control, with nbd.ko loaded."""
         try:
             from tapdisk.control import kernel
         except ImportError as exc:
@@ -296,25 +365,25 @@ class Daemon:
             await asyncio.to_thread(kernel.ensure_module)
         except kernel.KernelAttachError as exc:
             raise ControlError("unsupported", exc.strerror or str(exc)) from exc
-        export = device.server.exports[""]
+        return kernel
+
+    async def _hand_to_kernel(
+        self,
+        device: Device,
+        connections: int,
+        hand: Callable[[list[socket.socket]], int],
+    ) -> int:
+        """Serve ``connections`` socketpairs without handshake and give the kernel
+        their other ends with ``hand`` (CONNECT or RECONFIGURE, run in a thread)."""
+        from tapdisk.control import kernel
+
+        self._check_attachable(device, connections)
         pairs = [socket.socketpair() for _ in range(connections)]
         for ours, _ in pairs:
             await device.server.serve_socket(ours, DirectAttach(""))
-        vbd = device.vbd
-        timeout = request.args.get("timeout", vbd.config.timeout + KERNEL_TIMEOUT_MARGIN)
         kernel_ends = [theirs for _, theirs in pairs]
         try:
-            index = await asyncio.to_thread(
-                kernel.connect,
-                kernel_ends,
-                vbd.size,
-                server_flags=int(connection_flags(export.info, structured=False)),
-                backend_id=self._backend_id(device),
-                block_size=max(512, vbd.block_size),
-                timeout=int(timeout),
-                dead_conn_timeout=KERNEL_DEAD_CONN_TIMEOUT,
-                index=request.args.get("index"),
-            )
+            index = await asyncio.to_thread(hand, kernel_ends)
         except kernel.KernelAttachError as exc:
             for ours, _ in pairs:
                 ours.close()
@@ -324,8 +393,7 @@ class Daemon:
             for theirs in kernel_ends:
                 theirs.close()  # the kernel holds its own references now
         device.kernel_index = index
-        log.info("minor %d: attached as /dev/nbd%d", device.minor, index)
-        return self.info(device)
+        return index
 
     def _backend_id(self, device: Device) -> str:
         """Shown in /sys/block/nbdN/backend; free of the pid, so a successor can reconfigure."""
@@ -337,6 +405,24 @@ class Daemon:
             raise ControlError("state", f"minor {device.minor} is not attached")
         await self._detach(device)
         return self.info(device)
+
+    async def _op_release(self, request: Request) -> None:
+        """Let go of a paused, attached device without DISCONNECT (tap-ctl restart).
+
+        The kernel's sockets are cut before the queued requests fail, so no
+        error reaches the kernel: it sees dead sockets and keeps its requests
+        for the successor.
+        """
+        device = self._device(request)
+        if device.kernel_index is None:
+            raise ControlError("state", f"minor {device.minor} is not attached")
+        if not device.vbd.paused:
+            raise ControlError("state", f"minor {device.minor} must be paused to be released")
+        for connection in list(device.server.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        log.info("minor %d: released /dev/nbd%d", device.minor, device.kernel_index)
+        await self._close_device(device.minor, detach=False)
 
     async def _detach(self, device: Device) -> None:
         from tapdisk.control import kernel
@@ -442,6 +528,14 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{self.directory}/minor{minor}.lock")
         os.close(fd)
+
+
+def _hardware_queues(index: int) -> int:
+    """How many connections /dev/nbdN has: one blk-mq hardware queue each."""
+    try:
+        return max(1, len(os.listdir(f"/sys/block/nbd{index}/mq")))
+    except OSError:
+        return 1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

@@ -219,6 +219,7 @@ def test_list_json_describes_every_device(tapctl, image):
         "spec": f"raw:{path}",
         "size": 8 << 20,
         "read_only": False,
+        "timeout": 120.0,
         "nbd_socket": sock,
         "device": None,
     }

@@ -1,0 +1,102 @@
+"""tap-ctl restart and the takeover/release control ops, on a host without nbd.ko.
+
+A restart needs a device attached to the kernel, so here only its refusals
+are checked: each must leave the old tapdisk serving its image, running, and
+no new tapdisk behind.  The kernel harness (tests/kernel/test_tapctl.py)
+restarts a device under fio load.
+"""
+
+from __future__ import annotations
+
+import pytest
+from tapdisk.control.protocol import Request, encode
+from test_control_socket import connect, receive
+from test_tapctl import image_factory, private_tapctl
+
+
+@pytest.fixture
+def tapctl():
+    yield from private_tapctl()
+
+
+@pytest.fixture
+def image(tmp_path):
+    return image_factory(tmp_path)
+
+
+def call(tapctl, pid: int, op: str, **args):
+    with connect(tapctl, pid) as sock:
+        sock.sendall(encode(Request(1, op, args)))
+        [response] = receive(sock, 1)
+    return response
+
+
+def test_restart_of_a_device_not_attached_fails_and_keeps_its_tapdisk_running(tapctl, image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+    proc = tapctl("restart", "-p", str(pid), "-m", str(minor), check=False)
+    assert proc.returncode == 1
+    assert "not attached" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert tapctl.pids() == [pid]
+    [info] = tapctl.listing()
+    assert info["state"] == 0  # neither paused nor closed
+
+
+def test_restart_of_a_device_nobody_serves_is_an_error(tapctl):
+    proc = tapctl("restart", "-d", "/dev/nbd7", check=False)
+    assert proc.returncode == 1
+    assert "no tapdisk serves /dev/nbd7" in proc.stderr
+
+
+def test_restart_without_a_target_is_an_error(tapctl):
+    proc = tapctl("restart", check=False)
+    assert proc.returncode == 1
+    assert "missing -p PID" in proc.stderr
+
+
+def test_restart_of_an_unknown_minor_is_an_error_and_starts_nothing(tapctl, image):
+    pid, _, _ = tapctl.spawn_open(f"raw:{image()}")
+    proc = tapctl("restart", "-p", str(pid), "-m", "5", check=False)
+    assert proc.returncode == 1
+    assert f"tapdisk {pid} has no minor 5" in proc.stderr
+    assert tapctl.pids() == [pid]
+
+
+def test_release_of_a_device_not_attached_is_a_state_error(tapctl, image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+    response = call(tapctl, pid, "release", minor=minor)
+    assert (response.ok, response.kind) == (False, "state")
+    assert "not attached" in response.message
+    assert [info["minor"] for info in tapctl.listing()] == [minor]
+
+
+def test_release_of_an_unknown_minor_is_not_found(tapctl):
+    pid = int(tapctl.out("spawn"))
+    response = call(tapctl, pid, "release", minor=3)
+    assert (response.ok, response.kind) == (False, "not-found")
+
+
+def test_takeover_without_an_index_is_invalid(tapctl, image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+    response = call(tapctl, pid, "takeover", minor=minor)
+    assert (response.ok, response.kind) == (False, "invalid")
+    assert "index" in response.message
+
+
+def test_takeover_with_zero_connections_is_invalid(tapctl, image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+    response = call(tapctl, pid, "takeover", minor=minor, index=0, connections=0)
+    assert (response.ok, response.kind) == (False, "invalid")
+    assert "connections must be 1..64" in response.message
+
+
+def test_takeover_of_an_unknown_minor_is_not_found(tapctl):
+    pid = int(tapctl.out("spawn"))
+    response = call(tapctl, pid, "takeover", minor=2, index=0)
+    assert (response.ok, response.kind) == (False, "not-found")
+
+
+def test_list_reports_the_retry_deadline_a_restart_carries_over(tapctl, image):
+    tapctl.spawn_open(f"raw:{image()}", "-t", "7.5")
+    [info] = tapctl.listing()
+    assert info["timeout"] == 7.5
