@@ -105,45 +105,42 @@ class VBD(Image):
     # -- data path ---------------------------------------------------------------
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
-        scheduler = self.scheduler
-        image = scheduler.image
-        if scheduler.paused or image is None:
-            return False
-        start = perf_counter_ns()
-        try:
-            if not image.read_nowait(offset, buf):
-                return False
-        except OSError:
-            return False  # the queued path retries it
-        ns = perf_counter_ns() - start
-        stats = self.stats
-        stats.reads += 1
-        stats.bytes_read += len(buf)
-        stats.read_us += ns // 1000
-        stats.latency(ns // 1000)
-        if not scheduler.in_flight:
-            stats.io_ns += ns  # the device was idle: this hit is all of its busy time
-        return True
+        return self._nowait(False, offset, buf)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
+        return self._nowait(True, offset, data)
+
+    def _nowait(self, write: bool, offset: int, buf: memoryview) -> bool:
+        """The page-cache shortcut while running, counted like a queued request.
+
+        An OSError sends the request down the queued path, which retries it
+        (writing the same bytes again there is harmless).
+        """
         scheduler = self.scheduler
         image = scheduler.image
         if scheduler.paused or image is None:
             return False
         start = perf_counter_ns()
         try:
-            if not image.write_nowait(offset, data):
-                return False
+            done = image.write_nowait(offset, buf) if write else image.read_nowait(offset, buf)
         except OSError:
-            return False  # rewriting the same bytes through the queue is harmless
+            return False
+        if not done:
+            return False
         ns = perf_counter_ns() - start
+        us = ns // 1000
         stats = self.stats
-        stats.writes += 1
-        stats.bytes_written += len(data)
-        stats.write_us += ns // 1000
-        stats.latency(ns // 1000)
+        if write:
+            stats.writes += 1
+            stats.bytes_written += len(buf)
+            stats.write_us += us
+        else:
+            stats.reads += 1
+            stats.bytes_read += len(buf)
+            stats.read_us += us
+        stats.latency(us)
         if not scheduler.in_flight:
-            stats.io_ns += ns
+            stats.io_ns += ns  # the device was idle: this hit is all of its busy time
         return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
