@@ -26,6 +26,8 @@ from .registry import OpenOptions
 
 #: O_DIRECT alignment: the largest logical block size in common use.
 DIRECT_ALIGN = 4096
+PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
 #: Largest zero buffer written at once when zeroing has to be emulated.
 ZERO_CHUNK = 1 << 20
 
@@ -46,11 +48,10 @@ class RawImage(Image):
         self.is_block_device = stat.S_ISBLK(mode)
         self.size = self.file.size()
         self.block_size = DIRECT_ALIGN if direct else 1
-        # Which fallocate modes the file system refused, so we stop asking.
-        self._can_punch = not self.is_block_device
-        self._can_zero_range = True
+        # fallocate modes the file system refused, so we stop asking.
+        self._refused: set[int] = {PUNCH} if self.is_block_device else set()
         self._caps = Capabilities(
-            trim=self._can_punch and not read_only,
+            trim=not self.is_block_device and not read_only,
             zero=not read_only,
             fast_zero=not read_only,
             extents=not self.is_block_device,
@@ -89,14 +90,7 @@ class RawImage(Image):
         await self.file.sync()
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
-        if not self._can_punch:
-            return
-        try:
-            await self.file.fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        except OSError as exc:
-            if not is_unsupported(exc):
-                raise
-            self._can_punch = False
+        await self._try_fallocate(PUNCH, offset, length)
         if fua:
             await self.file.sync()
 
@@ -118,27 +112,22 @@ class RawImage(Image):
 
     async def _zero_in_place(self, offset: int, length: int, may_unmap: bool) -> bool:
         """Zero with fallocate; False if the file system supports neither mode."""
-        if may_unmap and self._can_punch:
-            try:
-                await self.file.fallocate(
-                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length
-                )
-                return True
-            except OSError as exc:
-                if not is_unsupported(exc):
-                    raise
-                self._can_punch = False
-        if self._can_zero_range:
-            try:
-                await self.file.fallocate(
-                    FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length
-                )
-                return True
-            except OSError as exc:
-                if not is_unsupported(exc):
-                    raise
-                self._can_zero_range = False
-        return False
+        if may_unmap and await self._try_fallocate(PUNCH, offset, length):
+            return True
+        return await self._try_fallocate(ZERO_RANGE, offset, length)
+
+    async def _try_fallocate(self, mode: int, offset: int, length: int) -> bool:
+        """fallocate with ``mode``; False, and remembered, where the file system refuses it."""
+        if mode in self._refused:
+            return False
+        try:
+            await self.file.fallocate(mode, offset, length)
+        except OSError as exc:
+            if not is_unsupported(exc):
+                raise
+            self._refused.add(mode)
+            return False
+        return True
 
     async def _write_zero_buffers(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
