@@ -14,7 +14,7 @@ from typing import Any
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
-from . import daemon, exporter, logs, service
+from . import busypoll, daemon, exporter, logs, service
 from .allocator import tune_allocator
 from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
 
@@ -112,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECS",
         help="drop clients that take longer to negotiate",
     )
+    busypoll.add_argument(serve, busypoll.DEFAULT_MAX_US)
     serve.add_argument(
         "images",
         nargs="+",
@@ -148,7 +149,8 @@ def open_exports(args: argparse.Namespace) -> list[Export]:
 
 
 async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
-    server = NBDServer(exports, handshake_timeout=args.handshake_timeout)
+    poller = busypoll.BusyPoller(args.busy_poll)
+    server = NBDServer(exports, handshake_timeout=args.handshake_timeout, poller=poller)
     uris: list[str] = []
     try:
         for path in args.unix:

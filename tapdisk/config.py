@@ -6,6 +6,7 @@ the devices to attach at boot::
     retry_deadline: 120          # seconds a failing request is retried
     queue_depth: 256             # requests queued or in flight per device
     merge_size: 1MiB             # largest merged request; 0 = no merging
+    busy_poll: 50                # microseconds to spin for the next request; 0 = never
     control_dir: /run/tapdisk    # control sockets (one per process) and NBD sockets
     allowed_dirs: [/var/lib/tapdisk]
     metrics_listen: 127.0.0.1:9847
@@ -36,6 +37,9 @@ import yaml
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import parse_spec
 
+from .busypoll import DEFAULT_MAX_US
+from .busypoll import MAX_US as BUSY_POLL_MAX_US
+
 DEFAULT_PATH = "/etc/tapdisk/tapdisk.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_DEVICE_INDEX = 65535
@@ -61,6 +65,7 @@ class Config:
     retry_deadline: float = 120.0
     queue_depth: int = 256
     merge_size: int = 1 << 20
+    busy_poll: int = DEFAULT_MAX_US
     control_dir: str = "/run/tapdisk"
     allowed_dirs: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
@@ -187,6 +192,7 @@ SCHEMA: dict[str, Callable[[object], Any]] = {
     "retry_deadline": _seconds,
     "queue_depth": _integer(1, 65536),
     "merge_size": _merge_size,
+    "busy_poll": _integer(0, BUSY_POLL_MAX_US),
     "control_dir": _directory,
     "allowed_dirs": ListOf(_directory),
     "metrics_listen": parse_host_port,
@@ -340,7 +346,11 @@ def load(path: str | None = None) -> Config:
 
 
 #: How a flag's text becomes the value its schema parser expects (text by default).
-_FLAG_TEXT: dict[str, Callable[[str], object]] = {"retry_deadline": float, "queue_depth": int}
+_FLAG_TEXT: dict[str, Callable[[str], object]] = {
+    "retry_deadline": float,
+    "queue_depth": int,
+    "busy_poll": int,
+}
 
 
 def _flag(key: str, parser: Callable[[object], Any]) -> Callable[[str], Any]:
@@ -362,7 +372,7 @@ def _flag(key: str, parser: Callable[[object], Any]) -> Callable[[str], Any]:
 def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> None:
     """Add ``--config`` and one override flag per setting in ``keys`` to ``parser``.
 
-    ``keys`` are among retry_deadline, queue_depth, merge_size, control_dir,
+    ``keys`` are among retry_deadline, queue_depth, merge_size, busy_poll, control_dir,
     allowed_dirs and metrics_listen; log_level has its own flag, before the subcommand.
 
     Every flag defaults to None so that only flags actually given override the file.
@@ -376,6 +386,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         "retry_deadline": ("-t", "SECS", "retry failing requests for up to SECS seconds"),
         "queue_depth": (None, "N", "requests in flight per device"),
         "merge_size": (None, "SIZE", "largest merged request, e.g. 1MiB"),
+        "busy_poll": (None, "USECS", "spin up to USECS for a client's next request; 0 = never"),
         "control_dir": (None, "DIR", "directory of the control and NBD sockets"),
         "metrics_listen": (None, "HOST:PORT", "address of the Prometheus endpoint"),
     }

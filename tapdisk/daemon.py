@@ -31,8 +31,8 @@ from tapdisk.control.protocol import ProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from . import busypoll, logs
 from . import config as configuration
-from . import logs
 from .nbd.handshake import connection_flags
 from .scheduler import SchedulerConfig
 from .server import DirectAttach, Export, NBDServer
@@ -97,11 +97,14 @@ class Daemon:
         directory: str,
         config: SchedulerConfig | None = None,
         allowed_dirs: tuple[str, ...] = (),
+        busy_poll: int = busypoll.DEFAULT_MAX_US,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.config = config or SchedulerConfig()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
+        #: Shared by the NBD servers of every device: one event loop, one spin.
+        self.poller = busypoll.BusyPoller(busy_poll)
         self.pid = os.getpid()
         self.control_path = protocol.control_socket(self.directory, self.pid)
         self.devices: dict[int, Device] = {}
@@ -253,7 +256,7 @@ class Daemon:
             )
             vbd = VBD(image, options=options, config=config, name=f"minor {minor}")
             path = protocol.nbd_socket(self.directory, self.pid, minor)
-            server = NBDServer([Export("", vbd, label=vbd.name)])
+            server = NBDServer([Export("", vbd, label=vbd.name)], poller=self.poller)
             try:
                 await server.listen_unix(path)
             except BaseException:
@@ -558,7 +561,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         "--config",
         metavar="PATH",
         help=f"configuration file (default {configuration.DEFAULT_PATH}, if it exists); "
-        "its retry_deadline, queue_depth, merge_size, allowed_dirs and log_level apply "
+        "its retry_deadline, queue_depth, merge_size, busy_poll, allowed_dirs and log_level apply "
         "unless a flag is given",
     )
     configuration.add_allowed_dirs_argument(parser)
@@ -591,6 +594,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="SECS",
         help="log requests without progress for this long (default %(default)s)",
     )
+    busypoll.add_argument(parser, None)
     parser.add_argument(
         "--ready-fd",
         type=int,
@@ -632,7 +636,15 @@ def main(args: argparse.Namespace) -> int:
     allowed_dirs = tuple(_given(args.allowed_dirs, settings.allowed_dirs))
     from .cli import run_loop
 
-    return run_loop(run(args.control_dir, config, args.ready_fd, allowed_dirs=allowed_dirs))
+    return run_loop(
+        run(
+            args.control_dir,
+            config,
+            args.ready_fd,
+            allowed_dirs=allowed_dirs,
+            busy_poll=_given(args.busy_poll, settings.busy_poll),
+        )
+    )
 
 
 async def run(
@@ -641,6 +653,7 @@ async def run(
     ready: int | None = None,
     boot: Callable[[Daemon], Awaitable[None]] | None = None,
     allowed_dirs: tuple[str, ...] = (),
+    busy_poll: int = busypoll.DEFAULT_MAX_US,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT.
 
@@ -649,7 +662,7 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, config, allowed_dirs)
+    daemon = Daemon(directory, config, allowed_dirs, busy_poll)
     try:
         await daemon.start()
     except OSError as exc:

@@ -28,6 +28,7 @@ from typing import Final
 
 from tapdisk.drivers.base import Image, ImageError
 
+from .busypoll import BusyPoller
 from .nbd.constants import Command, CommandFlag, Error, TransmissionFlag, nbd_error
 from .nbd.handshake import (
     ClientAborted,
@@ -134,7 +135,10 @@ class NBDServer:
         exports: Iterable[Export],
         *,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        poller: BusyPoller | None = None,
     ) -> None:
+        """``poller`` is shared by every server on one event loop (see busypoll.py);
+        without one, connections are not busy-polled."""
         self.exports = {export.name: export for export in exports}
         self.default_export = next(iter(self.exports)) if len(self.exports) == 1 else None
         if "" in self.exports:
@@ -144,6 +148,7 @@ class NBDServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self.closing = False
+        self.poller = poller if poller is not None else BusyPoller(0)
 
     @property
     def export_infos(self) -> dict[str, ExportInfo]:
@@ -249,6 +254,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._write_paused = False
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
+        #: The socket, read directly while busy-polling (-1: not pollable).
+        self._fd = -1
         # Set when transmission begins.
         self.export: Export | None = None
         self.image: Image | None = None
@@ -265,6 +272,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
+            self._fd = sock.fileno()
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple):  # TCP: (host, port) or (host, port, flow, scope)
             self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
@@ -291,6 +299,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self._handshake is not None:
+            self._received(nbytes)
+            return
+        poller = self.server.poller
+        poller.woke()
+        self._received(nbytes)
+        poller.spin()
+
+    def _received(self, nbytes: int) -> None:
         try:
             if self._handshake is not None:
                 self._handshake_received(bytes(self._handshake_buf[:nbytes]))
@@ -307,6 +324,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.poller.unregister(self)
         if self._timeout is not None:
             self._timeout.cancel()
         self._disconnecting = True
@@ -363,6 +381,33 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.flags = int(negotiated.flags)  # plain int: checked on every request
         self.structured = negotiated.structured
         self.allocation_context = negotiated.allocation_context
+        if self._fd >= 0:
+            self.server.poller.register(self)
+
+    # -- busy-polling (see busypoll.py) --------------------------------------------
+
+    def poll_ready(self) -> bool:
+        transport = self.transport
+        return (
+            not self._in_flight
+            and not self._read_paused
+            and not self._disconnecting
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
+
+    def poll_receive(self) -> bool | None:
+        try:
+            nbytes = os.readv(self._fd, (self._reader.get_buffer(),))
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return None  # the event loop reads it again and reports it
+        if not nbytes:
+            return None  # end of file: the event loop sees it too
+        self._received(nbytes)
+        return True
 
     def _feed(self, data: bytes) -> None:
         """Push bytes that arrived with the handshake through the request reader."""

@@ -28,7 +28,14 @@ from .scheduler import SchedulerConfig
 log = logging.getLogger("tapdisk.service")
 
 #: Settings of the configuration file the service uses (and the flags that override them).
-CONFIG_KEYS = ("retry_deadline", "queue_depth", "merge_size", "control_dir", "allowed_dirs")
+CONFIG_KEYS = (
+    "retry_deadline",
+    "queue_depth",
+    "merge_size",
+    "busy_poll",
+    "control_dir",
+    "allowed_dirs",
+)
 
 EXAMPLES = """\
 examples:
@@ -96,4 +103,12 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
 
     from .cli import run_loop
 
-    return run_loop(run(config.control_dir, scheduler, boot=boot, allowed_dirs=config.allowed_dirs))
+    return run_loop(
+        run(
+            config.control_dir,
+            scheduler,
+            boot=boot,
+            allowed_dirs=config.allowed_dirs,
+            busy_poll=config.busy_poll,
+        )
+    )

@@ -1,0 +1,131 @@
+"""Busy-polling (``--busy-poll``): a quick client is answered without the server sleeping,
+a slow one costs no spinning, and several clients polled together keep their data apart.
+
+What the spin saves is a sleep and a wake-up per request, so the tests count the server's
+voluntary context switches (``/proc/PID/status``) and its CPU time instead of timing it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nbd
+import pytest
+from conftest import Served
+
+KiB = 1 << 10
+REQUESTS = 3000
+WRITES = 1500
+
+
+def sleeps(pid: int) -> int:
+    """How often the server's event-loop thread has gone to sleep so far."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of the whole server process."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A 4 MiB raw image of known bytes, just written, so its pages are cached."""
+    path = tmp_path / "disk.raw"
+    path.write_bytes(bytes(range(256)) * (16 * KiB))
+    return path
+
+
+def connect(served: Served) -> nbd.NBD:
+    h = nbd.NBD()
+    h.connect_uri(served.uri())
+    return h
+
+
+def read_one_at_a_time(h: nbd.NBD, image: Path, count: int) -> None:
+    """``count`` 4 KiB reads at queue depth 1, each checked against the file."""
+    data = image.read_bytes()
+    for i in range(count):
+        offset = (i * 4 * KiB) % len(data)
+        assert h.pread(4 * KiB, offset) == data[offset : offset + 4 * KiB]
+
+
+@pytest.mark.parametrize("window", [0, 2000])
+def test_queue_depth_one_client_answered_without_sleeping(
+    serve: Callable[..., Served], image: Path, window: int
+) -> None:
+    served = serve("--busy-poll", str(window), f"raw:{image}")
+    h = connect(served)
+    read_one_at_a_time(h, image, 100)  # the window grows to its maximum
+    before = sleeps(served.proc.pid)
+    read_one_at_a_time(h, image, REQUESTS)
+    slept = sleeps(served.proc.pid) - before
+    h.shutdown()
+    if window:
+        # One sleep per spin budget (1 ms) at most, plus the odd slow client turn.
+        assert slept < REQUESTS / 4, f"slept {slept} times in {REQUESTS} requests"
+    else:
+        assert slept > REQUESTS / 2, f"slept only {slept} times in {REQUESTS} requests"
+
+
+def test_slow_client_stops_the_spin(serve: Callable[..., Served], image: Path) -> None:
+    """After a gap longer than the window the server spins no more: 40 requests 20 ms
+    apart would cost 200 ms of CPU if each spun for the full 5 ms window."""
+    served = serve("--busy-poll", "5000", f"raw:{image}")
+    h = connect(served)
+    read_one_at_a_time(h, image, 500)  # a quick client first: the window grows
+    before = cpu_seconds(served.proc.pid)
+    data = image.read_bytes()
+    for i in range(40):
+        time.sleep(0.02)
+        assert h.pread(4 * KiB, i * 4 * KiB) == data[i * 4 * KiB : (i + 1) * 4 * KiB]
+    spent = cpu_seconds(served.proc.pid) - before
+    h.shutdown()
+    assert spent < 0.06, f"the server used {spent:.3f} s of CPU for 40 slow requests"
+
+
+def test_clients_polled_together_keep_their_data_apart(
+    serve: Callable[..., Served], image: Path
+) -> None:
+    """Two quick clients, each writing and reading back its own half, share one spin."""
+    served = serve("--busy-poll", "2000", f"raw:{image}")
+    half = image.stat().st_size // 2
+    errors: list[BaseException] = []
+
+    def client(index: int) -> None:
+        try:
+            h = connect(served)
+            base = index * half
+            for i in range(WRITES):
+                offset = base + (i * 4 * KiB) % half
+                block = bytes([index + 1, i % 256]) * (2 * KiB)
+                h.pwrite(block, offset)
+                assert h.pread(4 * KiB, offset) == block
+            h.shutdown()
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(index,)) for index in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not any(thread.is_alive() for thread in threads), "a client never finished"
+    assert not errors, errors
+    expected = bytearray()
+    blocks = half // (4 * KiB)
+    for index in (0, 1):
+        for block in range(blocks):
+            last = max(i for i in range(block, WRITES, blocks))  # its final write
+            expected += bytes([index + 1, last % 256]) * (2 * KiB)
+    assert image.read_bytes() == expected
