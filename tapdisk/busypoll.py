@@ -7,9 +7,12 @@ than doubles QD1 IOPS here (17k -> 40k on 4 KiB page-cache reads).
 
 The spin window adapts the way qemu's event-loop polling (``poll-max-ns``) does: it
 grows, from ``GROW_START_NS`` up to the maximum, while the gaps between a reply and the
-next request are shorter than the maximum, and drops to zero when a gap is longer. An
-idle or slow client therefore costs at most one window of spinning, and a server whose
-clients think for longer than the maximum never spins.  Each spin round yields the CPU
+next request are short, and drops to zero when a gap is long. A gap the loop slept
+through includes the sleep and wake-up (20-40 us here), so "short" is the maximum plus
+``WAKEUP_ALLOWANCE_NS``; without it a client answering in 15 us looks 50 us slow while
+nothing spins, and polling would never start (or stop for good after one sleep). An idle
+or slow client costs at most one window of spinning, and a server whose clients think
+for longer than the maximum plus the allowance never spins.  Each spin round yields the CPU
 (``sched_yield``), so a client waiting for this CPU still runs.
 
 All connections of one event loop share one poller, which reads their sockets in turn:
@@ -30,6 +33,9 @@ from typing import Final, Protocol
 DEFAULT_MAX_US: Final = 50
 #: Largest window accepted: beyond a few milliseconds spinning only wastes CPU.
 MAX_US: Final = 10_000
+#: What a gap the event loop slept through may exceed the maximum by and still count as
+#: short: the sleep and wake-up themselves.
+WAKEUP_ALLOWANCE_NS: Final = 30_000
 #: The first window once polling starts; it doubles from here.
 GROW_START_NS: Final = 4_000
 #: Longest one spin may keep the event loop from its other work.
@@ -90,8 +96,6 @@ class BusyPoller:
         self._members: list[Pollable] = []
         self._waiting_since = 0
         self._spinning = False
-        #: Requests' data that arrived during a spin (for tests and the curious).
-        self.hits = 0
 
     def register(self, member: Pollable) -> None:
         if self.max_ns and member not in self._members:
@@ -108,7 +112,7 @@ class BusyPoller:
             return
         self._waiting_since = 0
         gap = _now() - since
-        if gap > self.max_ns:
+        if gap > self.max_ns + WAKEUP_ALLOWANCE_NS:
             self.window_ns = 0
         elif gap > self.window_ns:
             self.window_ns = min(self.max_ns, max(2 * self.window_ns, GROW_START_NS))
@@ -139,7 +143,6 @@ class BusyPoller:
                 if got is None:
                     return waiting
                 if got:
-                    self.hits += 1
                     waiting = _now()
                     if not member.poll_ready():
                         return waiting
