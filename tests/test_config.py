@@ -310,3 +310,14 @@ def test_daemon_with_an_invalid_configuration_exits_naming_key_and_line(tmp_path
     )
     assert proc.returncode == 2
     assert f"{path}: line 2: queue_depth: must be between 1 and 65536, got -3" in proc.stderr
+
+
+def test_busy_poll_from_the_file_and_its_flag(tmp_path):
+    assert parse("busy_poll: 0\n").busy_poll == 0
+    assert parse("busy_poll: 200\n").busy_poll == 200
+    assert "busy_poll: must be between 0 and 10000, got 20000" in error_of("busy_poll: 20000\n")
+    assert "busy_poll: expected an integer, got 'fast'" in error_of("busy_poll: fast\n")
+    path = tmp_path / "tapdisk.yaml"
+    path.write_text("busy_poll: 200\n")
+    args = parser_for(["busy_poll"]).parse_args(["--config", str(path), "--busy-poll", "0"])
+    assert from_arguments(args, ["busy_poll"]).busy_poll == 0
