@@ -96,6 +96,18 @@ class BusyPoller:
         self._members: list[Pollable] = []
         self._waiting_since = 0
         self._spinning = False
+        #: Receives the spin caught, and those the event loop woke up for.
+        self.caught = 0
+        self.woken = 0
+
+    def summary(self) -> str:
+        """One line for the log at shutdown: how often spinning saved a wake-up."""
+        if not self.max_ns:
+            return "busy-poll: off"
+        return (
+            f"busy-poll (up to {self.max_ns // 1000} us): {self.caught} receives caught "
+            f"spinning, {self.woken} woke the event loop"
+        )
 
     def register(self, member: Pollable) -> None:
         if self.max_ns and member not in self._members:
@@ -107,6 +119,7 @@ class BusyPoller:
 
     def woke(self) -> None:
         """The event loop delivered data: fit the window to how long we waited for it."""
+        self.woken += 1
         since = self._waiting_since
         if not since:
             return
@@ -143,6 +156,7 @@ class BusyPoller:
                 if got is None:
                     return waiting
                 if got:
+                    self.caught += 1
                     waiting = _now()
                     if not member.poll_ready():
                         return waiting

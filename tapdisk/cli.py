@@ -180,7 +180,7 @@ async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
             ", read-only" if export.read_only else "",
         )
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down; %s", poller.summary())
     await server.shutdown()
     return 0
 

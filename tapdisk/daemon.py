@@ -147,6 +147,7 @@ class Daemon:
         if self._stopping:
             return
         self._stopping = True
+        log.info("shutting down; %s", self.poller.summary())
         for minor in list(self.devices):
             try:
                 await self._close_device(minor)

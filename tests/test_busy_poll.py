@@ -1,13 +1,16 @@
 """Busy-polling (``--busy-poll``): a quick client is answered without the server sleeping,
 a slow one costs no spinning, and several clients polled together keep their data apart.
 
-What the spin saves is a sleep and a wake-up per request, so the tests count the server's
-voluntary context switches (``/proc/PID/status``) and its CPU time instead of timing it.
+What the spin saves is a sleep and a wake-up per request, so the tests count what the
+server says it caught while spinning (logged at shutdown), its voluntary context switches
+(``/proc/PID/status``) and its CPU time instead of timing it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -16,6 +19,7 @@ from pathlib import Path
 import nbd
 import pytest
 from conftest import Served
+from test_tapctl import nbd_uri, private_tapctl, wait_gone
 
 KiB = 1 << 10
 REQUESTS = 3000
@@ -60,22 +64,59 @@ def read_one_at_a_time(h: nbd.NBD, image: Path, count: int) -> None:
         assert h.pread(4 * KiB, offset) == data[offset : offset + 4 * KiB]
 
 
-@pytest.mark.parametrize("window", [0, 2000])
-def test_queue_depth_one_client_answered_without_sleeping(
-    serve: Callable[..., Served], image: Path, window: int
+def caught(log: str) -> int:
+    """Receives the spin caught, from the line a server logs when it shuts down."""
+    match = re.search(r"busy-poll \(up to \d+ us\): (\d+) receives caught spinning", log)
+    assert match, f"no busy-poll summary in the log:\n{log}"
+    return int(match.group(1))
+
+
+def test_queue_depth_one_client_answered_while_spinning(
+    serve: Callable[..., Served], image: Path
 ) -> None:
-    served = serve("--busy-poll", str(window), f"raw:{image}")
+    served = serve("--busy-poll", "2000", f"raw:{image}")
     h = connect(served)
     read_one_at_a_time(h, image, 100)  # the window grows to its maximum
     before = sleeps(served.proc.pid)
     read_one_at_a_time(h, image, REQUESTS)
     slept = sleeps(served.proc.pid) - before
     h.shutdown()
-    if window:
-        # One sleep per spin budget (1 ms) at most, plus the odd slow client turn.
-        assert slept < REQUESTS / 4, f"slept {slept} times in {REQUESTS} requests"
-    else:
-        assert slept > REQUESTS / 2, f"slept only {slept} times in {REQUESTS} requests"
+    assert served.stop() == 0
+    assert caught(served.stderr) > REQUESTS / 2
+    # One sleep per spin budget (1 ms) at most, plus the odd slow client turn.
+    assert slept < REQUESTS / 4, f"slept {slept} times in {REQUESTS} requests"
+
+
+def test_busy_poll_zero_never_spins(serve: Callable[..., Served], image: Path) -> None:
+    served = serve("--busy-poll", "0", f"raw:{image}")
+    h = connect(served)
+    read_one_at_a_time(h, image, 500)
+    h.shutdown()
+    assert served.stop() == 0
+    assert "busy-poll: off" in served.stderr
+
+
+@pytest.mark.parametrize("window", [0, 2000])
+def test_the_daemon_takes_the_window_from_its_configuration(
+    tmp_path: Path, image: Path, window: int
+) -> None:
+    """busy_poll in the file that tap-ctl spawn hands on reaches the daemon's devices."""
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"busy_poll: {window}\n")
+    for tapctl in private_tapctl():
+        pid = int(tapctl.out("spawn", "--config", str(config)))
+        sock = tapctl.out("open", "-p", str(pid), "-a", f"raw:{image}")
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri(sock))
+        read_one_at_a_time(h, image, 1000)
+        h.shutdown()
+        os.kill(pid, signal.SIGTERM)
+        assert wait_gone(pid)
+        log = (tapctl.dir / "tapdisk.log").read_text()
+        if window:
+            assert caught(log) > 500
+        else:
+            assert "busy-poll: off" in log
 
 
 def test_slow_client_stops_the_spin(serve: Callable[..., Served], image: Path) -> None:
