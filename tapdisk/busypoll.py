@@ -96,17 +96,17 @@ class BusyPoller:
         self._members: list[Pollable] = []
         self._waiting_since = 0
         self._spinning = False
-        #: Receives the spin caught, and those the event loop woke up for.
+        #: Receives the spin caught, and those the event loop delivered.
         self.caught = 0
         self.woken = 0
 
     def summary(self) -> str:
-        """One line for the log at shutdown: how often spinning saved a wake-up."""
+        """One line for the log at shutdown: how often the spin caught what came."""
         if not self.max_ns:
             return "busy-poll: off"
         return (
             f"busy-poll (up to {self.max_ns // 1000} us): {self.caught} receives caught "
-            f"spinning, {self.woken} woke the event loop"
+            f"spinning, {self.woken} came through the event loop"
         )
 
     def register(self, member: Pollable) -> None:
