@@ -66,10 +66,10 @@ def pread_full(fd: int, buf: memoryview, offset: int) -> None:
 
 def pwrite_full(fd: int, data: memoryview, offset: int) -> None:
     """Blocking write of all of ``data``."""
-    done = 0
+    done = os.pwrite(fd, data, offset)  # the whole of it, but for a full disk or a signal
     total = len(data)
     while done < total:
-        done += os.pwritev(fd, [data[done:]], offset + done)
+        done += os.pwrite(fd, data[done:], offset + done)
 
 
 class ImageFile:

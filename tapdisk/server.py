@@ -67,6 +67,12 @@ MAX_BYTES_IN_FLIGHT: Final = 128 * 1024 * 1024
 BATCH_BYTES: Final = 1024 * 1024
 #: Socket send buffer requested per connection (the kernel may cap it).
 SEND_BUFFER: Final = 4 * 1024 * 1024
+#: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us; 10% of
+#: the event loop's time at 120k writes/s), ``int & int`` does not.
+_FUA: Final = int(CommandFlag.FUA)
+_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
+_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
+_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 #: Seconds a client may take to finish the handshake.
 HANDSHAKE_TIMEOUT: Final = 30.0
 
@@ -478,7 +484,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if payload is None:  # zero-length write
                 self._send(simple_reply(request.cookie))
                 return
-            if not request.flags & CommandFlag.FUA:
+            if not request.flags & _FUA:
                 try:
                     done = image.write_nowait(request.offset, memoryview(payload))
                 except Exception as exc:
@@ -528,7 +534,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             request.offset,
             request.length,
         )
-        fua = bool(flags & CommandFlag.FUA)
+        fua = bool(flags & _FUA)
         try:
             if command == Command.WRITE:
                 if length:
@@ -543,8 +549,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                     await image.write_zeroes(
                         offset,
                         length,
-                        may_unmap=not flags & CommandFlag.NO_HOLE,
-                        fast_only=bool(flags & CommandFlag.FAST_ZERO),
+                        may_unmap=not flags & _NO_HOLE,
+                        fast_only=bool(flags & _FAST_ZERO),
                         fua=fua,
                     )
             elif command == Command.CACHE:
@@ -578,7 +584,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             remaining -= length
             if len(pairs) >= MAX_EXTENTS:
                 break
-        if request.flags & CommandFlag.REQ_ONE:
+        if request.flags & _REQ_ONE:
             pairs = pairs[:1]
         self._send(block_status_chunk(request.cookie, self.allocation_context, pairs))
 
