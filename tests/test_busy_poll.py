@@ -13,13 +13,13 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import nbd
 import pytest
 from conftest import Served
-from test_tapctl import nbd_uri, private_tapctl, wait_gone
+from test_tapctl import TapCtl, nbd_uri, private_tapctl, wait_gone
 
 KiB = 1 << 10
 REQUESTS = 3000
@@ -96,27 +96,32 @@ def test_busy_poll_zero_never_spins(serve: Callable[..., Served], image: Path) -
     assert "busy-poll: off" in served.stderr
 
 
+@pytest.fixture
+def tapctl() -> Iterator[TapCtl]:
+    """tap-ctl over a private control directory; its daemons are stopped even on failure."""
+    yield from private_tapctl()
+
+
 @pytest.mark.parametrize("window", [0, 2000])
 def test_the_daemon_takes_the_window_from_its_configuration(
-    tmp_path: Path, image: Path, window: int
+    tmp_path: Path, image: Path, tapctl: TapCtl, window: int
 ) -> None:
     """busy_poll in the file that tap-ctl spawn hands on reaches the daemon's devices."""
     config = tmp_path / "tapdisk.yaml"
     config.write_text(f"busy_poll: {window}\n")
-    for tapctl in private_tapctl():
-        pid = int(tapctl.out("spawn", "--config", str(config)))
-        sock = tapctl.out("open", "-p", str(pid), "-a", f"raw:{image}")
-        h = nbd.NBD()
-        h.connect_uri(nbd_uri(sock))
-        read_one_at_a_time(h, image, 1000)
-        h.shutdown()
-        os.kill(pid, signal.SIGTERM)
-        assert wait_gone(pid)
-        log = (tapctl.dir / "tapdisk.log").read_text()
-        if window:
-            assert caught(log) > 500
-        else:
-            assert "busy-poll: off" in log
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"raw:{image}")
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock))
+    read_one_at_a_time(h, image, 1000)
+    h.shutdown()
+    os.kill(pid, signal.SIGTERM)
+    assert wait_gone(pid)
+    log = (tapctl.dir / "tapdisk.log").read_text()
+    if window:
+        assert caught(log) > 500
+    else:
+        assert "busy-poll: off" in log
 
 
 def test_slow_client_stops_the_spin(serve: Callable[..., Served], image: Path) -> None:
