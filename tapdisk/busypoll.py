@@ -24,12 +24,11 @@ still run.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from typing import Final, Protocol
 
-#: Default longest spin after a reply, in microseconds (``--busy-poll``).
+#: Default longest spin after a reply, in microseconds (``--busy-poll``, ``busy_poll``).
 DEFAULT_MAX_US: Final = 50
 #: Largest window accepted: beyond a few milliseconds spinning only wastes CPU.
 MAX_US: Final = 10_000
@@ -43,32 +42,6 @@ BUDGET_NS: Final = 1_000_000
 
 _now = time.perf_counter_ns
 _yield = os.sched_yield
-
-
-def parse_window(text: str) -> int:
-    """An argparse type: microseconds from 0 (off) to ``MAX_US``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected microseconds, got {text!r}") from None
-    if not 0 <= value <= MAX_US:
-        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_US} microseconds, got {value}")
-    return value
-
-
-def add_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
-    """``--busy-poll USECS`` (``tapdisk serve`` and ``tapdisk daemon``); a None default
-    means the configuration file's ``busy_poll`` applies."""
-    shown = f"{default}" if default is not None else f"the configuration's, else {DEFAULT_MAX_US}"
-    parser.add_argument(
-        "--busy-poll",
-        type=parse_window,
-        default=default,
-        metavar="USECS",
-        help="spin up to USECS for a client's next request before sleeping: faster at queue "
-        "depth 1; adapts, and stops for clients slower than that; 0 disables "
-        f"(default {shown})",
-    )
 
 
 class Pollable(Protocol):

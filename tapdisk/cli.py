@@ -15,6 +15,7 @@ from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
 from . import busypoll, daemon, exporter, logs, service
+from . import config as configuration
 from .allocator import tune_allocator
 from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
 
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECS",
         help="drop clients that take longer to negotiate",
     )
-    busypoll.add_argument(serve, busypoll.DEFAULT_MAX_US)
+    configuration.add_busy_poll_argument(serve, busypoll.DEFAULT_MAX_US)
     serve.add_argument(
         "images",
         nargs="+",

@@ -386,13 +386,15 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         "retry_deadline": ("-t", "SECS", "retry failing requests for up to SECS seconds"),
         "queue_depth": (None, "N", "requests in flight per device"),
         "merge_size": (None, "SIZE", "largest merged request, e.g. 1MiB"),
-        "busy_poll": (None, "USECS", "spin up to USECS for a client's next request; 0 = never"),
         "control_dir": (None, "DIR", "directory of the control and NBD sockets"),
         "metrics_listen": (None, "HOST:PORT", "address of the Prometheus endpoint"),
     }
     for key in keys:
         if key == "allowed_dirs":
             add_allowed_dirs_argument(parser)
+            continue
+        if key == "busy_poll":
+            add_busy_poll_argument(parser, None)
             continue
         short, metavar, text = helps[key]
         flags = [f"--{key.replace('_', '-')}"] + ([short] if short else [])
@@ -411,6 +413,21 @@ def add_allowed_dirs_argument(parser: argparse.ArgumentParser) -> None:
         type=_flag("allowed_dirs", _directory),
         help="directory images and their parents may be opened from "
         "(repeatable; replaces the configuration's allowed_dirs)",
+    )
+
+
+def add_busy_poll_argument(parser: argparse.ArgumentParser, default: int | None) -> None:
+    """``--busy-poll USECS`` (serve, daemon, service), checked like the file's busy_poll;
+    with a None default the configuration's value applies."""
+    shown = default if default is not None else f"the configuration's, else {DEFAULT_MAX_US}"
+    parser.add_argument(
+        "--busy-poll",
+        dest="busy_poll",
+        metavar="USECS",
+        type=_flag("busy_poll", SCHEMA["busy_poll"]),
+        default=default,
+        help="spin up to USECS for a client's next request before sleeping: faster at queue "
+        f"depth 1; adapts, and stops for clients slower than that; 0 disables (default {shown})",
     )
 
 

@@ -595,7 +595,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         metavar="SECS",
         help="log requests without progress for this long (default %(default)s)",
     )
-    busypoll.add_argument(parser, None)
+    configuration.add_busy_poll_argument(parser, None)
     parser.add_argument(
         "--ready-fd",
         type=int,
