@@ -25,6 +25,15 @@ def require(tool: str) -> str:
     return path
 
 
+def proc_status(pid: int, field: str) -> int:
+    """The number a line of ``/proc/PID/status`` gives for ``field`` (e.g. VmHWM in kB)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
 def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120) -> str:
     """Run a command, return its stdout; raise with its stderr on failure."""
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=timeout)

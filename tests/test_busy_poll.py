@@ -18,7 +18,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import Served
+from conftest import Served, proc_status
 from test_tapctl import TapCtl, nbd_uri, private_tapctl, wait_gone
 
 KiB = 1 << 10
@@ -28,11 +28,7 @@ WRITES = 1500
 
 def sleeps(pid: int) -> int:
     """How often the server's event-loop thread has gone to sleep so far."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches in /proc/PID/status")
+    return proc_status(pid, "voluntary_ctxt_switches")
 
 
 def cpu_seconds(pid: int) -> float:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import proc_status
 
 MiB = 1 << 20
 
@@ -169,11 +170,7 @@ def meta_request(name: str, queries: list[str]) -> bytes:
 
 def server_rss_peak(pid: int) -> int:
     """Peak resident memory of a process, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmHWM")
+    return proc_status(pid, "VmHWM") * 1024
 
 
 def open_fds(pid: int) -> int:
