@@ -46,9 +46,9 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def connect(served: Served) -> nbd.NBD:
+def connect(uri: str) -> nbd.NBD:
     h = nbd.NBD()
-    h.connect_uri(served.uri())
+    h.connect_uri(uri)
     return h
 
 
@@ -71,7 +71,7 @@ def test_queue_depth_one_client_answered_while_spinning(
     serve: Callable[..., Served], image: Path
 ) -> None:
     served = serve("--busy-poll", "2000", f"raw:{image}")
-    h = connect(served)
+    h = connect(served.uri())
     read_one_at_a_time(h, image, 100)  # the window grows to its maximum
     before = sleeps(served.proc.pid)
     read_one_at_a_time(h, image, REQUESTS)
@@ -85,7 +85,7 @@ def test_queue_depth_one_client_answered_while_spinning(
 
 def test_busy_poll_zero_never_spins(serve: Callable[..., Served], image: Path) -> None:
     served = serve("--busy-poll", "0", f"raw:{image}")
-    h = connect(served)
+    h = connect(served.uri())
     read_one_at_a_time(h, image, 500)
     h.shutdown()
     assert served.stop() == 0
@@ -107,8 +107,7 @@ def test_the_daemon_takes_the_window_from_its_configuration(
     config.write_text(f"busy_poll: {window}\n")
     pid = int(tapctl.out("spawn", "--config", str(config)))
     sock = tapctl.out("open", "-p", str(pid), "-a", f"raw:{image}")
-    h = nbd.NBD()
-    h.connect_uri(nbd_uri(sock))
+    h = connect(nbd_uri(sock))
     read_one_at_a_time(h, image, 1000)
     h.shutdown()
     os.kill(pid, signal.SIGTERM)
@@ -124,7 +123,7 @@ def test_slow_client_stops_the_spin(serve: Callable[..., Served], image: Path) -
     """After a gap longer than the window the server spins no more: 40 requests 20 ms
     apart would cost 200 ms of CPU if each spun for the full 5 ms window."""
     served = serve("--busy-poll", "5000", f"raw:{image}")
-    h = connect(served)
+    h = connect(served.uri())
     read_one_at_a_time(h, image, 500)  # a quick client first: the window grows
     before = cpu_seconds(served.proc.pid)
     data = image.read_bytes()
@@ -146,7 +145,7 @@ def test_clients_polled_together_keep_their_data_apart(
 
     def client(index: int) -> None:
         try:
-            h = connect(served)
+            h = connect(served.uri())
             base = index * half
             for i in range(WRITES):
                 offset = base + (i * 4 * KiB) % half
