@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from tapdisk.drivers.base import Extent, ExtentFlags
+from tapdisk.drivers.fileio import ImageFile, in_memory
 from tapdisk.drivers.raw import RawImage
 
 MiB = 1 << 20
@@ -47,6 +48,14 @@ def in_loop(test: Callable[..., Awaitable[None]]) -> Callable[..., None]:
         asyncio.run(test(*args, **kwargs))  # type: ignore[arg-type]
 
     return wrapper
+
+
+def in_memory_file(path: str) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return in_memory(fd)
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture
@@ -93,11 +102,31 @@ async def test_write_zeroes_no_hole_keeps_space_allocated(tmp_path):
 
 
 @in_loop
-async def test_tmpfs_reads_fall_back_when_rwf_nowait_is_refused(shm_dir):
+async def test_tmpfs_reads_are_inline_although_rwf_nowait_is_refused(shm_dir):
+    """tmpfs refuses RWF_NOWAIT; its pages are memory, so reads still skip the thread pool."""
     path = make_file(shm_dir / "a.raw", MiB, {4096: b"tmpfs data"})
     image = RawImage(str(path))
+    buf = bytearray(10)
+    assert image.read_nowait(4096, memoryview(buf))
+    assert buf == b"tmpfs data"
     assert await read(image, 4096, 10) == b"tmpfs data"
     await image.close()
+
+
+def test_tmpfs_inline_read_past_end_of_file_is_zero_filled(shm_dir):
+    """Image formats may end their file before their last block; the tail reads as zeros."""
+    path = shm_dir / "short"
+    path.write_bytes(b"x" * 6000)
+    file = ImageFile(str(path), writable=False)
+    buf = bytearray(b"\xff" * 4096)
+    assert file.read_nowait(4096, memoryview(buf))
+    assert buf == b"x" * 1904 + bytes(2192)
+    file.close()
+
+
+def test_device_nodes_on_devtmpfs_are_not_read_inline():
+    """/dev is devtmpfs, but a device's data is the device's: it keeps the RWF_NOWAIT path."""
+    assert not in_memory_file("/dev/zero")
 
 
 @in_loop
