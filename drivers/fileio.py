@@ -153,7 +153,9 @@ class ImageFile:
         """Copy ``data`` into the page cache on the event loop; False if it must not."""
         if self.direct or len(data) > INLINE_WRITE_MAX:
             return False
-        pwrite_full(self.fd, data, offset)
+        done = os.pwrite(self.fd, data, offset)
+        if done < len(data):  # a full disk or a signal: finish or raise
+            pwrite_full(self.fd, data[done:], offset + done)
         return True
 
     async def write(self, offset: int, data: memoryview) -> None:

@@ -434,7 +434,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         the backlog each would get its buffer before reading could pause.
         """
         if self._backlog:
-            self._backlog.extend(requests)
+            self._backlog.extend(request.owned() for request in requests)
             return
         # Replies answered inline are collected and sent with one writev at the
         # end: at queue depth 16 that is one system call instead of sixteen.
@@ -442,7 +442,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         try:
             for index, request in enumerate(requests):
                 if self._read_paused:
-                    self._backlog.extend(requests[index:])
+                    self._backlog.extend(request.owned() for request in requests[index:])
                     return
                 self._dispatch(request)
         finally:
@@ -493,7 +493,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if done:
                     self._send(simple_reply(request.cookie))
                     return
-            self._start(self._run(request), request.length)
+            # The task runs after the receive buffer the payload may be borrowed from is reused.
+            self._start(self._run(request.owned()), request.length)
         else:
             self._start(self._run(request), 0)
 

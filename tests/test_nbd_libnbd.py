@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -78,6 +79,30 @@ def test_many_requests_in_flight_complete_with_the_right_data(served_image):
     content = image.read_bytes()
     assert all(content[o : o + len(d)] == d for o, d in blocks.items())
     h.shutdown()
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2"])
+def test_small_writes_that_wait_keep_their_own_data(serve, tmp_path, fmt):
+    """Small writes arrive inside the receive buffer and are lent from it.  The ones that
+    wait (FUA writes, and on a new qcow2 image every write, which allocates first) run in
+    tasks, and past 256 in flight they queue: they must not see that buffer reused."""
+    image = tmp_path / f"disk.{fmt}"
+    subprocess.run(["qemu-img", "create", "-q", "-f", fmt, str(image), "16M"], check=True)
+    h = connect(serve(f"{fmt}:{image}").uri())
+    rng = random.Random(11)
+    blocks = {i * 4096: rng.randbytes(4096) for i in range(600)}
+    buffers = []
+    for index, (offset, data) in enumerate(blocks.items()):
+        buf = nbd.Buffer.from_bytearray(bytearray(data))
+        buffers.append(buf)
+        h.aio_pwrite(buf, offset, flags=nbd.CMD_FLAG_FUA if index % 3 else 0)
+    wait_all(h)
+    h.shutdown()
+    flat = tmp_path / "flat.raw"
+    subprocess.run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, flat], check=True)
+    content = flat.read_bytes()
+    wrong = [o for o, d in blocks.items() if content[o : o + 4096] != d]
+    assert not wrong, f"{len(wrong)} of {len(blocks)} blocks hold other data, first at {wrong[0]}"
 
 
 def test_replies_come_back_in_completion_order_not_request_order(served_image):

@@ -2,8 +2,11 @@
 
 ``RequestReader`` is shaped for ``asyncio.BufferedProtocol``: the transport
 asks it for a buffer to receive into and tells it how many bytes arrived.
-Headers land in a reusable buffer; a WRITE payload gets a buffer of its own and
-the socket fills it directly, so large writes are never copied in user space.
+Headers land in a reusable buffer.  A WRITE payload that arrived whole with its
+header is handed out as a view into that buffer, valid until the next
+``get_buffer`` (the server writes it to the image at once or copies it); a
+payload still on its way gets a buffer of its own that the socket fills
+directly, so writes are never copied in user space on the common paths.
 Nothing here touches a socket.
 """
 
@@ -78,14 +81,24 @@ _READ_ONLY = int(TransmissionFlag.READ_ONLY)
 
 
 class Request(NamedTuple):
-    """One decoded request; ``payload`` is set only for WRITE."""
+    """One decoded request; ``payload`` is set only for WRITE.
+
+    A ``memoryview`` payload is borrowed from the reader's receive buffer and is
+    overwritten after the next ``RequestReader.get_buffer``; see ``owned``.
+    """
 
     cookie: int
     command: int
     flags: int
     offset: int
     length: int
-    payload: bytearray | None
+    payload: bytearray | memoryview | None
+
+    def owned(self) -> Request:
+        """This request with a payload that outlives the receive buffer (copied if borrowed)."""
+        if isinstance(self.payload, memoryview):
+            return self._replace(payload=bytearray(self.payload))
+        return self
 
 
 class RequestReader:
@@ -99,6 +112,7 @@ class RequestReader:
         "_payload",
         "_payload_filled",
         "_payload_view",
+        "_start",
         "_view",
     )
 
@@ -106,6 +120,9 @@ class RequestReader:
         self._max_payload = max_payload
         self._buf = bytearray(HEADER_BUFFER_SIZE)
         self._view = memoryview(self._buf)
+        # Bytes [_start, _end) of the buffer are received and not yet decoded; those
+        # before _start may still be read through borrowed payloads.
+        self._start = 0
         self._end = 0
         # While a WRITE payload is being received: its header and buffer.
         self._header: tuple[int, int, int, int, int] | None = None
@@ -116,12 +133,17 @@ class RequestReader:
     @property
     def idle(self) -> bool:
         """True between requests (no partial header or payload buffered)."""
-        return self._end == 0 and self._payload is None
+        return self._end == self._start and self._payload is None
 
     def get_buffer(self) -> memoryview:
-        """Where the next received bytes should go."""
+        """Where the next received bytes should go; ends the loan of borrowed payloads."""
         if self._payload_view is not None:
             return self._payload_view[self._payload_filled :]
+        start, end = self._start, self._end
+        if start:
+            if end > start:
+                self._buf[: end - start] = self._view[start:end]
+            self._start, self._end = 0, end - start
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> list[Request]:
@@ -144,37 +166,37 @@ class RequestReader:
 
     def _parse_headers(self) -> list[Request]:
         requests: list[Request] = []
-        buf, pos, end = self._buf, 0, self._end
+        buf, view, pos, end = self._buf, self._view, self._start, self._end
         size = REQUEST.size
         while end - pos >= size:
             magic, flags, command, cookie, offset, length = REQUEST.unpack_from(buf, pos)
             if magic != REQUEST_MAGIC:
                 raise ProtocolError(f"bad request magic {magic:#x}")
             pos += size
-            if command != Command.WRITE or length == 0:
+            if command != _WRITE or length == 0:
                 requests.append(Request(cookie, command, flags, offset, length, None))
                 continue
             if length > self._max_payload:
                 raise ProtocolError(
                     f"write of {length} bytes exceeds the {self._max_payload} limit"
                 )
-            payload = bytearray(length)
-            have = min(end - pos, length)
-            payload[:have] = self._view[pos : pos + have]
-            pos += have
-            if have == length:
-                requests.append(Request(cookie, command, flags, offset, length, payload))
+            if end - pos >= length:  # here whole: lend it
+                requests.append(
+                    Request(cookie, command, flags, offset, length, view[pos : pos + length])
+                )
+                pos += length
                 continue
-            # The rest of this payload goes straight from the socket into it.
+            # The rest of this payload goes straight from the socket into a buffer of its own.
+            payload = bytearray(length)
+            have = end - pos
+            payload[:have] = view[pos:end]
+            pos = end
             self._header = (flags, command, cookie, offset, length)
             self._payload = payload
             self._payload_view = memoryview(payload)
             self._payload_filled = have
             break
-        remaining = end - pos
-        if remaining and pos:
-            buf[:remaining] = buf[pos:end]
-        self._end = remaining
+        self._start = pos
         return requests
 
 
