@@ -29,7 +29,15 @@ from typing import Final
 from tapdisk.drivers.base import Image, ImageError
 
 from .busypoll import BusyPoller
-from .nbd.constants import Command, CommandFlag, Error, TransmissionFlag, nbd_error
+from .nbd.constants import (
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    Command,
+    CommandFlag,
+    Error,
+    TransmissionFlag,
+    nbd_error,
+)
 from .nbd.handshake import (
     ClientAborted,
     ExportInfo,
@@ -73,6 +81,12 @@ _FUA: Final = int(CommandFlag.FUA)
 _NO_HOLE: Final = int(CommandFlag.NO_HOLE)
 _FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 _REQ_ONE: Final = int(CommandFlag.REQ_ONE)
+#: The commands ``_dispatch`` tests for on every request, as plain ints (an enum member is
+#: an attribute lookup on its class).
+_READ: Final = int(Command.READ)
+_WRITE: Final = int(Command.WRITE)
+_DISC: Final = int(Command.DISC)
+_SIMPLE_REPLY_PACK: Final = SIMPLE_REPLY.pack
 #: Seconds a client may take to finish the handshake.
 HANDSHAKE_TIMEOUT: Final = 30.0
 
@@ -466,7 +480,23 @@ class NBDConnection(asyncio.BufferedProtocol):
             return
         image = self.image
         assert image is not None
-        if command == Command.READ:
+        if command == _WRITE:
+            payload = request.payload
+            if payload is None:  # zero-length write
+                self._ack(request.cookie)
+                return
+            if not request.flags & _FUA:
+                try:
+                    done = image.write_nowait(request.offset, memoryview(payload))
+                except Exception as exc:
+                    self._fail(request, exc)
+                    return
+                if done:
+                    self._ack(request.cookie)
+                    return
+            # The task runs after the receive buffer the payload may be borrowed from is reused.
+            self._start(self._run(request.owned()), request.length)
+        elif command == _READ:
             buf = bytearray(request.length)
             try:
                 done = image.read_nowait(request.offset, memoryview(buf))
@@ -477,24 +507,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._send_read(request, buf)
             else:
                 self._start(self._read(request, buf), request.length)
-        elif command == Command.DISC:
+        elif command == _DISC:
             self._close_when_drained()
-        elif command == Command.WRITE:
-            payload = request.payload
-            if payload is None:  # zero-length write
-                self._send(simple_reply(request.cookie))
-                return
-            if not request.flags & _FUA:
-                try:
-                    done = image.write_nowait(request.offset, memoryview(payload))
-                except Exception as exc:
-                    self._fail(request, exc)
-                    return
-                if done:
-                    self._send(simple_reply(request.cookie))
-                    return
-            # The task runs after the receive buffer the payload may be borrowed from is reused.
-            self._start(self._run(request.owned()), request.length)
         else:
             self._start(self._run(request), 0)
 
@@ -563,7 +577,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         except Exception as exc:
             self._fail(request, exc)
             return
-        self._send(simple_reply(request.cookie))
+        self._ack(request.cookie)
 
     async def _block_status(self, request: Request) -> None:
         assert self.image is not None and self.allocation_context is not None
@@ -590,6 +604,15 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._send(block_status_chunk(request.cookie, self.allocation_context, pairs))
 
     # -- replies -----------------------------------------------------------------
+
+    def _ack(self, cookie: int) -> None:
+        """Send a simple reply saying the request succeeded (the hot path of writes)."""
+        batch = self._batch
+        if batch is None:
+            self._send(simple_reply(cookie))
+            return
+        batch.append(_SIMPLE_REPLY_PACK(SIMPLE_REPLY_MAGIC, 0, cookie))
+        self._batch_bytes += SIMPLE_REPLY.size
 
     def _send(self, *data: bytes | bytearray) -> None:
         """Send one reply (header and payload), batched while dispatching inline."""

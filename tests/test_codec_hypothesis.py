@@ -16,7 +16,7 @@ from tapdisk.nbd.handshake import (
     Negotiated,
     ProtocolError,
 )
-from tapdisk.nbd.transmission import RequestReader
+from tapdisk.nbd.transmission import Request, RequestReader, check_any_request, check_request
 
 REQUEST = struct.Struct(">IHHQQI")
 REQUEST_MAGIC = 0x25609513
@@ -121,6 +121,30 @@ def test_request_reader_refuses_a_write_over_the_limit_before_its_payload(length
     header = REQUEST.pack(REQUEST_MAGIC, 0, WRITE, 1, 0, length)
     with pytest.raises(ProtocolError, match="exceeds"):
         feed(reader, header, [])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.one_of(st.sampled_from([0, 1]), st.integers(0, 9)),  # mostly READ and WRITE
+    st.one_of(st.just(0), st.sampled_from([1, 2, 4, 8, 16, 32, 1 | 4])),  # mostly none
+    st.one_of(st.integers(0, 2**22), st.integers(0, 2**64 - 1)),  # offset, mostly in range
+    st.one_of(  # length, around the payload limit too
+        st.sampled_from([0, 4096, MAX_PAYLOAD, MAX_PAYLOAD + 1]),
+        st.integers(0, 2**21),
+        st.integers(0, 2**32 - 1),
+    ),
+    st.integers(0, 0x3FF),  # export flags
+    st.integers(0, 2**23),  # export size
+    st.booleans(),  # block status negotiated
+)
+def test_check_request_fast_path_agrees_with_every_rule(
+    command, flags, offset, length, export_flags, size, block_status_ok
+):
+    """check_request answers plain READ and WRITE on its own; it must say what the full
+    rule set says, for those and for everything else."""
+    request = Request(1, command, flags, offset, length, None)
+    args = (request, export_flags, size, MAX_PAYLOAD, block_status_ok)
+    assert check_request(*args) == check_any_request(*args)
 
 
 # -- Handshake -----------------------------------------------------------------------

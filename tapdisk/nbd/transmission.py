@@ -210,7 +210,25 @@ def check_request(
     """Why a request must be refused (its NBD error), or None if it is valid.
 
     ``block_status_ok``: a metadata context was negotiated for this connection.
+    A plain READ or WRITE in range (nearly every request) meets only two of the
+    rules; it is answered here, everything else by ``check_any_request``.
     """
+    command = request.command
+    if not request.flags and command <= _WRITE and request.offset + request.length <= size:
+        if command == _READ:
+            return Error.EINVAL if request.length > max_payload else None
+        return Error.EPERM if export_flags & _READ_ONLY else None
+    return check_any_request(request, export_flags, size, max_payload, block_status_ok)
+
+
+def check_any_request(
+    request: Request,
+    export_flags: int,
+    size: int,
+    max_payload: int,
+    block_status_ok: bool,
+) -> Error | None:
+    """``check_request`` with every rule applied to every request."""
     command, flags, offset, length = request.command, request.flags, request.offset, request.length
     allowed = _ALLOWED_FLAGS.get(command)
     if allowed is None or flags & ~allowed:
