@@ -6,9 +6,19 @@ connection per fio job) drives each in turn. The image is a fully written 1 GiB 
 sparse one the servers would answer reads with holes and move no data.
 
 Page cache: the image lives on a real file system and every server opens it through the page
-cache. Before each read job the whole file is read once, so every server reads a warm image;
-after each write job it is fdatasync'ed outside the timed part, so dirty pages left by one
-server are not written back during the next server's job.
+cache, whose state is set before each job so that every server meets the same one. On Linux
+6.16 and later ext4 caches files in large folios, and how large they are depends on how the
+pages came in; it changes the cost of I/O more than most server differences do (a 4 KiB write
+into a cached folio walks all of its buffer heads; reads from the scattered small folios that
+random writes leave are slower). So:
+
+- before each write job the file is written back and dropped from the cache: every server
+  writes into an image with nothing cached;
+- before each read job the whole file is read once, so every server reads a warm image; when
+  a write job ran since the last read job, the file is dropped first, so the reads meet the
+  large folios of a sequential read-through rather than the scraps the writes left;
+- after each write job the image is fdatasync'ed outside the timed part, so dirty pages left
+  by one server are not written back during the next server's job.
 
 The comparison is a table of targets: a target is one image format, how to make that image
 from the raw one, and the servers that serve it (tapdisk first; the ratios are tapdisk over
@@ -291,6 +301,16 @@ def warm_page_cache(path: Path) -> None:
             pass
 
 
+def drop_page_cache(path: Path) -> None:
+    """Write the file back and evict it from the page cache, so the next job starts cold."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def write_back(path: Path) -> None:
     """Push the dirty pages a write job left to disk before the next job is timed."""
     fd = os.open(path, os.O_RDONLY)
@@ -470,12 +490,16 @@ def bench_target(
     tdir.mkdir()
     image = target.make_image(raw, tdir)
     measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    written = True  # the image was just made: drop it before the first read-through
     with running(servers, image, tdir) as live:
         for round_no in range(1, rounds + 1):
             for workload in workloads:
                 for each in live:
+                    if workload.writes or written:
+                        drop_page_cache(image)
                     if not workload.writes:
                         warm_page_cache(image)
+                    written = workload.writes
                     turn = f"round {round_no}/{rounds}"
                     log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
                     sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
