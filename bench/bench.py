@@ -99,6 +99,12 @@ class Server:
     name: str
     argv: Argv
     default: bool = True
+    #: Serves its own copy of the target's image (see ``on_own_copy``).
+    own_copy: bool = False
+
+    def image_for(self, image: Path) -> Path:
+        """The file this server serves when the target's image is ``image``."""
+        return image.with_name(f"{self.name}-{image.name}") if self.own_copy else image
 
 
 @dataclass(frozen=True)
@@ -205,9 +211,10 @@ def on_own_copy(server: Server) -> Server:
     servers writing one file at once would corrupt it (allocating writes)."""
 
     def argv(sock: Path, image: Path) -> list[str]:
-        return server.argv(sock, image.with_name(f"{server.name}-{image.name}"))
+        return server.argv(sock, copy.image_for(image))
 
-    return Server(server.name, argv, server.default)
+    copy = Server(server.name, argv, server.default, own_copy=True)
+    return copy
 
 
 def empty_vhd_images(raw: Path, workdir: Path) -> Path:
@@ -490,21 +497,25 @@ def bench_target(
     tdir.mkdir()
     image = target.make_image(raw, tdir)
     measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    written = True  # the image was just made: drop it before the first read-through
+    # Files written since their last read-through; each was just made, so all of them.
+    written = {each.image_for(image) for each in servers}
     with running(servers, image, tdir) as live:
         for round_no in range(1, rounds + 1):
             for workload in workloads:
                 for each in live:
-                    if workload.writes or written:
-                        drop_page_cache(image)
-                    if not workload.writes:
-                        warm_page_cache(image)
-                    written = workload.writes
+                    served = each.server.image_for(image)
+                    if workload.writes or served in written:
+                        drop_page_cache(served)
+                    if workload.writes:
+                        written.add(served)
+                    else:
+                        warm_page_cache(served)
+                        written.discard(served)
                     turn = f"round {round_no}/{rounds}"
                     log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
                     sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
                     if workload.writes:
-                        write_back(image)
+                        write_back(served)
                     measured.setdefault((workload.name, each.server.name), []).append(sample)
     results: list[Result] = []
     for (workload_name, server_name), samples in measured.items():
