@@ -26,6 +26,9 @@ DRIVERS: dict[str, str] = {
 
 #: Layer types: their argument is ``OPTIONS:INNER-SPEC``, not a path.
 LAYERS: frozenset[str] = frozenset({"fault"})
+#: Formats that can bypass the page cache (``OpenOptions.direct``).  The others do small,
+#: unaligned metadata I/O, which O_DIRECT refuses; asking them for it is an error, not a no-op.
+DIRECT_IO: frozenset[str] = frozenset({"raw", "aio"})
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,11 @@ def open_image(spec: str, options: OpenOptions | None = None) -> Image:
     """
     kind, path = parse_spec(spec)
     options = options or OpenOptions()
+    if options.direct and kind not in DIRECT_IO | LAYERS:
+        raise ImageError(
+            f"{spec}: {kind} images cannot bypass the page cache (their metadata I/O is "
+            f"not sector aligned); only {', '.join(sorted(DIRECT_IO))} images can"
+        )
     try:
         target = path if kind in LAYERS else os.path.abspath(path)
         return opener_for(kind)(target, options)

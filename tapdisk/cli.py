@@ -107,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-only", "-r", action="store_true", help="refuse all writes")
     serve.add_argument("--direct", action="store_true", help="bypass the page cache (O_DIRECT)")
     serve.add_argument(
+        "--description",
+        metavar="TEXT",
+        default="",
+        help="what clients that ask are told about each export (nbdinfo shows it); "
+        "default none: clients do not learn the server's paths",
+    )
+    serve.add_argument(
         "--handshake-timeout",
         type=float,
         default=HANDSHAKE_TIMEOUT,
@@ -141,7 +148,9 @@ def open_exports(args: argparse.Namespace) -> list[Export]:
             if name in names:
                 raise ImageError(f"two exports named {name!r}; use NAME=TYPE:PATH")
             names.add(name)
-            exports.append(Export(name, image, read_only=args.read_only))
+            exports.append(
+                Export(name, image, read_only=args.read_only, description=args.description)
+            )
     except BaseException:
         for image in opened:
             asyncio.run(image.close())

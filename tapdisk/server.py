@@ -131,7 +131,7 @@ class Export:
             name=name,
             size=image.size,
             flags=flags,
-            description=description or image.spec,
+            description=description,
             min_block=image.block_size,
             preferred_block=max(4096, image.block_size),
             max_payload=MAX_PAYLOAD,

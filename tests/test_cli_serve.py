@@ -51,6 +51,16 @@ def test_bad_spec_is_a_clear_error(tmp_path, spec):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
+def test_direct_is_refused_for_formats_that_cannot_bypass_the_page_cache(tmp_path, fmt):
+    path = tmp_path / f"disk.{fmt}"
+    run(require("qemu-img"), "create", "-q", "-f", "vpc" if fmt == "vhd" else fmt, path, "4M")
+    status, err = serve_fails("--unix", str(tmp_path / "s.sock"), "--direct", f"{fmt}:{path}")
+    assert status != 0
+    assert f"{fmt} images cannot bypass the page cache" in err
+    assert "Traceback" not in err
+
+
 def test_duplicate_export_names_are_refused(tmp_path, image):
     status, err = serve_fails("--unix", str(tmp_path / "s.sock"), f"raw:{image}", f"raw:{image}")
     assert status != 0

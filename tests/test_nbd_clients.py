@@ -162,6 +162,16 @@ def test_nbdinfo_list_shows_every_export(serve, raw_image):
     assert sizes == {"first": MiB, "second": 2 * MiB}
 
 
+def test_clients_learn_no_server_path_unless_a_description_is_given(serve, raw_image):
+    image = raw_image("1M")
+    listing = run(require("nbdinfo"), "--list", "--json", serve(f"raw:{image}").uri())
+    assert str(image) not in listing
+    assert "description" not in json.loads(listing)["exports"][0]
+    described = serve("--description", "boot disk", f"raw:{image}")
+    listing = json.loads(run(require("nbdinfo"), "--list", "--json", described.uri()))
+    assert listing["exports"][0]["description"] == "boot disk"
+
+
 def test_single_image_is_also_the_default_export(serve, raw_image):
     served = serve(f"disk=raw:{raw_image('3M')}")
     assert run(require("nbdinfo"), "--size", served.uri("")).strip() == str(3 * MiB)

@@ -78,7 +78,7 @@ def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -
     try:
         return open_image(
             f"{kind}:{path}",
-            OpenOptions(read_only=True, direct=options.direct, allowed_dirs=options.allowed_dirs),
+            OpenOptions(read_only=True, allowed_dirs=options.allowed_dirs),
         )
     finally:
         _opening.reset(token)

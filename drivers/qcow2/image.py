@@ -70,9 +70,8 @@ def open_qcow2(path: str, options: OpenOptions) -> Qcow2Image:
 class Qcow2Image(Image):
     """A QCOW2 (v2 or v3) image, with its backing chain.
 
-    ``OpenOptions.direct`` is not honoured: metadata I/O uses small unaligned
-    buffers, so the image file always goes through the page cache (FLUSH still
-    syncs it); backing files get the option passed on.
+    Metadata I/O uses small unaligned buffers, so the image always goes through
+    the page cache (FLUSH syncs it) and the registry refuses ``OpenOptions.direct``.
     """
 
     def __init__(self, path: str, options: OpenOptions) -> None:

@@ -5,8 +5,8 @@ offset computed from the cached BAT (``read_nowait`` serves page-cache hits
 inline); other reads walk the bitmap in runs and fall through to the parent
 for sectors this image does not hold.  Writes to new blocks allocate through
 ``BlockStore`` (see ``alloc`` for the crash ordering); a partial write marks
-only the sectors written, so the parent's other sectors stay visible.  The
-``direct`` option is not applied: VHD metadata is not page aligned.
+only the sectors written, so the parent's other sectors stay visible.  VHD
+metadata is not page aligned, so the registry refuses the ``direct`` option.
 """
 
 from __future__ import annotations
