@@ -17,7 +17,7 @@ from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 from . import busypoll, daemon, exporter, logs, service
 from . import config as configuration
 from .allocator import tune_allocator
-from .server import HANDSHAKE_TIMEOUT, Export, NBDServer
+from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
 
 log = logging.getLogger("tapdisk")
 
@@ -57,6 +57,17 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def parse_connection_limit(text: str) -> int:
+    """``--max-connections``: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+    return value
 
 
 def split_export(text: str) -> tuple[str | None, str]:
@@ -120,6 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECS",
         help="drop clients that take longer to negotiate",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=parse_connection_limit,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="clients served at once; more are closed at connect, which bounds memory to "
+        f"about N x 160 MiB (default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit)",
+    )
     configuration.add_busy_poll_argument(serve, busypoll.DEFAULT_MAX_US)
     serve.add_argument(
         "images",
@@ -160,7 +179,12 @@ def open_exports(args: argparse.Namespace) -> list[Export]:
 
 async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
     poller = busypoll.BusyPoller(args.busy_poll)
-    server = NBDServer(exports, handshake_timeout=args.handshake_timeout, poller=poller)
+    server = NBDServer(
+        exports,
+        handshake_timeout=args.handshake_timeout,
+        poller=poller,
+        max_connections=args.max_connections or None,
+    )
     uris: list[str] = []
     try:
         for path in args.unix:

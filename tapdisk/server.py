@@ -9,7 +9,8 @@ FLUSH on any connection covers writes completed on every one (multi-conn).
 
 Memory is bounded per connection: reading from the socket pauses while too many
 requests or too many payload bytes are in flight, or while the client is not
-reading its replies.
+reading its replies.  A server may also cap its number of connections
+(``max_connections``); past it, new clients are closed at once.
 """
 
 from __future__ import annotations
@@ -87,6 +88,9 @@ _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _DISC: Final = int(Command.DISC)
 _SIMPLE_REPLY_PACK: Final = SIMPLE_REPLY.pack
+#: Clients ``tapdisk serve`` serves at once unless told otherwise: with the per-connection
+#: limits above, about 2.5 GiB of buffers at most.  (nbdcopy opens 4 connections.)
+DEFAULT_MAX_CONNECTIONS: Final = 16
 #: Seconds a client may take to finish the handshake.
 HANDSHAKE_TIMEOUT: Final = 30.0
 
@@ -156,14 +160,18 @@ class NBDServer:
         *,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         poller: BusyPoller | None = None,
+        max_connections: int | None = None,
     ) -> None:
         """``poller`` is shared by every server on one event loop (see busypoll.py);
-        without one, connections are not busy-polled."""
+        without one, connections are not busy-polled.  ``max_connections`` caps the
+        clients served at once (None: no cap); handed-in sockets count but are never
+        refused."""
         self.exports = {export.name: export for export in exports}
         self.default_export = next(iter(self.exports)) if len(self.exports) == 1 else None
         if "" in self.exports:
             self.default_export = ""
         self.handshake_timeout = handshake_timeout
+        self.max_connections = max_connections
         self.connections: set[NBDConnection] = set()
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
@@ -306,6 +314,15 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._begin_transmission(Negotiated(export.info, flags, False, None))
             return
         if self.server.closing:
+            transport.abort()
+            return
+        limit = self.server.max_connections
+        if limit is not None and len(self.server.connections) > limit:
+            log.warning(
+                "%s: refusing a connection: %d clients are connected, the most allowed",
+                self.subject,
+                limit,
+            )
             transport.abort()
             return
         self._handshake = Handshake(self.server.export_infos, self.server.default_export)

@@ -167,6 +167,32 @@ def test_unix_and_tcp_listeners_serve_the_same_image(tmp_path, image):
     assert served.stop() == 0
 
 
+def test_clients_past_max_connections_are_closed_and_the_others_keep_working(tmp_path, image):
+    served = start_tapdisk(tmp_path / "s.sock", "--max-connections", "2", f"raw:{image}")
+    first, second = nbd.NBD(), nbd.NBD()
+    first.connect_uri(served.uri())
+    second.connect_uri(served.uri())
+    third = nbd.NBD()
+    with pytest.raises(nbd.Error):
+        third.connect_uri(served.uri())
+    first.pwrite(b"\x01" * 4096, 0)
+    assert second.pread(4096, 0) == b"\x01" * 4096
+    first.shutdown()
+    fourth = nbd.NBD()
+    for _ in range(100):  # the server notices the first client's goodbye shortly after
+        try:
+            fourth.connect_uri(served.uri())
+            break
+        except nbd.Error:
+            fourth = nbd.NBD()
+            time.sleep(0.05)
+    assert fourth.pread(4096, 0) == b"\x01" * 4096
+    fourth.shutdown()
+    second.shutdown()
+    assert served.stop() == 0
+    assert "refusing a connection: 2 clients are connected, the most allowed" in served.stderr
+
+
 def test_direct_mode_serves_aligned_and_unaligned_io(tmp_path, image):
     served = start_tapdisk(tmp_path / "s.sock", "--direct", f"raw:{image}")
     h = nbd.NBD()
