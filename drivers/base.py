@@ -107,7 +107,9 @@ class Image(abc.ABC):
         """Write ``data`` without blocking on I/O if the image can (page cache).
 
         Returns False, having written nothing, when the caller must await
-        ``write`` instead.  Never used for FUA writes.
+        ``write`` instead.  Never used for FUA writes.  ``data`` may be borrowed
+        from the server's receive buffer: it is valid only during this call, so
+        nothing may keep it (a layer that queues the write must copy it).
         """
         return False
 
