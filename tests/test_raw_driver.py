@@ -124,6 +124,26 @@ def test_tmpfs_inline_read_past_end_of_file_is_zero_filled(shm_dir):
     file.close()
 
 
+def test_write_into_part_of_an_uncached_page_waits_for_a_thread(tmp_path):
+    """The kernel reads a partly written page from disk first; inline, the event loop would
+    wait for that read.  Whole pages, and cached ones, are still written inline."""
+    path = tmp_path / "cold"
+    path.write_bytes(b"\x11" * (4 * 4096))
+    file = ImageFile(str(path), writable=True)
+    if in_memory(file.fd):
+        pytest.skip("the temporary directory is on tmpfs: no page is ever read from disk")
+    os.fsync(file.fd)
+    os.posix_fadvise(file.fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages leave the cache
+    assert not file.write_nowait(512, memoryview(b"\x22" * 4096))
+    assert file.write_nowait(8192, memoryview(b"\x33" * 4096))  # a whole page needs no read
+    os.pread(file.fd, 8192, 0)  # now cached
+    assert file.write_nowait(512, memoryview(b"\x22" * 4096))
+    assert os.pread(file.fd, 3 * 4096, 0) == b"\x11" * 512 + b"\x22" * 4096 + (
+        b"\x11" * 3584 + b"\x33" * 4096
+    )
+    file.close()
+
+
 def test_device_nodes_on_devtmpfs_are_not_read_inline():
     """/dev is devtmpfs, but a device's data is the device's: it keeps the RWF_NOWAIT path."""
     assert not in_memory_file("/dev/zero")
