@@ -156,13 +156,20 @@ class ImageFile:
         if not self.read_nowait(offset, buf):
             await self._run(pread_full, self.fd, buf, offset)
 
-    def write_nowait(self, offset: int, data: memoryview) -> bool:
-        """Copy ``data`` into the page cache on the event loop; False if it must not."""
-        if self.direct or len(data) > INLINE_WRITE_MAX:
+    def can_write_nowait(self, offset: int, length: int) -> bool:
+        """Whether a write of ``length`` bytes at ``offset`` is a copy into the page cache
+        that waits for no disk I/O (what ``write_nowait`` does, else refuses)."""
+        if self.direct or length > INLINE_WRITE_MAX:
             return False
-        end = offset + len(data)
-        partial_pages = (offset | end) & _IN_PAGE and not self._in_memory
-        if partial_pages and not self._edges_cached(offset, end):
+        end = offset + length
+        if (offset | end) & _IN_PAGE and not self._in_memory:
+            return self._edges_cached(offset, end)
+        return True
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        """Copy ``data`` into the page cache on the event loop; False, having written
+        nothing, if that could wait for the disk."""
+        if not self.can_write_nowait(offset, len(data)):
             return False
         done = os.pwrite(self.fd, data, offset)
         if done < len(data):  # a full disk or a signal: finish or raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import subprocess
 from collections.abc import Callable
@@ -12,6 +13,7 @@ import pytest
 from conftest import Served, require, run
 from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
 from tapdisk.drivers.base import ExtentFlags
+from tapdisk.drivers.fileio import in_memory
 from tapdisk.drivers.qcow import QcowImage
 from tapdisk.drivers.qcow.image import DIRTY_LIMIT_BYTES
 from tapdisk.drivers.registry import OpenOptions, open_image
@@ -244,6 +246,35 @@ def test_nowait_paths_serve_allocated_clusters_only(tmp_path: Path) -> None:
                 assert buf == b"\x06" * 4 * K + b"\x07" * 8 * K + b"\x06" * 4 * K
             await img.read(0, memoryview(buf))
             assert buf == b"\x06" * 4 * K + b"\x07" * 8 * K + b"\x06" * 4 * K
+        finally:
+            await img.close()
+
+    asyncio.run(go())
+
+
+def test_nowait_write_over_uncached_partial_pages_writes_all_or_nothing(tmp_path: Path) -> None:
+    """A write 512 bytes into a cluster covers two host pages in part; uncached, both would
+    be read from disk inline, so write_nowait refuses the whole write, not just that piece."""
+    path = tmp_path / "cold.qcow"
+    qemu_img("create", "-q", "-f", "qcow", path, "4M")
+    qemu_io("qcow", path, "write -P 6 0 64k")
+
+    async def go() -> None:
+        img = open_image(f"qcow:{path}", OpenOptions())
+        assert isinstance(img, QcowImage)
+        try:
+            buf = bytearray(16 * K)
+            await img.read(32 * K, memoryview(buf))  # caches the L2 table
+            fd = img.file.fd
+            if in_memory(fd):
+                pytest.skip("the temporary directory is on tmpfs: no page is ever read from disk")
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            data = memoryview(b"\x09" * 4 * K)
+            if not img.write_nowait(512, data):
+                await img.write(512, data)
+            await img.read(0, memoryview(buf))
+            assert buf == b"\x06" * 512 + b"\x09" * 4 * K + b"\x06" * (12 * K - 512)
         finally:
             await img.close()
 

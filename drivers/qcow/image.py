@@ -23,7 +23,7 @@ from bisect import bisect_right
 from itertools import pairwise
 
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
-from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full
+from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full, pwrite_full
 from ..qcow2.backing import open_backing
 from ..qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
 from ..qcow2.compress import inflate_cluster
@@ -312,12 +312,13 @@ class QcowImage(Image):
         n = len(data)
         while pos < n:
             m = self._map_cached(offset + pos, n - pos)
-            if m is None or m[0] != DATA:
+            if m is None or m[0] != DATA or not self.file.can_write_nowait(m[1], m[2]):
                 return False
             pieces.append((pos, m[1], m[2]))
             pos += m[2]
+        # Every piece or none: the checks are done, so write them all here and now.
         for pos, host, run in pieces:
-            self.file.write_nowait(host, data[pos : pos + run])
+            pwrite_full(self.file.fd, data[pos : pos + run], host)
         return True
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
