@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ import nbd
 import pytest
 from conftest import Served, run
 from qcow_helpers import qemu_img, qemu_io
+from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024
 M = 1024 * K
@@ -257,3 +259,27 @@ def test_many_requests_in_flight_stay_consistent(
     assert srv.stop() == 0
     check_clean(top)
     compare(top, bytes(ref), tmp_path)
+
+
+def test_overwrite_of_an_owned_cluster_is_written_inline(tmp_path: Path) -> None:
+    """An overwrite inside a cluster the image owns, with its L2 table cached, changes no
+    metadata: write_nowait does it at once.  A write that allocates is refused."""
+    path = tmp_path / "inline.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io("qcow2", path, "write -P 6 0 64k")
+
+    async def go() -> bytes:
+        img = open_image(f"qcow2:{path}", OpenOptions())
+        try:
+            buf = bytearray(16384)
+            assert not img.write_nowait(4096, memoryview(b"\x07" * 4096))  # L2 not cached
+            await img.read(0, memoryview(buf))
+            assert img.write_nowait(4096, memoryview(b"\x07" * 4096))
+            assert not img.write_nowait(1 << 20, memoryview(b"\x08" * 4096))  # unallocated
+            await img.read(0, memoryview(buf))
+            return bytes(buf)
+        finally:
+            await img.close()
+
+    assert asyncio.run(go()) == b"\x06" * 4096 + b"\x07" * 4096 + b"\x06" * 8192
+    run("qemu-img", "check", "-q", "-f", "qcow2", path)

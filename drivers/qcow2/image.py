@@ -482,22 +482,40 @@ class Qcow2Image(Image):
             and entry & L2E_OFFSET_MASK != 0
         )
 
+    def _overwrite_at(self, offset: int, length: int) -> int | None:
+        """Where in the file a write of ``length`` bytes at ``offset`` goes if it needs no
+        metadata change, else None.
+
+        That is an overwrite inside one cluster this image owns alone (COPIED) whose L2
+        table is cached; it cannot race with allocation, so it takes no lock.
+        """
+        within = offset & self._cluster_mask
+        if within + length > self.cluster_size or self.extended_l2:
+            return None
+        l1e = self.l1[offset >> self._l1_shift]
+        table = self.l2cache.tables.get(l1e & L1E_OFFSET_MASK)
+        if table is None or not l1e & OFLAG_COPIED:
+            return None
+        gc = offset >> self.cluster_bits
+        entry = table[gc & self._l2_mask]
+        if not entry & OFLAG_COPIED or not self._in_place(table, gc & self._l2_mask):
+            return None
+        host = entry & L2E_OFFSET_MASK
+        self._check_data_cluster(host, gc)
+        return host + within
+
+    def write_nowait(self, offset: int, data: memoryview) -> bool:
+        if self.read_only or self.refcounts is None:
+            return False
+        at = self._overwrite_at(offset, len(data))
+        return at is not None and self.file.write_nowait(at, data)
+
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         self._check_writable()
-        # Fast path without the lock: an overwrite inside one cluster this image owns alone
-        # (COPIED) changes no metadata, so it cannot race with allocation.
-        within = offset & self._cluster_mask
-        if not fua and within + len(data) <= self.cluster_size and not self.extended_l2:
-            l1e = self.l1[offset >> self._l1_shift]
-            table = self.l2cache.tables.get(l1e & L1E_OFFSET_MASK)
-            if table is not None and l1e & OFLAG_COPIED:
-                gc = offset >> self.cluster_bits
-                entry = table[gc & self._l2_mask]
-                if entry & OFLAG_COPIED and self._in_place(table, gc & self._l2_mask):
-                    host = entry & L2E_OFFSET_MASK
-                    self._check_data_cluster(host, gc)
-                    await self.file.write(host + within, data)
-                    return
+        # The lock-free overwrite must not wait between finding its cluster and writing
+        # it: a discard could free the cluster meanwhile and an allocation reuse it.
+        if not fua and self.write_nowait(offset, data):
+            return
         async with self.lock:
             await self._write_locked(offset, data)
             if fua or len(self.l2cache.dirty) > MAX_DIRTY_L2:
