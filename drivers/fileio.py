@@ -133,16 +133,8 @@ class ImageFile:
         if self._in_memory:
             pread_full(self.fd, buf, offset)
             return True
-        if not self._nowait:
-            return False
-        try:
-            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return False
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
-            self._nowait = False
+        n = self._preadv_nowait(buf, offset)
+        if n is None:
             return False
         if n == len(buf):
             return True
@@ -187,18 +179,22 @@ class ImageFile:
         return all(self._page_cached(page) for page in pages)
 
     def _page_cached(self, page: int) -> bool:
+        return self._preadv_nowait(self._probe, page) is not None
+
+    def _preadv_nowait(self, buf: memoryview | bytearray, offset: int) -> int | None:
+        """``preadv(RWF_NOWAIT)``: the bytes read, or None when that would wait for the disk
+        or the file system refuses RWF_NOWAIT (remembered: not asked again)."""
         if not self._nowait:
-            return False
+            return None
         try:
-            os.preadv(self.fd, [self._probe], page, os.RWF_NOWAIT)
+            return os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
         except BlockingIOError:
-            return False
+            return None
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
             self._nowait = False
-            return False
-        return True
+            return None
 
     async def write(self, offset: int, data: memoryview) -> None:
         """Write all of ``data`` at ``offset``: inline into the page cache, else in a thread."""

@@ -228,10 +228,16 @@ def test_block_status_reports_allocated_backing_and_hole(tmp_path: Path) -> None
     assert sum(n for _, n, _ in extents) == 4 * M
 
 
-def test_nowait_paths_serve_allocated_clusters_only(tmp_path: Path) -> None:
+def sixes_qcow(tmp_path: Path) -> Path:
+    """A 4 MiB qcow image whose first 64 KiB are allocated and hold 0x06."""
     path = tmp_path / "n.qcow"
     qemu_img("create", "-q", "-f", "qcow", path, "4M")
     qemu_io("qcow", path, "write -P 6 0 64k")
+    return path
+
+
+def test_nowait_paths_serve_allocated_clusters_only(tmp_path: Path) -> None:
+    path = sixes_qcow(tmp_path)
 
     async def go() -> None:
         img = open_image(f"qcow:{path}", OpenOptions())
@@ -255,9 +261,7 @@ def test_nowait_paths_serve_allocated_clusters_only(tmp_path: Path) -> None:
 def test_nowait_write_over_uncached_partial_pages_writes_all_or_nothing(tmp_path: Path) -> None:
     """A write 512 bytes into a cluster covers two host pages in part; uncached, both would
     be read from disk inline, so write_nowait refuses the whole write, not just that piece."""
-    path = tmp_path / "cold.qcow"
-    qemu_img("create", "-q", "-f", "qcow", path, "4M")
-    qemu_io("qcow", path, "write -P 6 0 64k")
+    path = sixes_qcow(tmp_path)
 
     async def go() -> None:
         img = open_image(f"qcow:{path}", OpenOptions())
