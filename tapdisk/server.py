@@ -32,7 +32,6 @@ from tapdisk.drivers.base import Image, ImageError
 from .busypoll import BusyPoller
 from .nbd.constants import (
     SIMPLE_REPLY,
-    SIMPLE_REPLY_MAGIC,
     Command,
     CommandFlag,
     Error,
@@ -87,7 +86,6 @@ _REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _DISC: Final = int(Command.DISC)
-_SIMPLE_REPLY_PACK: Final = SIMPLE_REPLY.pack
 #: Clients ``tapdisk serve`` serves at once unless told otherwise: with the per-connection
 #: limits above, about 2.5 GiB of buffers at most.  (nbdcopy opens 4 connections.)
 DEFAULT_MAX_CONNECTIONS: Final = 16
@@ -628,7 +626,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if batch is None:
             self._send(simple_reply(cookie))
             return
-        batch.append(_SIMPLE_REPLY_PACK(SIMPLE_REPLY_MAGIC, 0, cookie))
+        batch.append(simple_reply(cookie))
         self._batch_bytes += SIMPLE_REPLY.size
 
     def _send(self, *data: bytes | bytearray) -> None:
