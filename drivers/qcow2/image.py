@@ -411,8 +411,11 @@ class Qcow2Image(Image):
 
     # -- writes ---------------------------------------------------------------------------
 
+    def _writable(self) -> bool:
+        return not self.read_only and self.refcounts is not None
+
     def _check_writable(self) -> None:
-        if self.read_only or self.refcounts is None:
+        if not self._writable():
             raise OSError(errno.EPERM, f"{self.path} is open read-only")
 
     def _check_data_cluster(self, host: int, gc: int) -> None:
@@ -505,7 +508,7 @@ class Qcow2Image(Image):
         return host + within
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
-        if self.read_only or self.refcounts is None:
+        if not self._writable():
             return False
         at = self._overwrite_at(offset, len(data))
         return at is not None and self.file.write_nowait(at, data)
