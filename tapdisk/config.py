@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import parse_spec
 
 from .busypoll import DEFAULT_MAX_US
@@ -274,7 +275,8 @@ class _Reader:
             values: dict[str, Any] = {}
             for key, key_node, value_node in self.mapping(item, where):
                 values[key] = self.parse(DEVICE_SCHEMA, where + ".", key, key_node, value_node)
-                if key == "spec" and allowed and not _inside(values[key], allowed):
+                outside = key == "spec" and not is_inside(image_path(values[key]) or "", allowed)
+                if allowed and outside:
                     raise self.error(
                         value_node, where + ".spec", "image is outside every allowed_dirs entry"
                     )
@@ -291,11 +293,6 @@ class _Reader:
                 raise self.error(item, where, "missing the required key spec")
             devices.append(DeviceConfig(**values))
         return tuple(devices)
-
-
-def _inside(spec: str, allowed: Sequence[str]) -> bool:
-    path = image_path(spec) or ""
-    return any(os.path.commonpath([path, d]) == d for d in allowed)
 
 
 def parse(text: str, path: str = "<config>") -> Config:

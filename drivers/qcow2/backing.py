@@ -13,6 +13,7 @@ import contextvars
 import os
 
 from ..base import Image, ImageError, ImageFormatError
+from ..paths import is_inside
 from ..registry import DRIVERS, OpenOptions, open_image
 
 #: Longest chain accepted; deeper ones are almost certainly hostile.
@@ -35,10 +36,8 @@ def resolve_backing(child: str, name: str, options: OpenOptions) -> str:
     base = os.path.dirname(child)
     path = os.path.realpath(os.path.join(base, name))
     allowed = options.allowed_dirs or (base,)
-    for top in allowed:
-        top = os.path.realpath(top)
-        if path == top or path.startswith(top.rstrip("/") + "/"):
-            return path
+    if is_inside(path, allowed):
+        return path
     raise ImageFormatError(
         f"{child}: backing_file {name!r} resolves to {path}, outside the allowed directories "
         f"({', '.join(allowed)})"

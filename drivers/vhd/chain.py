@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterable
 
 from ..base import ImageFormatError
+from ..paths import is_inside
 from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
 from .meta import Metadata, read_at
 
@@ -60,29 +61,19 @@ def _is_absolute(path: str) -> bool:
     return path.startswith("/") or (len(path) > 1 and path[1] == ":")
 
 
-def allowed_roots(child: str, allowed_dirs: Iterable[str]) -> list[str]:
-    dirs = list(allowed_dirs) or [os.path.dirname(os.path.abspath(child))]
-    return [os.path.realpath(d) for d in dirs]
-
-
-def is_allowed(path: str, roots: list[str]) -> bool:
-    real = os.path.realpath(path)
-    return any(real == r or real.startswith(r.rstrip("/") + "/") for r in roots)
-
-
 def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str] = ()) -> str:
     """Absolute path of the parent of differencing image ``child``.
 
     Raises ImageFormatError naming the locator when every candidate is missing
     or a candidate escapes the allowed directories.
     """
-    roots = allowed_roots(child, allowed_dirs)
     base = os.path.dirname(os.path.abspath(child))
+    roots = list(allowed_dirs) or [base]
     escaped: list[str] = []
     tried: list[str] = []
     for field_name, stored in locator_paths(fd, meta):
         candidate = os.path.normpath(os.path.join(base, stored))
-        if not is_allowed(candidate, roots):
+        if not is_inside(candidate, roots):
             escaped.append(f"{field_name} {stored!r}")
             continue
         tried.append(candidate)
