@@ -1,6 +1,6 @@
 """``tap-ctl``: blktap's control tool for tapdisk daemons.
 
-Talks to each daemon over its control socket (``control/protocol.py``).  The
+Talks to each daemon over its control socket (``tapdisk/ctl/protocol.py``).  The
 subcommands and flags follow blktap's ``tap-ctl`` where they apply:
 
     tap-ctl create -a TYPE:PATH [-R] [-t SECS] [-d /dev/nbdN]   spawn, open, attach; prints device
@@ -42,8 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tapdisk import config as configuration
-
-from . import protocol
+from tapdisk.ctl import protocol
 
 #: Seconds to wait for a daemon's answer (pause and snapshot can take a while).
 REQUEST_TIMEOUT = 600.0

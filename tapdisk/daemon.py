@@ -4,8 +4,8 @@ One daemon holds any number of VBDs.  Each has a *minor* (unique on the host:
 the daemon holds an ``flock`` on ``<dir>/minor<N>.lock`` for as long as the
 VBD is open, so minors of crashed processes are reclaimed), is served over
 NBD on ``<dir>/nbd<pid>.<minor>``, and may be attached to the kernel as
-``/dev/nbdN`` through ``tapdisk.control.kernel``.  The control socket
-``<dir>/ctl<pid>`` speaks ``tapdisk.control.protocol``; requests on one
+``/dev/nbdN`` through ``tapdisk.kernel``.  The control socket
+``<dir>/ctl<pid>`` speaks ``tapdisk.ctl.protocol``; requests on one
 connection are answered in order.
 """
 
@@ -26,9 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tapdisk.control import protocol
-from tapdisk.control.protocol import ProtocolError, Request, Response
+from tapdisk.ctl import protocol
+from tapdisk.ctl.protocol import ProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 from . import busypoll, logs
@@ -362,7 +363,7 @@ class Daemon:
     async def _kernel(self) -> Any:
         """The kernel module of tapdisk.control, with nbd.ko loaded."""
         try:
-            from tapdisk.control import kernel
+            from . import kernel
         except ImportError as exc:
             raise ControlError("unsupported", f"kernel attach is not available: {exc}") from exc
         try:
@@ -379,7 +380,7 @@ class Daemon:
     ) -> int:
         """Serve ``connections`` socketpairs without handshake and give the kernel
         their other ends with ``hand`` (CONNECT or RECONFIGURE, run in a thread)."""
-        from tapdisk.control import kernel
+        from . import kernel
 
         self._check_attachable(device, connections)
         pairs = [socket.socketpair() for _ in range(connections)]
@@ -429,7 +430,7 @@ class Daemon:
         await self._close_device(device.minor, detach=False)
 
     async def _detach(self, device: Device) -> None:
-        from tapdisk.control import kernel
+        from . import kernel
 
         index = device.kernel_index
         assert index is not None
@@ -478,12 +479,8 @@ class Daemon:
         """
         if not self.allowed_dirs:
             return
-        if path is not None:
-            real = os.path.realpath(path)
-            for top in self.allowed_dirs:
-                top = os.path.realpath(top)
-                if real == top or real.startswith(top.rstrip("/") + "/"):
-                    return
+        if path is not None and is_inside(path, self.allowed_dirs):
+            return
         raise ControlError(
             "image",
             f"{what}: the image is outside the allowed directories "

@@ -1,7 +1,7 @@
 """The host's Prometheus endpoint: one scrape covers every tapdisk process and device.
 
 Each tapdisk process counts in plain integers and answers ``stats`` on its control
-socket (``control/protocol.py``).  At every scrape the exporter lists the control
+socket (``tapdisk/ctl/protocol.py``).  At every scrape the exporter lists the control
 sockets in the control directory, asks each daemon for its stats (in parallel, with
 a timeout, so one hung daemon costs a scrape at most ``--scrape-timeout`` seconds),
 and hands the answers to ``metrics.TapdiskCollector``.  Nothing is cached: a device
@@ -29,7 +29,7 @@ from typing import Any
 from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
-from tapdisk.control import protocol
+from tapdisk.ctl import protocol
 
 from . import config as configuration
 from . import logs, sdnotify

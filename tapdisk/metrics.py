@@ -1,7 +1,7 @@
 """Prometheus metrics of tapdisk devices, built at scrape time from VBD stats.
 
 The request path only bumps plain integers (``scheduler.Stats``); this module turns a
-list of STATS objects (the shape is documented in ``control/protocol.py``) into metric
+list of STATS objects (the shape is documented in ``tapdisk/ctl/protocol.py``) into metric
 families when Prometheus scrapes.  Nothing is kept between scrapes, so a device that
 goes away simply stops appearing and its series go stale.
 
@@ -56,7 +56,7 @@ ERRNO_LABELS = frozenset(
     }
 )
 
-#: Operations of the ``op`` label (``control/protocol.py`` STATS ``errors``).
+#: Operations of the ``op`` label (``tapdisk/ctl/protocol.py`` STATS ``errors``).
 OPERATIONS = frozenset({"read", "write", "flush", "discard", "write_zeroes", "extents", "cache"})
 
 #: (name, STATS key, help, scale) of every per-device counter.  Times are summed

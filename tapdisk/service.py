@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tapdisk.control import protocol
+from tapdisk.ctl import protocol
 
 from . import config as configuration
 from . import logs, sdnotify

@@ -305,7 +305,7 @@ class VBD(Image):
     # -- statistics --------------------------------------------------------------
 
     def stats_dict(self) -> dict[str, Any]:
-        """The counters as JSON-ready data; the shape is documented in control/protocol.py."""
+        """The counters as JSON-ready data; the shape is documented in tapdisk/ctl/protocol.py."""
         s = self.stats
         cumulative = 0
         buckets: list[list[Any]] = []

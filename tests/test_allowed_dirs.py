@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import TAPDISK, require, run
+from helpers import TAPDISK, require, run
 
 BIN = Path(sys.executable).parent
 TAPCTL = str(BIN / "tap-ctl")

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import Served, proc_status
-from test_tapctl import TapCtl, nbd_uri, private_tapctl, wait_gone
+from helpers import Served, proc_status
+from tapctl_helpers import TapCtl, nbd_uri, private_tapctl, wait_gone
 
 KiB = 1 << 10
 REQUESTS = 3000

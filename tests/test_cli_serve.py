@@ -9,7 +9,7 @@ import time
 
 import nbd
 import pytest
-from conftest import TAPDISK, require, run, start_tapdisk
+from helpers import TAPDISK, require, run, start_tapdisk
 
 MiB = 1 << 20
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import TAPDISK, run
+from helpers import TAPDISK, run
 
 from tapdisk.config import (
     DEVICE_SCHEMA,

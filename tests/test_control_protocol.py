@@ -9,7 +9,8 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tapdisk.control.protocol import (
+
+from tapdisk.ctl.protocol import (
     MAX_MESSAGE,
     OPS,
     Decoder,

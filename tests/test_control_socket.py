@@ -3,44 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import stat
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from tapdisk.control.protocol import Decoder, Request, encode, parse_response
-from test_tapctl import image_factory, private_tapctl, wait_gone
+from tapctl_helpers import connect, receive, wait_gone
 
-
-@pytest.fixture
-def tapctl():
-    yield from private_tapctl()
-
-
-@pytest.fixture
-def image(tmp_path):
-    return image_factory(tmp_path)
-
-
-def connect(tapctl, pid: int) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(30)
-    sock.connect(str(tapctl.dir / f"ctl{pid}"))
-    return sock
-
-
-def receive(sock: socket.socket, count: int) -> list:
-    decoder = Decoder()
-    messages: list = []
-    while len(messages) < count:
-        data = sock.recv(65536)
-        if not data:
-            break
-        messages += decoder.feed(data)
-    return [parse_response(m) for m in messages]
+from tapdisk.ctl.protocol import Request, encode
 
 
 def test_pipelined_requests_are_answered_in_order(tapctl, image):

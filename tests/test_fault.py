@@ -7,7 +7,7 @@ import errno
 import time
 
 import pytest
-from conftest import require, run
+from helpers import require, run
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.fault import FaultConfig, FaultImage
 from tapdisk.drivers.registry import open_image

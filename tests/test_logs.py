@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import nbd
-from conftest import TAPDISK, run
+from helpers import TAPDISK, run
 
 from tapdisk.logs import BURST, RateLimit, priority
 

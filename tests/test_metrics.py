@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import TAPDISK, require, run
+from helpers import TAPDISK, require, run
 from prometheus_client.parser import text_string_to_metric_families
 
 from tapdisk.metrics import check_stats, device_label, errno_label

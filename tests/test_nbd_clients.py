@@ -7,7 +7,7 @@ import os
 import subprocess
 
 import pytest
-from conftest import require, run
+from helpers import require, run
 
 MiB = 1 << 20
 

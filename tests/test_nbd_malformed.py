@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import proc_status
+from helpers import proc_status
 
 MiB = 1 << 20
 

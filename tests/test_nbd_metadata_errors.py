@@ -7,7 +7,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from qcow_helpers import qemu_img, qemu_io
+from image_helpers import qemu_img, qemu_io
 
 L1_TABLE_OFFSET = 40  # qcow2 header field, u64 big-endian
 L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00

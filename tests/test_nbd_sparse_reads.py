@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import nbd
-from conftest import require, run
+from helpers import require, run
 
 
 def read_chunk_types(uri: str, offset: int, length: int) -> tuple[bytes, list[int]]:

@@ -1,4 +1,4 @@
-"""control/netlink.py: the nbd generic-netlink messages, byte by byte (no kernel needed).
+"""tapdisk/netlink.py: the nbd generic-netlink messages, byte by byte (no kernel needed).
 
 Golden datagrams are written out in hex as ``<linux/netlink.h>``,
 ``<linux/genetlink.h>`` and ``<linux/nbd-netlink.h>`` lay them out on a
@@ -14,7 +14,8 @@ import sys
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from tapdisk.control import netlink as nl
+
+from tapdisk import netlink as nl
 
 little_endian = pytest.mark.skipif(
     sys.byteorder != "little", reason="golden bytes are little-endian (netlink uses host order)"

@@ -1,4 +1,4 @@
-"""control/kernel.py on the host: real netlink sockets, no nbd driver needed.
+"""tapdisk/kernel.py on the host: real netlink sockets, no nbd driver needed.
 
 The nbd driver itself is exercised in tests/kernel (inside a VM).  Here: the
 netlink I/O shell against the host kernel's generic netlink controller, the
@@ -16,9 +16,9 @@ import subprocess
 from collections.abc import Iterator
 
 import pytest
-from tapdisk.control import kernel
-from tapdisk.control.kernel import KernelAttachError
 
+from tapdisk import kernel
+from tapdisk.kernel import KernelAttachError
 from tapdisk.nbd.constants import TransmissionFlag
 
 FLAGS = int(TransmissionFlag.HAS_FLAGS | TransmissionFlag.SEND_FLUSH)

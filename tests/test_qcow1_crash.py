@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from qcow_helpers import qemu_img, qemu_raw, read_all
+from image_helpers import qemu_img, qemu_raw, read_all
 
 BLOCK = 4096
 SECTOR = 512  # the unit a crash may tear an unflushed write at: one cluster here

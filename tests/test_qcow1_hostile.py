@@ -7,7 +7,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from qcow_helpers import qemu_img, qemu_io
+from image_helpers import qemu_img, qemu_io
 from tapdisk.drivers.base import ImageError, ImageFormatError
 from tapdisk.drivers.registry import OpenOptions, open_image
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Served, require, run
-from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
+from helpers import Served, require, run
+from image_helpers import qemu_img, qemu_io, qemu_raw, read_all
 from tapdisk.drivers.base import ExtentFlags
 from tapdisk.drivers.fileio import in_memory
 from tapdisk.drivers.qcow import QcowImage

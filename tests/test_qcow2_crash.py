@@ -10,9 +10,9 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import run
+from helpers import run
+from image_helpers import qemu_img
 from qcow2_crash_writer import FLUSH_EVERY, piece
-from qcow_helpers import qemu_img
 
 WRITER = str(Path(__file__).with_name("qcow2_crash_writer.py"))
 SLOT = 8 * 1024

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from qcow_helpers import qemu_img, qemu_io, read_all
+from image_helpers import qemu_img, qemu_io, read_all
 from tapdisk.drivers.base import ImageError, ImageFormatError
 from tapdisk.drivers.registry import OpenOptions, open_image
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
+from image_helpers import qemu_img, qemu_io, qemu_raw, read_all
 
 PATTERN = (
     "write -P 0x11 0 300k",

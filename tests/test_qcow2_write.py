@@ -9,48 +9,17 @@ from pathlib import Path
 
 import nbd
 import pytest
-from conftest import Served, run
-from qcow_helpers import qemu_img, qemu_io
+from helpers import Served, run
+from image_helpers import compare_fmt, qemu_img, qemu_io, workload
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 K = 1024
 M = 1024 * K
 
 
-def workload(uri: str, ref: bytearray, seed: int, ops: int, *, align: int = 1) -> None:
-    """Random writes, discards and zeroes over NBD, mirrored into ``ref``."""
-    rng = random.Random(seed)
-    h = nbd.NBD()
-    h.connect_uri(uri)
-    size = len(ref)
-    for _ in range(ops):
-        length = rng.choice([512, 4 * K, 64 * K, 200 * K + 7, 1 * M + 3])
-        off = rng.randrange(0, size - length) // align * align
-        op = rng.random()
-        if op < 0.6:
-            data = rng.randbytes(length)
-            h.pwrite(data, off)
-            ref[off : off + length] = data
-        elif op < 0.8:
-            h.zero(length, off)
-            ref[off : off + length] = bytes(length)
-        elif h.can_trim():
-            h.trim(length, off)  # a hint: contents stay as they are or become zero
-            ref[off : off + length] = h.pread(length, off)
-    h.flush()
-    h.shutdown()
-
-
 def check_clean(path: Path) -> None:
     out = run("qemu-img", "check", "-f", "qcow2", path)
     assert "No errors were found" in out, out
-
-
-def compare_fmt(path: Path, fmt: str, ref: bytes, tmp: Path) -> None:
-    """``qemu-img compare`` of an image with the expected contents."""
-    raw = tmp / "expected.raw"
-    raw.write_bytes(ref)
-    run("qemu-img", "compare", "-f", fmt, "-F", "raw", path, raw)
 
 
 def compare(path: Path, ref: bytes, tmp: Path) -> None:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import TAPDISK, run, start_tapdisk
+from helpers import TAPDISK, run, start_tapdisk
 
 TAPCTL = str(Path(sys.executable).with_name("tap-ctl"))
 

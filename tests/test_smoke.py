@@ -1,6 +1,6 @@
 """The smallest end-to-end check: qemu-io reads and writes through tapdisk serve."""
 
-from conftest import require, run
+from helpers import require, run
 
 
 def test_qemu_io_reads_back_what_it_wrote(serve, raw_image):

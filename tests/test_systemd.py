@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TAPDISK, require, run
+from helpers import TAPDISK, require, run
 
 UNITS = Path(__file__).parents[1] / "systemd"
 BIN = Path(sys.executable).parent

@@ -8,20 +8,9 @@ restarts a device under fio load.
 
 from __future__ import annotations
 
-import pytest
-from tapdisk.control.protocol import Request, encode
-from test_control_socket import connect, receive
-from test_tapctl import image_factory, private_tapctl
+from tapctl_helpers import connect, receive
 
-
-@pytest.fixture
-def tapctl():
-    yield from private_tapctl()
-
-
-@pytest.fixture
-def image(tmp_path):
-    return image_factory(tmp_path)
+from tapdisk.ctl.protocol import Request, encode
 
 
 def call(tapctl, pid: int, op: str, **args):

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run
-from qcow_helpers import qemu_img, qemu_io
+from helpers import run
+from image_helpers import qemu_img, qemu_io
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 TAPIMG = str(Path(sys.executable).with_name("tap-img"))

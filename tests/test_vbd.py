@@ -8,7 +8,7 @@ import json
 import os
 
 import pytest
-from conftest import require, run
+from helpers import require, run
 from tapdisk.drivers.base import ExtentFlags
 from tapdisk.drivers.registry import open_image
 

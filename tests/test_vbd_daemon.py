@@ -11,22 +11,11 @@ import time
 from pathlib import Path
 
 import nbd
-import pytest
-from conftest import require, run
-from test_tapctl import image_factory, nbd_uri, private_tapctl
+from helpers import require, run
+from tapctl_helpers import nbd_uri
 
 BLOCK = 64 * 1024
 SIZE = 16 << 20
-
-
-@pytest.fixture
-def tapctl():
-    yield from private_tapctl()
-
-
-@pytest.fixture
-def image(tmp_path):
-    return image_factory(tmp_path)
 
 
 class Writers:

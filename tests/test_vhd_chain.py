@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import pyvhdi
+from image_helpers import read_all, write_all
 from tapdisk.drivers.base import ExtentFlags, ImageFormatError
 from tapdisk.drivers.registry import OpenOptions, open_image
 from tapdisk.drivers.vhd import edit
@@ -20,30 +21,6 @@ from tapdisk.drivers.vhd.image import VhdImage
 
 MiB = 1 << 20
 SIZE = 24 * MiB
-
-
-def read_all(path: Path, **kw: object) -> bytes:
-    image = VhdImage(str(path), read_only=True, **kw)  # type: ignore[arg-type]
-    buf = bytearray(image.size)
-
-    async def go() -> None:
-        await image.read(0, memoryview(buf))
-        await image.close()
-
-    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
-    # task's result (all of it) while restoring the SIGINT handler.
-    asyncio.run(go())
-    return bytes(buf)
-
-
-def write(path: Path, writes: list[tuple[int, bytes]]) -> None:
-    async def go() -> None:
-        image = VhdImage(str(path))
-        for off, data in writes:
-            await image.write(off, memoryview(data))
-        await image.close()
-
-    asyncio.run(go())
 
 
 def apply(model: bytearray, writes: list[tuple[int, bytes]]) -> None:
@@ -74,14 +51,14 @@ def build_chain(tmp_path: Path, depth: int, align: int = 1) -> tuple[list[Path],
             snapshot_vhd(str(child), str(paths[-1]))
             paths.append(child)
         writes = random_writes(level, 12, align)
-        write(paths[-1], writes)
+        write_all(f"vhd:{paths[-1]}", writes)
         apply(model, writes)
     return paths, model
 
 
 def test_reads_fall_through_a_four_level_chain(tmp_path):
     paths, model = build_chain(tmp_path, 3)
-    assert read_all(paths[-1]) == model
+    assert read_all(f"vhd:{paths[-1]}") == model
 
 
 def test_libvhdi_reads_our_chain_identically(tmp_path):
@@ -106,23 +83,23 @@ def test_libvhdi_reads_our_chain_identically(tmp_path):
 def test_partial_sector_write_keeps_parent_bytes(tmp_path):
     base = tmp_path / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(0, b"\x01" * 8192)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 8192)])
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(base))
-    write(child, [(700, b"\x02" * 10)])
+    write_all(f"vhd:{child}", [(700, b"\x02" * 10)])
     expected = bytearray(b"\x01" * 8192)
     expected[700:710] = b"\x02" * 10
-    assert read_all(child)[:8192] == expected
+    assert read_all(f"vhd:{child}")[:8192] == expected
 
 
 def test_write_into_new_child_block_keeps_parent_sectors_of_that_block(tmp_path):
     base = tmp_path / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(4 * MiB, b"\x03" * 2 * MiB)])
+    write_all(f"vhd:{base}", [(4 * MiB, b"\x03" * 2 * MiB)])
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(base))
-    write(child, [(5 * MiB, b"\x04" * 4096)])
-    data = read_all(child)
+    write_all(f"vhd:{child}", [(5 * MiB, b"\x04" * 4096)])
+    data = read_all(f"vhd:{child}")
     assert data[4 * MiB : 5 * MiB] == b"\x03" * MiB
     assert data[5 * MiB : 5 * MiB + 4096] == b"\x04" * 4096
     assert data[5 * MiB + 4096 : 6 * MiB] == b"\x03" * (MiB - 4096)
@@ -169,12 +146,12 @@ def test_parent_in_other_directory_opens_when_allowed(tmp_path):
     (tmp_path / "vms").mkdir()
     base = tmp_path / "gold" / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(0, b"\x09" * 512)])
+    write_all(f"vhd:{base}", [(0, b"\x09" * 512)])
     child = tmp_path / "vms" / "child.vhd"
     snapshot_vhd(str(child), str(base))
     with pytest.raises(ImageFormatError, match="escapes the allowed directories"):
         VhdImage(str(child), read_only=True)
-    data = read_all(child, allowed_dirs=(str(tmp_path / "gold"), str(tmp_path / "vms")))
+    data = read_all(f"vhd:{child}", allowed_dirs=(str(tmp_path / "gold"), str(tmp_path / "vms")))
     assert data[:512] == b"\x09" * 512
 
 
@@ -183,19 +160,19 @@ def test_raw_parent_reads_through(tmp_path):
     raw.write_bytes(b"\x05" * SIZE)
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(raw), parent_raw=True)
-    write(child, [(MiB, b"\x06" * 1000)])
+    write_all(f"vhd:{child}", [(MiB, b"\x06" * 1000)])
     expected = bytearray(b"\x05" * SIZE)
     expected[MiB : MiB + 1000] = b"\x06" * 1000
-    assert read_all(child) == expected
+    assert read_all(f"vhd:{child}") == expected
 
 
 def test_block_status_distinguishes_leaf_parent_and_nothing(tmp_path):
     base = tmp_path / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(2 * MiB, b"\x01" * MiB)])
+    write_all(f"vhd:{base}", [(2 * MiB, b"\x01" * MiB)])
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(base))
-    write(child, [(8 * MiB, b"\x02" * 4096)])
+    write_all(f"vhd:{child}", [(8 * MiB, b"\x02" * 4096)])
 
     async def go() -> list[tuple[int, int]]:
         image = VhdImage(str(child), read_only=True)
@@ -221,7 +198,7 @@ def test_block_status_distinguishes_leaf_parent_and_nothing(tmp_path):
 def test_write_zeroes_reads_zeros_over_parent_data(tmp_path):
     base = tmp_path / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(0, b"\x01" * 6 * MiB)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 6 * MiB)])
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(base))
 
@@ -232,18 +209,18 @@ def test_write_zeroes_reads_zeros_over_parent_data(tmp_path):
         await image.close()
 
     asyncio.run(go())
-    data = read_all(child)
+    data = read_all(f"vhd:{child}")
     assert data[: MiB - 1000] == b"\x01" * (MiB - 1000)
     assert data[MiB - 1000 : 4 * MiB - 1000] == bytes(3 * MiB)
     assert data[4 * MiB - 1000 : 6 * MiB] == b"\x01" * (2 * MiB + 1000)
-    assert read_all(base)[: 6 * MiB] == b"\x01" * 6 * MiB
+    assert read_all(f"vhd:{base}")[: 6 * MiB] == b"\x01" * 6 * MiB
     assert check_vhd(str(child), parents=True) == []
 
 
 def test_fast_zero_over_parent_data_is_refused(tmp_path):
     base = tmp_path / "base.vhd"
     create_vhd(str(base), SIZE)
-    write(base, [(0, b"\x01" * MiB)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * MiB)])
     child = tmp_path / "child.vhd"
     snapshot_vhd(str(child), str(base))
 
@@ -261,7 +238,7 @@ def test_fast_zero_over_parent_data_is_refused(tmp_path):
 def test_trim_keeps_image_valid_and_other_data_intact(tmp_path):
     path = tmp_path / "d.vhd"
     create_vhd(str(path), SIZE)
-    write(path, [(0, b"\x07" * 8 * MiB)])
+    write_all(f"vhd:{path}", [(0, b"\x07" * 8 * MiB)])
 
     async def go() -> None:
         image = VhdImage(str(path))
@@ -269,7 +246,7 @@ def test_trim_keeps_image_valid_and_other_data_intact(tmp_path):
         await image.close()
 
     asyncio.run(go())
-    data = read_all(path)
+    data = read_all(f"vhd:{path}")
     assert data[: MiB + 4096] == b"\x07" * (MiB + 4096)
     assert data[4 * MiB : 8 * MiB] == b"\x07" * 4 * MiB
     assert check_vhd(str(path), bitmaps=True) == []
@@ -282,12 +259,12 @@ def test_torn_trailing_footer_is_recovered_from_backup(tmp_path):
     with open(path, "r+b") as f:
         f.seek(size - 512)
         f.write(b"\xc7" * 512)  # what blktap's strict mode leaves while open
-    assert read_all(path) == model
+    assert read_all(f"vhd:{path}") == model
     assert check_vhd(str(path)) != []
     writable = VhdImage(str(path))  # opening read-write rewrites the footer
     asyncio.run(writable.close())
     assert check_vhd(str(path)) == []
-    assert read_all(path) == model
+    assert read_all(f"vhd:{path}") == model
 
 
 def test_hidden_flag_and_marker_round_trip(tmp_path):
@@ -305,7 +282,7 @@ def test_hidden_flag_and_marker_round_trip(tmp_path):
 def test_write_nowait_goes_straight_into_full_blocks_only(tmp_path):
     path = tmp_path / "d.vhd"
     create_vhd(str(path), SIZE)
-    write(path, [(0, b"\x01" * 2 * MiB)])  # block 0 full, block 1 unallocated
+    write_all(f"vhd:{path}", [(0, b"\x01" * 2 * MiB)])  # block 0 full, block 1 unallocated
 
     async def go() -> tuple[bool, bool]:
         image = VhdImage(str(path))
@@ -315,7 +292,7 @@ def test_write_nowait_goes_straight_into_full_blocks_only(tmp_path):
         return inside, new_block
 
     assert asyncio.run(go()) == (True, False)
-    data = read_all(path)
+    data = read_all(f"vhd:{path}")
     assert data[4096:8192] == b"\x02" * 4096
     assert data[2 * MiB : 2 * MiB + 4096] == bytes(4096)
     assert check_vhd(str(path)) == []

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require, run
+from helpers import require, run
+from image_helpers import read_all
 from tapdisk.drivers.vhd.create import create_vhd, snapshot_vhd
 from tapdisk.drivers.vhd.image import VhdImage
 
@@ -63,20 +64,6 @@ def gen(seed: int, k: int, size: int) -> tuple[int, bytes, bool]:
     length = rnd.choice([512, 4096, 65536, 300 * 1024, rnd.randrange(1, 9000)])
     reach = min(size, (seed + 1) * 4 * 1024 * 1024)  # two blocks further each round
     return rnd.randrange(0, reach - length), rnd.randbytes(length), rnd.random() < 0.1
-
-
-def read_all(path: Path) -> bytes:
-    image = VhdImage(str(path), read_only=True)
-    buf = bytearray(image.size)
-
-    async def go() -> None:
-        await image.read(0, memoryview(buf))
-        await image.close()
-
-    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
-    # task's result (all of it) while restoring the SIGINT handler.
-    asyncio.run(go())
-    return bytes(buf)
 
 
 def crash_once(path: Path, seed: int, delay: float) -> tuple[int, int, set[int]]:
@@ -171,7 +158,7 @@ def test_sigkill_at_random_moments_leaves_valid_image_with_flushed_writes(tmp_pa
         seed = rounds + 1
         durable, issued, acked = crash_once(path, seed, rnd.uniform(0.05, 0.4))
         run(VHD_UTIL, "check", "-n", path)
-        actual = read_all(path)
+        actual = read_all(f"vhd:{path}")
         verify(model, actual, seed, durable, issued, acked)
         model = bytearray(actual)
         rounds += 1

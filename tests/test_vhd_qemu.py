@@ -7,47 +7,16 @@ our own ``vhd-util check`` runs on everything we write instead.)
 
 from __future__ import annotations
 
-import asyncio
 import random
 import sys
 from pathlib import Path
 
-from conftest import require, run
+from helpers import require, run
+from image_helpers import qemu_raw, read_all, write_all
 from tapdisk.drivers.vhd.create import create_vhd
-from tapdisk.drivers.vhd.image import VhdImage
 
 MiB = 1 << 20
 VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
-
-
-def read_all(path: Path) -> bytes:
-    image = VhdImage(str(path), read_only=True)
-    buf = bytearray(image.size)
-
-    async def go() -> None:
-        await image.read(0, memoryview(buf))
-        await image.close()
-
-    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
-    # task's result (all of it) while restoring the SIGINT handler.
-    asyncio.run(go())
-    return bytes(buf)
-
-
-def write_all(path: Path, writes: list[tuple[int, bytes]]) -> None:
-    async def go() -> None:
-        image = VhdImage(str(path))
-        for off, data in writes:
-            await image.write(off, memoryview(data))
-        await image.close()
-
-    asyncio.run(go())
-
-
-def qemu_raw(path: Path, tmp_path: Path) -> bytes:
-    out = tmp_path / f"{path.name}.raw"
-    run(require("qemu-img"), "convert", "-f", "vpc", "-O", "raw", path, out)
-    return out.read_bytes()
 
 
 def qemu_vpc(tmp_path: Path, name: str, size: str, *opts: str, writes: tuple[str, ...] = ()):
@@ -86,26 +55,26 @@ def apply(model: bytearray, writes: list[tuple[int, bytes]]) -> None:
 
 def test_qemu_dynamic_image_reads_identically(tmp_path):
     path = qemu_vpc(tmp_path, "q.vhd", "40M", "subformat=dynamic", writes=WRITES)
-    assert read_all(path) == qemu_raw(path, tmp_path)
+    assert read_all(f"vhd:{path}") == qemu_raw(path, "vpc", tmp_path)
 
 
 def test_qemu_fixed_image_reads_identically(tmp_path):
     path = qemu_vpc(tmp_path, "q.vhd", "24M", "subformat=fixed", writes=WRITES)
-    assert read_all(path) == qemu_raw(path, tmp_path)
+    assert read_all(f"vhd:{path}") == qemu_raw(path, "vpc", tmp_path)
 
 
 def test_qemu_force_size_image_has_exact_size_and_reads_identically(tmp_path):
     path = qemu_vpc(tmp_path, "q.vhd", "33000k", "subformat=dynamic,force_size=on", writes=WRITES)
-    data = read_all(path)
+    data = read_all(f"vhd:{path}")
     assert len(data) == 33000 * 1024
-    assert data == qemu_raw(path, tmp_path)
+    assert data == qemu_raw(path, "vpc", tmp_path)
 
 
 def test_qemu_fixed_force_size_image_reads_identically(tmp_path):
     path = qemu_vpc(tmp_path, "q.vhd", "17000k", "subformat=fixed,force_size=on", writes=WRITES)
-    data = read_all(path)
+    data = read_all(f"vhd:{path}")
     assert len(data) == 17000 * 1024
-    assert data == qemu_raw(path, tmp_path)
+    assert data == qemu_raw(path, "vpc", tmp_path)
 
 
 def test_our_dynamic_image_reads_identically_in_qemu(tmp_path):
@@ -113,9 +82,9 @@ def test_our_dynamic_image_reads_identically_in_qemu(tmp_path):
     create_vhd(str(path), 48 * MiB)
     model = bytearray(48 * MiB)
     writes = random_writes(48 * MiB, 60, seed=1)
-    write_all(path, writes)
+    write_all(f"vhd:{path}", writes)
     apply(model, writes)
-    assert qemu_raw(path, tmp_path) == model
+    assert qemu_raw(path, "vpc", tmp_path) == model
     raw = tmp_path / "model.raw"
     raw.write_bytes(model)
     run(require("qemu-img"), "compare", "-f", "vpc", "-F", "raw", path, raw)
@@ -126,32 +95,32 @@ def test_our_fixed_image_reads_identically_in_qemu(tmp_path):
     create_vhd(str(path), 20 * MiB, fixed=True)
     model = bytearray(20 * MiB)
     writes = random_writes(20 * MiB, 30, seed=2)
-    write_all(path, writes)
+    write_all(f"vhd:{path}", writes)
     apply(model, writes)
-    assert qemu_raw(path, tmp_path) == model
+    assert qemu_raw(path, "vpc", tmp_path) == model
     info = run(require("qemu-img"), "info", "-f", "vpc", "--output=json", path)
     assert '"virtual-size": 20971520' in info and '"format": "vpc"' in info
 
 
 def test_our_writes_into_qemu_image_read_identically_in_qemu(tmp_path):
     path = qemu_vpc(tmp_path, "q.vhd", "40M", "subformat=dynamic", writes=WRITES)
-    model = bytearray(qemu_raw(path, tmp_path))
+    model = bytearray(qemu_raw(path, "vpc", tmp_path))
     writes = random_writes(len(model), 40, seed=3)
-    write_all(path, writes)
+    write_all(f"vhd:{path}", writes)
     apply(model, writes)
-    assert qemu_raw(path, tmp_path) == model
-    assert read_all(path) == model
+    assert qemu_raw(path, "vpc", tmp_path) == model
+    assert read_all(f"vhd:{path}") == model
 
 
 def test_qemu_reads_our_image_after_qemu_writes_into_it(tmp_path):
     path = tmp_path / "ours.vhd"
     create_vhd(str(path), 16 * MiB)
-    write_all(path, [(5 * MiB + 100, b"\x5a" * 9000)])
+    write_all(f"vhd:{path}", [(5 * MiB + 100, b"\x5a" * 9000)])
     run(require("qemu-io"), "-f", "vpc", "-c", "write -P 0x77 12M 1M", path)
     model = bytearray(16 * MiB)
     apply(model, [(5 * MiB + 100, b"\x5a" * 9000), (12 * MiB, b"\x77" * MiB)])
-    assert read_all(path) == model
-    assert qemu_raw(path, tmp_path) == model
+    assert read_all(f"vhd:{path}") == model
+    assert qemu_raw(path, "vpc", tmp_path) == model
     run(VHD_UTIL, "check", "-n", path)
 
 
@@ -161,4 +130,4 @@ def test_our_image_written_by_qemu_reads_identically(tmp_path):
     path = tmp_path / "ours-then-qemu.vhd"
     create_vhd(str(path), 8 * MiB)
     run(require("qemu-io"), "-f", "vpc", "-c", "write -P 1 0 3M", "-c", "write -P 2 5M 1M", path)
-    assert read_all(path) == qemu_raw(path, tmp_path)
+    assert read_all(f"vhd:{path}") == qemu_raw(path, "vpc", tmp_path)

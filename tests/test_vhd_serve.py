@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from conftest import require, run
+from helpers import require, run
 
 MiB = 1 << 20
 VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import require, run
+from helpers import require, run
+from image_helpers import read_all, write_all
 from tapdisk.drivers.vhd.format import FOOTER_SIZE
-from tapdisk.drivers.vhd.image import VhdImage
 
 MiB = 1 << 20
 VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
@@ -27,30 +26,6 @@ def ok(*args: object) -> str:
     proc = vhd_util(*args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
-
-
-def write(path: Path, writes: list[tuple[int, bytes]]) -> None:
-    async def go() -> None:
-        image = VhdImage(str(path))
-        for off, data in writes:
-            await image.write(off, memoryview(data))
-        await image.close()
-
-    asyncio.run(go())
-
-
-def read_all(path: Path) -> bytes:
-    image = VhdImage(str(path), read_only=True)
-    buf = bytearray(image.size)
-
-    async def go() -> None:
-        await image.read(0, memoryview(buf))
-        await image.close()
-
-    # Not returned from the coroutine: asyncio.run on Python 3.11 reprs the
-    # task's result (all of it) while restoring the SIGINT handler.
-    asyncio.run(go())
-    return bytes(buf)
 
 
 def test_create_makes_tap_style_dynamic_image(tmp_path):
@@ -91,9 +66,9 @@ def test_query_prints_fields_in_blktaps_order(tmp_path):
     base = tmp_path / "base.vhd"
     child = tmp_path / "child.vhd"
     ok("create", "-n", base, "-s", "64", "-S", "128")
-    write(base, [(0, b"\x01" * 4096)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 4096)])
     ok("snapshot", "-n", child, "-p", base)
-    write(child, [(4 * MiB, b"\x02" * 4096), (9 * MiB, b"\x03" * 512)])
+    write_all(f"vhd:{child}", [(4 * MiB, b"\x02" * 4096), (9 * MiB, b"\x03" * 512)])
     lines = ok("query", "-n", child, "-a", "-d", "-m", "-f", "-p", "-s", "-v").splitlines()
     phys = int(lines[1])
     assert lines == [
@@ -118,9 +93,9 @@ def test_query_missing_file_fails_with_enoent(tmp_path):
 def test_snapshot_depth_limit(tmp_path):
     base = tmp_path / "base.vhd"
     ok("create", "-n", base, "-s", "8")
-    write(base, [(0, b"\x01" * 512)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 512)])
     ok("snapshot", "-n", tmp_path / "s1.vhd", "-p", base, "-l", "2")
-    write(tmp_path / "s1.vhd", [(0, b"\x02" * 512)])
+    write_all(f"vhd:{tmp_path / 's1.vhd'}", [(0, b"\x02" * 512)])
     proc = vhd_util("snapshot", "-n", tmp_path / "s2.vhd", "-p", tmp_path / "s1.vhd", "-l", "2")
     assert proc.returncode == errno.ENOSPC
     assert "snapshot depth exceeded: current depth: 2, limit: 2" in proc.stdout
@@ -130,7 +105,7 @@ def test_snapshot_skips_empty_parent_unless_e(tmp_path):
     base = tmp_path / "base.vhd"
     empty = tmp_path / "empty.vhd"
     ok("create", "-n", base, "-s", "8")
-    write(base, [(0, b"\x01" * 512)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 512)])
     ok("snapshot", "-n", empty, "-p", base)
     ok("snapshot", "-n", tmp_path / "a.vhd", "-p", empty)
     ok("snapshot", "-n", tmp_path / "b.vhd", "-p", empty, "-e")
@@ -143,7 +118,7 @@ def test_snapshot_of_raw_parent(tmp_path):
     raw.write_bytes(b"\x07" * 4 * MiB)
     child = tmp_path / "c.vhd"
     ok("snapshot", "-n", child, "-p", raw, "-m")
-    assert read_all(child) == b"\x07" * 4 * MiB
+    assert read_all(f"vhd:{child}") == b"\x07" * 4 * MiB
 
 
 def test_check_reports_valid_image(tmp_path):
@@ -228,12 +203,12 @@ def test_coalesce_copies_child_sectors_into_parent(tmp_path):
     base = tmp_path / "base.vhd"
     child = tmp_path / "c.vhd"
     ok("create", "-n", base, "-s", "8")
-    write(base, [(0, b"\x01" * 3 * MiB)])
+    write_all(f"vhd:{base}", [(0, b"\x01" * 3 * MiB)])
     ok("snapshot", "-n", child, "-p", base)
-    write(child, [(MiB + 3, b"\x02" * 1000), (6 * MiB, b"\x03" * 4096)])
-    expected = read_all(child)
+    write_all(f"vhd:{child}", [(MiB + 3, b"\x02" * 1000), (6 * MiB, b"\x03" * 4096)])
+    expected = read_all(f"vhd:{child}")
     assert ok("coalesce", "-n", child) == "Coalesced 10 sectors\n"
-    assert read_all(base) == expected
+    assert read_all(f"vhd:{base}") == expected
     ok("check", "-n", base, "-b")
 
 
@@ -250,7 +225,7 @@ def test_coalesce_shows_progress_only_on_a_terminal(tmp_path):
     child = tmp_path / "c.vhd"
     ok("create", "-n", base, "-s", "8")
     ok("snapshot", "-n", child, "-p", base)
-    write(child, [(0, b"\x02" * 512)])
+    write_all(f"vhd:{child}", [(0, b"\x02" * 512)])
     script = (
         "import os, pty, sys; pid, fd = pty.fork()\n"
         "if pid == 0: os.execv(sys.argv[1], sys.argv[1:])\n"
@@ -269,7 +244,7 @@ def test_coalesce_shows_progress_only_on_a_terminal(tmp_path):
 def test_repair_restores_torn_trailing_footer(tmp_path):
     path = tmp_path / "d.vhd"
     ok("create", "-n", path, "-s", "8")
-    write(path, [(0, b"\x01" * 4096)])
+    write_all(f"vhd:{path}", [(0, b"\x01" * 4096)])
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
         f.seek(size - 512)
@@ -278,18 +253,18 @@ def test_repair_restores_torn_trailing_footer(tmp_path):
     assert ok("check", "-n", path, "-i") == f"{path} is valid\n"
     assert "primary footer" in ok("repair", "-n", path)
     ok("check", "-n", path)
-    assert read_all(path)[:4096] == b"\x01" * 4096
+    assert read_all(f"vhd:{path}")[:4096] == b"\x01" * 4096
 
 
 def test_resize_grows_within_preallocated_bat(tmp_path):
     path = tmp_path / "d.vhd"
     ok("create", "-n", path, "-s", "8", "-S", "64")
-    write(path, [(0, b"\x01" * 512)])
+    write_all(f"vhd:{path}", [(0, b"\x01" * 512)])
     ok("resize", "-n", path, "-s", "40", "-f")
     assert ok("query", "-n", path, "-v") == "40\n"
-    write(path, [(39 * MiB, b"\x02" * 512)])
+    write_all(f"vhd:{path}", [(39 * MiB, b"\x02" * 512)])
     ok("check", "-n", path)
-    data = read_all(path)
+    data = read_all(f"vhd:{path}")
     assert data[:512] == b"\x01" * 512 and data[39 * MiB : 39 * MiB + 512] == b"\x02" * 512
 
 
@@ -315,11 +290,11 @@ def test_modify_sets_new_parent(tmp_path):
     child = tmp_path / "c.vhd"
     ok("create", "-n", a, "-s", "8")
     run(require("cp"), "--sparse=always", a, b)  # same UUID, different content
-    write(b, [(0, b"\x05" * 512)])
+    write_all(f"vhd:{b}", [(0, b"\x05" * 512)])
     ok("snapshot", "-n", child, "-p", a)
     ok("modify", "-n", child, "-p", b)
     assert ok("query", "-n", child, "-p").strip() == str(b)
-    assert read_all(child)[:512] == b"\x05" * 512
+    assert read_all(f"vhd:{child}")[:512] == b"\x05" * 512
     ok("check", "-n", child, "-p")
 
 
@@ -329,8 +304,8 @@ def test_modify_sets_physical_size(tmp_path):
     ok("modify", "-n", path, "-s", str(1 * MiB))
     assert os.path.getsize(path) == MiB
     ok("check", "-n", path)
-    write(path, [(0, b"\x01" * 512)])
-    assert read_all(path)[:512] == b"\x01" * 512
+    write_all(f"vhd:{path}", [(0, b"\x01" * 512)])
+    assert read_all(f"vhd:{path}")[:512] == b"\x01" * 512
     assert vhd_util("modify", "-n", path, "-s", "1024").returncode == errno.EINVAL
 
 
@@ -338,13 +313,13 @@ def test_fill_allocates_every_block_keeping_contents(tmp_path):
     base = tmp_path / "base.vhd"
     child = tmp_path / "c.vhd"
     ok("create", "-n", base, "-s", "9")
-    write(base, [(MiB, b"\x01" * MiB)])
+    write_all(f"vhd:{base}", [(MiB, b"\x01" * MiB)])
     ok("snapshot", "-n", child, "-p", base)
-    write(child, [(3 * MiB, b"\x02" * 512)])
-    before = read_all(child)
+    write_all(f"vhd:{child}", [(3 * MiB, b"\x02" * 512)])
+    before = read_all(f"vhd:{child}")
     ok("fill", "-n", child)
     assert ok("query", "-n", child, "-a") == "5\n"
-    assert read_all(child) == before
+    assert read_all(f"vhd:{child}") == before
     ok("check", "-n", child)
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from kerneltools import DirectServer
-from tapdisk.control import kernel
+
+from tapdisk import kernel
 
 IN_GUEST = os.environ.get("KVM_NBD_GUEST") == "1"
 

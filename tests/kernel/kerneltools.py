@@ -26,9 +26,9 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from tapdisk.control import kernel
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from tapdisk import kernel
 from tapdisk.nbd.handshake import connection_flags
 from tapdisk.server import DirectAttach, Export, NBDServer
 

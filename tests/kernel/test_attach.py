@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 from kerneltools import DirectServer, device, sh, sha256_file, sysfs
-from tapdisk.control import kernel
-from tapdisk.control.kernel import KernelAttachError
 
+from tapdisk import kernel
+from tapdisk.kernel import KernelAttachError
 from tapdisk.nbd.constants import TransmissionFlag
 
 MiB = 1 << 20

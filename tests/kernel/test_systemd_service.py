@@ -18,7 +18,8 @@ from pathlib import Path
 
 from kerneltools import sh
 from prometheus_client.parser import text_string_to_metric_families
-from tapdisk.control import kernel
+
+from tapdisk import kernel
 
 MiB = 1 << 20
 BIN = Path(sys.executable).parent

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 from kerneltools import sh, sha256_file
-from tapdisk.control import kernel
+
+from tapdisk import kernel
 
 MiB = 1 << 20
 TAPCTL = str(Path(sys.executable).with_name("tap-ctl"))

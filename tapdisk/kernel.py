@@ -46,9 +46,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Final
 
-from tapdisk.nbd.constants import TransmissionFlag
-
 from . import netlink as nl
+from .nbd.constants import TransmissionFlag
 
 #: Seconds a request may stay unanswered before its socket is declared dead.
 DEFAULT_TIMEOUT: Final = 180

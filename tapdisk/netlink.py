@@ -2,7 +2,7 @@
 
 Builds request datagrams and parses reply datagrams as plain bytes; no socket
 is touched here, so every layout can be checked byte by byte on any machine.
-``control/kernel.py`` is the thin I/O shell that sends these over an
+``tapdisk/kernel.py`` is the thin I/O shell that sends these over an
 ``AF_NETLINK`` socket.
 
 Netlink integers are in host byte order (the ``=`` struct prefix), unlike NBD.

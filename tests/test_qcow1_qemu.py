@@ -6,11 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Served, run
-from qcow_helpers import qemu_img, qemu_io, qemu_raw, read_all
+from helpers import Served, run
+from image_helpers import compare_fmt, qemu_img, qemu_io, qemu_raw, read_all, workload
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
-from test_qcow2_write import compare_fmt, workload
 
 M = 1 << 20
 
