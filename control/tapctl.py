@@ -135,7 +135,7 @@ class Client:
             raise TapCtlError(f"tapdisk {self.pid} did not answer {op} in time") from None
         except OSError as exc:
             raise TapCtlError(f"tapdisk {self.pid}: {op}: {exc}") from None
-        except protocol.ProtocolError as exc:
+        except protocol.ControlProtocolError as exc:
             raise TapCtlError(f"tapdisk {self.pid} sent a bad response: {exc}") from None
         if not response.ok:
             raise TapCtlError(response.message)

@@ -69,7 +69,7 @@ def fetch_stats(path: str, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, An
     """Every device's STATS from the daemon listening on ``path``.
 
     Raises OSError when the socket cannot be reached or times out, and
-    ``protocol.ProtocolError`` when the answer is not a list of STATS objects.
+    ``protocol.ControlProtocolError`` when the answer is not a list of STATS objects.
     """
     deadline = time.monotonic() + timeout
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
@@ -82,19 +82,23 @@ def fetch_stats(path: str, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, An
             sock.settimeout(max(0.001, deadline - time.monotonic()))
             data = sock.recv(1 << 16)
             if not data:
-                raise protocol.ProtocolError("the daemon closed the connection without answering")
+                raise protocol.ControlProtocolError(
+                    "the daemon closed the connection without answering"
+                )
             messages = decoder.feed(data)
     response = protocol.parse_response(messages[0])
     if not response.ok:
-        raise protocol.ProtocolError(f"stats failed ({response.kind}): {response.message}")
+        raise protocol.ControlProtocolError(f"stats failed ({response.kind}): {response.message}")
     devices = response.result
     if not isinstance(devices, list):
-        raise protocol.ProtocolError(f"stats answered a {type(devices).__name__}, not a list")
+        raise protocol.ControlProtocolError(
+            f"stats answered a {type(devices).__name__}, not a list"
+        )
     for stats in devices:
         try:
             check_stats(stats)
         except ValueError as exc:
-            raise protocol.ProtocolError(str(exc)) from None
+            raise protocol.ControlProtocolError(str(exc)) from None
     return devices
 
 
@@ -112,7 +116,7 @@ class Gatherer:
             return fetch_stats(path, self.timeout)
         except FileNotFoundError:
             return ""  # the daemon exited between the listing and the scrape
-        except (OSError, protocol.ProtocolError) as exc:
+        except (OSError, protocol.ControlProtocolError) as exc:
             # The path is the subject, so a stale socket is reported a few times, not forever.
             log.warning("%s: no stats: %s", path, exc)
             return str(exc) or type(exc).__name__
