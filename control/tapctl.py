@@ -28,24 +28,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import json
 import os
 import re
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from tapdisk import config as configuration
 from tapdisk.ctl import protocol
+from tapdisk.ctl.client import CallError, Client, daemon_pids
 
-#: Seconds to wait for a daemon's answer (pause and snapshot can take a while).
-REQUEST_TIMEOUT = 600.0
 #: Seconds a spawned tapdisk may take to start listening.
 SPAWN_TIMEOUT = 30.0
 #: Seconds a tapdisk may take to exit after shutdown.
@@ -93,74 +89,6 @@ class TapCtlError(Exception):
     """A failure to report and exit non-zero on."""
 
 
-@dataclass
-class Client:
-    """A blocking connection to one daemon's control socket."""
-
-    pid: int
-    path: str
-    sock: socket.socket
-    _next_id: int = 1
-
-    @classmethod
-    def connect(cls, directory: str, pid: int) -> Client:
-        path = protocol.control_socket(directory, pid)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            sock.close()
-            raise TapCtlError(f"no tapdisk with pid {pid} ({path}: {exc.strerror})") from None
-        sock.settimeout(REQUEST_TIMEOUT)
-        return cls(pid, path, sock)
-
-    def call(self, op: str, **args: Any) -> Any:
-        """Send one request and return its result; raise TapCtlError on failure."""
-        request = protocol.Request(
-            self._next_id, op, {k: v for k, v in args.items() if v is not None}
-        )
-        self._next_id += 1
-        try:
-            self.sock.sendall(protocol.encode(request))
-            decoder = protocol.Decoder()
-            while True:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise TapCtlError(f"tapdisk {self.pid} closed the control connection")
-                messages = decoder.feed(data)
-                if messages:
-                    break
-            response = protocol.parse_response(messages[0])
-        except TimeoutError:
-            raise TapCtlError(f"tapdisk {self.pid} did not answer {op} in time") from None
-        except OSError as exc:
-            raise TapCtlError(f"tapdisk {self.pid}: {op}: {exc}") from None
-        except protocol.ControlProtocolError as exc:
-            raise TapCtlError(f"tapdisk {self.pid} sent a bad response: {exc}") from None
-        if not response.ok:
-            raise TapCtlError(response.message)
-        return response.result
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def daemon_pids(directory: str) -> list[int]:
-    """Pids of the tapdisks with a control socket in ``directory``."""
-    pids = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "ctl*")):
-        tail = os.path.basename(path)[3:]
-        if tail.isdigit():
-            pids.append(int(tail))
-    return sorted(pids)
-
-
 def list_all(directory: str, pid: int | None = None) -> list[tuple[int, list[dict[str, Any]]]]:
     """(pid, [VBD-INFO...]) of every live daemon (or only ``pid``)."""
     result = []
@@ -168,7 +96,7 @@ def list_all(directory: str, pid: int | None = None) -> list[tuple[int, list[dic
         try:
             with Client.connect(directory, each) as client:
                 result.append((each, client.call("list")))
-        except TapCtlError:
+        except CallError:
             if pid is not None:
                 raise
             # A control socket left by a tapdisk that died; nobody listens.
@@ -315,7 +243,7 @@ def cmd_create(args: argparse.Namespace) -> None:
                     timeout=args.kernel_timeout,
                 )
     except BaseException:
-        with contextlib.suppress(TapCtlError), Client.connect(args.control_dir, proc.pid) as client:
+        with contextlib.suppress(CallError), Client.connect(args.control_dir, proc.pid) as client:
             client.call("shutdown")  # closes the image, detaches nothing half-made
         _stop_after_shutdown(proc)
         raise
@@ -400,7 +328,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
         with new:
             try:
                 new.call("takeover", minor=opened["minor"], index=parse_device(info["device"]))
-            except TapCtlError as exc:
+            except CallError as exc:
                 raise TapCtlError(
                     f"{info['device']}: tapdisk {proc.pid} could not take it over ({exc}); "
                     f"it has the image open as minor {opened['minor']}"
@@ -413,7 +341,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
 
 def _abandon(directory: str, proc: subprocess.Popen[bytes]) -> None:
     """Stop a tapdisk spawned for a restart that failed before it took anything over."""
-    with contextlib.suppress(TapCtlError), Client.connect(directory, proc.pid) as client:
+    with contextlib.suppress(CallError), Client.connect(directory, proc.pid) as client:
         client.call("shutdown")
     _stop_after_shutdown(proc)
 
@@ -660,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve_control_dir(args)
         args.func(args)
-    except TapCtlError as exc:
+    except (TapCtlError, CallError) as exc:
         print(f"tap-ctl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -2,8 +2,8 @@
 
 No sockets here: ``encode`` turns a message into bytes, ``Decoder.feed`` turns
 bytes into messages, and ``parse_request``/``parse_response`` validate them.
-The daemon (``tapdisk/daemon.py``) and ``tap-ctl`` (``control/tapctl.py``) share
-only this module.
+The daemon (``tapdisk/daemon.py``) and its callers (``tapdisk/ctl/client.py``, which
+tap-ctl and the exporter use) share only this module.
 
 Transport
 ---------
