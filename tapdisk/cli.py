@@ -51,12 +51,12 @@ def run_loop(coro: Coroutine[Any, Any, int]) -> int:
     return uvloop.run(coro)
 
 
-def parse_host_port(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+def parse_tcp_address(text: str) -> tuple[str, int]:
+    """``--tcp``: the configuration's ``HOST:PORT`` grammar as an argparse type."""
+    try:
+        return configuration.parse_host_port(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_connection_limit(text: str) -> int:
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--tcp",
         metavar="HOST:PORT",
-        type=parse_host_port,
+        type=parse_tcp_address,
         action="append",
         default=[],
         help="listen on TCP (repeatable; default 127.0.0.1:10809 when no --unix is given)",

@@ -100,12 +100,16 @@ def parse_size(value: object) -> int:
 
 
 def parse_host_port(value: object) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` for IPv6) -> (host, port)."""
+    """``HOST:PORT`` or ``[IPV6]:PORT`` -> (host, port); an empty host is 127.0.0.1.
+
+    The one address grammar of tapdisk: ``metrics_listen`` and ``--metrics-listen``
+    here, ``tapdisk serve --tcp`` in ``cli``.  PORT is decimal, 0 to 65535.
+    """
     if isinstance(value, str):
         host, sep, port = value.rpartition(":")
-        if sep and port.isdigit() and 0 <= int(port) <= 65535:
+        if sep and port.isascii() and port.isdigit() and int(port) <= 65535:
             return host.strip("[]") or "127.0.0.1", int(port)
-    raise ValueError(f"expected HOST:PORT such as 127.0.0.1:9847, got {value!r}")
+    raise ValueError(f"expected HOST:PORT or [IPV6]:PORT, PORT 0 to 65535, got {value!r}")
 
 
 def _integer(low: int, high: int) -> Callable[[object], int]:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tapdisk.ctl import protocol
-from tapdisk.ctl.protocol import ProtocolError, Request, Response
+from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import OpenOptions, open_image
@@ -178,7 +178,7 @@ class Daemon:
                     await writer.drain()
                     if self.stopped.is_set():
                         return
-        except ProtocolError as exc:
+        except ControlProtocolError as exc:
             log.warning("control client sent a bad frame, closing it: %s", exc)
         except ConnectionError:
             pass
@@ -192,7 +192,7 @@ class Daemon:
         request_id = message.get("id") if type(message.get("id")) is int else 0
         try:
             request = protocol.parse_request(message)
-        except ProtocolError as exc:
+        except ControlProtocolError as exc:
             return Response.failure(request_id, "invalid", str(exc))  # type: ignore[arg-type]
         try:
             result = await self._ops[request.op](request)

@@ -1,12 +1,12 @@
 """The host's Prometheus endpoint: one scrape covers every tapdisk process and device.
 
 Each tapdisk process counts in plain integers and answers ``stats`` on its control
-socket (``tapdisk/ctl/protocol.py``).  At every scrape the exporter lists the control
-sockets in the control directory, asks each daemon for its stats (in parallel, with
-a timeout, so one hung daemon costs a scrape at most ``--scrape-timeout`` seconds),
-and hands the answers to ``metrics.TapdiskCollector``.  Nothing is cached: a device
-that went away is simply absent from the next scrape.  This avoids
-prometheus-client's multiprocess mode and its shared files altogether.
+socket.  At every scrape the exporter lists the control sockets in the control
+directory, asks each daemon for its stats through ``tapdisk/ctl/client.py`` (in
+parallel, with a timeout, so one hung daemon costs a scrape at most
+``--scrape-timeout`` seconds), and hands the answers to ``metrics.TapdiskCollector``.
+Nothing is cached: a device that went away is simply absent from the next scrape.
+This avoids prometheus-client's multiprocess mode and its shared files altogether.
 
 Run as ``tapdisk-exporter`` or ``tapdisk exporter``; it prints its URL once listening.
 """
@@ -14,12 +14,8 @@ Run as ``tapdisk-exporter`` or ``tapdisk exporter``; it prints its URL once list
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
-import os
-import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -30,6 +26,7 @@ from prometheus_client import start_http_server
 from prometheus_client.registry import CollectorRegistry
 
 from tapdisk.ctl import protocol
+from tapdisk.ctl.client import CallError, Client, DaemonGone, daemon_pids
 
 from . import config as configuration
 from . import logs, sdnotify
@@ -52,49 +49,22 @@ examples:
   curl -s http://127.0.0.1:9847/metrics | grep tapdisk_reads_completed_total
 """
 
-_CONTROL_SOCKET = re.compile(r"ctl(\d+)")
 
+def fetch_stats(directory: str, pid: int, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, Any]]:
+    """Every device's STATS from tapdisk ``pid``, connection and answer within ``timeout``.
 
-def control_sockets(directory: str) -> list[str]:
-    """Control sockets (``ctl<pid>``) in ``directory``, sorted by pid."""
-    found = []
-    for path in glob.glob(os.path.join(glob.escape(directory), "ctl*")):
-        match = _CONTROL_SOCKET.fullmatch(os.path.basename(path))
-        if match:
-            found.append((int(match[1]), path))
-    return [path for _, path in sorted(found)]
-
-
-def fetch_stats(path: str, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, Any]]:
-    """Every device's STATS from the daemon listening on ``path``.
-
-    Raises OSError when the socket cannot be reached or times out, and
-    ``protocol.ProtocolError`` when the answer is not a list of STATS objects.
+    Raises ``DaemonGone`` when the daemon has exited, ``CallError`` when it cannot be
+    reached or does not answer in time, and ValueError when the answer is not a list
+    of STATS objects.
     """
     deadline = time.monotonic() + timeout
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
-        sock.settimeout(timeout)
-        sock.connect(path)
-        sock.sendall(protocol.encode(protocol.Request(1, "stats")))
-        decoder = protocol.Decoder()
-        messages: list[dict[str, Any]] = []
-        while not messages:
-            sock.settimeout(max(0.001, deadline - time.monotonic()))
-            data = sock.recv(1 << 16)
-            if not data:
-                raise protocol.ProtocolError("the daemon closed the connection without answering")
-            messages = decoder.feed(data)
-    response = protocol.parse_response(messages[0])
-    if not response.ok:
-        raise protocol.ProtocolError(f"stats failed ({response.kind}): {response.message}")
-    devices = response.result
+    with Client.connect(directory, pid, timeout) as daemon:
+        daemon.timeout = max(0.001, deadline - time.monotonic())  # the connection used some
+        devices = daemon.call("stats")
     if not isinstance(devices, list):
-        raise protocol.ProtocolError(f"stats answered a {type(devices).__name__}, not a list")
+        raise ValueError(f"stats answered a {type(devices).__name__}, not a list")
     for stats in devices:
-        try:
-            check_stats(stats)
-        except ValueError as exc:
-            raise protocol.ProtocolError(str(exc)) from None
+        check_stats(stats)
     return devices
 
 
@@ -106,21 +76,22 @@ class Gatherer:
         self.timeout = timeout
         self.pool = ThreadPoolExecutor(PARALLEL, thread_name_prefix="scrape")
 
-    def _one(self, path: str) -> list[dict[str, Any]] | str:
+    def _one(self, pid: int) -> list[dict[str, Any]] | str:
         """The daemon's devices, or why it could not be read ("" if it has just exited)."""
         try:
-            return fetch_stats(path, self.timeout)
-        except FileNotFoundError:
+            return fetch_stats(self.directory, pid, self.timeout)
+        except DaemonGone:
             return ""  # the daemon exited between the listing and the scrape
-        except (OSError, protocol.ProtocolError) as exc:
+        except (CallError, ValueError) as exc:
             # The path is the subject, so a stale socket is reported a few times, not forever.
+            path = protocol.control_socket(self.directory, pid)
             log.warning("%s: no stats: %s", path, exc)
             return str(exc) or type(exc).__name__
 
     def __call__(self) -> tuple[list[dict[str, Any]], int, int]:
         devices: list[dict[str, Any]] = []
         answered = failed = 0
-        for result in self.pool.map(self._one, control_sockets(self.directory)):
+        for result in self.pool.map(self._one, daemon_pids(self.directory)):
             if isinstance(result, list):
                 answered += 1
                 devices.extend(result)

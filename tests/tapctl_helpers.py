@@ -17,6 +17,7 @@ from pathlib import Path
 
 from helpers import require, run
 
+from tapdisk.ctl.client import daemon_pids
 from tapdisk.ctl.protocol import Decoder, parse_response
 
 TAP_CTL = str(Path(sys.executable).with_name("tap-ctl"))
@@ -43,7 +44,7 @@ class TapCtl:
         return self(*args).stdout.strip()
 
     def pids(self) -> list[int]:
-        return sorted(int(p.name[3:]) for p in self.dir.glob("ctl*") if p.name[3:].isdigit())
+        return daemon_pids(str(self.dir))
 
     def spawn_open(self, spec: str, *flags: str) -> tuple[int, int, str]:
         """Spawn a tapdisk and open ``spec``; (pid, minor, NBD socket path)."""

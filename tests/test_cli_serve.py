@@ -51,6 +51,12 @@ def test_bad_spec_is_a_clear_error(tmp_path, spec):
     assert "Traceback" not in err
 
 
+def test_bad_tcp_address_is_a_usage_error(tmp_path, image):
+    status, err = serve_fails("--tcp", "localhost:http", f"raw:{image}")
+    assert status == 2
+    assert "argument --tcp: expected HOST:PORT" in err
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
 def test_direct_is_refused_for_formats_that_cannot_bypass_the_page_cache(tmp_path, fmt):
     path = tmp_path / f"disk.{fmt}"

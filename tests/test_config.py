@@ -24,6 +24,7 @@ from tapdisk.config import (
     from_arguments,
     load,
     parse,
+    parse_host_port,
 )
 
 FULL = """\
@@ -229,6 +230,30 @@ def test_flags_override_the_file(tmp_path):
     assert config.merge_size == 512 << 10
     assert config.control_dir == "/run/td"
     assert len(config.devices) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:9847", ("127.0.0.1", 9847)),
+        ("example.org:80", ("example.org", 80)),
+        ("[::1]:10809", ("::1", 10809)),
+        ("[::]:0", ("::", 0)),
+        (":65535", ("127.0.0.1", 65535)),
+        ("0.0.0.0:0080", ("0.0.0.0", 80)),
+    ],
+)
+def test_host_port_accepts_ipv4_ipv6_names_and_an_empty_host(text, address):
+    assert parse_host_port(text) == address
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["9847", "127.0.0.1", "127.0.0.1:", "h:65536", "h:-1", "h:+80", "h:8 0", "h:\u0663", 9847],
+)
+def test_host_port_refuses_anything_else(value):
+    with pytest.raises(ValueError, match=r"expected HOST:PORT or \[IPV6\]:PORT"):
+        parse_host_port(value)
 
 
 def test_flag_values_are_validated_like_the_file():

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from tapdisk.ctl.protocol import (
     MAX_MESSAGE,
     OPS,
+    ControlProtocolError,
     Decoder,
-    ProtocolError,
     Request,
     Response,
     encode,
@@ -62,47 +62,47 @@ def test_decoder_holds_back_an_incomplete_message():
 
 
 def test_oversized_length_prefix_is_refused_before_buffering():
-    with pytest.raises(ProtocolError, match="length prefix"):
+    with pytest.raises(ControlProtocolError, match="length prefix"):
         Decoder().feed(struct.pack(">I", MAX_MESSAGE + 1))
 
 
 def test_body_that_is_not_json_is_refused():
-    with pytest.raises(ProtocolError, match="not JSON"):
+    with pytest.raises(ControlProtocolError, match="not JSON"):
         Decoder().feed(struct.pack(">I", 3) + b"{x}")
 
 
 def test_body_that_is_not_an_object_is_refused():
-    with pytest.raises(ProtocolError, match="not an object"):
+    with pytest.raises(ControlProtocolError, match="not an object"):
         Decoder().feed(struct.pack(">I", 2) + b"[]")
 
 
 def test_unknown_op_is_refused_naming_it():
-    with pytest.raises(ProtocolError, match="'format_disk'"):
+    with pytest.raises(ControlProtocolError, match="'format_disk'"):
         parse_request({"id": 1, "op": "format_disk"})
 
 
 def test_missing_required_argument_is_refused_naming_it():
-    with pytest.raises(ProtocolError, match="missing argument 'minor'"):
+    with pytest.raises(ControlProtocolError, match="missing argument 'minor'"):
         parse_request({"id": 1, "op": "pause", "args": {}})
 
 
 def test_unknown_argument_is_refused():
-    with pytest.raises(ProtocolError, match="unknown argument 'force'"):
+    with pytest.raises(ControlProtocolError, match="unknown argument 'force'"):
         parse_request({"id": 1, "op": "close", "args": {"minor": 0, "force": True}})
 
 
 def test_argument_of_wrong_type_is_refused():
-    with pytest.raises(ProtocolError, match="'minor' must be int"):
+    with pytest.raises(ControlProtocolError, match="'minor' must be int"):
         parse_request({"id": 1, "op": "close", "args": {"minor": "0"}})
 
 
 def test_bool_is_not_accepted_as_an_integer():
-    with pytest.raises(ProtocolError, match="'minor' must be int"):
+    with pytest.raises(ControlProtocolError, match="'minor' must be int"):
         parse_request({"id": 1, "op": "close", "args": {"minor": True}})
 
 
 def test_non_integer_id_is_refused():
-    with pytest.raises(ProtocolError, match="'id'"):
+    with pytest.raises(ControlProtocolError, match="'id'"):
         parse_request({"id": "1", "op": "pid"})
 
 
@@ -125,14 +125,14 @@ def test_failure_with_unknown_kind_cannot_be_built():
 
 
 def test_response_with_bad_error_object_is_refused():
-    with pytest.raises(ProtocolError, match="bad error object"):
+    with pytest.raises(ControlProtocolError, match="bad error object"):
         parse_response({"id": 1, "ok": False, "error": {"kind": "nope", "message": "x"}})
 
 
 @settings(deadline=None)
 @given(st.binary(max_size=200))
 def test_arbitrary_bytes_raise_only_protocol_errors(data):
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(ControlProtocolError):
         for message in Decoder().feed(data):
             parse_request(message)
 
@@ -153,5 +153,5 @@ def test_arbitrary_bytes_raise_only_protocol_errors(data):
     )
 )
 def test_arbitrary_json_objects_raise_only_protocol_errors(message):
-    with contextlib.suppress(ProtocolError):
+    with contextlib.suppress(ControlProtocolError):
         parse_request(message)

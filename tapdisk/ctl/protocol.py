@@ -2,8 +2,8 @@
 
 No sockets here: ``encode`` turns a message into bytes, ``Decoder.feed`` turns
 bytes into messages, and ``parse_request``/``parse_response`` validate them.
-The daemon (``tapdisk/daemon.py``) and ``tap-ctl`` (``control/tapctl.py``) share
-only this module.
+The daemon (``tapdisk/daemon.py``) and its callers (``tapdisk/ctl/client.py``, which
+tap-ctl and the exporter use) share only this module.
 
 Transport
 ---------
@@ -157,7 +157,7 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
 }
 
 
-class ProtocolError(Exception):
+class ControlProtocolError(Exception):
     """Bytes or a message that break the protocol; the message says how."""
 
 
@@ -201,7 +201,9 @@ def encode(message: Request | Response | dict[str, Any]) -> bytes:
         message = message.to_message()
     body = json.dumps(message, separators=(",", ":")).encode()
     if len(body) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(body)} bytes exceeds the {MAX_MESSAGE}-byte limit")
+        raise ControlProtocolError(
+            f"message of {len(body)} bytes exceeds the {MAX_MESSAGE}-byte limit"
+        )
     return HEADER.pack(len(body)) + body
 
 
@@ -218,7 +220,9 @@ class Decoder:
         while len(self._buf) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buf)
             if length > MAX_MESSAGE:
-                raise ProtocolError(f"length prefix {length} exceeds the {MAX_MESSAGE}-byte limit")
+                raise ControlProtocolError(
+                    f"length prefix {length} exceeds the {MAX_MESSAGE}-byte limit"
+                )
             end = HEADER.size + length
             if len(self._buf) < end:
                 break
@@ -227,9 +231,11 @@ class Decoder:
             try:
                 message = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise ProtocolError(f"message body is not JSON: {exc}") from None
+                raise ControlProtocolError(f"message body is not JSON: {exc}") from None
             if not isinstance(message, dict):
-                raise ProtocolError(f"message is a JSON {type(message).__name__}, not an object")
+                raise ControlProtocolError(
+                    f"message is a JSON {type(message).__name__}, not an object"
+                )
             messages.append(message)
         return messages
 
@@ -242,7 +248,7 @@ class Decoder:
 def _check_id(message: dict[str, Any]) -> int:
     request_id = message.get("id")
     if type(request_id) is not int:
-        raise ProtocolError(f"field 'id' must be an integer, got {request_id!r}")
+        raise ControlProtocolError(f"field 'id' must be an integer, got {request_id!r}")
     return request_id
 
 
@@ -251,22 +257,24 @@ def parse_request(message: dict[str, Any]) -> Request:
     request_id = _check_id(message)
     op = message.get("op")
     if not isinstance(op, str) or op not in OPS:
-        raise ProtocolError(f"field 'op': unknown operation {op!r} (known: {', '.join(OPS)})")
+        raise ControlProtocolError(
+            f"field 'op': unknown operation {op!r} (known: {', '.join(OPS)})"
+        )
     args = message.get("args", {})
     if not isinstance(args, dict):
-        raise ProtocolError(f"field 'args' of {op} must be an object")
+        raise ControlProtocolError(f"field 'args' of {op} must be an object")
     schema = OPS[op]
     for name, value in args.items():
         if name not in schema:
-            raise ProtocolError(f"{op}: unknown argument {name!r}")
+            raise ControlProtocolError(f"{op}: unknown argument {name!r}")
         types, _ = schema[name]
         # bool is an int subclass; accept it only where a bool is wanted.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = "/".join(t.__name__ for t in types)
-            raise ProtocolError(f"{op}: argument {name!r} must be {wanted}, got {value!r}")
+            raise ControlProtocolError(f"{op}: argument {name!r} must be {wanted}, got {value!r}")
     for name, (_, required) in schema.items():
         if required and name not in args:
-            raise ProtocolError(f"{op}: missing argument {name!r}")
+            raise ControlProtocolError(f"{op}: missing argument {name!r}")
     return Request(request_id, op, dict(args))
 
 
@@ -277,13 +285,13 @@ def parse_response(message: dict[str, Any]) -> Response:
     if ok is True:
         return Response(request_id, True, message.get("result"))
     if ok is not False:
-        raise ProtocolError(f"field 'ok' must be true or false, got {ok!r}")
+        raise ControlProtocolError(f"field 'ok' must be true or false, got {ok!r}")
     error = message.get("error")
     if not isinstance(error, dict):
-        raise ProtocolError("failed response has no 'error' object")
+        raise ControlProtocolError("failed response has no 'error' object")
     kind, text = error.get("kind"), error.get("message")
     if kind not in ERROR_KINDS or not isinstance(text, str):
-        raise ProtocolError(f"bad error object {error!r}")
+        raise ControlProtocolError(f"bad error object {error!r}")
     return Response(request_id, False, kind=kind, message=text)
 
 

@@ -1,0 +1,48 @@
+"""Opening a VHD's metadata and following its parents, as ``vhd-util`` does.
+
+Like blktap's tool, vhd-util follows parents wherever they are (``ANYWHERE``); only
+the driver that serves images confines them to allowed directories.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.vhd.chain import find_parent, locator_paths
+from tapdisk.drivers.vhd.meta import Metadata, load
+
+ANYWHERE = ("/",)
+
+
+def open_meta(path: str) -> Metadata:
+    """The metadata (footer, header, BAT...) of the VHD at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return load(fd, os.path.abspath(path))
+    finally:
+        os.close(fd)
+
+
+def parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
+    """The parent's path, found on disk; with ``resolve`` False, the first locator's text."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if not resolve:
+            return locator_paths(fd, meta)[0][1]
+        return find_parent(os.path.abspath(path), fd, meta, ANYWHERE)
+    finally:
+        os.close(fd)
+
+
+def chain_depth(path: str) -> int:
+    """Images in the chain from ``path`` down to its base, ``path`` included."""
+    depth, current = 1, os.path.abspath(path)
+    while True:
+        meta = open_meta(current)
+        if not meta.is_diff or meta.header is None or meta.header.parent_uuid == bytes(16):
+            return depth
+        current = parent_of(current, meta)
+        depth += 1
+        if depth > 4096:
+            raise ImageError(f"{path}: parent chain has a loop")
