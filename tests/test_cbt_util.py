@@ -1,63 +1,21 @@
 """``cbt-util``: blktap's CBT log layout byte for byte, its commands and output, bad input.
 
-The expected files are packed here by hand from blktap 4.0.8's layout (48-byte
-little-endian header: parent, child, consistent, 4 bytes padding, size; then
-one bit per 64 KiB block), never through the code under test.
+The expected files are packed by hand (``cbt_helpers``), never through the code under test.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import struct
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from cbt_helpers import BLOCK, CBT_UTIL, bitmap_bytes, bitmap_of, cbt_util, header, ok, write_log
 
-CBT_UTIL = str(Path(sys.executable).with_name("cbt-util"))
-BLOCK = 64 * 1024
 P = uuid.UUID("0d5cbfa6-0f53-4d0c-8f4b-16eef6e3b1a4")
 C = uuid.UUID("e2b7b5a1-9c1e-4a7d-b2a5-6b1f0c3d4e5f")
-
-
-def header(
-    size: int, parent: uuid.UUID | None = None, child: uuid.UUID | None = None, consistent: int = 0
-) -> bytes:
-    """blktap's struct cbt_log_metadata on x86-64, packed field by field."""
-    return (
-        (parent.bytes if parent else bytes(16))
-        + (child.bytes if child else bytes(16))
-        + struct.pack("<i", consistent)
-        + bytes(4)
-        + struct.pack("<Q", size)
-    )
-
-
-def bitmap_bytes(size: int) -> int:
-    return ((size + BLOCK - 1) // BLOCK + 7) // 8
-
-
-def bitmap_of(size: int, blocks: set[int]) -> bytes:
-    out = bytearray(bitmap_bytes(size))
-    for b in blocks:
-        out[b // 8] |= 1 << (b % 8)
-    return bytes(out)
-
-
-def cbt_util(*args: object, text: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [CBT_UTIL, *map(str, args)], capture_output=True, text=text, timeout=60, check=False
-    )
-
-
-def ok(*args: object) -> str:
-    proc = cbt_util(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stderr == ""
-    return proc.stdout
 
 
 def log_file(
@@ -67,9 +25,7 @@ def log_file(
     name: str = "d.cbtlog",
     **fields: object,
 ) -> Path:
-    path = tmp_path / name
-    path.write_bytes(header(size, **fields) + bitmap_of(size, blocks))  # type: ignore[arg-type]
-    return path
+    return write_log(tmp_path / name, size, blocks, **fields)
 
 
 # -- create -------------------------------------------------------------------
