@@ -8,8 +8,6 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
@@ -17,6 +15,7 @@ from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 from . import busypoll, daemon, exporter, logs, service
 from . import config as configuration
 from .allocator import tune_allocator
+from .loop import run_loop
 from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
 
 log = logging.getLogger("tapdisk")
@@ -40,15 +39,6 @@ examples:
   tapdisk exporter --metrics-listen 127.0.0.1:9847
   tapdisk COMMAND --help     more examples for each command
 """
-
-
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -34,6 +34,7 @@ from tapdisk.drivers.registry import OpenOptions, open_image
 
 from . import busypoll, logs
 from . import config as configuration
+from .loop import run_loop
 from .nbd.handshake import connection_flags
 from .scheduler import SchedulerConfig
 from .server import DirectAttach, Export, NBDServer
@@ -632,8 +633,6 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     allowed_dirs = tuple(_given(args.allowed_dirs, settings.allowed_dirs))
-    from .cli import run_loop
-
     return run_loop(
         run(
             args.control_dir,

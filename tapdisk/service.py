@@ -23,6 +23,7 @@ from tapdisk.ctl import protocol
 from . import config as configuration
 from . import logs, sdnotify
 from .daemon import Daemon, run
+from .loop import run_loop
 from .scheduler import SchedulerConfig
 
 log = logging.getLogger("tapdisk.service")
@@ -100,8 +101,6 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
 
     async def boot(daemon: Daemon) -> None:
         await attach_configured(daemon, config.devices)
-
-    from .cli import run_loop
 
     return run_loop(
         run(
