@@ -38,14 +38,8 @@ from .nbd.constants import (
     TransmissionFlag,
     nbd_error,
 )
-from .nbd.handshake import (
-    ClientAborted,
-    ExportInfo,
-    Handshake,
-    Negotiated,
-    ProtocolError,
-    connection_flags,
-)
+from .nbd.errors import ClientAborted, ProtocolError
+from .nbd.handshake import ExportInfo, Handshake, Negotiated, connection_flags
 from .nbd.transmission import (
     MAX_EXTENTS,
     Request,
