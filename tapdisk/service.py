@@ -57,7 +57,7 @@ async def _call(daemon: Daemon, op: str, **args: Any) -> Any:
     return response.result
 
 
-async def attach_configured(daemon: Daemon, devices: Sequence[configuration.DeviceConfig]) -> None:
+async def attach_configured(daemon: Daemon, devices: Sequence[configuration.DeviceEntry]) -> None:
     """Open and attach each configured device, then report readiness to systemd."""
     for number, device in enumerate(devices, 1):
         sdnotify.status(f"attaching {device.spec} ({number} of {len(devices)})")
