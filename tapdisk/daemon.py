@@ -36,13 +36,13 @@ from . import busypoll, logs
 from . import config as configuration
 from .loop import run_loop
 from .nbd.handshake import connection_flags
-from .scheduler import SchedulerConfig
+from .scheduler import SchedulerLimits
 from .server import DirectAttach, Export, NBDServer
 from .vbd import VBD, VBDError
 
 log = logging.getLogger("tapdisk.daemon")
 
-DEFAULTS = SchedulerConfig()
+DEFAULTS = SchedulerLimits()
 
 #: Seconds the kernel waits for a reply beyond our own retry deadline before
 #: declaring a socket dead; the device's deadline must fire first.
@@ -97,12 +97,12 @@ class Daemon:
     def __init__(
         self,
         directory: str,
-        config: SchedulerConfig | None = None,
+        limits: SchedulerLimits | None = None,
         allowed_dirs: tuple[str, ...] = (),
         busy_poll: int = busypoll.DEFAULT_MAX_US,
     ) -> None:
         self.directory = os.path.abspath(directory)
-        self.config = config or SchedulerConfig()
+        self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
         #: Shared by the NBD servers of every device: one event loop, one spin.
@@ -228,7 +228,7 @@ class Daemon:
             "spec": vbd.spec,
             "size": vbd.size,
             "read_only": vbd.read_only,
-            "timeout": vbd.config.timeout,
+            "timeout": vbd.limits.timeout,
             "nbd_socket": device.nbd_socket,
             "device": device.device,
         }
@@ -241,7 +241,7 @@ class Daemon:
 
     async def _op_open(self, request: Request) -> dict[str, Any]:
         args = request.args
-        timeout = args.get("timeout", self.config.timeout)
+        timeout = args.get("timeout", self.limits.timeout)
         if not timeout > 0:
             raise ControlError("invalid", f"timeout must be positive, got {timeout}")
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
@@ -251,13 +251,13 @@ class Daemon:
                 read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
             )
             image = await asyncio.to_thread(open_image, args["spec"], options)
-            config = SchedulerConfig(
-                queue_depth=self.config.queue_depth,
-                max_merge=self.config.max_merge,
+            limits = SchedulerLimits(
+                queue_depth=self.limits.queue_depth,
+                max_merge=self.limits.max_merge,
                 timeout=float(timeout),
-                watchdog=self.config.watchdog,
+                watchdog=self.limits.watchdog,
             )
-            vbd = VBD(image, options=options, config=config, name=f"minor {minor}")
+            vbd = VBD(image, options=options, limits=limits, name=f"minor {minor}")
             path = protocol.nbd_socket(self.directory, self.pid, minor)
             server = NBDServer([Export("", vbd, label=vbd.name)], poller=self.poller)
             try:
@@ -299,7 +299,7 @@ class Daemon:
         self._check_attachable(device, connections)
         kernel = await self._kernel()
         vbd = device.vbd
-        timeout = int(request.args.get("timeout", vbd.config.timeout + KERNEL_TIMEOUT_MARGIN))
+        timeout = int(request.args.get("timeout", vbd.limits.timeout + KERNEL_TIMEOUT_MARGIN))
         export = device.server.exports[""]
 
         def connect(kernel_ends: list[socket.socket]) -> int:
@@ -623,7 +623,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logs.setup(args.log_level or settings.log_level)
     try:
-        config = SchedulerConfig(
+        limits = SchedulerLimits(
             queue_depth=_given(args.queue_depth, settings.queue_depth),
             max_merge=_given(args.max_merge, settings.merge_size),
             timeout=_given(args.timeout, settings.retry_deadline),
@@ -636,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
     return run_loop(
         run(
             args.control_dir,
-            config,
+            limits,
             args.ready_fd,
             allowed_dirs=allowed_dirs,
             busy_poll=_given(args.busy_poll, settings.busy_poll),
@@ -646,7 +646,7 @@ def main(args: argparse.Namespace) -> int:
 
 async def run(
     directory: str,
-    config: SchedulerConfig,
+    limits: SchedulerLimits,
     ready: int | None = None,
     boot: Callable[[Daemon], Awaitable[None]] | None = None,
     allowed_dirs: tuple[str, ...] = (),
@@ -659,7 +659,7 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, config, allowed_dirs, busy_poll)
+    daemon = Daemon(directory, limits, allowed_dirs, busy_poll)
     try:
         await daemon.start()
     except OSError as exc:

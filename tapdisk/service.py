@@ -24,7 +24,7 @@ from . import config as configuration
 from . import logs, sdnotify
 from .daemon import Daemon, run
 from .loop import run_loop
-from .scheduler import SchedulerConfig
+from .scheduler import SchedulerLimits
 
 log = logging.getLogger("tapdisk.service")
 
@@ -95,7 +95,7 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
         print(f"tapdisk service: {exc}", file=sys.stderr)
         return 1
     logs.setup(log_level or config.log_level)
-    scheduler = SchedulerConfig(
+    limits = SchedulerLimits(
         queue_depth=config.queue_depth, max_merge=config.merge_size, timeout=config.retry_deadline
     )
 
@@ -105,7 +105,7 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
     return run_loop(
         run(
             config.control_dir,
-            scheduler,
+            limits,
             boot=boot,
             allowed_dirs=config.allowed_dirs,
             busy_poll=config.busy_poll,
