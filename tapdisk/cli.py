@@ -15,8 +15,9 @@ from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 from . import busypoll, daemon, exporter, logs, service
 from . import config as configuration
 from .allocator import tune_allocator
+from .export import Export
 from .loop import run_loop
-from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
+from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, NBDServer
 
 log = logging.getLogger("tapdisk")
 

@@ -34,10 +34,11 @@ from tapdisk.drivers.registry import OpenOptions, open_image
 
 from . import busypoll, logs
 from . import config as configuration
+from .export import DirectAttach, Export
 from .loop import run_loop
 from .nbd.handshake import connection_flags
 from .scheduler import SchedulerLimits
-from .server import DirectAttach, Export, NBDServer
+from .server import NBDServer
 from .vbd import VBD, VBDError
 
 log = logging.getLogger("tapdisk.daemon")

@@ -1,6 +1,6 @@
 """One virtual block device: an image stack behind a scheduler, pausable and replaceable.
 
-A ``VBD`` is itself an ``Image``, so ``tapdisk.server.Export(name, vbd)`` serves
+A ``VBD`` is itself an ``Image``, so ``tapdisk.export.Export(name, vbd)`` serves
 it unchanged and every connection to it (NBD clients, kernel sockets) shares
 one queue, one set of statistics and one pause state.  Requests go through the
 ``Scheduler`` (queueing, merging, retry); page-cache hits still take the
