@@ -22,7 +22,8 @@ from tapdisk.ctl import protocol
 
 from . import config as configuration
 from . import logs, sdnotify
-from .daemon import Daemon, run
+from .daemon.command import run
+from .daemon.operations import Daemon
 from .loop import run_loop
 from .scheduler import SchedulerLimits
 
