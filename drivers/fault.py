@@ -45,8 +45,8 @@ OPERATIONS = ("read", "write", "flush", "zero", "discard")
 
 
 @dataclass(frozen=True, slots=True)
-class FaultConfig:
-    """Parsed options of a ``fault:`` spec."""
+class FaultPlan:
+    """When and how a fault layer fails: the parsed options of a ``fault:`` spec."""
 
     rate: float = 1.0
     burst: int = 0
@@ -59,7 +59,7 @@ class FaultConfig:
     seed: int | None = None
 
     @classmethod
-    def parse(cls, text: str) -> FaultConfig:
+    def parse(cls, text: str) -> FaultPlan:
         """Parse ``key=value,...``; raise ImageError naming the bad option."""
         values: dict[str, object] = {}
         for item in filter(None, text.split(",")):
@@ -111,16 +111,16 @@ def open_fault(arg: str, options: OpenOptions) -> FaultImage:
     text, sep, inner_spec = arg.partition(":")
     if not sep or not inner_spec:
         raise ImageError(f"fault:{arg}: expected fault:OPTIONS:TYPE:PATH")
-    config = FaultConfig.parse(text)
-    return FaultImage(open_image(inner_spec, options), config, text)
+    plan = FaultPlan.parse(text)
+    return FaultImage(open_image(inner_spec, options), plan, text)
 
 
 class FaultImage(Image):
     """Forwards to ``inner``, failing operations during fault episodes."""
 
-    def __init__(self, inner: Image, config: FaultConfig, options_text: str = "-") -> None:
+    def __init__(self, inner: Image, plan: FaultPlan, options_text: str = "-") -> None:
         self.inner = inner
-        self.config = config
+        self.plan = plan
         self.spec = f"fault:{options_text or '-'}:{inner.spec}"
         self.size = inner.size
         self.read_only = inner.read_only
@@ -129,7 +129,7 @@ class FaultImage(Image):
         self.episodes = 0
         #: Operations failed so far, for tests and logs.
         self.injected = 0
-        self._random = random.Random(config.seed)
+        self._random = random.Random(plan.seed)
         self._episode_started: float | None = None
         self._episode_failures = 0
 
@@ -144,31 +144,31 @@ class FaultImage(Image):
     @property
     def exhausted(self) -> bool:
         """True once no further episode can start."""
-        return bool(self.config.count) and self.episodes >= self.config.count
+        return bool(self.plan.count) and self.episodes >= self.plan.count
 
     def _check(self, op: str) -> None:
-        """Raise the configured error if ``op`` falls in a fault episode."""
-        if op not in self.config.ops or not self._decide():
+        """Raise the planned error if ``op`` falls in a fault episode."""
+        if op not in self.plan.ops or not self._decide():
             return
         self.injected += 1
-        raise OSError(self.config.error, f"{os.strerror(self.config.error)} (injected)")
+        raise OSError(self.plan.error, f"{os.strerror(self.plan.error)} (injected)")
 
     def _decide(self) -> bool:
         """Advance the episode state for one operation; True if it fails."""
-        config = self.config
+        plan = self.plan
         now = time.monotonic()
         if self._episode_started is not None:
-            over_burst = config.burst and self._episode_failures >= config.burst
-            over_time = config.duration and now - self._episode_started >= config.duration
-            single = not config.burst and not config.duration
+            over_burst = plan.burst and self._episode_failures >= plan.burst
+            over_time = plan.duration and now - self._episode_started >= plan.duration
+            single = not plan.burst and not plan.duration
             if over_burst or over_time or single:
                 self._episode_started = None
                 return False  # the operation after an episode goes through
             self._episode_failures += 1
             return True
-        if self.exhausted or now - self.opened_at < config.start:
+        if self.exhausted or now - self.opened_at < plan.start:
             return False
-        if config.rate < 1.0 and self._random.random() >= config.rate:
+        if plan.rate < 1.0 and self._random.random() >= plan.rate:
             return False
         self.episodes += 1
         self._episode_started = now
@@ -179,18 +179,18 @@ class FaultImage(Image):
         try:
             self._check(op)
         except OSError:
-            if self.config.delay:
-                await asyncio.sleep(self.config.delay)
+            if self.plan.delay:
+                await asyncio.sleep(self.plan.delay)
             raise
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         # Reads that might fault take the slow path, where _check runs.
-        if "read" in self.config.ops and not self.exhausted:
+        if "read" in self.plan.ops and not self.exhausted:
             return False
         return self.inner.read_nowait(offset, buf)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
-        if "write" in self.config.ops and not self.exhausted:
+        if "write" in self.plan.ops and not self.exhausted:
             return False
         return self.inner.write_nowait(offset, data)
 

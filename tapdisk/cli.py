@@ -8,16 +8,17 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Coroutine
-from typing import Any
 
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
-from . import busypoll, daemon, exporter, logs, service
+from . import busypoll, exporter, logs, service
 from . import config as configuration
 from .allocator import tune_allocator
-from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, Export, NBDServer
+from .daemon import command as daemon_command
+from .export import Export
+from .loop import run_loop
+from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, NBDServer
 
 log = logging.getLogger("tapdisk")
 
@@ -40,15 +41,6 @@ examples:
   tapdisk exporter --metrics-listen 127.0.0.1:9847
   tapdisk COMMAND --help     more examples for each command
 """
-
-
-def run_loop(coro: Coroutine[Any, Any, int]) -> int:
-    """Run ``coro`` on uvloop when it is installed, else on plain asyncio."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def parse_tcp_address(text: str) -> tuple[str, int]:
@@ -146,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="[NAME=]TYPE:PATH",
         help="image to serve; its export name is NAME or the file's name",
     )
-    daemon.add_parser(sub)
+    daemon_command.add_parser(sub)
     service.add_parser(sub)
     exporter.add_parser(sub)
     return parser
@@ -238,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return run_loop(serve(args, exports))
     if args.command == "daemon":
-        return daemon.main(args)
+        return daemon_command.main(args)
     return 2
 
 

@@ -51,8 +51,8 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class DeviceConfig:
-    """A device to attach at boot: the image spec, read-only, and /dev/nbdN index."""
+class DeviceEntry:
+    """One entry of ``devices``: the image spec to attach at boot, read-only, /dev/nbdN index."""
 
     spec: str
     read_only: bool = False
@@ -71,7 +71,7 @@ class Config:
     allowed_dirs: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
     log_level: str = "info"
-    devices: tuple[DeviceConfig, ...] = field(default_factory=tuple)
+    devices: tuple[DeviceEntry, ...] = field(default_factory=tuple)
 
     def override(self, **values: Any) -> Config:
         """A copy with every value that is not None replaced (command-line flags)."""
@@ -267,12 +267,12 @@ class _Reader:
         except ValueError as exc:
             raise self.error(node, name, str(exc)) from None
 
-    def devices(self, node: yaml.Node, allowed: Sequence[str]) -> tuple[DeviceConfig, ...]:
+    def devices(self, node: yaml.Node, allowed: Sequence[str]) -> tuple[DeviceEntry, ...]:
         if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
             return ()
         if not isinstance(node, yaml.SequenceNode):
             raise self.error(node, "devices", "expected a list of devices")
-        devices: list[DeviceConfig] = []
+        devices: list[DeviceEntry] = []
         indexes: dict[int, int] = {}
         for i, item in enumerate(node.value):
             where = f"devices[{i}]"
@@ -295,7 +295,7 @@ class _Reader:
                     indexes[values[key]] = line
             if "spec" not in values:
                 raise self.error(item, where, "missing the required key spec")
-            devices.append(DeviceConfig(**values))
+            devices.append(DeviceEntry(**values))
         return tuple(devices)
 
 

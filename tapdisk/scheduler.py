@@ -76,8 +76,9 @@ OTHER: Final = 3  # discard, write_zeroes, extents, cache: never merged
 
 
 @dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """Tunables of a VBD's scheduler (tap-ctl ``-t`` sets ``timeout``)."""
+class SchedulerLimits:
+    """Limits of a VBD's scheduler: queue depth, merge size, retry deadline and back-off,
+    watchdog threshold (tap-ctl ``-t`` sets ``timeout``)."""
 
     queue_depth: int = 256
     max_merge: int = 1 << 20  # bytes; 0 disables merging
@@ -219,16 +220,16 @@ class _Req:
 class Scheduler:
     """Queues, merges and retries requests against one (replaceable) image."""
 
-    def __init__(self, image: Image | None, config: SchedulerConfig, name: str = "vbd") -> None:
+    def __init__(self, image: Image | None, limits: SchedulerLimits, name: str = "vbd") -> None:
         self.image = image
-        self.config = config
+        self.limits = limits
         self.name = name
         self.stats = Stats()
         self.paused = False
         self.closed = False
         self._pending: list[_Req] = []
         self._dispatch_scheduled = False
-        self._free = config.queue_depth
+        self._free = limits.queue_depth
         self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._active: set[_Req] = set()  # dispatched group leaders
         self._idle: asyncio.Future[None] | None = None
@@ -244,12 +245,12 @@ class Scheduler:
     @property
     def in_flight(self) -> int:
         """Requests holding a slot: queued, waiting for a pause to end, or executing."""
-        return self.config.queue_depth - self._free
+        return self.limits.queue_depth - self._free
 
     def io_time_ns(self) -> int:
         """Nanoseconds with at least one request in flight (node_exporter's io_time)."""
         ns = self.stats.io_ns
-        if self._free < self.config.queue_depth:
+        if self._free < self.limits.queue_depth:
             ns += time.monotonic_ns() - self._busy_since
         return ns
 
@@ -309,7 +310,7 @@ class Scheduler:
             raise OSError(errno.ESHUTDOWN, "device closed")
         if self._free > 0 and not self._slot_waiters:
             self._free -= 1
-            if self._free == self.config.queue_depth - 1:
+            if self._free == self.limits.queue_depth - 1:
                 self._busy_since = time.monotonic_ns()
         else:
             await self._wait_slot()
@@ -346,7 +347,7 @@ class Scheduler:
                 waiter.set_result(None)  # the slot goes straight to the waiter
                 return
         self._free += 1
-        if self._free == self.config.queue_depth:
+        if self._free == self.limits.queue_depth:
             self.stats.io_ns += time.monotonic_ns() - self._busy_since
 
     # -- dispatch and merging ----------------------------------------------------
@@ -397,7 +398,7 @@ class Scheduler:
         return groups
 
     def _merge(self, segment: list[_Req]) -> list[list[_Req]]:
-        limit = self.config.max_merge
+        limit = self.limits.max_merge
         if len(segment) < 2 or not limit:
             return [[req] for req in segment]
         groups: list[list[_Req]] = []
@@ -430,9 +431,9 @@ class Scheduler:
     async def _execute(self, group: list[_Req]) -> bool:
         """Perform a group with retries; False if it went back to the queue."""
         leader = group[0]
-        config = self.config
-        deadline = leader.started + config.timeout
-        delay = config.backoff_initial
+        limits = self.limits
+        deadline = leader.started + limits.timeout
+        delay = limits.backoff_initial
         try:
             while True:
                 image = self.image
@@ -443,13 +444,13 @@ class Scheduler:
                     transient = isinstance(exc, OSError) and exc.errno in TRANSIENT
                     remaining = deadline - time.monotonic()
                     if transient and remaining > 0 and not self.paused:
-                        if delay == config.backoff_initial:
+                        if delay == limits.backoff_initial:
                             log.info(
                                 "%s: %s failed (%s), retrying", self.name, leader.describe(), exc
                             )
                         self.stats.retries += 1
                         await asyncio.sleep(min(delay, remaining))
-                        delay = min(delay * 2, config.backoff_max)
+                        delay = min(delay * 2, limits.backoff_max)
                         if not self.paused:
                             continue
                     if (transient and remaining > 0) or (len(group) > 1 and not transient):
@@ -567,11 +568,11 @@ class Scheduler:
     # -- watchdog ----------------------------------------------------------------
 
     def _watch_period(self) -> float:
-        return max(self.config.watchdog / 2, 0.05)
+        return max(self.limits.watchdog / 2, 0.05)
 
     def _watch(self) -> None:
         now = time.monotonic()
-        limit = self.config.watchdog
+        limit = self.limits.watchdog
         for req in list(self._active):
             if now - req.started >= limit and now - req.warned >= limit:
                 req.warned = now

@@ -22,8 +22,10 @@ from tapdisk.ctl import protocol
 
 from . import config as configuration
 from . import logs, sdnotify
-from .daemon import Daemon, run
-from .scheduler import SchedulerConfig
+from .daemon.command import run
+from .daemon.operations import Daemon
+from .loop import run_loop
+from .scheduler import SchedulerLimits
 
 log = logging.getLogger("tapdisk.service")
 
@@ -56,7 +58,7 @@ async def _call(daemon: Daemon, op: str, **args: Any) -> Any:
     return response.result
 
 
-async def attach_configured(daemon: Daemon, devices: Sequence[configuration.DeviceConfig]) -> None:
+async def attach_configured(daemon: Daemon, devices: Sequence[configuration.DeviceEntry]) -> None:
     """Open and attach each configured device, then report readiness to systemd."""
     for number, device in enumerate(devices, 1):
         sdnotify.status(f"attaching {device.spec} ({number} of {len(devices)})")
@@ -94,19 +96,17 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
         print(f"tapdisk service: {exc}", file=sys.stderr)
         return 1
     logs.setup(log_level or config.log_level)
-    scheduler = SchedulerConfig(
+    limits = SchedulerLimits(
         queue_depth=config.queue_depth, max_merge=config.merge_size, timeout=config.retry_deadline
     )
 
     async def boot(daemon: Daemon) -> None:
         await attach_configured(daemon, config.devices)
 
-    from .cli import run_loop
-
     return run_loop(
         run(
             config.control_dir,
-            scheduler,
+            limits,
             boot=boot,
             allowed_dirs=config.allowed_dirs,
             busy_poll=config.busy_poll,

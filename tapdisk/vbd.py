@@ -1,6 +1,6 @@
 """One virtual block device: an image stack behind a scheduler, pausable and replaceable.
 
-A ``VBD`` is itself an ``Image``, so ``tapdisk.server.Export(name, vbd)`` serves
+A ``VBD`` is itself an ``Image``, so ``tapdisk.export.Export(name, vbd)`` serves
 it unchanged and every connection to it (NBD clients, kernel sockets) shares
 one queue, one set of statistics and one pause state.  Requests go through the
 ``Scheduler`` (queueing, merging, retry); page-cache hits still take the
@@ -27,7 +27,7 @@ from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
 from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
 
-from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerConfig
+from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerLimits
 
 log = logging.getLogger("tapdisk.vbd")
 
@@ -49,11 +49,11 @@ class VBD(Image):
         image: Image,
         *,
         options: OpenOptions | None = None,
-        config: SchedulerConfig | None = None,
+        limits: SchedulerLimits | None = None,
         name: str | None = None,
     ) -> None:
         self.options = options or OpenOptions()
-        self.config = config or SchedulerConfig()
+        self.limits = limits or SchedulerLimits()
         self.name = name or image.spec
         self.size = image.size
         self.read_only = image.read_only
@@ -61,7 +61,7 @@ class VBD(Image):
         self._spec = image.spec
         self._format = image.format_name
         self._caps = image.capabilities
-        self.scheduler = Scheduler(image, self.config, self.name)
+        self.scheduler = Scheduler(image, self.limits, self.name)
         self.stats = self.scheduler.stats
         self._lock = asyncio.Lock()
         self._paused = False
@@ -72,11 +72,11 @@ class VBD(Image):
         cls,
         spec: str,
         options: OpenOptions | None = None,
-        config: SchedulerConfig | None = None,
+        limits: SchedulerLimits | None = None,
         name: str | None = None,
     ) -> VBD:
         """Open ``TYPE:PATH`` (any registered driver or layer) as a VBD."""
-        return cls(open_image(spec, options), options=options, config=config, name=name)
+        return cls(open_image(spec, options), options=options, limits=limits, name=name)
 
     # -- identity ----------------------------------------------------------------
 

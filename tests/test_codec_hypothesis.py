@@ -8,14 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tapdisk.nbd.handshake import (
-    MAX_OPTION_LENGTH,
-    ClientAborted,
-    ExportInfo,
-    Handshake,
-    Negotiated,
-    ProtocolError,
-)
+from tapdisk.nbd.errors import ClientAborted, ProtocolError
+from tapdisk.nbd.handshake import MAX_OPTION_LENGTH, ExportInfo, Handshake, Negotiated
 from tapdisk.nbd.transmission import Request, RequestReader, check_any_request, check_request
 
 REQUEST = struct.Struct(">IHHQQI")

@@ -19,7 +19,7 @@ from tapdisk.config import (
     SCHEMA,
     Config,
     ConfigError,
-    DeviceConfig,
+    DeviceEntry,
     add_arguments,
     from_arguments,
     load,
@@ -65,8 +65,8 @@ def test_every_key_is_parsed():
         metrics_listen=("::1", 9999),
         log_level="debug",
         devices=(
-            DeviceConfig("qcow2:/srv/images/a.qcow2", device=3),
-            DeviceConfig("raw:/srv/images/b.img", read_only=True),
+            DeviceEntry("qcow2:/srv/images/a.qcow2", device=3),
+            DeviceEntry("raw:/srv/images/b.img", read_only=True),
         ),
     )
 

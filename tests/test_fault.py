@@ -9,7 +9,7 @@ import time
 import pytest
 from helpers import require, run
 from tapdisk.drivers.base import ImageError
-from tapdisk.drivers.fault import FaultConfig, FaultImage
+from tapdisk.drivers.fault import FaultImage, FaultPlan
 from tapdisk.drivers.registry import open_image
 
 
@@ -142,10 +142,10 @@ def test_missing_inner_spec_is_an_error():
         open_image("fault:rate=1")
 
 
-def test_config_defaults_fail_every_operation_class():
-    config = FaultConfig.parse("-")
-    assert config.rate == 1.0
-    assert config.ops == frozenset({"read", "write", "flush", "zero", "discard"})
+def test_plan_defaults_fail_every_operation_class():
+    plan = FaultPlan.parse("-")
+    assert plan.rate == 1.0
+    assert plan.ops == frozenset({"read", "write", "flush", "zero", "discard"})
 
 
 def test_without_a_vbd_an_injected_error_reaches_the_nbd_client(serve, raw_image):

@@ -12,8 +12,9 @@ import pytest
 import uvloop
 from tapdisk.drivers.raw import RawImage
 
+from tapdisk.export import DirectAttach, Export
 from tapdisk.nbd.constants import TransmissionFlag
-from tapdisk.server import DirectAttach, Export, NBDServer
+from tapdisk.server import NBDServer
 
 MiB = 1 << 20
 REQUEST = struct.Struct(">IHHQQI")

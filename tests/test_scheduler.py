@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tapdisk.scheduler import SchedulerConfig
+from tapdisk.scheduler import SchedulerLimits
 from tapdisk.vbd import VBD
 
 SECTOR = 512
@@ -27,8 +27,8 @@ def make_file(path: Path, size: int, fill: bytes = b"") -> Path:
     return path
 
 
-def vbd(spec: str, **config) -> VBD:
-    return VBD.open(spec, config=SchedulerConfig(**config))
+def vbd(spec: str, **limits) -> VBD:
+    return VBD.open(spec, limits=SchedulerLimits(**limits))
 
 
 def test_adjacent_reads_submitted_together_become_one_io(tmp_path):

@@ -12,7 +12,7 @@ from helpers import require, run
 from tapdisk.drivers.base import ExtentFlags
 from tapdisk.drivers.registry import open_image
 
-from tapdisk.server import Export
+from tapdisk.export import Export
 from tapdisk.vbd import VBD, VBDError
 
 

@@ -34,6 +34,7 @@ from .constants import (
     Reply,
     TransmissionFlag,
 )
+from .errors import ClientAborted, ProtocolError
 
 #: Largest option payload we buffer; bigger ones are skipped and refused.
 MAX_OPTION_LENGTH: Final = 64 * 1024
@@ -46,14 +47,6 @@ SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_
 #: A plain int: ``~`` on an IntFlag only inverts within its defined members,
 #: which would make every unknown bit look known.
 KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
-
-
-class ProtocolError(Exception):
-    """The peer broke a rule that leaves no way to answer: hard-disconnect."""
-
-
-class ClientAborted(Exception):
-    """The client ended negotiation with NBD_OPT_ABORT (already acknowledged)."""
 
 
 @dataclass(frozen=True, slots=True)

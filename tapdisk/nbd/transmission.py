@@ -34,7 +34,7 @@ from .constants import (
     Error,
     TransmissionFlag,
 )
-from .handshake import ProtocolError
+from .errors import ProtocolError
 
 #: Receive buffer for request headers (and small writes that arrive with them).
 HEADER_BUFFER_SIZE: Final = 256 * 1024

@@ -29,8 +29,9 @@ from typing import Any, TypeVar
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 from tapdisk import kernel
+from tapdisk.export import DirectAttach, Export
 from tapdisk.nbd.handshake import connection_flags
-from tapdisk.server import DirectAttach, Export, NBDServer
+from tapdisk.server import NBDServer
 
 T = TypeVar("T")
 
