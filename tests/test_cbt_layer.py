@@ -23,7 +23,7 @@ import pytest
 from cbt_helpers import BLOCK, bitmap_bytes, bitmap_of, blocks_in, header, ok, write_log
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.cbtlayer import QUERY_BLOCKS, CbtImage
-from tapdisk.drivers.fault import FaultConfig, FaultImage
+from tapdisk.drivers.fault import FaultPlan, FaultImage
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 WRITER = str(Path(__file__).with_name("cbt_crash_writer.py"))
@@ -146,7 +146,7 @@ def test_a_failing_request_is_marked_all_the_same(disk, tmp_path):
     log = write_log(tmp_path / "d.cbtlog", SIZE)
     faulty = FaultImage(
         open_image(f"raw:{disk}", OpenOptions()),
-        FaultConfig(rate=1.0, duration=3600.0, ops=frozenset({"write", "zero", "discard"})),
+        FaultPlan(rate=1.0, duration=3600.0, ops=frozenset({"write", "zero", "discard"})),
     )
     img = layer(disk, log, faulty)
 
