@@ -23,7 +23,7 @@ import pytest
 from cbt_helpers import BLOCK, bitmap_bytes, bitmap_of, blocks_in, header, ok, write_log
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.cbtlayer import QUERY_BLOCKS, CbtImage
-from tapdisk.drivers.fault import FaultPlan, FaultImage
+from tapdisk.drivers.fault import FaultImage, FaultPlan
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 WRITER = str(Path(__file__).with_name("cbt_crash_writer.py"))
