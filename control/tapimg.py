@@ -19,6 +19,7 @@ from typing import Any
 from tapdisk.drivers import imageops
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
+from tapdisk.drivers.sizes import parse_size
 
 
 def progress_bar(enabled: bool) -> Callable[[int, int], None] | None:
@@ -154,7 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    size = imageops.parse_size(args.size) if args.size else None
+    size = parse_size(args.size) if args.size else None
     imageops.create_image(
         args.f,
         args.filename,

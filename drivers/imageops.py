@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from .base import ExtentFlags, Image, ImageError
 from .qcow2.backing import FORMAT_ALIASES, probe_format
 from .registry import OpenOptions, open_image
+from .sizes import parse_size
 
 #: ``progress(done, total)`` in bytes.
 Progress = Callable[[int, int], None]
@@ -89,18 +90,6 @@ def create_image(
             f.truncate(size)
     if opts:
         raise ImageError(f"unknown options for {fmt}: {', '.join(sorted(opts))}")
-
-
-def parse_size(text: str) -> int:
-    """``64M``, ``2G``, ``512`` -> bytes (binary suffixes, as qemu-img)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-    text = text.strip().upper()
-    num = text.rstrip("BKMGTP")
-    suffix = text[len(num) :]
-    try:
-        return int(float(num) * units[suffix])
-    except (KeyError, ValueError) as exc:
-        raise ImageError(f"bad size {text!r}") from exc
 
 
 def _image_size(spec: str) -> int:
