@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .backing import FORMAT_ALIASES, probe_format
 from .base import ExtentFlags, Image, ImageError
-from .qcow2.backing import FORMAT_ALIASES, probe_format
 from .registry import OpenOptions, open_image
 from .sizes import parse_size
 
@@ -210,7 +210,7 @@ def map_image(image: Image) -> list[MapEntry]:
 
 
 def _map_into(image: Image, start: int, end: int, depth: int, out: list[MapEntry]) -> None:
-    from .qcow2.cluster import BACKING, COMPRESSED, DATA
+    from .l2tables import BACKING, COMPRESSED, DATA
     from .qcow2.image import Qcow2Image
 
     pos = start
@@ -263,8 +263,8 @@ def commit(
 
 
 async def _commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    from .l2tables import BACKING, ZERO
     from .qcow import QcowImage
-    from .qcow2.cluster import BACKING, ZERO
     from .qcow2.image import Qcow2Image
 
     top = open_image(spec, OpenOptions(read_only=True, allowed_dirs=allowed_dirs))

@@ -22,11 +22,11 @@ from array import array
 from bisect import bisect_right
 from itertools import pairwise
 
+from ..backing import open_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
+from ..deflate import inflate_cluster
 from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full, pwrite_full
-from ..qcow2.backing import open_backing
-from ..qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
-from ..qcow2.compress import inflate_cluster
+from ..l2tables import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
 from ..registry import OpenOptions
 from .format import HEADER_SIZE, OFLAG_COMPRESSED, QcowHeader, compressed_location
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..fileio import pread_full, pwrite_full
-from .cluster import decode_table, encode_table
+from ..l2tables import decode_table, encode_table
 from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
 from .refcount import Refcounts, encode_block
 

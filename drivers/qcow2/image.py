@@ -17,22 +17,13 @@ import errno
 import os
 from array import array
 
+from ..backing import open_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
 from ..fileio import ImageFile, pread_full, pwrite_full
+from ..l2tables import BACKING, COMPRESSED, DATA, ZERO, L2Cache, decode_table
 from ..registry import OpenOptions
 from . import check as checkmod
-from .backing import open_backing
-from .cluster import (
-    BACKING,
-    COMPRESSED,
-    DATA,
-    STD_RESERVED,
-    ZERO,
-    L2Cache,
-    classify,
-    classify_ext,
-    decode_table,
-)
+from .cluster import STD_RESERVED, classify, classify_ext
 from .compress import decompress_cluster
 from .format import (
     INCOMPAT_CORRUPT,

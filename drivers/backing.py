@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextvars
 import os
 
-from ..base import Image, ImageError, ImageFormatError
-from ..paths import is_inside
-from ..registry import DRIVERS, OpenOptions, open_image
+from .base import Image, ImageError, ImageFormatError
+from .paths import is_inside
+from .registry import DRIVERS, OpenOptions, open_image
 
 #: Longest chain accepted; deeper ones are almost certainly hostile.
 MAX_CHAIN_DEPTH = 64
