@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from ..backing import file_identity
 from ..base import ImageError, ImageFormatError
 from . import bitmap as bits
 from .chain import find_parent
@@ -53,11 +54,11 @@ def check_vhd(
     current: str | None = os.path.abspath(path)
     roots = allowed_dirs or (os.path.dirname(os.path.abspath(path)),)
     while current is not None:
-        st = os.stat(current)
-        if (st.st_dev, st.st_ino) in seen:
+        identity = file_identity(current)
+        if identity in seen:
             problems.append(f"{current}: parent chain has a loop")
             break
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(identity)
         found, parent = _check_one(current, bitmaps, ignore_footer, roots)
         problems += found
         current = parent if parents and not found else None

@@ -14,13 +14,14 @@ from __future__ import annotations
 import errno
 import os
 
+from ..backing import chain_guard
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
 from ..fileio import ImageFile
 from ..raw import RawImage
 from ..registry import OpenOptions
 from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
-from .chain import check_loop, check_parent_uuid, find_parent
+from .chain import check_parent_uuid, find_parent
 from .format import BAT_UNUSED, FOOTER_SIZE, POISON_COOKIE, SECTOR
 from .meta import Metadata, cut_to, load
 
@@ -43,7 +44,6 @@ class VhdImage(Image):
         *,
         read_only: bool = False,
         allowed_dirs: tuple[str, ...] = (),
-        _seen: tuple[tuple[int, int], ...] = (),
     ) -> None:
         path = os.path.abspath(path)
         self.spec = f"vhd:{path}"
@@ -60,10 +60,9 @@ class VhdImage(Image):
                 raise ImageFormatError(
                     f"{path}: {self.meta.batmap_error} (vhd-util repair rebuilds it)"
                 )
-            seen = check_loop(path, _seen)
             if self.meta.is_diff:
                 roots = allowed_dirs or (os.path.dirname(path),)
-                self.parent = _open_parent(path, self.file.fd, self.meta, roots, seen)
+                self.parent = _open_parent(path, self.file.fd, self.meta, roots)
             if not read_only and self.meta.footer_recovered:
                 self._restore_footer()
         except BaseException:
@@ -428,16 +427,14 @@ def _append(out: list[Extent], more: list[Extent]) -> None:
             out.append(ext)
 
 
-def _open_parent(
-    path: str, fd: int, meta: Metadata, roots: tuple[str, ...], seen: tuple[tuple[int, int], ...]
-) -> Image:
+def _open_parent(path: str, fd: int, meta: Metadata, roots: tuple[str, ...]) -> Image:
     """Open the parent read-only: a VHD whose UUID matches, or raw when the UUID is null."""
     assert meta.header is not None
     parent_path = find_parent(path, fd, meta, roots)
-    check_loop(parent_path, seen)
-    if meta.header.parent_uuid == bytes(16):
-        return RawImage(parent_path, read_only=True)
-    parent = VhdImage(parent_path, read_only=True, allowed_dirs=roots, _seen=seen)
+    with chain_guard(path, parent_path, "parent"):
+        if meta.header.parent_uuid == bytes(16):
+            return RawImage(parent_path, read_only=True)
+        parent = VhdImage(parent_path, read_only=True, allowed_dirs=roots)
     try:
         check_parent_uuid(path, meta, parent_path, parent.meta.footer)
     except ImageFormatError:
