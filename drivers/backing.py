@@ -20,14 +20,11 @@ from contextlib import contextmanager
 
 from .base import Image, ImageError, ImageFormatError
 from .paths import is_inside
-from .registry import DRIVERS, OpenOptions, open_image
+from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
 
 #: Most images in one chain, the top one included; deeper chains are almost certainly hostile
 #: (and would exhaust Python's recursion limit long before any real chain needs more).
 MAX_CHAIN_DEPTH = 64
-
-#: qemu format names -> our spec types.
-FORMAT_ALIASES = {"vpc": "vhd", "file": "raw", "host_device": "raw"}
 
 FileIdentity = tuple[int, int]
 

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from ..base import ImageFormatError
+from ..registry import NewBacking
 
 MAGIC = 0x514649FB
 VERSION = 1
@@ -120,6 +121,13 @@ def compressed_location(entry: int, cluster_bits: int) -> tuple[int, int]:
     """
     shift = 63 - cluster_bits
     return entry & ((1 << shift) - 1), (entry >> shift) & ((1 << cluster_bits) - 1)
+
+
+def create_from_options(
+    path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+) -> None:
+    """Creator registered for ``qcow:`` (takes no options; QCOW v1 records no backing format)."""
+    create_qcow(path, size, backing_file=None if backing is None else backing.name)
 
 
 def create_qcow(

@@ -24,10 +24,11 @@ from itertools import pairwise
 
 from ..backing import open_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
+from ..commit import commit_clusters
 from ..deflate import inflate_cluster
 from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full, pwrite_full
 from ..l2tables import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
-from ..registry import OpenOptions
+from ..registry import OpenOptions, Progress
 from .format import HEADER_SIZE, OFLAG_COMPRESSED, QcowHeader, compressed_location
 
 #: L2 tables kept in memory; dirty ones beyond this force a write-back.
@@ -40,6 +41,19 @@ ALLOC_CHUNK = 1 << 20
 def open_qcow(path: str, options: OpenOptions) -> QcowImage:
     """Opener registered for ``qcow:``."""
     return QcowImage(path, options)
+
+
+def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    """``Committer`` registered for ``qcow:``: its own clusters into its backing file."""
+    return commit_clusters(spec, _own_cluster, progress, allowed_dirs)
+
+
+def _own_cluster(image: Image, offset: int, length: int) -> tuple[int, int, int]:
+    """DATA or BACKING for the rest of the guest cluster at ``offset`` (at most ``length``)."""
+    assert isinstance(image, QcowImage)
+    gc = offset >> image.cluster_bits
+    run = min(((gc + 1) << image.cluster_bits) - offset, length)
+    return (DATA if image.allocated(gc) else BACKING), 0, run
 
 
 class QcowImage(Image):

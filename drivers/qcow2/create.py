@@ -12,6 +12,8 @@ import os
 from array import array
 
 from ..base import ImageError
+from ..registry import NewBacking
+from ..sizes import parse_size
 from .format import (
     COMPRESSION_FIELD,
     EXT_BACKING_FORMAT,
@@ -25,6 +27,23 @@ from .format import (
     extension_bytes,
 )
 from .refcount import encode_block
+
+
+def create_from_options(
+    path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+) -> None:
+    """Creator registered for ``qcow2:``; takes qemu-img's ``compat``, ``cluster_size`` and
+    ``refcount_bits`` out of ``options``."""
+    compat = options.pop("compat", "1.1")
+    create_qcow2(
+        path,
+        size,
+        cluster_size=parse_size(options.pop("cluster_size", "65536")),
+        version=2 if compat in ("0.10", "v2") else 3,
+        refcount_bits=int(options.pop("refcount_bits", "16")),
+        backing_file=None if backing is None else backing.name,
+        backing_format=None if backing is None else backing.format,
+    )
 
 
 def create_qcow2(

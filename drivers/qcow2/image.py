@@ -19,9 +19,10 @@ from array import array
 
 from ..backing import open_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
+from ..commit import commit_clusters
 from ..fileio import ImageFile, pread_full, pwrite_full
 from ..l2tables import BACKING, COMPRESSED, DATA, ZERO, L2Cache, decode_table
-from ..registry import OpenOptions
+from ..registry import OpenOptions, Progress
 from . import check as checkmod
 from .cluster import STD_RESERVED, classify, classify_ext
 from .compress import decompress_cluster
@@ -56,6 +57,17 @@ ALL_SUBCLUSTERS = 0xFFFFFFFF
 def open_qcow2(path: str, options: OpenOptions) -> Qcow2Image:
     """Opener registered for ``qcow2:``."""
     return Qcow2Image(path, options)
+
+
+def block_status(image: Image, offset: int, length: int) -> tuple[int, int, int]:
+    """``BlockStatus`` registered for ``qcow2:`` (blocking, for tools)."""
+    assert isinstance(image, Qcow2Image)
+    return image.block_status(offset, length)
+
+
+def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    """``Committer`` registered for ``qcow2:``: its own clusters into its backing file."""
+    return commit_clusters(spec, block_status, progress, allowed_dirs)
 
 
 class Qcow2Image(Image):

@@ -22,6 +22,12 @@ from .image import VhdImage
 Progress = Callable[[int, int], None]
 
 
+def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    """``Committer`` registered for ``vhd:``: coalesce into the parent (progress in blocks)."""
+    parent, _ = coalesce(spec.partition(":")[2], progress=progress, allowed_dirs=allowed_dirs)
+    return f"vhd:{parent}"
+
+
 def coalesce(
     child_path: str, *, progress: Progress | None = None, allowed_dirs: tuple[str, ...] = ()
 ) -> tuple[str, int]:
