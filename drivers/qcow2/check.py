@@ -14,15 +14,19 @@ import os
 import struct
 from array import array
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from ..base import ImageFormatError
 from ..fileio import pread_full, pwrite_full
 from ..l2tables import decode_table, encode_table
-from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED
+from .format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    parse_snapshots,
+)
+from .metadata import Qcow2Metadata
 from .refcount import Refcounts, encode_block
-
-if TYPE_CHECKING:
-    from .image import Qcow2Image
 
 BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 
@@ -46,7 +50,7 @@ class CheckResult:
 
 
 class _Walker:
-    def __init__(self, image: Qcow2Image) -> None:
+    def __init__(self, image: Qcow2Metadata) -> None:
         self.image = image
         self.fd = image.file.fd
         self.cs = image.cluster_size
@@ -117,7 +121,7 @@ class _Walker:
 
 
 def references(
-    image: Qcow2Image, include_refcounts: bool = True
+    image: Qcow2Metadata, include_refcounts: bool = True
 ) -> tuple[dict[int, int], list[str]]:
     """Count references to every host cluster; also return structural errors."""
     w = _Walker(image)
@@ -141,9 +145,7 @@ def references(
     return w.refs, w.errors
 
 
-def _snapshot_table_length(image: Qcow2Image) -> int:
-    from .format import parse_snapshots
-
+def _snapshot_table_length(image: Qcow2Metadata) -> int:
     hdr = image.header
     size = os.fstat(image.file.fd).st_size
     limit = min(size - hdr.snapshots_offset, hdr.nb_snapshots * 2048 + 65536)
@@ -152,7 +154,7 @@ def _snapshot_table_length(image: Qcow2Image) -> int:
     return parse_snapshots(bytes(buf), hdr.nb_snapshots, image.path)[1]
 
 
-def _stored_refcounts(image: Qcow2Image) -> Refcounts:
+def _stored_refcounts(image: Qcow2Metadata) -> Refcounts:
     hdr = image.header
     return Refcounts(
         image.file.fd,
@@ -165,7 +167,7 @@ def _stored_refcounts(image: Qcow2Image) -> Refcounts:
     )
 
 
-def check(image: Qcow2Image) -> CheckResult:
+def check(image: Qcow2Metadata) -> CheckResult:
     """Compare stored refcounts with counted references (like ``qemu-img check``)."""
     refs, errors = references(image)
     result = CheckResult(corruptions=list(errors))
@@ -199,12 +201,10 @@ def check(image: Qcow2Image) -> CheckResult:
     return result
 
 
-def rebuild_refcounts(image: Qcow2Image) -> None:
+def rebuild_refcounts(image: Qcow2Metadata) -> None:
     """Write new refcount structures matching the references, and switch the header to them."""
     refs, errors = references(image, include_refcounts=False)
     if errors:
-        from ..base import ImageFormatError
-
         raise ImageFormatError(f"{image.path}: cannot repair refcounts: {errors[0]}")
     hdr = image.header
     cs = image.cluster_size
@@ -246,7 +246,7 @@ def rebuild_refcounts(image: Qcow2Image) -> None:
     _fix_copied(image, refs)
 
 
-def _fix_copied(image: Qcow2Image, refs: dict[int, int]) -> None:
+def _fix_copied(image: Qcow2Metadata, refs: dict[int, int]) -> None:
     """Make COPIED flags of the active L1 and L2 tables say exactly "refcount is 1"."""
     fd = image.file.fd
     cb = image.cluster_bits
