@@ -66,7 +66,7 @@ def info_dict(image: Image, path: str) -> dict[str, Any]:
         "virtual-size": image.size,
         "actual-size": os.stat(path).st_blocks * 512,
     }
-    backing = getattr(image, "backing", None) or getattr(image, "parent", None)
+    backing = image.backing
     if isinstance(image, Qcow2Image):
         hdr = image.header
         out["cluster-size"] = image.cluster_size
@@ -139,7 +139,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             chain.append(info_dict(current, path))
             if not args.backing_chain:
                 break
-            current = getattr(current, "backing", None) or getattr(current, "parent", None)
+            current = current.backing
             if current is not None:
                 path = current.spec.partition(":")[2]
     finally:
