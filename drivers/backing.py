@@ -36,8 +36,8 @@ _opening: contextvars.ContextVar[tuple[FileIdentity, ...]] = contextvars.Context
 
 def file_identity(path: str) -> FileIdentity:
     """(st_dev, st_ino): one file whatever name, hard link or symlink leads to it."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
+    file_stat = os.stat(path)
+    return file_stat.st_dev, file_stat.st_ino
 
 
 @contextmanager
@@ -85,16 +85,16 @@ def resolve_backing(child: str, name: str, options: OpenOptions) -> str:
 
 def probe_format(path: str) -> str:
     """Guess a backing file's format from its magic numbers (raw if none matches)."""
-    with open(path, "rb") as f:
-        head = f.read(8)
+    with open(path, "rb") as file:
+        head = file.read(8)
         if head[:4] == b"QFI\xfb":
             return "qcow" if int.from_bytes(head[4:8], "big") == 1 else "qcow2"
         if head == b"conectix":
             return "vhd"
-        f.seek(0, os.SEEK_END)
-        if f.tell() >= 512:
-            f.seek(-512, os.SEEK_END)
-            if f.read(8) == b"conectix":
+        file.seek(0, os.SEEK_END)
+        if file.tell() >= 512:
+            file.seek(-512, os.SEEK_END)
+            if file.read(8) == b"conectix":
                 return "vhd"
     return "raw"
 

@@ -95,21 +95,21 @@ async def copy_image(src: Image, dst: Image, progress: Progress | None = None) -
     pos = 0
     while pos < size:
         for ext in await src.extents(pos, size - pos):
-            n = min(ext.length, size - pos)
+            run = min(ext.length, size - pos)
             if not ext.flags & ExtentFlags.ZERO:
-                end = pos + n
-                p = pos
-                while p < end:
-                    k = min(COPY_CHUNK, end - p)
-                    view = memoryview(buf)[:k]
-                    await src.read(p, view)
-                    if view != zeros[:k]:
-                        await dst.write(p, view)
-                        written += k
-                    p += k
+                end = pos + run
+                chunk_start = pos
+                while chunk_start < end:
+                    chunk = min(COPY_CHUNK, end - chunk_start)
+                    view = memoryview(buf)[:chunk]
+                    await src.read(chunk_start, view)
+                    if view != zeros[:chunk]:
+                        await dst.write(chunk_start, view)
+                        written += chunk
+                    chunk_start += chunk
                     if progress:
-                        progress(p, size)
-            pos += n
+                        progress(chunk_start, size)
+            pos += run
             if progress:
                 progress(pos, size)
             if pos >= size:
@@ -165,26 +165,32 @@ def map_image(image: Image) -> list[MapEntry]:
     out: list[MapEntry] = []
     _map_into(image, 0, image.size, 0, out)
     merged: list[MapEntry] = []
-    for e in out:
+    for entry in out:
         last = merged[-1] if merged else None
         if (
             last
             and (last.depth, last.present, last.zero, last.data)
-            == (e.depth, e.present, e.zero, e.data)
+            == (entry.depth, entry.present, entry.zero, entry.data)
             and (
-                (last.offset is None and e.offset is None)
+                (last.offset is None and entry.offset is None)
                 or (
                     last.offset is not None
-                    and e.offset is not None
-                    and last.offset + last.length == e.offset
+                    and entry.offset is not None
+                    and last.offset + last.length == entry.offset
                 )
             )
         ):
             merged[-1] = MapEntry(
-                last.start, last.length + e.length, e.depth, e.present, e.zero, e.data, last.offset
+                last.start,
+                last.length + entry.length,
+                entry.depth,
+                entry.present,
+                entry.zero,
+                entry.data,
+                last.offset,
             )
         else:
-            merged.append(e)
+            merged.append(entry)
     return merged
 
 

@@ -39,56 +39,56 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         if not self._writable():
             raise OSError(errno.EPERM, f"{self.path} is open read-only")
 
-    def _check_data_cluster(self, host: int, gc: int) -> None:
+    def _check_data_cluster(self, host: int, guest_cluster: int) -> None:
         """Refuse a guest write into a metadata cluster (hostile or corrupt L2)."""
-        c = host >> self.cluster_bits
-        rc = self.refcounts
-        assert rc is not None
-        table_first = rc.table_offset >> self.cluster_bits
+        cluster = host >> self.cluster_bits
+        refcounts = self.refcounts
+        assert refcounts is not None
+        table_first = refcounts.table_offset >> self.cluster_bits
         if (
-            c in self.meta
-            or c in rc.block_clusters
-            or table_first <= c < table_first + rc.table_clusters
+            cluster in self.meta
+            or cluster in refcounts.block_clusters
+            or table_first <= cluster < table_first + refcounts.table_clusters
         ):
             raise ImageFormatError(
-                f"{self._where(gc)}: L2 entry points at metadata cluster {host:#x}"
+                f"{self._where(guest_cluster)}: L2 entry points at metadata cluster {host:#x}"
             )
 
-    async def _l2_for_write(self, l1i: int) -> tuple[int, array]:
-        """The L2 table for ``l1i``, allocated or copied (if shared) so it can be changed."""
-        l1e = self.l1[l1i]
-        off = l1e & L1E_OFFSET_MASK
-        if off and l1e & OFLAG_COPIED:
+    async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
+        """The L2 table for ``l1_index``, allocated or copied (if shared) so it can be changed."""
+        l1_entry = self.l1[l1_index]
+        off = l1_entry & L1E_OFFSET_MASK
+        if off and l1_entry & OFLAG_COPIED:
             return off, await self._load_l2(off)
-        rc = self.refcounts
-        assert rc is not None
-        new = rc.alloc(1) << self.cluster_bits
+        refcounts = self.refcounts
+        assert refcounts is not None
+        new = refcounts.alloc(1) << self.cluster_bits
         if off:
             table = array("Q", await self._load_l2(off))
             self.l2cache.forget(off)
             self.meta.discard(off >> self.cluster_bits)
-            rc.free_later(off >> self.cluster_bits)
+            refcounts.free_later(off >> self.cluster_bits)
         else:
             table = array("Q", bytes(self.cluster_size))
         self.l2cache.put(new, table, dirty=True)
         self.meta.add(new >> self.cluster_bits)
-        self.l1[l1i] = new | OFLAG_COPIED
-        self.l1_dirty.add(l1i)
+        self.l1[l1_index] = new | OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
         return new, table
 
     def _release(self, entry: int) -> None:
         """Drop this L2 entry's hold on host clusters, once it is gone from disk."""
-        rc = self.refcounts
-        assert rc is not None
+        refcounts = self.refcounts
+        assert refcounts is not None
         if entry & OFLAG_COMPRESSED:
             coffset, csize = self.compressed_span(entry)
             first = coffset >> self.cluster_bits
             last = (coffset + csize - 1) >> self.cluster_bits
-            rc.free_later(first, last - first + 1)
+            refcounts.free_later(first, last - first + 1)
             return
         off = entry & L2E_OFFSET_MASK
         if off:
-            rc.free_later(off >> self.cluster_bits)
+            refcounts.free_later(off >> self.cluster_bits)
 
     def _in_place(self, table: array | None, idx: int) -> bool:
         """Whether guest cluster ``idx`` of ``table`` can be overwritten where it is."""
@@ -116,77 +116,82 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         within = offset & self._cluster_mask
         if within + length > self.cluster_size or self.extended_l2:
             return None
-        l1e = self.l1[offset >> self._l1_shift]
-        table = self.l2cache.tables.get(l1e & L1E_OFFSET_MASK)
-        if table is None or not l1e & OFLAG_COPIED:
+        l1_entry = self.l1[offset >> self._l1_shift]
+        table = self.l2cache.tables.get(l1_entry & L1E_OFFSET_MASK)
+        if table is None or not l1_entry & OFLAG_COPIED:
             return None
-        gc = offset >> self.cluster_bits
-        entry = table[gc & self._l2_mask]
-        if not entry & OFLAG_COPIED or not self._in_place(table, gc & self._l2_mask):
+        guest_cluster = offset >> self.cluster_bits
+        entry = table[guest_cluster & self._l2_mask]
+        if not entry & OFLAG_COPIED or not self._in_place(table, guest_cluster & self._l2_mask):
             return None
         host = entry & L2E_OFFSET_MASK
-        self._check_data_cluster(host, gc)
+        self._check_data_cluster(host, guest_cluster)
         return host + within
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        l2b = self.l2_bits
-        l2mask = (1 << l2b) - 1
-        n = len(data)
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        l2_bits = self.l2_bits
+        l2mask = (1 << l2_bits) - 1
+        length = len(data)
         pos = 0
-        while pos < n:
+        while pos < length:
             off = offset + pos
-            gc = off >> cb
-            within = off & (cs - 1)
-            l1i = gc >> l2b
-            idx = gc & l2mask
-            l2off = self.l1[l1i] & L1E_OFFSET_MASK
+            guest_cluster = off >> cluster_bits
+            within = off & (cluster_size - 1)
+            l1_index = guest_cluster >> l2_bits
+            idx = guest_cluster & l2mask
+            l2off = self.l1[l1_index] & L1E_OFFSET_MASK
             table = await self._load_l2(l2off) if l2off else None
-            st = 2 if self.extended_l2 else 1
+            step = 2 if self.extended_l2 else 1
             if self._in_place(table, idx):
                 assert table is not None
-                entry = table[st * idx]
+                entry = table[step * idx]
                 # Extend over following in-place clusters contiguous on the host.
                 host = entry & L2E_OFFSET_MASK
-                self._check_data_cluster(host, gc)
-                run = min(cs - within, n - pos)
+                self._check_data_cluster(host, guest_cluster)
+                run = min(cluster_size - within, length - pos)
                 i = idx + 1
-                while pos + run < n and table is not None and i <= l2mask:
-                    e = table[st * i]
-                    if not self._in_place(table, i) or e & L2E_OFFSET_MASK != host + (i - idx) * cs:
+                while pos + run < length and table is not None and i <= l2mask:
+                    next_entry = table[step * i]
+                    if (
+                        not self._in_place(table, i)
+                        or next_entry & L2E_OFFSET_MASK != host + (i - idx) * cluster_size
+                    ):
                         break
-                    self._check_data_cluster(e & L2E_OFFSET_MASK, gc + i - idx)
-                    run += min(cs, n - pos - run)
+                    self._check_data_cluster(next_entry & L2E_OFFSET_MASK, guest_cluster + i - idx)
+                    run += min(cluster_size, length - pos - run)
                     i += 1
                 await self.file.write(host + within, data[pos : pos + run])
                 pos += run
                 continue
             # A run of clusters in this L2 table that all need new host clusters.
-            k = 1
-            covered = min(cs - within, n - pos)
-            while pos + covered < n and idx + k <= l2mask:
-                if self._in_place(table, idx + k):
+            count = 1
+            covered = min(cluster_size - within, length - pos)
+            while pos + covered < length and idx + count <= l2mask:
+                if self._in_place(table, idx + count):
                     break
-                covered += min(cs, n - pos - covered)
-                k += 1
-            await self._allocate_and_write(gc, k, within, data[pos : pos + covered])
+                covered += min(cluster_size, length - pos - covered)
+                count += 1
+            await self._allocate_and_write(guest_cluster, count, within, data[pos : pos + covered])
             pos += covered
 
-    async def _allocate_and_write(self, gc: int, k: int, within: int, data: memoryview) -> None:
-        """Write ``data`` (starting ``within`` guest cluster ``gc``) into ``k`` new clusters."""
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        rc = self.refcounts
-        assert rc is not None
-        host = rc.alloc(k) << cb
-        end = within + len(data)  # byte offset of the data's end relative to cluster gc
-        head_partial = within != 0 or end < cs
-        tail_partial = end % cs != 0 and (k > 1 or not head_partial)
+    async def _allocate_and_write(
+        self, guest_cluster: int, count: int, within: int, data: memoryview
+    ) -> None:
+        """Write ``data`` (from ``within`` in ``guest_cluster``) into ``count`` new clusters."""
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        refcounts = self.refcounts
+        assert refcounts is not None
+        host = refcounts.alloc(count) << cluster_bits
+        end = within + len(data)  # byte offset of the data's end relative to guest_cluster
+        head_partial = within != 0 or end < cluster_size
+        tail_partial = end % cluster_size != 0 and (count > 1 or not head_partial)
         if head_partial:
-            buf = bytearray(cs)
-            await self.read(gc << cb, memoryview(buf))
-            first = min(end, cs)
+            buf = bytearray(cluster_size)
+            await self.read(guest_cluster << cluster_bits, memoryview(buf))
+            first = min(end, cluster_size)
             buf[within:first] = data[: first - within]
             await self.file.write(host, memoryview(buf))
             start_full = 1
@@ -194,85 +199,85 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         else:
             start_full = 0
             dpos = 0
-        full_end = k - 1 if (tail_partial and k > 1) else k
+        full_end = count - 1 if (tail_partial and count > 1) else count
         if full_end > start_full:
-            nbytes = (full_end - start_full) * cs
-            await self.file.write(host + start_full * cs, data[dpos : dpos + nbytes])
+            nbytes = (full_end - start_full) * cluster_size
+            await self.file.write(host + start_full * cluster_size, data[dpos : dpos + nbytes])
             dpos += nbytes
-        if tail_partial and k > 1:
-            buf = bytearray(cs)
-            last_gc = gc + k - 1
-            await self.read(last_gc << cb, memoryview(buf))
+        if tail_partial and count > 1:
+            buf = bytearray(cluster_size)
+            last_cluster = guest_cluster + count - 1
+            await self.read(last_cluster << cluster_bits, memoryview(buf))
             rest = len(data) - dpos
             buf[:rest] = data[dpos:]
-            await self.file.write(host + (k - 1) * cs, memoryview(buf))
-        l2off, table = await self._l2_for_write(gc >> self.l2_bits)
-        idx = gc & ((1 << self.l2_bits) - 1)
-        for i in range(k):
-            st = 2 if self.extended_l2 else 1
-            old = table[st * (idx + i)]
-            table[st * (idx + i)] = (host + i * cs) | OFLAG_COPIED
-            if st == 2:
-                table[st * (idx + i) + 1] = ALL_SUBCLUSTERS
+            await self.file.write(host + (count - 1) * cluster_size, memoryview(buf))
+        l2off, table = await self._l2_for_write(guest_cluster >> self.l2_bits)
+        idx = guest_cluster & ((1 << self.l2_bits) - 1)
+        for i in range(count):
+            step = 2 if self.extended_l2 else 1
+            old = table[step * (idx + i)]
+            table[step * (idx + i)] = (host + i * cluster_size) | OFLAG_COPIED
+            if step == 2:
+                table[step * (idx + i) + 1] = ALL_SUBCLUSTERS
             self._release(old)
         self.l2cache.mark_dirty(l2off)
 
-    async def _set_entries(self, gc: int, count: int, value_for: int) -> None:
-        """Set ``count`` whole clusters from ``gc`` to zero (``value_for`` = OFLAG_ZERO) or
-        unallocated (0), releasing what they held."""
-        l2b = self.l2_bits
-        l2mask = (1 << l2b) - 1
+    async def _set_entries(self, first_cluster: int, count: int, value_for: int) -> None:
+        """Set ``count`` whole clusters from ``first_cluster`` to zero (``value_for`` =
+        OFLAG_ZERO) or unallocated (0), releasing what they held."""
+        l2_bits = self.l2_bits
+        l2mask = (1 << l2_bits) - 1
         done = 0
         while done < count:
-            g = gc + done
-            l1i = g >> l2b
-            idx = g & l2mask
-            k = min(count - done, l2mask + 1 - idx)
-            l1e = self.l1[l1i]
-            if not l1e & L1E_OFFSET_MASK and (value_for == 0 or self.backing is None):
-                done += k  # reads as zeros already: no L2 table needed
+            guest_cluster = first_cluster + done
+            l1_index = guest_cluster >> l2_bits
+            idx = guest_cluster & l2mask
+            span = min(count - done, l2mask + 1 - idx)
+            l1_entry = self.l1[l1_index]
+            if not l1_entry & L1E_OFFSET_MASK and (value_for == 0 or self.backing is None):
+                done += span  # reads as zeros already: no L2 table needed
                 continue
-            l2off, table = await self._l2_for_write(l1i)
+            l2off, table = await self._l2_for_write(l1_index)
             if self.extended_l2:
                 # No zero flag in extended entries: every subcluster reads as zero instead.
                 bitmap = ALL_SUBCLUSTERS << 32 if value_for == OFLAG_ZERO else 0
-                for i in range(idx, idx + k):
+                for i in range(idx, idx + span):
                     old = table[2 * i]
                     table[2 * i] = 0
                     table[2 * i + 1] = bitmap
                     self._release(old)
             else:
-                for i in range(idx, idx + k):
+                for i in range(idx, idx + span):
                     old = table[i]
                     if old != value_for:
                         table[i] = value_for
                         self._release(old)
             self.l2cache.mark_dirty(l2off)
-            done += k
+            done += span
 
     async def _write_list(self, writes: list[tuple[int, bytes]]) -> None:
         for off, data in writes:
             await self.file.write(off, memoryview(data))
 
     async def _flush_locked(self) -> None:
-        rc = self.refcounts
-        assert rc is not None
+        refcounts = self.refcounts
+        assert refcounts is not None
         synced = False
-        blocks = rc.dirty_block_writes()
+        blocks = refcounts.dirty_block_writes()
         if blocks:
             await self._write_list(blocks)
             await self.file.sync()
             synced = True
-        table_writes = rc.table_writes()
+        table_writes = refcounts.table_writes()
         if table_writes:
             await self._write_list(table_writes)
             await self.file.sync()
-            if rc.table_moved:
-                self.header.refcount_table_offset = rc.table_offset
-                self.header.refcount_table_clusters = rc.table_clusters
+            if refcounts.table_moved:
+                self.header.refcount_table_offset = refcounts.table_offset
+                self.header.refcount_table_clusters = refcounts.table_clusters
                 await self.file.write(0, memoryview(self.header.pack()))
                 await self.file.sync()
-                rc.table_moved = False
+                refcounts.table_moved = False
             synced = True
         l2_writes = self.l2cache.take_dirty()
         if l2_writes:
@@ -288,8 +293,8 @@ class Qcow2Allocation(Qcow2Metadata, Image):
             await self._write_list(writes)
             await self.file.sync()
             synced = True
-        if rc.apply_frees():
-            await self._write_list(rc.dirty_block_writes())
+        if refcounts.apply_frees():
+            await self._write_list(refcounts.dirty_block_writes())
             await self.file.sync()
             synced = True
         if not synced:

@@ -74,7 +74,7 @@ def create_qcow2(
     l2_span = (cluster_size // 8) * cluster_size
     l1_size = max(1, -(-size // l2_span))
     l1_clusters = -(-l1_size * 8 // cluster_size)
-    hdr = Header(
+    header = Header(
         version=version,
         backing_file_offset=0,
         backing_file_size=0,
@@ -98,9 +98,9 @@ def create_qcow2(
     if len(name) > MAX_BACKING_NAME:
         raise ImageError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
     if name:
-        hdr.backing_file_offset = hdr.header_length + len(ext)
-        hdr.backing_file_size = len(name)
-    cluster0 = hdr.pack() + ext + name
+        header.backing_file_offset = header.header_length + len(ext)
+        header.backing_file_size = len(name)
+    cluster0 = header.pack() + ext + name
     if len(cluster0) > cluster_size:
         raise ImageError("header, extensions and backing name do not fit in one cluster")
     used = 3 + l1_clusters

@@ -80,21 +80,21 @@ class Qcow2Image(Qcow2Allocation):
 
     def _open(self, options: OpenOptions) -> None:
         self._read_metadata()
-        hdr = self.header
+        header = self.header
         self.lock = asyncio.Lock()
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self._header_dirty = False
 
         self.refcounts = None
         if not self.read_only:
-            if hdr.incompatible_features & INCOMPAT_DIRTY:
+            if header.incompatible_features & INCOMPAT_DIRTY:
                 checkmod.rebuild_refcounts(self)
-                hdr.incompatible_features &= ~INCOMPAT_DIRTY
+                header.incompatible_features &= ~INCOMPAT_DIRTY
                 self._header_dirty = True
             self.refcounts = self._load_refcounts()
-            if hdr.autoclear_features:
+            if header.autoclear_features:
                 # We keep no bitmaps up to date, so every autoclear feature lapses.
-                hdr.autoclear_features = 0
+                header.autoclear_features = 0
                 self._header_dirty = True
             if self._header_dirty:
                 self.write_header_sync()
@@ -129,35 +129,35 @@ class Qcow2Image(Qcow2Allocation):
     # -- reads ----------------------------------------------------------------------------
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
-        n = len(buf)
+        length = len(buf)
         # Fast path: inside one cluster of a plain allocated entry in a cached L2 table.
         within = offset & self._cluster_mask
-        if within + n <= self.cluster_size and not self.extended_l2:
-            l1i = offset >> self._l1_shift
-            table = self.l2cache.tables.get(self.l1[l1i] & L1E_OFFSET_MASK)
+        if within + length <= self.cluster_size and not self.extended_l2:
+            l1_index = offset >> self._l1_shift
+            table = self.l2cache.tables.get(self.l1[l1_index] & L1E_OFFSET_MASK)
             if table is not None:
                 entry = table[(offset >> self.cluster_bits) & self._l2_mask]
                 host = entry & L2E_OFFSET_MASK
                 if host and not entry & _NOT_PLAIN and not host & self._cluster_mask:
                     return self.file.read_nowait(host + within, buf)
-        m = self._map_cached(offset, n)
-        if m is None:
+        mapping = self._map_cached(offset, length)
+        if mapping is None:
             return False
-        kind, val, run = m
-        if run == n:
+        kind, val, run = mapping
+        if run == length:
             if kind == DATA:
                 return self.file.read_nowait(val, buf)
             if kind == ZERO or (kind == BACKING and self.backing is None):
-                buf[:] = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)
+                buf[:] = _ZEROS[:length] if length <= len(_ZEROS) else bytes(length)
                 return True
             return False
         pos = 0
-        while pos < n:
+        while pos < length:
             if pos:
-                m = self._map_cached(offset + pos, n - pos)
-                if m is None:
+                mapping = self._map_cached(offset + pos, length - pos)
+                if mapping is None:
                     return False
-                kind, val, run = m
+                kind, val, run = mapping
             view = buf[pos : pos + run]
             if kind == DATA:
                 if not self.file.read_nowait(val, view):
@@ -170,10 +170,10 @@ class Qcow2Image(Qcow2Allocation):
         return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
-        n = len(buf)
+        length = len(buf)
         pos = 0
-        while pos < n:
-            kind, val, run = await self._map(offset + pos, n - pos)
+        while pos < length:
+            kind, val, run = await self._map(offset + pos, length - pos)
             view = buf[pos : pos + run]
             if kind == DATA:
                 await self.file.read(val, view)
@@ -189,25 +189,27 @@ class Qcow2Image(Qcow2Allocation):
 
     async def _read_backing(self, offset: int, view: memoryview) -> None:
         backing = self.backing
-        n = len(view)
-        have = 0 if backing is None else max(0, min(n, backing.size - offset))
+        length = len(view)
+        have = 0 if backing is None else max(0, min(length, backing.size - offset))
         if have:
             part = view[:have]
             if not backing.read_nowait(offset, part):  # type: ignore[union-attr]
                 await backing.read(offset, part)  # type: ignore[union-attr]
-        if have < n:
-            view[have:] = bytes(n - have)
+        if have < length:
+            view[have:] = bytes(length - have)
 
-    async def _compressed(self, entry: int, gc: int) -> bytes:
+    async def _compressed(self, entry: int, guest_cluster: int) -> bytes:
         if self._compressed_cache[0] == entry:
             return self._compressed_cache[1]
         coffset, csize = self.compressed_span(entry)
         if coffset >= MAX_HOST_OFFSET or coffset == 0:
-            raise ImageFormatError(f"{self._where(gc)}: compressed offset {coffset:#x} invalid")
+            raise ImageFormatError(
+                f"{self._where(guest_cluster)}: compressed offset {coffset:#x} invalid"
+            )
         raw = bytearray(csize)
         await self.file.read(coffset, memoryview(raw))
         data = decompress_cluster(
-            self.header.compression_type, bytes(raw), self.cluster_size, self._where(gc)
+            self.header.compression_type, bytes(raw), self.cluster_size, self._where(guest_cluster)
         )
         self._compressed_cache = (entry, data)
         return data
@@ -217,8 +219,8 @@ class Qcow2Image(Qcow2Allocation):
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         if not self._writable():
             return False
-        at = self._overwrite_at(offset, len(data))
-        return at is not None and self.file.write_nowait(at, data)
+        host_offset = self._overwrite_at(offset, len(data))
+        return host_offset is not None and self.file.write_nowait(host_offset, data)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         self._check_writable()
@@ -233,11 +235,11 @@ class Qcow2Image(Qcow2Allocation):
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
-        cs = self.cluster_size
-        first = -(-offset // cs)
-        last = (offset + length) // cs
+        cluster_size = self.cluster_size
+        first = -(-offset // cluster_size)
+        last = (offset + length) // cluster_size
         if (offset + length) == self.size:
-            last = -(-self.size // cs)
+            last = -(-self.size // cluster_size)
         if last <= first:
             return
         if self.backing is not None and not self.v3:
@@ -258,23 +260,27 @@ class Qcow2Image(Qcow2Allocation):
         fua: bool = False,
     ) -> None:
         self._check_writable()
-        cs = self.cluster_size
+        cluster_size = self.cluster_size
         end = offset + length
-        first = -(-offset // cs)
-        last = end // cs
+        first = -(-offset // cluster_size)
+        last = end // cluster_size
         if end == self.size:
-            last = -(-self.size // cs)
+            last = -(-self.size // cluster_size)
         can_flag = self.v3 or self.backing is None
         aligned = can_flag and last > first
-        if fast_only and (not aligned or offset != first * cs or min(end, self.size) > last * cs):
+        if fast_only and (
+            not aligned
+            or offset != first * cluster_size
+            or min(end, self.size) > last * cluster_size
+        ):
             raise OSError(errno.ENOTSUP, "zeroing would be as slow as writing")
         if not aligned:
             await self._write_zero_buffers(offset, end)
         else:
-            if offset < first * cs:
-                await self._write_zero_buffers(offset, first * cs)
-            if end > last * cs:
-                await self._write_zero_buffers(last * cs, end)
+            if offset < first * cluster_size:
+                await self._write_zero_buffers(offset, first * cluster_size)
+            if end > last * cluster_size:
+                await self._write_zero_buffers(last * cluster_size, end)
             async with self.lock:
                 await self._set_entries(first, last - first, OFLAG_ZERO if self.v3 else 0)
         if fua:
@@ -282,9 +288,9 @@ class Qcow2Image(Qcow2Allocation):
 
     async def _write_zero_buffers(self, start: int, end: int) -> None:
         while start < end:
-            n = min(end - start, len(_ZEROS))
-            await self.write(start, _ZEROS[:n])
-            start += n
+            length = min(end - start, len(_ZEROS))
+            await self.write(start, _ZEROS[:length])
+            start += length
 
     async def flush(self) -> None:
         if self.read_only:
@@ -303,10 +309,10 @@ class Qcow2Image(Qcow2Allocation):
             if kind == BACKING and self.backing is not None and pos < self.backing.size:
                 run = min(run, self.backing.size - pos)
                 for ext in await self.backing.extents(pos, run):
-                    n = min(ext.length, run)
-                    out.append(Extent(n, ext.flags))
-                    run -= n
-                    pos += n
+                    part = min(ext.length, run)
+                    out.append(Extent(part, ext.flags))
+                    run -= part
+                    pos += part
                     if run <= 0:
                         break
                 continue
@@ -325,13 +331,13 @@ class Qcow2Image(Qcow2Allocation):
 
     def block_status(self, offset: int, length: int) -> tuple[int, int, int]:
         """(kind, host offset, run) for tools such as ``tap-img map`` (blocking)."""
-        m = self._map_cached(offset, length)
-        if m is None:
-            gc = offset >> self.cluster_bits
-            self.load_l2_sync(self.l1[gc >> self.l2_bits] & L1E_OFFSET_MASK)
-            m = self._map_cached(offset, length)
-        assert m is not None
-        return m
+        mapping = self._map_cached(offset, length)
+        if mapping is None:
+            guest_cluster = offset >> self.cluster_bits
+            self.load_l2_sync(self.l1[guest_cluster >> self.l2_bits] & L1E_OFFSET_MASK)
+            mapping = self._map_cached(offset, length)
+        assert mapping is not None
+        return mapping
 
     async def close(self) -> None:
         try:
