@@ -19,6 +19,7 @@ from typing import Any
 from tapdisk.drivers import imageops
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import OpenOptions, open_image
+from tapdisk.drivers.sizes import parse_size
 
 
 def progress_bar(enabled: bool) -> Callable[[int, int], None] | None:
@@ -65,7 +66,7 @@ def info_dict(image: Image, path: str) -> dict[str, Any]:
         "virtual-size": image.size,
         "actual-size": os.stat(path).st_blocks * 512,
     }
-    backing = getattr(image, "backing", None) or getattr(image, "parent", None)
+    backing = image.backing
     if isinstance(image, Qcow2Image):
         hdr = image.header
         out["cluster-size"] = image.cluster_size
@@ -138,7 +139,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             chain.append(info_dict(current, path))
             if not args.backing_chain:
                 break
-            current = getattr(current, "backing", None) or getattr(current, "parent", None)
+            current = current.backing
             if current is not None:
                 path = current.spec.partition(":")[2]
     finally:
@@ -154,7 +155,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
-    size = imageops.parse_size(args.size) if args.size else None
+    size = parse_size(args.size) if args.size else None
     imageops.create_image(
         args.f,
         args.filename,

@@ -77,6 +77,8 @@ class Image(abc.ABC):
     size: int
     #: True when writes, discards and zeroing must be refused.
     read_only: bool
+    #: The image below this one in a chain (a backing file), opened read-only; None if none.
+    backing: Image | None = None
     #: Smallest I/O granularity clients should use (power of two); 1 = any.
     block_size: int = 1
 

@@ -2,26 +2,35 @@
 
 These work on any ``Image`` through the common interface, so one
 implementation serves every pair of formats.  Copies follow the source's
-extents, so holes and zero ranges stay unallocated in the target.  VHD work is
-delegated to the VHD package (``create_vhd``, ``coalesce``), which ``vhd-util``
-uses too.
+extents, so holes and zero ranges stay unallocated in the target.  What only
+some formats can do (create with options, commit, map host offsets) each
+driver registers in the registry, which these functions ask.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 
+from .backing import probe_format
 from .base import ExtentFlags, Image, ImageError
-from .qcow2.backing import FORMAT_ALIASES, probe_format
-from .registry import OpenOptions, open_image
-
-#: ``progress(done, total)`` in bytes.
-Progress = Callable[[int, int], None]
-FORMATS = ("raw", "qcow2", "qcow", "vhd")
-COPY_CHUNK = 2 << 20
+from .commit import COPY_CHUNK
+from .l2tables import BACKING, COMPRESSED, DATA
+from .registry import (
+    DRIVERS,
+    FORMAT_ALIASES,
+    FORMATS,
+    NewBacking,
+    OpenOptions,
+    Progress,
+    block_status_for,
+    committer_for,
+    creator_for,
+    driver_of,
+    open_image,
+    parse_spec,
+)
 
 
 def detect_format(path: str) -> str:
@@ -48,59 +57,18 @@ def create_image(
     """Create an empty image of ``fmt``; with ``backing`` its size defaults to the backing's."""
     fmt = normalise_format(fmt)
     opts = dict(options or {})
-    backing_path = None
+    below = None
     if backing is not None:
         backing_path = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
         backing_fmt = normalise_format(backing_fmt or detect_format(backing_path))
         if size is None:
             size = _image_size(f"{backing_fmt}:{backing_path}")
+        below = NewBacking(backing, backing_path, backing_fmt)
     if size is None:
         raise ImageError("a size is needed when there is no backing file")
-    if fmt == "qcow2":
-        from .qcow2.create import create_qcow2
-
-        compat = opts.pop("compat", "1.1")
-        create_qcow2(
-            path,
-            size,
-            cluster_size=parse_size(opts.pop("cluster_size", "65536")),
-            version=2 if compat in ("0.10", "v2") else 3,
-            refcount_bits=int(opts.pop("refcount_bits", "16")),
-            backing_file=backing,
-            backing_format=backing_fmt,
-        )
-    elif fmt == "qcow":
-        from .qcow import create_qcow
-
-        create_qcow(path, size, backing_file=backing)
-    elif fmt == "vhd":
-        from .vhd.create import create_vhd
-
-        create_vhd(
-            path,
-            size if backing_path is None else 0,
-            parent=backing_path,
-            parent_raw=backing_fmt == "raw",
-        )
-    else:
-        if backing is not None:
-            raise ImageError("raw images cannot have a backing file")
-        with open(path, "xb") as f:
-            f.truncate(size)
+    creator_for(fmt)(path, size, below, opts)
     if opts:
         raise ImageError(f"unknown options for {fmt}: {', '.join(sorted(opts))}")
-
-
-def parse_size(text: str) -> int:
-    """``64M``, ``2G``, ``512`` -> bytes (binary suffixes, as qemu-img)."""
-    units = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-    text = text.strip().upper()
-    num = text.rstrip("BKMGTP")
-    suffix = text[len(num) :]
-    try:
-        return int(float(num) * units[suffix])
-    except (KeyError, ValueError) as exc:
-        raise ImageError(f"bad size {text!r}") from exc
 
 
 def _image_size(spec: str) -> int:
@@ -127,21 +95,21 @@ async def copy_image(src: Image, dst: Image, progress: Progress | None = None) -
     pos = 0
     while pos < size:
         for ext in await src.extents(pos, size - pos):
-            n = min(ext.length, size - pos)
+            run = min(ext.length, size - pos)
             if not ext.flags & ExtentFlags.ZERO:
-                end = pos + n
-                p = pos
-                while p < end:
-                    k = min(COPY_CHUNK, end - p)
-                    view = memoryview(buf)[:k]
-                    await src.read(p, view)
-                    if view != zeros[:k]:
-                        await dst.write(p, view)
-                        written += k
-                    p += k
+                end = pos + run
+                chunk_start = pos
+                while chunk_start < end:
+                    chunk = min(COPY_CHUNK, end - chunk_start)
+                    view = memoryview(buf)[:chunk]
+                    await src.read(chunk_start, view)
+                    if view != zeros[:chunk]:
+                        await dst.write(chunk_start, view)
+                        written += chunk
+                    chunk_start += chunk
                     if progress:
-                        progress(p, size)
-            pos += n
+                        progress(chunk_start, size)
+            pos += run
             if progress:
                 progress(pos, size)
             if pos >= size:
@@ -164,11 +132,11 @@ def convert(
     async def go() -> int:
         src = open_image(src_spec, OpenOptions(read_only=True, allowed_dirs=allowed_dirs))
         try:
-            size = src.size
-            if dst_fmt == "vhd":
-                size = -(-size // (2 << 20)) * (2 << 20)
-            create_image(dst_fmt, dst_path, size, options=options)
-            dst = open_image(f"{normalise_format(dst_fmt)}:{dst_path}", OpenOptions())
+            fmt = normalise_format(dst_fmt)
+            unit = DRIVERS[fmt].size_unit
+            size = -(-src.size // unit) * unit
+            create_image(fmt, dst_path, size, options=options)
+            dst = open_image(f"{fmt}:{dst_path}", OpenOptions())
             try:
                 return await copy_image(src, dst, progress)
             finally:
@@ -197,37 +165,43 @@ def map_image(image: Image) -> list[MapEntry]:
     out: list[MapEntry] = []
     _map_into(image, 0, image.size, 0, out)
     merged: list[MapEntry] = []
-    for e in out:
+    for entry in out:
         last = merged[-1] if merged else None
         if (
             last
             and (last.depth, last.present, last.zero, last.data)
-            == (e.depth, e.present, e.zero, e.data)
+            == (entry.depth, entry.present, entry.zero, entry.data)
             and (
-                (last.offset is None and e.offset is None)
+                (last.offset is None and entry.offset is None)
                 or (
                     last.offset is not None
-                    and e.offset is not None
-                    and last.offset + last.length == e.offset
+                    and entry.offset is not None
+                    and last.offset + last.length == entry.offset
                 )
             )
         ):
             merged[-1] = MapEntry(
-                last.start, last.length + e.length, e.depth, e.present, e.zero, e.data, last.offset
+                last.start,
+                last.length + entry.length,
+                entry.depth,
+                entry.present,
+                entry.zero,
+                entry.data,
+                last.offset,
             )
         else:
-            merged.append(e)
+            merged.append(entry)
     return merged
 
 
 def _map_into(image: Image, start: int, end: int, depth: int, out: list[MapEntry]) -> None:
-    from .qcow2.cluster import BACKING, COMPRESSED, DATA
-    from .qcow2.image import Qcow2Image
-
+    status = block_status_for(image)
+    driver = driver_of(image)
+    flat = driver is not None and driver.flat
     pos = start
     while pos < end:
-        if isinstance(image, Qcow2Image):
-            kind, val, run = image.block_status(pos, end - pos)
+        if status is not None:
+            kind, val, run = status(image, pos, end - pos)
             if kind == BACKING:
                 backing = image.backing
                 if backing is not None and pos < backing.size:
@@ -248,8 +222,8 @@ def _map_into(image: Image, start: int, end: int, depth: int, out: list[MapEntry
             run = min(ext.length, end - pos)
             hole = bool(ext.flags & ExtentFlags.HOLE)
             zero = bool(ext.flags & ExtentFlags.ZERO)
-            present = not hole or image.format_name == "raw"
-            offset = pos if image.format_name == "raw" and not zero else None
+            present = not hole or flat
+            offset = pos if flat and not zero else None
             out.append(MapEntry(pos, run, depth, present, zero, not zero, offset))
             pos += run
             if pos >= end:
@@ -260,53 +234,8 @@ def commit(
     spec: str, *, progress: Progress | None = None, allowed_dirs: tuple[str, ...] = ()
 ) -> str:
     """Merge a leaf's own data into its backing file; returns the backing file's spec."""
-    kind, _, path = spec.partition(":")
-    if kind == "vhd":
-        from .vhd.coalesce import coalesce
-
-        def blocks(done: int, total: int) -> None:
-            if progress:
-                progress(done, total)
-
-        parent, _ = coalesce(path, progress=blocks, allowed_dirs=allowed_dirs)
-        return f"vhd:{parent}"
-    return asyncio.run(_commit(spec, progress, allowed_dirs))
-
-
-async def _commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
-    from .qcow import QcowImage
-    from .qcow2.cluster import BACKING, ZERO
-    from .qcow2.image import Qcow2Image
-
-    top = open_image(spec, OpenOptions(read_only=True, allowed_dirs=allowed_dirs))
-    try:
-        if not isinstance(top, Qcow2Image | QcowImage) or top.backing is None:
-            raise ImageError(f"{spec} has no backing file to commit into")
-        base_spec = top.backing.spec
-        base = open_image(base_spec, OpenOptions(allowed_dirs=allowed_dirs))
-        try:
-            size = min(top.size, base.size)
-            buf = bytearray(COPY_CHUNK)
-            pos = 0
-            while pos < size:
-                if isinstance(top, Qcow2Image):
-                    kind, _, run = top.block_status(pos, min(size - pos, COPY_CHUNK))
-                else:
-                    gc = pos >> top.cluster_bits
-                    run = min(((gc + 1) << top.cluster_bits) - pos, size - pos)
-                    kind = -1 if top.allocated(gc) else BACKING
-                if kind == ZERO:
-                    await base.write_zeroes(pos, run)
-                elif kind != BACKING:
-                    view = memoryview(buf)[:run]
-                    await top.read(pos, view)
-                    await base.write(pos, view)
-                pos += run
-                if progress:
-                    progress(pos, size)
-            await base.flush()
-        finally:
-            await base.close()
-        return base_spec
-    finally:
-        await top.close()
+    kind, _ = parse_spec(spec)
+    committer = committer_for(kind)
+    if committer is None:
+        raise ImageError(f"{spec} has no backing file to commit into")
+    return committer(spec, progress, allowed_dirs)

@@ -14,7 +14,7 @@ import mmap
 import os
 import stat
 
-from .base import Capabilities, Extent, ExtentFlags, Image
+from .base import Capabilities, Extent, ExtentFlags, Image, ImageError
 from .fileio import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -22,7 +22,7 @@ from .fileio import (
     ImageFile,
     is_unsupported,
 )
-from .registry import OpenOptions
+from .registry import NewBacking, OpenOptions
 
 #: O_DIRECT alignment: the largest logical block size in common use.
 DIRECT_ALIGN = 4096
@@ -35,6 +35,14 @@ ZERO_CHUNK = 1 << 20
 def open_raw(path: str, options: OpenOptions) -> RawImage:
     """Opener registered for ``raw:`` and ``aio:``."""
     return RawImage(path, read_only=options.read_only, direct=options.direct)
+
+
+def create_raw(path: str, size: int, backing: NewBacking | None, options: dict[str, str]) -> None:
+    """Creator registered for ``raw:``: a sparse file of ``size`` bytes (takes no options)."""
+    if backing is not None:
+        raise ImageError("raw images cannot have a backing file")
+    with open(path, "xb") as f:
+        f.truncate(size)
 
 
 class RawImage(Image):

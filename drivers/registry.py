@@ -1,4 +1,9 @@
-"""Image specs (``type:path``) and the table of drivers that open them.
+"""Image specs (``type:path``) and the table of drivers: what each type can do.
+
+Each spec type registers a ``Driver``: how to open it and, where the format
+can, how to create one, commit one into its backing file, or say which host
+clusters hold its data.  Tools ask this table what a type can do instead of
+switching on format names, so ``imageops`` never imports a format package.
 
 Drivers are imported lazily so that a tool that only touches raw images does
 not pay for importing the qcow2 code, and so that a driver module is only ever
@@ -9,26 +14,74 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .base import Image, ImageError
 
-#: Spec type -> "module:function" of its opener, relative to this package.
-DRIVERS: dict[str, str] = {
-    "raw": "raw:open_raw",
-    "aio": "raw:open_raw",
-    "vhd": "vhd.image:open_vhd",
-    "qcow2": "qcow2.image:open_qcow2",
-    "qcow": "qcow:open_qcow",
-    "fault": "fault:open_fault",
+#: ``progress(done, total)`` in bytes.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Driver:
+    """What one spec type can do.
+
+    Functions are ``"module:function"`` names relative to this package, imported
+    on first use; None means the type cannot do it.
+    """
+
+    #: ``open(path, options) -> Image`` (``Opener``).
+    open: str
+    #: ``create(path, size, backing, options)`` (``Creator``): a new, empty image.
+    create: str | None = None
+    #: ``commit(spec, progress, allowed_dirs)`` (``Committer``): merge into the backing file.
+    commit: str | None = None
+    #: ``block_status(image, offset, length)`` (``BlockStatus``): which host bytes hold a range.
+    block_status: str | None = None
+    #: A stackable layer: its argument is ``OPTIONS:INNER-SPEC``, not a path.
+    layer: bool = False
+    #: Can bypass the page cache (``OpenOptions.direct``).  The others do small, unaligned
+    #: metadata I/O, which O_DIRECT refuses; asking them for it is an error, not a no-op.
+    direct_io: bool = False
+    #: Guest offset N is file offset N and every byte is present (``tap-img map`` says so).
+    flat: bool = False
+    #: A converted image's size is rounded up to a multiple of this.
+    size_unit: int = 1
+
+
+#: Spec type -> its driver.  Creatable types come first, in the order error messages list them.
+DRIVERS: dict[str, Driver] = {
+    "raw": Driver("raw:open_raw", create="raw:create_raw", direct_io=True, flat=True),
+    "qcow2": Driver(
+        "qcow2.image:open_qcow2",
+        create="qcow2.create:create_from_options",
+        commit="qcow2.image:commit",
+        block_status="qcow2.image:block_status",
+    ),
+    "qcow": Driver(
+        "qcow:open_qcow", create="qcow.format:create_from_options", commit="qcow.image:commit"
+    ),
+    # VHD data blocks are 2 MiB.
+    "vhd": Driver(
+        "vhd.image:open_vhd",
+        create="vhd.create:create_from_options",
+        commit="vhd.coalesce:commit",
+        size_unit=2 << 20,
+    ),
+    "aio": Driver("raw:open_raw", direct_io=True, flat=True),
+    "fault": Driver("fault:open_fault", layer=True),
 }
 
+#: Types ``create_image`` can make, for tools and their error messages.
+FORMATS: tuple[str, ...] = tuple(kind for kind, driver in DRIVERS.items() if driver.create)
 #: Layer types: their argument is ``OPTIONS:INNER-SPEC``, not a path.
-LAYERS: frozenset[str] = frozenset({"fault"})
-#: Formats that can bypass the page cache (``OpenOptions.direct``).  The others do small,
-#: unaligned metadata I/O, which O_DIRECT refuses; asking them for it is an error, not a no-op.
-DIRECT_IO: frozenset[str] = frozenset({"raw", "aio"})
+LAYERS: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.layer)
+#: Types that can bypass the page cache (``OpenOptions.direct``).
+DIRECT_IO: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.direct_io)
+#: qemu format names -> our spec types.
+FORMAT_ALIASES = {"vpc": "vhd", "file": "raw", "host_device": "raw"}
 
 
 @dataclass(frozen=True)
@@ -44,8 +97,46 @@ class OpenOptions:
     allowed_dirs: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class NewBacking:
+    """The backing file of an image being created.
+
+    ``name`` is what the new image records (relative to its directory, or
+    absolute), ``path`` the file itself, ``format`` its spec type.
+    """
+
+    name: str
+    path: str
+    format: str
+
+
 class Opener(Protocol):
     def __call__(self, path: str, options: OpenOptions) -> Image: ...
+
+
+class Creator(Protocol):
+    """Creates ``path``; takes the ``options`` it knows out of the dict (the rest are errors)."""
+
+    def __call__(
+        self, path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+    ) -> None: ...
+
+
+class Committer(Protocol):
+    """Merges the image ``spec`` into its backing file; returns the backing file's spec."""
+
+    def __call__(
+        self, spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]
+    ) -> str: ...
+
+
+class BlockStatus(Protocol):
+    """(kind, host offset, run) at guest ``offset`` of the image itself (``l2tables`` kinds).
+
+    Blocking, for tools such as ``tap-img map``.
+    """
+
+    def __call__(self, image: Image, offset: int, length: int) -> tuple[int, int, int]: ...
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -59,12 +150,42 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return kind, path
 
 
+def _function(name: str) -> Any:
+    module_name, _, func = name.partition(":")
+    return getattr(importlib.import_module(f"{__package__}.{module_name}"), func)
+
+
 def opener_for(kind: str) -> Opener:
     """The open function registered for a spec type."""
-    module_name, _, func = DRIVERS[kind].partition(":")
-    module = importlib.import_module(f"{__package__}.{module_name}")
-    opener: Opener = getattr(module, func)
+    opener: Opener = _function(DRIVERS[kind].open)
     return opener
+
+
+def creator_for(kind: str) -> Creator:
+    """The create function of a type in ``FORMATS``."""
+    name = DRIVERS[kind].create
+    if name is None:
+        raise ImageError(f"{kind} images cannot be created")
+    creator: Creator = _function(name)
+    return creator
+
+
+def committer_for(kind: str) -> Committer | None:
+    """The commit function of a type whose images can have a backing file."""
+    name = DRIVERS[kind].commit
+    return None if name is None else _function(name)
+
+
+def driver_of(image: Image) -> Driver | None:
+    """The driver of the type ``image`` was opened as (None for a type not registered)."""
+    return DRIVERS.get(image.spec.partition(":")[0])
+
+
+def block_status_for(image: Image) -> BlockStatus | None:
+    """The image's block status function, if its format maps to host offsets."""
+    driver = driver_of(image)
+    name = driver.block_status if driver is not None else None
+    return None if name is None else _function(name)
 
 
 def open_image(spec: str, options: OpenOptions | None = None) -> Image:

@@ -27,13 +27,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from tapdisk.drivers import sizes
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import parse_spec
@@ -82,20 +82,18 @@ class Config:
 # raises ValueError with a message that completes "KEY: ...".  Command-line flags use
 # the same parsers, so a flag and the file accept exactly the same values.
 
-_SIZE = re.compile(r"(\d+)\s*([KMG]?)(i?B)?", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-
 
 def parse_size(value: object) -> int:
-    """Bytes from an integer or a string such as ``512K``, ``1M`` or ``1MiB`` (powers of 2)."""
+    """Bytes from an integer or a size string such as ``512K`` or ``1MiB`` (``drivers.sizes``)."""
     if isinstance(value, bool):
         raise ValueError(f"expected a size such as 1MiB, got {value!r}")
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        match = _SIZE.fullmatch(value.strip())
-        if match:
-            return int(match[1]) * _UNITS[match[2].lower()]
+        try:
+            return sizes.parse_size(value)
+        except ImageError:
+            pass
     raise ValueError(f"expected a size such as 1MiB or 1048576, got {value!r}")
 
 

@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 
 from ..base import ImageFormatError
+from ..registry import NewBacking
 
 MAGIC = 0x514649FB
 VERSION = 1
@@ -98,14 +99,14 @@ class QcowHeader:
             )
         name_end = HEADER_SIZE
         if self.backing_file_offset:
-            bfo, bfs = self.backing_file_offset, self.backing_file_size
-            name_end = bfo + bfs
-            if not 0 < bfs <= MAX_BACKING_NAME:
-                raise bad(f"backing_file_size is {bfs}, expected 1..1023")
-            if bfo < HEADER_SIZE or name_end > file_size:
-                raise bad(f"backing_file_offset {bfo:#x} is outside the file")
-            if bfo < l1_end and l1_off < name_end:
-                raise bad(f"backing_file_offset {bfo:#x}: the name overlaps the L1 table")
+            name_offset, name_size = self.backing_file_offset, self.backing_file_size
+            name_end = name_offset + name_size
+            if not 0 < name_size <= MAX_BACKING_NAME:
+                raise bad(f"backing_file_size is {name_size}, expected 1..1023")
+            if name_offset < HEADER_SIZE or name_end > file_size:
+                raise bad(f"backing_file_offset {name_offset:#x} is outside the file")
+            if name_offset < l1_end and l1_off < name_end:
+                raise bad(f"backing_file_offset {name_offset:#x}: the name overlaps the L1 table")
         return max(l1_end, name_end)
 
 
@@ -120,6 +121,13 @@ def compressed_location(entry: int, cluster_bits: int) -> tuple[int, int]:
     """
     shift = 63 - cluster_bits
     return entry & ((1 << shift) - 1), (entry >> shift) & ((1 << cluster_bits) - 1)
+
+
+def create_from_options(
+    path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+) -> None:
+    """Creator registered for ``qcow:`` (takes no options; QCOW v1 records no backing format)."""
+    create_qcow(path, size, backing_file=None if backing is None else backing.name)
 
 
 def create_qcow(
@@ -146,8 +154,8 @@ def create_qcow(
         0,
         l1_off,
     )
-    with open(path, "xb") as f:
-        f.write(header.pack() + name)
-        f.truncate(l1_off + header.l1_size * 8)
-        f.flush()
-        os.fsync(f.fileno())
+    with open(path, "xb") as file:
+        file.write(header.pack() + name)
+        file.truncate(l1_off + header.l1_size * 8)
+        file.flush()
+        os.fsync(file.fileno())

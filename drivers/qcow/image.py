@@ -22,12 +22,13 @@ from array import array
 from bisect import bisect_right
 from itertools import pairwise
 
+from ..backing import open_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
+from ..commit import commit_clusters
+from ..deflate import inflate_cluster
 from ..fileio import INLINE_WRITE_MAX, ImageFile, pread_full, pwrite_full
-from ..qcow2.backing import open_backing
-from ..qcow2.cluster import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
-from ..qcow2.compress import inflate_cluster
-from ..registry import OpenOptions
+from ..l2tables import BACKING, COMPRESSED, DATA, L2Cache, decode_table, encode_table
+from ..registry import OpenOptions, Progress
 from .format import HEADER_SIZE, OFLAG_COMPRESSED, QcowHeader, compressed_location
 
 #: L2 tables kept in memory; dirty ones beyond this force a write-back.
@@ -40,6 +41,19 @@ ALLOC_CHUNK = 1 << 20
 def open_qcow(path: str, options: OpenOptions) -> QcowImage:
     """Opener registered for ``qcow:``."""
     return QcowImage(path, options)
+
+
+def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    """``Committer`` registered for ``qcow:``: its own clusters into its backing file."""
+    return commit_clusters(spec, _own_cluster, progress, allowed_dirs)
+
+
+def _own_cluster(image: Image, offset: int, length: int) -> tuple[int, int, int]:
+    """DATA or BACKING for the rest of the guest cluster at ``offset`` (at most ``length``)."""
+    assert isinstance(image, QcowImage)
+    guest_cluster = offset >> image.cluster_bits
+    run = min(((guest_cluster + 1) << image.cluster_bits) - offset, length)
+    return (DATA if image.allocated(guest_cluster) else BACKING), 0, run
 
 
 class QcowImage(Image):
@@ -69,20 +83,20 @@ class QcowImage(Image):
             raise self._bad(f"file is {file_size} bytes, shorter than the QCOW header")
         raw = bytearray(HEADER_SIZE)
         pread_full(fd, memoryview(raw), 0)
-        h = QcowHeader.unpack(raw)
+        header = QcowHeader.unpack(raw)
         #: Everything before this is header, backing name and L1: never guest data.
-        self.meta_end = h.check(file_size, self.path)
-        cb, l2b = h.cluster_bits, h.l2_bits
-        self.size = h.size
-        self.cluster_bits = cb
-        self.cluster_size = cs = 1 << cb
-        self.l2_bits = l2b
-        self.l2_bytes = 8 << l2b
-        self.l1_offset = h.l1_table_offset
+        self.meta_end = header.check(file_size, self.path)
+        cluster_bits, l2_bits = header.cluster_bits, header.l2_bits
+        self.size = header.size
+        self.cluster_bits = cluster_bits
+        self.cluster_size = cluster_size = 1 << cluster_bits
+        self.l2_bits = l2_bits
+        self.l2_bytes = 8 << l2_bits
+        self.l1_offset = header.l1_table_offset
         self.file_size = file_size
-        self.open_end = -(-file_size // cs) * cs
+        self.open_end = -(-file_size // cluster_size) * cluster_size
         self.end = self.open_end
-        raw_l1 = bytearray(8 * h.l1_size)
+        raw_l1 = bytearray(8 * header.l1_size)
         pread_full(fd, memoryview(raw_l1), self.l1_offset)
         self.l1 = decode_table(raw_l1)
         self.l2_starts = self._check_l1()
@@ -92,9 +106,9 @@ class QcowImage(Image):
         self.l1_dirty: set[int] = set()
         self.lock = asyncio.Lock()
         self._zcache: tuple[int, bytes] = (0, b"")
-        if h.backing_file_offset:
-            name = bytearray(h.backing_file_size)
-            pread_full(fd, memoryview(name), h.backing_file_offset)
+        if header.backing_file_offset:
+            name = bytearray(header.backing_file_size)
+            pread_full(fd, memoryview(name), header.backing_file_offset)
             self.backing = open_backing(self.path, name.decode("utf-8", "replace"), None, options)
         self._caps = Capabilities(trim=False, zero=not self.read_only, extents=True)
 
@@ -114,36 +128,39 @@ class QcowImage(Image):
                 raise self._bad(f"L1 entry {i}: L2 table offset {off:#x} is past the end of file")
             used.append((off, i))
         used.sort()
-        for (a, i), (b, j) in pairwise(used):
-            if b < a + self.l2_bytes:
-                raise self._bad(f"L1 entries {i} and {j}: L2 tables at {a:#x} and {b:#x} overlap")
+        for (offset, i), (next_offset, j) in pairwise(used):
+            if next_offset < offset + self.l2_bytes:
+                raise self._bad(
+                    f"L1 entries {i} and {j}: L2 tables at {offset:#x} and {next_offset:#x} overlap"
+                )
         return [off for off, _ in used]
 
     def _check_l2(self, l2off: int, table: array) -> None:
         """Refuse entries that are unaligned, past EOF, or overlap metadata."""
-        cs = self.cluster_size
+        cluster_size = self.cluster_size
         starts = self.l2_starts
-        for idx, e in enumerate(table):
-            if not e:
+        for idx, entry in enumerate(table):
+            if not entry:
                 continue
             where = f"L2 table at {l2off:#x}, entry {idx}"
-            if e & OFLAG_COMPRESSED:
-                coff, csize = compressed_location(e, self.cluster_bits)
+            if entry & OFLAG_COMPRESSED:
+                coff, csize = compressed_location(entry, self.cluster_bits)
                 if coff < self.meta_end or coff + csize > self.file_size:
                     raise self._bad(
                         f"{where}: compressed data at {coff:#x} (+{csize}) is outside the data area"
                     )
                 continue
-            if e % cs:
-                raise self._bad(f"{where}: data offset {e:#x} is not cluster aligned")
-            if e < self.meta_end or e + cs > self.open_end:
+            if entry % cluster_size:
+                raise self._bad(f"{where}: data offset {entry:#x} is not cluster aligned")
+            if entry < self.meta_end or entry + cluster_size > self.open_end:
                 raise self._bad(
-                    f"{where}: data offset {e:#x} is in the header/L1 area or past the end of file"
+                    f"{where}: data offset {entry:#x} is in the header/L1 area "
+                    "or past the end of file"
                 )
-            k = bisect_right(starts, e + cs - 1) - 1
-            if k >= 0 and starts[k] + self.l2_bytes > e:
+            nearest = bisect_right(starts, entry + cluster_size - 1) - 1
+            if nearest >= 0 and starts[nearest] + self.l2_bytes > entry:
                 raise self._bad(
-                    f"{where}: data offset {e:#x} overlaps the L2 table at {starts[k]:#x}"
+                    f"{where}: data offset {entry:#x} overlaps the L2 table at {starts[nearest]:#x}"
                 )
 
     def _adopt(self, l2off: int, raw: bytearray) -> array:
@@ -185,54 +202,54 @@ class QcowImage(Image):
         A run joins following clusters of the same kind (host-contiguous for data)
         inside one L2 table.
         """
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        gc = off >> cb
-        within = off & (cs - 1)
-        run = min(cs - within, maxlen)
-        l2b = self.l2_bits
-        l1i = gc >> l2b
-        l2off = self.l1[l1i] if l1i < len(self.l1) else 0
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        guest_cluster = off >> cluster_bits
+        within = off & (cluster_size - 1)
+        run = min(cluster_size - within, maxlen)
+        l2_bits = self.l2_bits
+        l1_index = guest_cluster >> l2_bits
+        l2off = self.l1[l1_index] if l1_index < len(self.l1) else 0
         if not l2off:
-            return BACKING, 0, min(maxlen, ((l1i + 1) << (l2b + cb)) - off)
+            return BACKING, 0, min(maxlen, ((l1_index + 1) << (l2_bits + cluster_bits)) - off)
         table = self.l2cache.get(l2off)
         if table is None:
             return None
-        idx = gc & ((1 << l2b) - 1)
-        e = table[idx]
-        if e & OFLAG_COMPRESSED:
-            return COMPRESSED, e, run
-        kind = DATA if e else BACKING
-        nxt = e + cs
+        idx = guest_cluster & ((1 << l2_bits) - 1)
+        entry = table[idx]
+        if entry & OFLAG_COMPRESSED:
+            return COMPRESSED, entry, run
+        kind = DATA if entry else BACKING
+        next_host = entry + cluster_size
         idx += 1
         last = len(table)
         while run < maxlen and idx < last:
-            e2 = table[idx]
+            next_entry = table[idx]
             if kind == DATA:
-                if e2 != nxt:
+                if next_entry != next_host:
                     break
-                nxt += cs
-            elif e2:
+                next_host += cluster_size
+            elif next_entry:
                 break
-            run += min(cs, maxlen - run)
+            run += min(cluster_size, maxlen - run)
             idx += 1
-        return kind, (e + within if e else 0), run
+        return kind, (entry + within if entry else 0), run
 
     async def _map(self, off: int, maxlen: int) -> tuple[int, int, int]:
-        m = self._map_cached(off, maxlen)
-        if m is None:
+        mapping = self._map_cached(off, maxlen)
+        if mapping is None:
             await self._table(self.l1[(off >> self.cluster_bits) >> self.l2_bits])
-            m = self._map_cached(off, maxlen)
-            assert m is not None
-        return m
+            mapping = self._map_cached(off, maxlen)
+            assert mapping is not None
+        return mapping
 
-    def allocated(self, gc: int) -> bool:
-        """Whether guest cluster ``gc`` is stored in this image (blocking; for tools)."""
-        l1i = gc >> self.l2_bits
-        l2off = self.l1[l1i] if l1i < len(self.l1) else 0
+    def allocated(self, guest_cluster: int) -> bool:
+        """Whether ``guest_cluster`` is stored in this image (blocking; for tools)."""
+        l1_index = guest_cluster >> self.l2_bits
+        l2off = self.l1[l1_index] if l1_index < len(self.l1) else 0
         if not l2off:
             return False
-        return self._table_sync(l2off)[gc & ((1 << self.l2_bits) - 1)] != 0
+        return self._table_sync(l2off)[guest_cluster & ((1 << self.l2_bits) - 1)] != 0
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -248,12 +265,12 @@ class QcowImage(Image):
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
         pos = 0
-        n = len(buf)
-        while pos < n:
-            m = self._map_cached(offset + pos, n - pos)
-            if m is None:
+        length = len(buf)
+        while pos < length:
+            mapping = self._map_cached(offset + pos, length - pos)
+            if mapping is None:
                 return False
-            kind, val, run = m
+            kind, val, run = mapping
             view = buf[pos : pos + run]
             if kind == DATA:
                 if not self.file.read_nowait(val, view):
@@ -267,40 +284,40 @@ class QcowImage(Image):
         return True
 
     def _backing_nowait(self, offset: int, view: memoryview) -> bool:
-        n = len(view)
+        length = len(view)
         backing = self.backing
-        have = 0 if backing is None else max(0, min(n, backing.size - offset))
+        have = 0 if backing is None else max(0, min(length, backing.size - offset))
         if have and backing is not None and not backing.read_nowait(offset, view[:have]):
             return False
-        if have < n:
-            view[have:] = bytes(n - have)
+        if have < length:
+            view[have:] = bytes(length - have)
         return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
         pos = 0
-        n = len(buf)
-        cs = self.cluster_size
-        while pos < n:
+        length = len(buf)
+        cluster_size = self.cluster_size
+        while pos < length:
             off = offset + pos
-            kind, val, run = await self._map(off, n - pos)
+            kind, val, run = await self._map(off, length - pos)
             view = buf[pos : pos + run]
             if kind == DATA:
                 await self.file.read(val, view)
             elif kind == BACKING:
                 await self._read_backing(off, view)
             else:
-                within = off & (cs - 1)
+                within = off & (cluster_size - 1)
                 view[:] = (await self._decompress(val))[within : within + run]
             pos += run
 
     async def _read_backing(self, offset: int, view: memoryview) -> None:
-        n = len(view)
+        length = len(view)
         backing = self.backing
-        have = 0 if backing is None else max(0, min(n, backing.size - offset))
+        have = 0 if backing is None else max(0, min(length, backing.size - offset))
         if have and backing is not None:
             await backing.read(offset, view[:have])
-        if have < n:
-            view[have:] = bytes(n - have)
+        if have < length:
+            view[have:] = bytes(length - have)
 
     # -- writes -----------------------------------------------------------------------------
 
@@ -309,13 +326,17 @@ class QcowImage(Image):
             return False
         pieces: list[tuple[int, int, int]] = []
         pos = 0
-        n = len(data)
-        while pos < n:
-            m = self._map_cached(offset + pos, n - pos)
-            if m is None or m[0] != DATA or not self.file.can_write_nowait(m[1], m[2]):
+        length = len(data)
+        while pos < length:
+            mapping = self._map_cached(offset + pos, length - pos)
+            if (
+                mapping is None
+                or mapping[0] != DATA
+                or not self.file.can_write_nowait(mapping[1], mapping[2])
+            ):
                 return False
-            pieces.append((pos, m[1], m[2]))
-            pos += m[2]
+            pieces.append((pos, mapping[1], mapping[2]))
+            pos += mapping[2]
         # Every piece or none: the checks are done, so write them all here and now.
         for pos, host, run in pieces:
             pwrite_full(self.file.fd, data[pos : pos + run], host)
@@ -335,10 +356,10 @@ class QcowImage(Image):
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
         pos = 0
-        n = len(data)
-        while pos < n:
+        length = len(data)
+        while pos < length:
             off = offset + pos
-            kind, val, run = await self._map(off, n - pos)
+            kind, val, run = await self._map(off, length - pos)
             if kind == DATA:
                 await self.file.write(val, data[pos : pos + run])
             else:
@@ -348,38 +369,40 @@ class QcowImage(Image):
 
     async def _allocate(self, off: int, data: memoryview) -> None:
         """Write ``data`` (one kind, within one L2 table) into newly appended clusters."""
-        cb = self.cluster_bits
-        cs = self.cluster_size
-        gc0 = off >> cb
-        within = off & (cs - 1)
-        count = (within + len(data) + cs - 1) >> cb
-        buf = bytearray(count << cb)
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        first_cluster = off >> cluster_bits
+        within = off & (cluster_size - 1)
+        count = (within + len(data) + cluster_size - 1) >> cluster_bits
+        buf = bytearray(count << cluster_bits)
         view = memoryview(buf)
         # Partial first/last clusters keep their old bytes (backing, zeros or compressed).
         if within:
-            await self.read(gc0 << cb, view[:cs])
-        tail = (within + len(data)) & (cs - 1)
+            await self.read(first_cluster << cluster_bits, view[:cluster_size])
+        tail = (within + len(data)) & (cluster_size - 1)
         if tail and (count > 1 or not within):
-            await self.read((gc0 + count - 1) << cb, view[(count - 1) << cb :])
+            await self.read(
+                (first_cluster + count - 1) << cluster_bits, view[(count - 1) << cluster_bits :]
+            )
         view[within : within + len(data)] = data
         host = self._append(len(buf))
         await self.file.write(host, view)
-        self._set_entries(gc0, count, host)
+        self._set_entries(first_cluster, count, host)
 
     def _append(self, length: int) -> int:
         off = self.end
         self.end += -(-length // self.cluster_size) * self.cluster_size
         return off
 
-    def _set_entries(self, gc0: int, count: int, host: int) -> None:
-        """Point ``count`` guest clusters from ``gc0`` at consecutive host clusters (in memory).
+    def _set_entries(self, first_cluster: int, count: int, host: int) -> None:
+        """Point ``count`` guest clusters from ``first_cluster`` at consecutive host clusters.
 
-        The L2 table is cached (``_map`` loaded it) unless the L1 entry is empty,
+        In memory only.  The L2 table is cached (``_map`` loaded it) unless the L1 entry is empty,
         in which case a new zeroed table is appended; both stay dirty until flush.
         """
-        l2b = self.l2_bits
-        l1i = gc0 >> l2b
-        l2off = self.l1[l1i]
+        l2_bits = self.l2_bits
+        l1_index = first_cluster >> l2_bits
+        l2off = self.l1[l1_index]
         if l2off:
             table = self.l2cache.get(l2off)
             assert table is not None
@@ -388,12 +411,12 @@ class QcowImage(Image):
             table = self.l2cache.put(l2off, array("Q", bytes(self.l2_bytes)))
             self.checked.add(l2off)
             self.l2_starts.append(l2off)
-            self.l1[l1i] = l2off
-            self.l1_dirty.add(l1i)
-        idx = gc0 & ((1 << l2b) - 1)
-        cs = self.cluster_size
+            self.l1[l1_index] = l2off
+            self.l1_dirty.add(l1_index)
+        idx = first_cluster & ((1 << l2_bits) - 1)
+        cluster_size = self.cluster_size
         for i in range(count):
-            table[idx + i] = host + i * cs
+            table[idx + i] = host + i * cluster_size
         self.l2cache.mark_dirty(l2off)
 
     async def flush(self) -> None:
@@ -456,10 +479,10 @@ class QcowImage(Image):
             if kind == BACKING and backing is not None and pos < backing.size:
                 run = min(run, backing.size - pos)
                 for ext in await backing.extents(pos, run):
-                    n = min(ext.length, run)
-                    out.append(Extent(n, ext.flags))
-                    run -= n
-                    pos += n
+                    part = min(ext.length, run)
+                    out.append(Extent(part, ext.flags))
+                    run -= part
+                    pos += part
                     if run <= 0:
                         break
                 continue

@@ -1,41 +1,17 @@
-"""Guest-to-host mapping: L2 entry decoding and the L2 table cache.
+"""QCOW2 L2 entries: what a standard or extended entry says about a guest range.
 
-An L2 table is held as an ``array('Q')`` of native integers (two per guest
-cluster with extended L2: the entry, then the subcluster bitmap).  The cache
-keeps clean tables in LRU order and pins dirty ones until the image's flush
-writes them back, so a write never has to wait for metadata I/O of its own.
+The kinds of range, the table codec and the L2 cache are shared with QCOW v1
+and live in ``drivers/l2tables.py``.
 """
 
 from __future__ import annotations
 
-from array import array
-from collections import OrderedDict
-
 from ..base import ImageFormatError
+from ..l2tables import BACKING, COMPRESSED, DATA, ZERO
 from .format import L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
-
-#: Kinds of guest byte ranges.
-DATA = 0  # host data at a known offset
-ZERO = 1  # reads as zeros
-BACKING = 2  # not allocated here: backing file, or zeros
-COMPRESSED = 3  # a compressed cluster (the value is the raw L2 entry)
 
 STD_RESERVED = 0x3F000000000001FE
 EXT_RESERVED = 0x3F000000000001FF
-
-
-def decode_table(raw: bytes | bytearray | memoryview) -> array:
-    """Big-endian table bytes -> array of native ints."""
-    table = array("Q", raw)
-    table.byteswap()
-    return table
-
-
-def encode_table(table: array) -> bytes:
-    """Inverse of ``decode_table``."""
-    out = array("Q", table)
-    out.byteswap()
-    return out.tobytes()
 
 
 def classify(
@@ -98,49 +74,3 @@ def classify_ext(
         end_sub += 1
     run = min(length, end_sub * sc_size - within)
     return kind, (off + within if kind == DATA else 0), run
-
-
-class L2Cache:
-    """L2 tables by host offset: LRU for clean tables, dirty ones pinned."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = max(capacity, 4)
-        self.tables: OrderedDict[int, array] = OrderedDict()
-        self.dirty: set[int] = set()
-
-    def get(self, offset: int) -> array | None:
-        return self.tables.get(offset)
-
-    def put(self, offset: int, table: array, dirty: bool = False) -> array:
-        """Insert unless present (the cached copy may be newer than disk); return the cached."""
-        have = self.tables.get(offset)
-        if have is not None:
-            return have
-        self.tables[offset] = table
-        if dirty:
-            self.dirty.add(offset)
-        self._evict()
-        return table
-
-    def mark_dirty(self, offset: int) -> None:
-        self.dirty.add(offset)
-
-    def _evict(self) -> None:
-        if len(self.tables) <= self.capacity:
-            return
-        for off in list(self.tables):
-            if len(self.tables) <= self.capacity:
-                break
-            if off not in self.dirty:
-                del self.tables[off]
-
-    def take_dirty(self) -> list[tuple[int, bytes]]:
-        """(offset, bytes) of every dirty table; marks them clean."""
-        out = [(off, encode_table(self.tables[off])) for off in sorted(self.dirty)]
-        self.dirty.clear()
-        self._evict()
-        return out
-
-    def forget(self, offset: int) -> None:
-        self.tables.pop(offset, None)
-        self.dirty.discard(offset)

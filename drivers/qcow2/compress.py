@@ -1,28 +1,17 @@
-"""Decompression of compressed clusters: raw deflate (qemu's "zlib") and zstd.
+"""Decompression of QCOW2 compressed clusters: raw deflate (qemu's "zlib") and zstd.
 
 Compressed data is only known to 512-byte precision, so both decoders stop
-after one cluster of output and ignore the slop that follows.  zstd support
-comes from the ``zstandard`` package; an image that needs it without the
-package installed fails with an error saying so.
+after one cluster of output and ignore the slop that follows.  Deflate is
+shared with QCOW v1 (``drivers/deflate.py``); zstd support comes from the
+``zstandard`` package, and an image that needs it without the package
+installed fails with an error saying so.
 """
 
 from __future__ import annotations
 
-import zlib
-
 from ..base import ImageFormatError
+from ..deflate import inflate_cluster
 from .format import COMPRESSION_DEFLATE, COMPRESSION_ZSTD
-
-
-def inflate_cluster(data: bytes, cluster_size: int, where: str) -> bytes:
-    """Inflate one raw-deflate compressed cluster (any window up to 32 KiB)."""
-    try:
-        out = zlib.decompressobj(-15).decompress(data, cluster_size)
-    except zlib.error as exc:
-        raise ImageFormatError(f"{where}: compressed cluster is not valid deflate: {exc}") from exc
-    if len(out) != cluster_size:
-        raise ImageFormatError(f"{where}: compressed cluster inflates to {len(out)} bytes")
-    return out
 
 
 def unzstd_cluster(data: bytes, cluster_size: int, where: str) -> bytes:

@@ -12,6 +12,8 @@ import os
 from array import array
 
 from ..base import ImageError
+from ..registry import NewBacking
+from ..sizes import parse_size
 from .format import (
     COMPRESSION_FIELD,
     EXT_BACKING_FORMAT,
@@ -25,6 +27,23 @@ from .format import (
     extension_bytes,
 )
 from .refcount import encode_block
+
+
+def create_from_options(
+    path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+) -> None:
+    """Creator registered for ``qcow2:``; takes qemu-img's ``compat``, ``cluster_size`` and
+    ``refcount_bits`` out of ``options``."""
+    compat = options.pop("compat", "1.1")
+    create_qcow2(
+        path,
+        size,
+        cluster_size=parse_size(options.pop("cluster_size", "65536")),
+        version=2 if compat in ("0.10", "v2") else 3,
+        refcount_bits=int(options.pop("refcount_bits", "16")),
+        backing_file=None if backing is None else backing.name,
+        backing_format=None if backing is None else backing.format,
+    )
 
 
 def create_qcow2(
@@ -55,7 +74,7 @@ def create_qcow2(
     l2_span = (cluster_size // 8) * cluster_size
     l1_size = max(1, -(-size // l2_span))
     l1_clusters = -(-l1_size * 8 // cluster_size)
-    hdr = Header(
+    header = Header(
         version=version,
         backing_file_offset=0,
         backing_file_size=0,
@@ -79,9 +98,9 @@ def create_qcow2(
     if len(name) > MAX_BACKING_NAME:
         raise ImageError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
     if name:
-        hdr.backing_file_offset = hdr.header_length + len(ext)
-        hdr.backing_file_size = len(name)
-    cluster0 = hdr.pack() + ext + name
+        header.backing_file_offset = header.header_length + len(ext)
+        header.backing_file_size = len(name)
+    cluster0 = header.pack() + ext + name
     if len(cluster0) > cluster_size:
         raise ImageError("header, extensions and backing name do not fit in one cluster")
     used = 3 + l1_clusters

@@ -110,23 +110,23 @@ class Header:
         """Decode the header from the start of the file (no validation)."""
         if len(buf) < V2_HEADER.size:
             raise ImageFormatError("file too short for a qcow2 header")
-        f = V2_HEADER.unpack_from(buf, 0)
-        if f[0] != MAGIC:
-            raise ImageFormatError(f"magic is {f[0]:#x}, not a qcow2 image")
-        hdr = cls(*f[1:])
-        if hdr.version >= 3:
+        fields = V2_HEADER.unpack_from(buf, 0)
+        if fields[0] != MAGIC:
+            raise ImageFormatError(f"magic is {fields[0]:#x}, not a qcow2 image")
+        header = cls(*fields[1:])
+        if header.version >= 3:
             if len(buf) < V3_HEADER_LEN:
                 raise ImageFormatError("file too short for a qcow2 v3 header")
             (
-                hdr.incompatible_features,
-                hdr.compatible_features,
-                hdr.autoclear_features,
-                hdr.refcount_order,
-                hdr.header_length,
+                header.incompatible_features,
+                header.compatible_features,
+                header.autoclear_features,
+                header.refcount_order,
+                header.header_length,
             ) = V3_HEADER.unpack_from(buf, V2_HEADER.size)
-            if hdr.header_length > V3_HEADER_LEN and len(buf) >= V3_HEADER_LEN + 1:
-                hdr.compression_type = buf[V3_HEADER_LEN]
-        return hdr
+            if header.header_length > V3_HEADER_LEN and len(buf) >= V3_HEADER_LEN + 1:
+                header.compression_type = buf[V3_HEADER_LEN]
+        return header
 
     def pack(self) -> bytes:
         """Encode the header fields (``header_length`` bytes; extensions excluded)."""
@@ -167,11 +167,11 @@ class Header:
             raise bad("version", f"is {self.version}, expected 2 or 3")
         if not MIN_CLUSTER_BITS <= self.cluster_bits <= MAX_CLUSTER_BITS:
             raise bad("cluster_bits", f"is {self.cluster_bits}, expected 9..21")
-        cs = self.cluster_size
+        cluster_size = self.cluster_size
         if self.version == 3:
             if self.header_length < V3_HEADER_LEN or self.header_length % 8:
                 raise bad("header_length", f"is {self.header_length}, expected >= 104, /8")
-            if self.header_length > cs:
+            if self.header_length > cluster_size:
                 raise bad("header_length", f"is {self.header_length}, larger than a cluster")
             unknown = self.incompatible_features & ~INCOMPAT_KNOWN
             if unknown:
@@ -195,7 +195,7 @@ class Header:
         if self.backing_file_offset:
             if self.backing_file_size == 0 or self.backing_file_size > MAX_BACKING_NAME:
                 raise bad("backing_file_size", f"is {self.backing_file_size}, expected 1..1023")
-            if self.backing_file_offset + self.backing_file_size > min(cs, file_size):
+            if self.backing_file_offset + self.backing_file_size > min(cluster_size, file_size):
                 raise bad("backing_file_offset", "points outside the header cluster")
         l2_span = 1 << (self.cluster_bits + self.l2_bits)
         need_l1 = -(-self.size // l2_span)
@@ -205,7 +205,7 @@ class Header:
             raise bad("l1_size", f"is {self.l1_size}, larger than qemu's 32 MiB L1 limit")
         if self.refcount_table_clusters == 0:
             raise bad("refcount_table_clusters", "is 0")
-        if self.refcount_table_clusters * cs > MAX_REFTABLE_BYTES:
+        if self.refcount_table_clusters * cluster_size > MAX_REFTABLE_BYTES:
             raise bad("refcount_table_clusters", f"is {self.refcount_table_clusters}, too large")
         if self.nb_snapshots > MAX_SNAPSHOTS:
             raise bad("nb_snapshots", f"is {self.nb_snapshots}, more than 65536")
@@ -213,7 +213,7 @@ class Header:
         self.check_table(
             "refcount_table_offset",
             self.refcount_table_offset,
-            self.refcount_table_clusters * cs,
+            self.refcount_table_clusters * cluster_size,
             path,
             file_size,
         )
@@ -245,11 +245,11 @@ class Extensions:
     end: int = 0  # offset just past the end-of-extensions marker
 
 
-def parse_extensions(buf: bytes, hdr: Header, path: str) -> Extensions:
+def parse_extensions(buf: bytes, header: Header, path: str) -> Extensions:
     """Walk the extension list after the header, inside the header cluster."""
     ext = Extensions()
-    pos = hdr.header_length
-    limit = hdr.backing_file_offset or min(len(buf), hdr.cluster_size)
+    pos = header.header_length
+    limit = header.backing_file_offset or min(len(buf), header.cluster_size)
     seen: set[int] = set()
     while pos + EXT_HEADER.size <= limit:
         kind, length = EXT_HEADER.unpack_from(buf, pos)
@@ -270,8 +270,8 @@ def parse_extensions(buf: bytes, hdr: Header, path: str) -> Extensions:
         elif kind == EXT_DATA_FILE:
             ext.data_file = data.decode("utf-8", "replace")
         elif kind == EXT_BITMAPS and length >= BITMAPS_EXT.size:
-            nb, _, dsize, doff = BITMAPS_EXT.unpack_from(data)
-            ext.bitmaps = (nb, dsize, doff)
+            count, _, dsize, doff = BITMAPS_EXT.unpack_from(data)
+            ext.bitmaps = (count, dsize, doff)
         elif kind == EXT_FEATURE_TABLE:
             for i in range(0, length - 47, 48):
                 name = data[i + 2 : i + 48].rstrip(b"\0").decode("ascii", "replace")

@@ -26,10 +26,12 @@ def decode_block(raw: bytes, order: int) -> array:
             values.byteswap()
         return array("Q", values)
     bits = 1 << order
-    per = 8 // bits
+    per_byte = 8 // bits
     mask = (1 << bits) - 1
-    table = [bytes((b >> (bits * k)) & mask for k in range(per)) for b in range(256)]
-    return array("Q", array("B", b"".join([table[b] for b in raw])))
+    table = [
+        bytes((byte >> (bits * slot)) & mask for slot in range(per_byte)) for byte in range(256)
+    ]
+    return array("Q", array("B", b"".join([table[byte] for byte in raw])))
 
 
 def encode_block(values: array, order: int) -> bytes:
@@ -40,13 +42,13 @@ def encode_block(values: array, order: int) -> bytes:
             out.byteswap()
         return out.tobytes()
     bits = 1 << order
-    per = 8 // bits
-    raw = bytearray(len(values) // per)
-    for k in range(per):
-        shift = bits * k
-        for i, v in enumerate(values[k::per]):
-            if v:
-                raw[i] |= v << shift
+    per_byte = 8 // bits
+    raw = bytearray(len(values) // per_byte)
+    for slot in range(per_byte):
+        shift = bits * slot
+        for i, value in enumerate(values[slot::per_byte]):
+            if value:
+                raw[i] |= value << shift
     return bytes(raw)
 
 
@@ -86,121 +88,128 @@ class Refcounts:
         #: First cluster index above the file and every cluster handed out.
         self.top = -(-file_size // self.cluster_size)
         self.block_clusters: set[int] = set()
-        for rt, entry in enumerate(self.table):
+        for block_index, entry in enumerate(self.table):
             if entry & ~REFT_OFFSET_MASK:
-                raise ImageFormatError(f"{path}: refcount table entry {rt} has reserved bits set")
+                raise ImageFormatError(
+                    f"{path}: refcount table entry {block_index} has reserved bits set"
+                )
             off = entry & REFT_OFFSET_MASK
             if off:
                 if off % self.cluster_size:
                     raise ImageFormatError(
-                        f"{path}: refcount table entry {rt} ({off:#x}) is not cluster aligned"
+                        f"{path}: refcount table entry {block_index} ({off:#x}) "
+                        "is not cluster aligned"
                     )
                 if off + self.cluster_size > file_size:
                     raise ImageFormatError(
-                        f"{path}: refcount table entry {rt} ({off:#x}) lies past the end of file"
+                        f"{path}: refcount table entry {block_index} ({off:#x}) "
+                        "lies past the end of file"
                     )
                 cluster = off >> cluster_bits
                 if cluster in self.block_clusters:
                     raise ImageFormatError(
-                        f"{path}: refcount table entry {rt} ({off:#x}) reuses another "
+                        f"{path}: refcount table entry {block_index} ({off:#x}) reuses another "
                         "refcount block (refcount loop)"
                     )
                 self.block_clusters.add(cluster)
 
     # -- lookup ---------------------------------------------------------------------------
 
-    def block(self, rt: int) -> array | None:
-        """The decoded refcount block for table index ``rt``; None if unallocated."""
-        blk = self.blocks.get(rt)
-        if blk is not None:
-            return blk
-        if rt >= len(self.table):
+    def block(self, block_index: int) -> array | None:
+        """The decoded refcount block for table index ``block_index``; None if unallocated."""
+        block = self.blocks.get(block_index)
+        if block is not None:
+            return block
+        if block_index >= len(self.table):
             return None
-        off = self.table[rt] & REFT_OFFSET_MASK
+        off = self.table[block_index] & REFT_OFFSET_MASK
         if not off:
             return None
         raw = bytearray(self.cluster_size)
         pread_full(self.fd, memoryview(raw), off)
-        blk = self.blocks[rt] = decode_block(bytes(raw), self.order)
-        return blk
+        block = self.blocks[block_index] = decode_block(bytes(raw), self.order)
+        return block
 
     def get(self, cluster: int) -> int:
         """Refcount of host cluster index ``cluster``."""
-        blk = self.block(cluster >> self.block_bits)
-        if blk is None:
+        block = self.block(cluster >> self.block_bits)
+        if block is None:
             return 0
-        return blk[cluster & ((1 << self.block_bits) - 1)]
+        return block[cluster & ((1 << self.block_bits) - 1)]
 
     def change(self, cluster: int, delta: int) -> int:
         """Add ``delta`` to a cluster's refcount (its block must exist); returns the result."""
-        rt = cluster >> self.block_bits
-        blk = self.block(rt)
-        if blk is None:
+        block_index = cluster >> self.block_bits
+        block = self.block(block_index)
+        if block is None:
             raise ImageFormatError(
-                f"{self.path}: cluster {cluster} has no refcount block (refcount table entry {rt})"
+                f"{self.path}: cluster {cluster} has no refcount block "
+                f"(refcount table entry {block_index})"
             )
         i = cluster & ((1 << self.block_bits) - 1)
-        value = blk[i] + delta
+        value = block[i] + delta
         if value < 0:
             raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would drop below 0")
         if value > self.max_refcount:
             raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would overflow")
-        blk[i] = value
-        self.dirty_blocks.add(rt)
+        block[i] = value
+        self.dirty_blocks.add(block_index)
         if value == 0 and cluster < self.hint:
             self.hint = cluster
         return value
 
     # -- allocation -----------------------------------------------------------------------
 
-    def _find_free(self, start: int, n: int) -> int:
-        """First run of ``n`` clusters counted 0 at or after ``start``."""
-        per = 1 << self.block_bits
-        run_start = c = max(start, 1)
-        while c - run_start < n:
-            rt = c >> self.block_bits
-            blk = self.block(rt)
-            if blk is None:
-                c = (rt + 1) * per
+    def _find_free(self, start: int, count: int) -> int:
+        """First run of ``count`` clusters counted 0 at or after ``start``."""
+        per_block = 1 << self.block_bits
+        run_start = cluster = max(start, 1)
+        while cluster - run_start < count:
+            block_index = cluster >> self.block_bits
+            block = self.block(block_index)
+            if block is None:
+                cluster = (block_index + 1) * per_block
                 continue
-            i = c & (per - 1)
-            if blk[i]:
+            i = cluster & (per_block - 1)
+            if block[i]:
                 try:
-                    i = blk.index(0, i)
+                    i = block.index(0, i)
                 except ValueError:
-                    c = run_start = (rt + 1) * per
+                    cluster = run_start = (block_index + 1) * per_block
                     continue
-                c = run_start = rt * per + i
+                cluster = run_start = block_index * per_block + i
                 continue
-            c += 1
+            cluster += 1
         return run_start
 
-    def alloc(self, n: int = 1) -> int:
-        """Allocate ``n`` contiguous clusters (refcount 1); returns the first index."""
+    def alloc(self, count: int = 1) -> int:
+        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index."""
         while True:
-            start = self._find_free(self.hint, n)
+            start = self._find_free(self.hint, count)
             missing = None
-            for rt in range(start >> self.block_bits, ((start + n - 1) >> self.block_bits) + 1):
-                if rt >= len(self.table) or not self.table[rt]:
-                    missing = rt
+            for block_index in range(
+                start >> self.block_bits, ((start + count - 1) >> self.block_bits) + 1
+            ):
+                if block_index >= len(self.table) or not self.table[block_index]:
+                    missing = block_index
                     break
             if missing is None:
-                for c in range(start, start + n):
-                    self.change(c, 1)
-                self.hint = start + n
-                self.top = max(self.top, start + n)
+                for cluster in range(start, start + count):
+                    self.change(cluster, 1)
+                self.hint = start + count
+                self.top = max(self.top, start + count)
                 return start
             if missing >= len(self.table):
                 self._grow_table(missing + 1)
                 continue
             self._new_block(missing, start)
 
-    def _new_block(self, rt: int, cluster: int) -> None:
-        """Put a new, empty refcount block for range ``rt`` at host cluster ``cluster``."""
-        self.blocks[rt] = array("Q", bytes(8 << self.block_bits))
-        self.table[rt] = cluster << self.cluster_bits
-        self.dirty_entries.add(rt)
-        self.dirty_blocks.add(rt)
+    def _new_block(self, block_index: int, cluster: int) -> None:
+        """Put a new, empty refcount block for range ``block_index`` at host cluster ``cluster``."""
+        self.blocks[block_index] = array("Q", bytes(8 << self.block_bits))
+        self.table[block_index] = cluster << self.cluster_bits
+        self.dirty_entries.add(block_index)
+        self.dirty_blocks.add(block_index)
         self.block_clusters.add(cluster)
         self.top = max(self.top, cluster + 1)
         self.change(cluster, 1)
@@ -217,35 +226,35 @@ class Refcounts:
         top = self.top
         while True:
             tclusters = -(-entries // per_cluster)
-            k = 0
+            new_blocks = 0
             while True:
-                last = top + k + tclusters - 1
+                last = top + new_blocks + tclusters - 1
                 needed = [
-                    rt
-                    for rt in range(top >> self.block_bits, (last >> self.block_bits) + 1)
-                    if rt >= len(self.table) or not self.table[rt]
+                    block_index
+                    for block_index in range(top >> self.block_bits, (last >> self.block_bits) + 1)
+                    if block_index >= len(self.table) or not self.table[block_index]
                 ]
-                if len(needed) == k:
+                if len(needed) == new_blocks:
                     break
-                k = len(needed)
-            if ((top + k + tclusters - 1) >> self.block_bits) < tclusters * per_cluster:
+                new_blocks = len(needed)
+            if ((top + new_blocks + tclusters - 1) >> self.block_bits) < tclusters * per_cluster:
                 break
             entries = tclusters * per_cluster * 2
         if tclusters << self.cluster_bits > MAX_REFTABLE_BYTES:
             raise OSError(28, f"{self.path}: refcount table would exceed its 8 MiB limit")
         old_offset, old_clusters = self.table_offset, self.table_clusters
         self.table.extend([0] * (tclusters * per_cluster - len(self.table)))
-        for i, rt in enumerate(needed):
+        for i, block_index in enumerate(needed):
             cluster = top + i
-            self.blocks[rt] = array("Q", bytes(8 << self.block_bits))
-            self.table[rt] = cluster << self.cluster_bits
-            self.dirty_blocks.add(rt)
+            self.blocks[block_index] = array("Q", bytes(8 << self.block_bits))
+            self.table[block_index] = cluster << self.cluster_bits
+            self.dirty_blocks.add(block_index)
             self.block_clusters.add(cluster)
-        self.table_offset = (top + k) << self.cluster_bits
+        self.table_offset = (top + new_blocks) << self.cluster_bits
         self.table_clusters = tclusters
         self.table_moved = True
-        self.top = top + k + tclusters
-        for c in range(top, top + k + tclusters):
+        self.top = top + new_blocks + tclusters
+        for c in range(top, top + new_blocks + tclusters):
             self.change(c, 1)
         self.free_later(old_offset >> self.cluster_bits, old_clusters)
 
@@ -268,8 +277,11 @@ class Refcounts:
     def dirty_block_writes(self) -> list[tuple[int, bytes]]:
         """(offset, bytes) for every dirty block; marks them clean."""
         out = [
-            (self.table[rt] & REFT_OFFSET_MASK, encode_block(self.blocks[rt], self.order))
-            for rt in sorted(self.dirty_blocks)
+            (
+                self.table[block_index] & REFT_OFFSET_MASK,
+                encode_block(self.blocks[block_index], self.order),
+            )
+            for block_index in sorted(self.dirty_blocks)
         ]
         self.dirty_blocks.clear()
         return out
@@ -282,8 +294,8 @@ class Refcounts:
             self.dirty_entries.clear()
             return [(self.table_offset, data.tobytes())]
         out = [
-            (self.table_offset + 8 * rt, self.table[rt].to_bytes(8, "big"))
-            for rt in sorted(self.dirty_entries)
+            (self.table_offset + 8 * block_index, self.table[block_index].to_bytes(8, "big"))
+            for block_index in sorted(self.dirty_entries)
         ]
         self.dirty_entries.clear()
         return out

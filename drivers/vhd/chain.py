@@ -1,10 +1,11 @@
-"""Finding a differencing image's parent: locators, allowed directories, UUID and loop checks.
+"""Finding a differencing image's parent: locators, allowed directories, UUID check.
 
 Parent locators are tried relative ones first (W2ru, then MacX and W2ku when
 they hold relative paths, as blktap writes them), then absolute ones, then the
 header's parent name beside the child.  A candidate that resolves outside the
-allowed directories is never opened.  The caller checks the parent's UUID and
-the chain for loops with ``check_parent``.
+allowed directories is never opened.  The caller opens the parent under
+``backing.chain_guard`` (loops, depth) and checks its UUID with
+``check_parent_uuid``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from ..base import ImageFormatError
 from ..paths import is_inside
 from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
 from .meta import Metadata, read_at
-
-#: Refuse chains deeper than this (blktap's default snapshot limit is far below).
-MAX_CHAIN_DEPTH = 256
 
 
 def decode_locator(code: int, data: bytes) -> str | None:
@@ -109,18 +107,3 @@ def check_parent_uuid(child: str, meta: Metadata, parent: str, parent_footer: Fo
 
 def uuid_text(raw: bytes) -> str:
     return str(uuid.UUID(bytes=raw))
-
-
-def file_identity(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
-def check_loop(path: str, seen: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
-    """Add ``path`` to the chain so far; raise when it is already in it or the chain is deep."""
-    ident = file_identity(path)
-    if ident in seen:
-        raise ImageFormatError(f"{path}: parent chain has a loop (this file is its own ancestor)")
-    if len(seen) >= MAX_CHAIN_DEPTH:
-        raise ImageFormatError(f"{path}: parent chain is deeper than {MAX_CHAIN_DEPTH}")
-    return (*seen, ident)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+from ..backing import file_identity
 from ..base import ImageError, ImageFormatError
 from . import bitmap as bits
 from .chain import find_parent
@@ -53,14 +54,14 @@ def check_vhd(
     current: str | None = os.path.abspath(path)
     roots = allowed_dirs or (os.path.dirname(os.path.abspath(path)),)
     while current is not None:
-        st = os.stat(current)
-        if (st.st_dev, st.st_ino) in seen:
+        identity = file_identity(current)
+        if identity in seen:
             problems.append(f"{current}: parent chain has a loop")
             break
-        seen.add((st.st_dev, st.st_ino))
-        found, parent = _check_one(current, bitmaps, ignore_footer, roots)
+        seen.add(identity)
+        found, backing = _check_one(current, bitmaps, ignore_footer, roots)
         problems += found
-        current = parent if parents and not found else None
+        current = backing if parents and not found else None
     return problems
 
 
@@ -78,26 +79,26 @@ def _check_one(
             problems.append(f"{path}: primary footer invalid (the backup footer is intact)")
         if not meta.is_fixed:
             problems += [f"{path}: {p}" for p in _dynamic_problems(fd, meta, bitmaps)]
-        parent = None
+        backing = None
         if meta.is_diff and meta.header is not None:
             try:
-                parent = find_parent(path, fd, meta, roots)
+                backing = find_parent(path, fd, meta, roots)
                 if meta.header.parent_uuid != bytes(16):
-                    pfd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+                    backing_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
                     try:
-                        pmeta = load(pfd, parent)
+                        backing_meta = load(backing_fd, backing)
                     finally:
-                        os.close(pfd)
-                    if pmeta.footer.uuid != meta.header.parent_uuid:
+                        os.close(backing_fd)
+                    if backing_meta.footer.uuid != meta.header.parent_uuid:
                         problems.append(
-                            f"{path}: header.parent_uuid does not match parent {parent}"
+                            f"{path}: header.parent_uuid does not match parent {backing}"
                         )
                 else:
-                    parent = None
+                    backing = None
             except (ImageError, OSError) as exc:
                 problems.append(f"{path}: invalid parent: {exc}")
-                parent = None
-        return problems, parent
+                backing = None
+        return problems, backing
     finally:
         os.close(fd)
 

@@ -22,6 +22,12 @@ from .image import VhdImage
 Progress = Callable[[int, int], None]
 
 
+def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
+    """``Committer`` registered for ``vhd:``: coalesce into the parent (progress in blocks)."""
+    backing_path, _ = coalesce(spec.partition(":")[2], progress=progress, allowed_dirs=allowed_dirs)
+    return f"vhd:{backing_path}"
+
+
 def coalesce(
     child_path: str, *, progress: Progress | None = None, allowed_dirs: tuple[str, ...] = ()
 ) -> tuple[str, int]:
@@ -34,26 +40,26 @@ async def _coalesce(
 ) -> tuple[str, int]:
     child = VhdImage(child_path, read_only=True, allowed_dirs=allowed_dirs)
     try:
-        if child.parent is None or child.store is None:
+        if child.backing is None or child.store is None:
             raise ImageError(f"{child_path} is not a differencing VHD: nothing to coalesce into")
-        below = child.parent
-        parent_path = below.spec.partition(":")[2]
-        parent: Image = (
-            VhdImage(parent_path, allowed_dirs=allowed_dirs or (os.path.dirname(child.path),))
+        below = child.backing
+        backing_path = below.spec.partition(":")[2]
+        backing: Image = (
+            VhdImage(backing_path, allowed_dirs=allowed_dirs or (os.path.dirname(child.path),))
             if isinstance(below, VhdImage)
-            else RawImage(parent_path)
+            else RawImage(backing_path)
         )
         try:
-            sectors = await _copy_sectors(child, parent, progress)
-            await parent.flush()
+            sectors = await _copy_sectors(child, backing, progress)
+            await backing.flush()
         finally:
-            await parent.close()
-        return parent_path, sectors
+            await backing.close()
+        return backing_path, sectors
     finally:
         await child.close()
 
 
-async def _copy_sectors(child: VhdImage, parent: Image, progress: Progress | None) -> int:
+async def _copy_sectors(child: VhdImage, backing: Image, progress: Progress | None) -> int:
     store = child.store
     assert store is not None
     used = [b for b in range(store.blocks) if store.bat[b] != BAT_UNUSED]
@@ -67,12 +73,12 @@ async def _copy_sectors(child: VhdImage, parent: Image, progress: Progress | Non
             if not present:
                 continue
             lo, hi = first * SECTOR, stop * SECTOR
-            hi = min(hi, max(0, parent.size - block_start))
+            hi = min(hi, max(0, backing.size - block_start))
             if hi <= lo:
                 continue
             part = buf[: hi - lo]
             await child.file.read(base + lo, part)
-            await parent.write(block_start + lo, part)
+            await backing.write(block_start + lo, part)
             copied += (hi - lo) // SECTOR
         if progress is not None:
             progress(done, len(used))

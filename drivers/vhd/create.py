@@ -19,6 +19,7 @@ import os
 import stat
 
 from ..base import ImageError
+from ..registry import NewBacking
 from .format import (
     BATMAP_VERSION,
     DEFAULT_BLOCK_SIZE,
@@ -71,6 +72,19 @@ def relative_locator_path(child: str, parent: str) -> str:
     """The parent's path relative to the child's directory, ``./`` prefixed as blktap does."""
     rel = os.path.relpath(os.path.abspath(parent), os.path.dirname(os.path.abspath(child)))
     return rel if rel.startswith("../") else f"./{rel}"
+
+
+def create_from_options(
+    path: str, size: int, backing: NewBacking | None, options: dict[str, str]
+) -> None:
+    """Creator registered for ``vhd:`` (takes no options); a differencing image over a
+    backing file takes that file's size."""
+    create_vhd(
+        path,
+        size if backing is None else 0,
+        parent=None if backing is None else backing.path,
+        parent_raw=backing is not None and backing.format == "raw",
+    )
 
 
 def create_vhd(

@@ -2,11 +2,12 @@
 
 Reads of a block whose sector bitmap is full go straight to the file at an
 offset computed from the cached BAT (``read_nowait`` serves page-cache hits
-inline); other reads walk the bitmap in runs and fall through to the parent
-for sectors this image does not hold.  Writes to new blocks allocate through
-``BlockStore`` (see ``alloc`` for the crash ordering); a partial write marks
-only the sectors written, so the parent's other sectors stay visible.  VHD
-metadata is not page aligned, so the registry refuses the ``direct`` option.
+inline); other reads walk the bitmap in runs and fall through to the backing
+image (the VHD parent) for sectors this image does not hold.  Writes to new
+blocks allocate through ``BlockStore`` (see ``alloc`` for the crash ordering);
+a partial write marks only the sectors written, so the backing image's other
+sectors stay visible.  VHD metadata is not page aligned, so the registry
+refuses the ``direct`` option.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from __future__ import annotations
 import errno
 import os
 
+from ..backing import chain_guard
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
 from ..fileio import ImageFile
 from ..raw import RawImage
 from ..registry import OpenOptions
 from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
-from .chain import check_loop, check_parent_uuid, find_parent
+from .chain import check_parent_uuid, find_parent
 from .format import BAT_UNUSED, FOOTER_SIZE, POISON_COOKIE, SECTOR
 from .meta import Metadata, cut_to, load
 
@@ -35,7 +37,7 @@ def open_vhd(path: str, options: OpenOptions) -> VhdImage:
 
 
 class VhdImage(Image):
-    """One VHD file, with its parent chain opened read-only below it."""
+    """One VHD file, with its backing chain (its VHD parents) opened read-only below it."""
 
     def __init__(
         self,
@@ -43,13 +45,12 @@ class VhdImage(Image):
         *,
         read_only: bool = False,
         allowed_dirs: tuple[str, ...] = (),
-        _seen: tuple[tuple[int, int], ...] = (),
     ) -> None:
         path = os.path.abspath(path)
         self.spec = f"vhd:{path}"
         self.path = path
         self.read_only = read_only
-        self.parent: Image | None = None
+        self.backing: Image | None = None
         self.file = ImageFile(path, writable=not read_only)
         try:
             self.meta: Metadata = load(self.file.fd, path)
@@ -60,10 +61,9 @@ class VhdImage(Image):
                 raise ImageFormatError(
                     f"{path}: {self.meta.batmap_error} (vhd-util repair rebuilds it)"
                 )
-            seen = check_loop(path, _seen)
             if self.meta.is_diff:
                 roots = allowed_dirs or (os.path.dirname(path),)
-                self.parent = _open_parent(path, self.file.fd, self.meta, roots, seen)
+                self.backing = _open_backing(path, self.file.fd, self.meta, roots)
             if not read_only and self.meta.footer_recovered:
                 self._restore_footer()
         except BaseException:
@@ -80,11 +80,11 @@ class VhdImage(Image):
     def _close_files(self) -> None:
         """Close this file and the chain's below it, without an event loop (failed opens)."""
         self.file.close()
-        parent = self.parent
-        if isinstance(parent, VhdImage):
-            parent._close_files()
-        elif isinstance(parent, RawImage):
-            parent.file.close()
+        backing = self.backing
+        if isinstance(backing, VhdImage):
+            backing._close_files()
+        elif isinstance(backing, RawImage):
+            backing.file.close()
 
     def _restore_footer(self) -> None:
         """Rewrite a footer torn by a crash from the backup copy, dropping the torn tail."""
@@ -162,23 +162,23 @@ class VhdImage(Image):
                 await self._read_below(block_start + lo, part)
 
     def _below_nowait(self, offset: int, buf: memoryview) -> bool:
-        parent = self.parent
-        if parent is None:
+        backing = self.backing
+        if backing is None:
             buf[:] = bytes(len(buf))
             return True
-        if offset + len(buf) <= parent.size:
-            return parent.read_nowait(offset, buf)
+        if offset + len(buf) <= backing.size:
+            return backing.read_nowait(offset, buf)
         return False
 
     async def _read_below(self, offset: int, view: memoryview) -> None:
-        """Read what the parent holds at ``offset`` (zeros without one or past its end)."""
-        parent = self.parent
-        n = 0 if parent is None else max(0, min(len(view), parent.size - offset))
+        """Read what the backing image holds at ``offset`` (zeros without one or past its end)."""
+        backing = self.backing
+        n = 0 if backing is None else max(0, min(len(view), backing.size - offset))
         if n:
-            assert parent is not None
+            assert backing is not None
             part = view[:n]
-            if not parent.read_nowait(offset, part):
-                await parent.read(offset, part)
+            if not backing.read_nowait(offset, part):
+                await backing.read(offset, part)
         if n < len(view):
             view[n:] = bytes(len(view) - n)
 
@@ -297,7 +297,7 @@ class VhdImage(Image):
         """How to zero a range: (file offset, length, True) or (virtual offset, length, False).
 
         Sectors this image holds are zeroed in the file; ranges that would
-        otherwise show a parent's data get zero buffers written (allocating).
+        otherwise show a backing image's data get zero buffers written (allocating).
         Ranges already reading as zeros through the whole chain are skipped.
         """
         store = self.store
@@ -309,7 +309,7 @@ class VhdImage(Image):
             in_block = pos - (b << store.shift)
             take = min(end - pos, store.block_size - in_block)
             if store.bat[b] == BAT_UNUSED:
-                if self.parent is not None and not await self._below_is_zero(pos, take):
+                if self.backing is not None and not await self._below_is_zero(pos, take):
                     plan.append((pos, take, False))
             else:
                 base = store.data_base(b)
@@ -319,7 +319,7 @@ class VhdImage(Image):
                     lo = max(first * SECTOR, in_block)
                     hi = min(stop * SECTOR, in_block + take)
                     vpos = (b << store.shift) + lo
-                    if present or self.parent is None:
+                    if present or self.backing is None:
                         plan.append((base + lo, hi - lo, True))
                     elif not await self._below_is_zero(vpos, hi - lo):
                         plan.append((vpos, hi - lo, False))
@@ -388,14 +388,14 @@ class VhdImage(Image):
         return out
 
     async def _below_extents(self, offset: int, length: int) -> list[Extent]:
-        """The parent's extents for exactly [offset, offset+length)."""
-        parent = self.parent
+        """The backing image's extents for exactly [offset, offset+length)."""
+        backing = self.backing
         out: list[Extent] = []
         covered = 0
-        limit = 0 if parent is None else max(0, min(length, parent.size - offset))
+        limit = 0 if backing is None else max(0, min(length, backing.size - offset))
         while covered < limit:
-            assert parent is not None
-            got = await parent.extents(offset + covered, limit - covered)
+            assert backing is not None
+            got = await backing.extents(offset + covered, limit - covered)
             for ext in got:
                 n = min(ext.length, limit - covered)
                 _append(out, [Extent(n, ext.flags)])
@@ -414,8 +414,8 @@ class VhdImage(Image):
                 await self.flush()
         finally:
             self.file.close()
-            if self.parent is not None:
-                await self.parent.close()
+            if self.backing is not None:
+                await self.backing.close()
 
 
 def _append(out: list[Extent], more: list[Extent]) -> None:
@@ -428,19 +428,18 @@ def _append(out: list[Extent], more: list[Extent]) -> None:
             out.append(ext)
 
 
-def _open_parent(
-    path: str, fd: int, meta: Metadata, roots: tuple[str, ...], seen: tuple[tuple[int, int], ...]
-) -> Image:
-    """Open the parent read-only: a VHD whose UUID matches, or raw when the UUID is null."""
+def _open_backing(path: str, fd: int, meta: Metadata, roots: tuple[str, ...]) -> Image:
+    """Open the backing image (the VHD parent) read-only: a VHD whose UUID matches, or raw
+    when the UUID is null."""
     assert meta.header is not None
-    parent_path = find_parent(path, fd, meta, roots)
-    check_loop(parent_path, seen)
-    if meta.header.parent_uuid == bytes(16):
-        return RawImage(parent_path, read_only=True)
-    parent = VhdImage(parent_path, read_only=True, allowed_dirs=roots, _seen=seen)
+    backing_path = find_parent(path, fd, meta, roots)
+    with chain_guard(path, backing_path, "parent"):
+        if meta.header.parent_uuid == bytes(16):
+            return RawImage(backing_path, read_only=True)
+        backing = VhdImage(backing_path, read_only=True, allowed_dirs=roots)
     try:
-        check_parent_uuid(path, meta, parent_path, parent.meta.footer)
+        check_parent_uuid(path, meta, backing_path, backing.meta.footer)
     except ImageFormatError:
-        parent._close_files()
+        backing._close_files()
         raise
-    return parent
+    return backing

@@ -1,0 +1,114 @@
+"""Opening backing files safely, and the one guard every backing chain goes through.
+
+A backing file named inside an image is untrusted input.  For QCOW v1 and
+QCOW2 (``open_backing``) it is resolved relative to the image's directory,
+must lie inside the allowed directories, and is opened read-only through the
+driver registry with the format the image names (probed from magic numbers
+when it names none).  VHD finds its backing file through parent locators
+(``vhd/chain.py``) but opens it under the same guard: ``chain_guard`` refuses
+a file already in the chain being opened (compared by device and inode, so no
+symlink or hard link hides a loop) and a chain deeper than ``MAX_CHAIN_DEPTH``,
+whatever formats the chain mixes.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from .base import Image, ImageError, ImageFormatError
+from .paths import is_inside
+from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
+
+#: Most images in one chain, the top one included; deeper chains are almost certainly hostile
+#: (and would exhaust Python's recursion limit long before any real chain needs more).
+MAX_CHAIN_DEPTH = 64
+
+FileIdentity = tuple[int, int]
+
+#: (st_dev, st_ino) of each image of the chain being opened, from the top down.
+_opening: contextvars.ContextVar[tuple[FileIdentity, ...]] = contextvars.ContextVar(
+    "tapdisk_backing_chain", default=()
+)
+
+
+def file_identity(path: str) -> FileIdentity:
+    """(st_dev, st_ino): one file whatever name, hard link or symlink leads to it."""
+    file_stat = os.stat(path)
+    return file_stat.st_dev, file_stat.st_ino
+
+
+@contextmanager
+def chain_guard(child: str, backing: str, named_by: str) -> Iterator[None]:
+    """Let ``child`` open ``backing`` (which its ``named_by`` names) inside the block.
+
+    Refuses a backing file already in the chain being opened, and one that
+    would make the chain deeper than ``MAX_CHAIN_DEPTH``; while the block
+    runs, ``backing`` is part of the chain its own backing file is checked
+    against.
+    """
+    chain = _opening.get() or (file_identity(child),)
+    identity = file_identity(backing)
+    if identity in chain:
+        raise ImageFormatError(
+            f"{child}: {named_by} loops back to {backing}, which is already in the chain"
+        )
+    if len(chain) >= MAX_CHAIN_DEPTH:
+        raise ImageFormatError(
+            f"{child}: {named_by} would make the chain deeper than {MAX_CHAIN_DEPTH} images"
+        )
+    token = _opening.set((*chain, identity))
+    try:
+        yield
+    finally:
+        _opening.reset(token)
+
+
+def resolve_backing(child: str, name: str, options: OpenOptions) -> str:
+    """Absolute path of a backing file, refused if outside the allowed directories."""
+    if "\0" in name or not name:
+        raise ImageFormatError(f"{child}: backing_file name {name!r} is not a path")
+    if name.startswith(("json:", "nbd:", "http:", "https:")) or "://" in name:
+        raise ImageFormatError(f"{child}: backing_file {name!r} is not a local file name")
+    base = os.path.dirname(child)
+    path = os.path.realpath(os.path.join(base, name))
+    allowed = options.allowed_dirs or (base,)
+    if is_inside(path, allowed):
+        return path
+    raise ImageFormatError(
+        f"{child}: backing_file {name!r} resolves to {path}, outside the allowed directories "
+        f"({', '.join(allowed)})"
+    )
+
+
+def probe_format(path: str) -> str:
+    """Guess a backing file's format from its magic numbers (raw if none matches)."""
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if head[:4] == b"QFI\xfb":
+            return "qcow" if int.from_bytes(head[4:8], "big") == 1 else "qcow2"
+        if head == b"conectix":
+            return "vhd"
+        file.seek(0, os.SEEK_END)
+        if file.tell() >= 512:
+            file.seek(-512, os.SEEK_END)
+            if file.read(8) == b"conectix":
+                return "vhd"
+    return "raw"
+
+
+def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
+    """Open the backing file ``name`` of image ``child`` read-only."""
+    path = resolve_backing(child, name, options)
+    if not os.path.exists(path):
+        raise ImageError(f"{child}: backing file {path} does not exist")
+    kind = FORMAT_ALIASES.get(fmt, fmt) if fmt else probe_format(path)
+    if kind not in DRIVERS:
+        raise ImageFormatError(f"{child}: backing file format {fmt!r} is not supported")
+    with chain_guard(child, path, f"backing_file {name!r}"):
+        return open_image(
+            f"{kind}:{path}",
+            OpenOptions(read_only=True, allowed_dirs=options.allowed_dirs),
+        )

@@ -1,0 +1,301 @@
+"""The qcow2 write path's metadata side: cluster allocation, L2 updates, crash-safe flush.
+
+Like qemu's qcow2-cluster.c: a write into a cluster this image owns alone
+(COPIED) goes in place; anything else gets new host clusters from the
+refcounts, filled with the old contents around the written bytes, and an L2
+entry pointing at them (the L2 table itself copied first when it is shared).
+Discard and zeroing rewrite entries and hold back the refcount decrements of
+what they drop.  ``_flush_locked`` writes it all back in qemu's crash-safe
+order: refcount blocks, then the refcount table (and header when it moved),
+then L2 tables, then L1 entries, each step synced before the next, and only
+then the held-back decrements.  Newly allocated data is written before the
+first of those syncs, so an L2 entry never reaches disk ahead of its data.
+"""
+
+from __future__ import annotations
+
+import errno
+from array import array
+
+from ..base import Image, ImageFormatError
+from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+from .metadata import Qcow2Metadata
+
+#: Subcluster bitmap of an extended L2 entry whose 32 subclusters are all allocated.
+ALL_SUBCLUSTERS = 0xFFFFFFFF
+
+
+class Qcow2Allocation(Qcow2Metadata, Image):
+    """The allocating half of the qcow2 ``Image``; ``image.Qcow2Image`` completes it.
+
+    Methods that change metadata run under the image's lock; ``_overwrite_at``
+    and the checks it calls only read it, to find writes that can go in place.
+    """
+
+    def _writable(self) -> bool:
+        return not self.read_only and self.refcounts is not None
+
+    def _check_writable(self) -> None:
+        if not self._writable():
+            raise OSError(errno.EPERM, f"{self.path} is open read-only")
+
+    def _check_data_cluster(self, host: int, guest_cluster: int) -> None:
+        """Refuse a guest write into a metadata cluster (hostile or corrupt L2)."""
+        cluster = host >> self.cluster_bits
+        refcounts = self.refcounts
+        assert refcounts is not None
+        table_first = refcounts.table_offset >> self.cluster_bits
+        if (
+            cluster in self.meta
+            or cluster in refcounts.block_clusters
+            or table_first <= cluster < table_first + refcounts.table_clusters
+        ):
+            raise ImageFormatError(
+                f"{self._where(guest_cluster)}: L2 entry points at metadata cluster {host:#x}"
+            )
+
+    async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
+        """The L2 table for ``l1_index``, allocated or copied (if shared) so it can be changed."""
+        l1_entry = self.l1[l1_index]
+        off = l1_entry & L1E_OFFSET_MASK
+        if off and l1_entry & OFLAG_COPIED:
+            return off, await self._load_l2(off)
+        refcounts = self.refcounts
+        assert refcounts is not None
+        new = refcounts.alloc(1) << self.cluster_bits
+        if off:
+            table = array("Q", await self._load_l2(off))
+            self.l2cache.forget(off)
+            self.meta.discard(off >> self.cluster_bits)
+            refcounts.free_later(off >> self.cluster_bits)
+        else:
+            table = array("Q", bytes(self.cluster_size))
+        self.l2cache.put(new, table, dirty=True)
+        self.meta.add(new >> self.cluster_bits)
+        self.l1[l1_index] = new | OFLAG_COPIED
+        self.l1_dirty.add(l1_index)
+        return new, table
+
+    def _release(self, entry: int) -> None:
+        """Drop this L2 entry's hold on host clusters, once it is gone from disk."""
+        refcounts = self.refcounts
+        assert refcounts is not None
+        if entry & OFLAG_COMPRESSED:
+            coffset, csize = self.compressed_span(entry)
+            first = coffset >> self.cluster_bits
+            last = (coffset + csize - 1) >> self.cluster_bits
+            refcounts.free_later(first, last - first + 1)
+            return
+        off = entry & L2E_OFFSET_MASK
+        if off:
+            refcounts.free_later(off >> self.cluster_bits)
+
+    def _in_place(self, table: array | None, idx: int) -> bool:
+        """Whether guest cluster ``idx`` of ``table`` can be overwritten where it is."""
+        if table is None:
+            return False
+        if self.extended_l2:
+            entry = table[2 * idx]
+            if table[2 * idx + 1] != ALL_SUBCLUSTERS:
+                return False
+        else:
+            entry = table[idx]
+        return (
+            entry & OFLAG_COPIED != 0
+            and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO)
+            and entry & L2E_OFFSET_MASK != 0
+        )
+
+    def _overwrite_at(self, offset: int, length: int) -> int | None:
+        """Where in the file a write of ``length`` bytes at ``offset`` goes if it needs no
+        metadata change, else None.
+
+        That is an overwrite inside one cluster this image owns alone (COPIED) whose L2
+        table is cached; it cannot race with allocation, so it takes no lock.
+        """
+        within = offset & self._cluster_mask
+        if within + length > self.cluster_size or self.extended_l2:
+            return None
+        l1_entry = self.l1[offset >> self._l1_shift]
+        table = self.l2cache.tables.get(l1_entry & L1E_OFFSET_MASK)
+        if table is None or not l1_entry & OFLAG_COPIED:
+            return None
+        guest_cluster = offset >> self.cluster_bits
+        entry = table[guest_cluster & self._l2_mask]
+        if not entry & OFLAG_COPIED or not self._in_place(table, guest_cluster & self._l2_mask):
+            return None
+        host = entry & L2E_OFFSET_MASK
+        self._check_data_cluster(host, guest_cluster)
+        return host + within
+
+    async def _write_locked(self, offset: int, data: memoryview) -> None:
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        l2_bits = self.l2_bits
+        l2mask = (1 << l2_bits) - 1
+        length = len(data)
+        pos = 0
+        while pos < length:
+            off = offset + pos
+            guest_cluster = off >> cluster_bits
+            within = off & (cluster_size - 1)
+            l1_index = guest_cluster >> l2_bits
+            idx = guest_cluster & l2mask
+            l2off = self.l1[l1_index] & L1E_OFFSET_MASK
+            table = await self._load_l2(l2off) if l2off else None
+            step = 2 if self.extended_l2 else 1
+            if self._in_place(table, idx):
+                assert table is not None
+                entry = table[step * idx]
+                # Extend over following in-place clusters contiguous on the host.
+                host = entry & L2E_OFFSET_MASK
+                self._check_data_cluster(host, guest_cluster)
+                run = min(cluster_size - within, length - pos)
+                i = idx + 1
+                while pos + run < length and table is not None and i <= l2mask:
+                    next_entry = table[step * i]
+                    if (
+                        not self._in_place(table, i)
+                        or next_entry & L2E_OFFSET_MASK != host + (i - idx) * cluster_size
+                    ):
+                        break
+                    self._check_data_cluster(next_entry & L2E_OFFSET_MASK, guest_cluster + i - idx)
+                    run += min(cluster_size, length - pos - run)
+                    i += 1
+                await self.file.write(host + within, data[pos : pos + run])
+                pos += run
+                continue
+            # A run of clusters in this L2 table that all need new host clusters.
+            count = 1
+            covered = min(cluster_size - within, length - pos)
+            while pos + covered < length and idx + count <= l2mask:
+                if self._in_place(table, idx + count):
+                    break
+                covered += min(cluster_size, length - pos - covered)
+                count += 1
+            await self._allocate_and_write(guest_cluster, count, within, data[pos : pos + covered])
+            pos += covered
+
+    async def _allocate_and_write(
+        self, guest_cluster: int, count: int, within: int, data: memoryview
+    ) -> None:
+        """Write ``data`` (from ``within`` in ``guest_cluster``) into ``count`` new clusters."""
+        cluster_bits = self.cluster_bits
+        cluster_size = self.cluster_size
+        refcounts = self.refcounts
+        assert refcounts is not None
+        host = refcounts.alloc(count) << cluster_bits
+        end = within + len(data)  # byte offset of the data's end relative to guest_cluster
+        head_partial = within != 0 or end < cluster_size
+        tail_partial = end % cluster_size != 0 and (count > 1 or not head_partial)
+        if head_partial:
+            buf = bytearray(cluster_size)
+            await self.read(guest_cluster << cluster_bits, memoryview(buf))
+            first = min(end, cluster_size)
+            buf[within:first] = data[: first - within]
+            await self.file.write(host, memoryview(buf))
+            start_full = 1
+            dpos = first - within
+        else:
+            start_full = 0
+            dpos = 0
+        full_end = count - 1 if (tail_partial and count > 1) else count
+        if full_end > start_full:
+            nbytes = (full_end - start_full) * cluster_size
+            await self.file.write(host + start_full * cluster_size, data[dpos : dpos + nbytes])
+            dpos += nbytes
+        if tail_partial and count > 1:
+            buf = bytearray(cluster_size)
+            last_cluster = guest_cluster + count - 1
+            await self.read(last_cluster << cluster_bits, memoryview(buf))
+            rest = len(data) - dpos
+            buf[:rest] = data[dpos:]
+            await self.file.write(host + (count - 1) * cluster_size, memoryview(buf))
+        l2off, table = await self._l2_for_write(guest_cluster >> self.l2_bits)
+        idx = guest_cluster & ((1 << self.l2_bits) - 1)
+        for i in range(count):
+            step = 2 if self.extended_l2 else 1
+            old = table[step * (idx + i)]
+            table[step * (idx + i)] = (host + i * cluster_size) | OFLAG_COPIED
+            if step == 2:
+                table[step * (idx + i) + 1] = ALL_SUBCLUSTERS
+            self._release(old)
+        self.l2cache.mark_dirty(l2off)
+
+    async def _set_entries(self, first_cluster: int, count: int, value_for: int) -> None:
+        """Set ``count`` whole clusters from ``first_cluster`` to zero (``value_for`` =
+        OFLAG_ZERO) or unallocated (0), releasing what they held."""
+        l2_bits = self.l2_bits
+        l2mask = (1 << l2_bits) - 1
+        done = 0
+        while done < count:
+            guest_cluster = first_cluster + done
+            l1_index = guest_cluster >> l2_bits
+            idx = guest_cluster & l2mask
+            span = min(count - done, l2mask + 1 - idx)
+            l1_entry = self.l1[l1_index]
+            if not l1_entry & L1E_OFFSET_MASK and (value_for == 0 or self.backing is None):
+                done += span  # reads as zeros already: no L2 table needed
+                continue
+            l2off, table = await self._l2_for_write(l1_index)
+            if self.extended_l2:
+                # No zero flag in extended entries: every subcluster reads as zero instead.
+                bitmap = ALL_SUBCLUSTERS << 32 if value_for == OFLAG_ZERO else 0
+                for i in range(idx, idx + span):
+                    old = table[2 * i]
+                    table[2 * i] = 0
+                    table[2 * i + 1] = bitmap
+                    self._release(old)
+            else:
+                for i in range(idx, idx + span):
+                    old = table[i]
+                    if old != value_for:
+                        table[i] = value_for
+                        self._release(old)
+            self.l2cache.mark_dirty(l2off)
+            done += span
+
+    async def _write_list(self, writes: list[tuple[int, bytes]]) -> None:
+        for off, data in writes:
+            await self.file.write(off, memoryview(data))
+
+    async def _flush_locked(self) -> None:
+        refcounts = self.refcounts
+        assert refcounts is not None
+        synced = False
+        blocks = refcounts.dirty_block_writes()
+        if blocks:
+            await self._write_list(blocks)
+            await self.file.sync()
+            synced = True
+        table_writes = refcounts.table_writes()
+        if table_writes:
+            await self._write_list(table_writes)
+            await self.file.sync()
+            if refcounts.table_moved:
+                self.header.refcount_table_offset = refcounts.table_offset
+                self.header.refcount_table_clusters = refcounts.table_clusters
+                await self.file.write(0, memoryview(self.header.pack()))
+                await self.file.sync()
+                refcounts.table_moved = False
+            synced = True
+        l2_writes = self.l2cache.take_dirty()
+        if l2_writes:
+            await self._write_list(l2_writes)
+            await self.file.sync()
+            synced = True
+        if self.l1_dirty:
+            l1_off = self.header.l1_table_offset
+            writes = [
+                (l1_off + 8 * i, self.l1[i].to_bytes(8, "big")) for i in sorted(self.l1_dirty)
+            ]
+            self.l1_dirty.clear()
+            await self._write_list(writes)
+            await self.file.sync()
+            synced = True
+        if refcounts.apply_frees():
+            await self._write_list(refcounts.dirty_block_writes())
+            await self.file.sync()
+            synced = True
+        if not synced:
+            await self.file.sync()

@@ -1,0 +1,253 @@
+"""The metadata of an open qcow2 file in memory, and guest offsets looked up through it.
+
+``Qcow2Metadata`` reads and checks the header, its extensions, the snapshot
+table and the L1 table at open, records which clusters hold metadata (a guest
+write must never land in one), loads the refcounts for a read-write open, and
+loads L2 tables on demand into the shared ``L2Cache``.  ``_map_cached`` is the
+lookup every read, write and block-status answer starts from: what a guest
+range is (``l2tables`` kinds) and where its data lies.  It holds no guest I/O:
+``allocate`` builds the write path on it and ``image`` the ``Image``; ``check``
+works on it alone.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+from ..base import ImageFormatError
+from ..fileio import ImageFile, pread_full
+from ..l2tables import BACKING, COMPRESSED, DATA, L2Cache, decode_table
+from .cluster import classify, classify_ext
+from .format import (
+    INCOMPAT_CORRUPT,
+    L1E_OFFSET_MASK,
+    Extensions,
+    Header,
+    Snapshot,
+    parse_extensions,
+    parse_snapshots,
+)
+from .refcount import Refcounts
+
+#: Memory given to cached L2 tables (qemu's default on Linux is 32 MiB).
+L2_CACHE_BYTES = 32 << 20
+
+
+class Qcow2Metadata:
+    """The header, tables and geometry of one qcow2 file, checked as they are read.
+
+    The image sets ``path``, ``read_only`` and ``file`` before ``_read_metadata``
+    runs, and ``refcounts`` after it (read-write opens only).
+    """
+
+    path: str
+    read_only: bool
+    file: ImageFile
+    refcounts: Refcounts | None
+
+    def _read_metadata(self) -> None:
+        """Read and check the header, extensions, snapshot table and L1 table (open time)."""
+        fd = self.file.fd
+        file_size = os.fstat(fd).st_size
+        probe = bytearray(min(file_size, 4096))
+        pread_full(fd, memoryview(probe), 0)
+        header = Header.unpack(bytes(probe))
+        header.validate(self.path, file_size)
+        cluster_size = header.cluster_size
+        cluster0 = bytearray(min(cluster_size, file_size))
+        pread_full(fd, memoryview(cluster0), 0)
+        self.header = header
+        self.ext: Extensions = parse_extensions(bytes(cluster0), header, self.path)
+        if self.ext.data_file is not None:
+            raise ImageFormatError(f"{self.path}: external data files are not supported")
+        if header.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
+            raise ImageFormatError(
+                f"{self.path}: incompatible_features has the corrupt bit set; "
+                "open read-only, or repair the image first"
+            )
+        self.backing_name: str | None = None
+        if header.backing_file_offset:
+            raw = cluster0[
+                header.backing_file_offset : header.backing_file_offset + header.backing_file_size
+            ]
+            self.backing_name = bytes(raw).decode("utf-8", "replace")
+        self.size = header.size
+        self.cluster_bits = header.cluster_bits
+        self.cluster_size = cluster_size
+        self.l2_bits = header.l2_bits
+        self.extended_l2 = header.extended_l2
+        self.v3 = header.version >= 3
+        self.csize_shift = 62 - (header.cluster_bits - 8)
+        self.csize_mask = (1 << (header.cluster_bits - 8)) - 1
+        self.coffset_mask = (1 << self.csize_shift) - 1
+        self._cluster_mask = cluster_size - 1
+        self._l1_shift = header.cluster_bits + header.l2_bits
+        self._l2_mask = (1 << header.l2_bits) - 1
+
+        # Clusters that hold metadata: a guest write must never land in one.
+        self.meta: set[int] = {0}
+        self._claim(header.l1_table_offset, header.l1_size * 8, "l1_table_offset")
+        self._claim(
+            header.refcount_table_offset,
+            header.refcount_table_clusters * cluster_size,
+            "refcount_table_offset",
+        )
+        self.snapshots: list[Snapshot] = []
+        if header.nb_snapshots:
+            limit = min(file_size - header.snapshots_offset, header.nb_snapshots * 2048 + 65536)
+            raw_snap = bytearray(limit)
+            pread_full(fd, memoryview(raw_snap), header.snapshots_offset)
+            self.snapshots, length = parse_snapshots(
+                bytes(raw_snap), header.nb_snapshots, self.path
+            )
+            self._claim(header.snapshots_offset, length, "snapshots_offset")
+
+        raw_l1 = bytearray(header.l1_size * 8)
+        pread_full(fd, memoryview(raw_l1), header.l1_table_offset)
+        self.l1 = decode_table(raw_l1)
+        for i, entry in enumerate(self.l1):
+            off = entry & L1E_OFFSET_MASK
+            if entry & 0x7F000000000001FF:
+                raise ImageFormatError(f"{self.path}: L1 entry {i} has reserved bits set")
+            if not off:
+                continue
+            if off % cluster_size:
+                raise ImageFormatError(
+                    f"{self.path}: L1 entry {i} ({off:#x}) is not cluster aligned"
+                )
+            if off + cluster_size > file_size:
+                raise ImageFormatError(
+                    f"{self.path}: L1 entry {i} ({off:#x}) lies past end of file"
+                )
+            if off >> self.cluster_bits in self.meta:
+                raise ImageFormatError(
+                    f"{self.path}: L1 entry {i} ({off:#x}) points at other metadata "
+                    "(header, L1 or refcount table)"
+                )
+        for entry in self.l1:
+            if entry & L1E_OFFSET_MASK:
+                self.meta.add((entry & L1E_OFFSET_MASK) >> self.cluster_bits)
+        # The refcount table was claimed only to detect overlaps; it can move later,
+        # so guest writes check it through the live Refcounts instead.
+        rt_first = header.refcount_table_offset >> self.cluster_bits
+        self.meta -= set(range(rt_first, rt_first + header.refcount_table_clusters))
+        self.l1_dirty: set[int] = set()
+        self.l2cache = L2Cache(L2_CACHE_BYTES // cluster_size)
+
+    def _claim(self, offset: int, length: int, field: str) -> None:
+        """Record a metadata table's clusters, refusing overlap with earlier ones."""
+        first = offset >> self.cluster_bits
+        last = (offset + max(length, 1) - 1) >> self.cluster_bits
+        for cluster in range(first, last + 1):
+            if cluster in self.meta:
+                raise ImageFormatError(
+                    f"{self.path}: {field} {offset:#x} overlaps other metadata at cluster {cluster}"
+                )
+            self.meta.add(cluster)
+
+    def _load_refcounts(self) -> Refcounts:
+        header = self.header
+        refcounts = Refcounts(
+            self.file.fd,
+            self.path,
+            header.cluster_bits,
+            header.refcount_order,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            os.fstat(self.file.fd).st_size,
+        )
+        rt_first = header.refcount_table_offset >> self.cluster_bits
+        rt_clusters = range(rt_first, rt_first + header.refcount_table_clusters)
+        for cluster in refcounts.block_clusters:
+            if cluster in self.meta or cluster in rt_clusters:
+                raise ImageFormatError(
+                    f"{self.path}: refcount block at cluster {cluster} overlaps other metadata "
+                    "(refcount loop)"
+                )
+        return refcounts
+
+    def _where(self, guest_cluster: int) -> str:
+        return f"{self.path}: guest cluster {guest_cluster}"
+
+    def load_l2_sync(self, offset: int) -> array:
+        """An L2 table from the cache or, blocking, from disk (tools and checks)."""
+        table = self.l2cache.get(offset)
+        if table is None:
+            raw = bytearray(self.cluster_size)
+            pread_full(self.file.fd, memoryview(raw), offset)
+            table = self.l2cache.put(offset, decode_table(raw))
+        return table
+
+    async def _load_l2(self, offset: int) -> array:
+        table = self.l2cache.get(offset)
+        if table is None:
+            raw = bytearray(self.cluster_size)
+            await self.file.read(offset, memoryview(raw))
+            table = self.l2cache.put(offset, decode_table(raw))
+        return table
+
+    def _map_cached(self, off: int, maxlen: int) -> tuple[int, int, int] | None:
+        """(kind, host offset or entry, run length) at guest ``off``; None if L2 not cached."""
+        cluster_bits = self.cluster_bits
+        guest_cluster = off >> cluster_bits
+        within = off & (self.cluster_size - 1)
+        run = self.cluster_size - within
+        if run > maxlen:
+            run = maxlen
+        l2_bits = self.l2_bits
+        l1_index = guest_cluster >> l2_bits
+        l2off = self.l1[l1_index] & L1E_OFFSET_MASK if l1_index < len(self.l1) else 0
+        if not l2off:
+            span_end = (l1_index + 1) << (l2_bits + cluster_bits)
+            return BACKING, 0, min(maxlen, span_end - off)
+        table = self.l2cache.tables.get(l2off)
+        if table is None:
+            return None
+        idx = guest_cluster & ((1 << l2_bits) - 1)
+        if self.extended_l2:
+            return classify_ext(
+                table[2 * idx],
+                table[2 * idx + 1],
+                within,
+                run,
+                self.cluster_size,
+                self._where(guest_cluster),
+            )
+        kind, val, run = classify(table[idx], within, run, self.cluster_size, self.v3, self.path)
+        if run == maxlen or kind == COMPRESSED:
+            return kind, val, run
+        # Merge following clusters of the same kind (contiguous on the host for data).
+        next_host = val - within + self.cluster_size
+        last = len(table)
+        idx += 1
+        while run < maxlen and idx < last:
+            entry = table[idx]
+            next_kind, next_value, next_run = classify(
+                entry,
+                0,
+                min(self.cluster_size, maxlen - run),
+                self.cluster_size,
+                self.v3,
+                self.path,
+            )
+            if next_kind != kind or (kind == DATA and next_value != next_host):
+                break
+            run += next_run
+            next_host += self.cluster_size
+            idx += 1
+        return kind, val, run
+
+    async def _map(self, off: int, maxlen: int) -> tuple[int, int, int]:
+        mapping = self._map_cached(off, maxlen)
+        while mapping is None:
+            guest_cluster = off >> self.cluster_bits
+            await self._load_l2(self.l1[guest_cluster >> self.l2_bits] & L1E_OFFSET_MASK)
+            mapping = self._map_cached(off, maxlen)
+        return mapping
+
+    def compressed_span(self, entry: int) -> tuple[int, int]:
+        """(host byte offset, byte length) of a compressed cluster's data."""
+        coffset = entry & self.coffset_mask
+        sectors = ((entry >> self.csize_shift) & self.csize_mask) + 1
+        return coffset, sectors * 512 - (coffset & 511)
