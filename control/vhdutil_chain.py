@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.backing import extend_chain, file_identity
 from tapdisk.drivers.vhd.chain import find_parent, locator_paths
 from tapdisk.drivers.vhd.meta import Metadata, load
 
@@ -37,12 +37,12 @@ def parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
 
 def chain_depth(path: str) -> int:
     """Images in the chain from ``path`` down to its base, ``path`` included."""
-    depth, current = 1, os.path.abspath(path)
+    current = os.path.abspath(path)
+    chain = (file_identity(current),)
     while True:
         meta = open_meta(current)
         if not meta.is_diff or meta.header is None or meta.header.parent_uuid == bytes(16):
-            return depth
-        current = parent_of(current, meta)
-        depth += 1
-        if depth > 4096:
-            raise ImageError(f"{path}: parent chain has a loop")
+            return len(chain)
+        backing = parent_of(current, meta)
+        chain = extend_chain(chain, current, backing, "parent locator")
+        current = backing

@@ -40,16 +40,15 @@ def file_identity(path: str) -> FileIdentity:
     return file_stat.st_dev, file_stat.st_ino
 
 
-@contextmanager
-def chain_guard(child: str, backing: str, named_by: str) -> Iterator[None]:
-    """Let ``child`` open ``backing`` (which its ``named_by`` names) inside the block.
+def extend_chain(
+    chain: tuple[FileIdentity, ...], child: str, backing: str, named_by: str
+) -> tuple[FileIdentity, ...]:
+    """``chain`` (identities from the top down, ending with ``child``'s) with ``backing`` added.
 
-    Refuses a backing file already in the chain being opened, and one that
-    would make the chain deeper than ``MAX_CHAIN_DEPTH``; while the block
-    runs, ``backing`` is part of the chain its own backing file is checked
-    against.
+    Refuses a backing file already in the chain and one that would make the chain deeper
+    than ``MAX_CHAIN_DEPTH``; walks that follow a chain step by step (``vhd-util check``,
+    ``query -d``) call this directly, recursive opens through ``chain_guard``.
     """
-    chain = _opening.get() or (file_identity(child),)
     identity = file_identity(backing)
     if identity in chain:
         raise ImageFormatError(
@@ -59,7 +58,18 @@ def chain_guard(child: str, backing: str, named_by: str) -> Iterator[None]:
         raise ImageFormatError(
             f"{child}: {named_by} would make the chain deeper than {MAX_CHAIN_DEPTH} images"
         )
-    token = _opening.set((*chain, identity))
+    return (*chain, identity)
+
+
+@contextmanager
+def chain_guard(child: str, backing: str, named_by: str) -> Iterator[None]:
+    """Let ``child`` open ``backing`` (which its ``named_by`` names) inside the block.
+
+    The chain being opened is checked by ``extend_chain``; while the block runs,
+    ``backing`` is part of the chain its own backing file is checked against.
+    """
+    chain = _opening.get() or (file_identity(child),)
+    token = _opening.set(extend_chain(chain, child, backing, named_by))
     try:
         yield
     finally:

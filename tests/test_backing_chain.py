@@ -9,10 +9,14 @@ images.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from helpers import run
 from image_helpers import qemu_img
 from tapdisk.drivers.backing import MAX_CHAIN_DEPTH
 from tapdisk.drivers.base import ImageFormatError
@@ -21,6 +25,7 @@ from tapdisk.drivers.registry import OpenOptions, open_image
 from tapdisk.drivers.vhd.create import create_vhd, snapshot_vhd
 
 SIZE = 4 << 20
+VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
 
 
 def opens(spec: str) -> None:
@@ -78,3 +83,16 @@ def test_a_hard_link_back_up_the_chain_is_a_loop(tmp_path: Path) -> None:
     qemu_img("rebase", "-u", "-f", "qcow2", "-b", "link.qcow2", "-F", "qcow2", base)
     with pytest.raises(ImageFormatError, match=r"backing_file 'link\.qcow2' loops back"):
         opens(f"qcow2:{base}")
+
+
+def test_vhd_util_walks_chains_under_the_same_guard(tmp_path: Path) -> None:
+    """vhd-util follows a chain step by step (query -d, check -p) and stops where opens do."""
+    top = vhd_chain(tmp_path, MAX_CHAIN_DEPTH + 1)
+    deepest = tmp_path / f"{MAX_CHAIN_DEPTH - 1}.vhd"
+    assert run(VHD_UTIL, "query", "-d", "-n", deepest).strip() == f"chain depth: {MAX_CHAIN_DEPTH}"
+    assert "is valid" in run(VHD_UTIL, "check", "-p", "-n", deepest)
+    query = subprocess.run([VHD_UTIL, "query", "-d", "-n", top], capture_output=True, text=True)
+    assert query.returncode == errno.EINVAL
+    check = subprocess.run([VHD_UTIL, "check", "-p", "-n", top], capture_output=True, text=True)
+    assert check.returncode == errno.EINVAL
+    assert f"would make the chain deeper than {MAX_CHAIN_DEPTH}" in check.stdout + check.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ..backing import file_identity
+from ..backing import extend_chain, file_identity
 from ..base import ImageError, ImageFormatError
 from . import bitmap as bits
 from .chain import find_parent
@@ -49,20 +49,18 @@ def check_vhd(
     allowed_dirs: tuple[str, ...] = (),
 ) -> list[str]:
     """Problems found in ``path`` (and its ancestors with ``parents``); [] when valid."""
-    problems: list[str] = []
-    seen: set[tuple[int, int]] = set()
-    current: str | None = os.path.abspath(path)
-    roots = allowed_dirs or (os.path.dirname(os.path.abspath(path)),)
-    while current is not None:
-        identity = file_identity(current)
-        if identity in seen:
-            problems.append(f"{current}: parent chain has a loop")
-            break
-        seen.add(identity)
-        found, backing = _check_one(current, bitmaps, ignore_footer, roots)
-        problems += found
-        current = backing if parents and not found else None
-    return problems
+    current = os.path.abspath(path)
+    roots = allowed_dirs or (os.path.dirname(current),)
+    chain = (file_identity(current),)
+    while True:
+        problems, backing = _check_one(current, bitmaps, ignore_footer, roots)
+        if problems or not parents or backing is None:
+            return problems
+        try:
+            chain = extend_chain(chain, current, backing, "parent locator")
+        except ImageFormatError as exc:
+            return [str(exc)]
+        current = backing
 
 
 def _check_one(
