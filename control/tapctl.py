@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(p)
     p = add("pause", simple_command("pause"), "pause: drain, flush and close the image")
     add_target(p)
-    p = add("unpause", cmd_unpause, "resume a paused device, optionally on a new image")
+    p = add("unpause", cmd_unpause, "let a paused device run again, optionally on a new image")
     add_target(p)
     add_image(p, required=False)
     p = add("snapshot", cmd_snapshot, "overlay the current image and continue on the overlay")

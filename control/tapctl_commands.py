@@ -137,7 +137,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
     The new tapdisk is started first; the old VBD is then paused (image flushed
     and closed) before the new one opens the image, so the two never have it
     open at once.  Until the old tapdisk releases the device every failure
-    stops the new one and resumes the old.  The old tapdisk exits once it
+    stops the new one and unpauses the old.  The old tapdisk exits once it
     serves nothing else.
     """
     pid, minor = target(args)
@@ -160,7 +160,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
         except BaseException:
             abandon(args.control_dir, proc)  # closes the image before the old VBD reopens it
             if paused:
-                old.call("resume", minor=minor)
+                old.call("unpause", minor=minor)
             raise
         with new:
             try:
@@ -190,7 +190,7 @@ def simple_command(op: str) -> Callable[[argparse.Namespace], None]:
 def cmd_unpause(args: argparse.Namespace) -> None:
     pid, minor = target(args)
     with Client.connect(args.control_dir, pid) as client:
-        client.call("resume", minor=minor, spec=args.args)
+        client.call("unpause", minor=minor, spec=args.args)
 
 
 def cmd_snapshot(args: argparse.Namespace) -> None:

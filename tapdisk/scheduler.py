@@ -281,7 +281,7 @@ class Scheduler:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
 
-    def resume(self, image: Image | None = None) -> None:
+    def unpause(self, image: Image | None = None) -> None:
         """Dispatch again, against ``image`` when given; queued requests run now."""
         if image is not None:
             self.image = image

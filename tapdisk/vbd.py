@@ -269,7 +269,7 @@ class VBD(Image):
             try:
                 await image.flush()
             except (OSError, ImageError):
-                scheduler.resume()
+                scheduler.unpause()
                 raise
         await image.close()
         scheduler.image = None
@@ -299,7 +299,7 @@ class VBD(Image):
         self._spec = image.spec
         self._format = image.format_name
         self._paused = False
-        self.scheduler.resume(image)
+        self.scheduler.unpause(image)
         log.info("%s: running on %s", self.name, image.spec)
 
     # -- statistics --------------------------------------------------------------

@@ -39,7 +39,7 @@ def test_frame_is_big_endian_length_then_json():
 @given(st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=20), st.data())
 def test_decoder_reassembles_messages_split_anywhere(cut_sizes, data):
     messages = [
-        Request(i, "resume", {"minor": i, "spec": "qcow2:/p" * i}).to_message() for i in range(5)
+        Request(i, "unpause", {"minor": i, "spec": "qcow2:/p" * i}).to_message() for i in range(5)
     ]
     stream = b"".join(encode(m) for m in messages)
     decoder = Decoder()

@@ -54,7 +54,7 @@ def test_a_state_error_has_kind_state(tapctl, image):
     pid = int(tapctl.out("spawn"))
     with connect(tapctl, pid) as sock:
         sock.sendall(encode(Request(1, "open", {"spec": f"raw:{image()}"})))
-        sock.sendall(encode(Request(2, "resume", {"minor": 0})))
+        sock.sendall(encode(Request(2, "unpause", {"minor": 0})))
         _, response = receive(sock, 2)
     assert (response.ok, response.kind) == (False, "state")
 

@@ -34,7 +34,7 @@ detach      minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
 pause       minor                                           VBD-INFO
-resume      minor, [spec]                                   VBD-INFO
+unpause     minor, [spec]                                   VBD-INFO
 snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
 stats       [minor]                                         STATS, or [STATS, ...] without minor
 shutdown    --                                              null (the process then exits)
@@ -150,7 +150,7 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
     "pause": {"minor": (_INT, True)},
-    "resume": {"minor": (_INT, True), "spec": (_STR, False)},
+    "unpause": {"minor": (_INT, True), "spec": (_STR, False)},
     "snapshot": {"minor": (_INT, True), "path": (_STR, True), "format": (_STR, False)},
     "stats": {"minor": (_INT, False)},
     "shutdown": {},

@@ -67,7 +67,7 @@ class Daemon:
             "takeover": self._op_takeover,
             "release": self._op_release,
             "pause": self._op_pause,
-            "resume": self._op_resume,
+            "unpause": self._op_unpause,
             "snapshot": self._op_snapshot,
             "stats": self._op_stats,
             "shutdown": self._op_shutdown,
@@ -268,7 +268,7 @@ class Daemon:
         await device.vbd.pause()
         return self.info(device)
 
-    async def _op_resume(self, request: Request) -> dict[str, Any]:
+    async def _op_unpause(self, request: Request) -> dict[str, Any]:
         device = self._device(request)
         if "spec" in request.args:
             spec = request.args["spec"]
