@@ -20,8 +20,8 @@ from tapdisk.drivers.vhd.format import BAT_UNUSED, FOOTER_SIZE, SECTOR, Footer
 from tapdisk.drivers.vhd.image import VhdImage
 from tapdisk.drivers.vhd.meta import read_at
 
-from .vhdutil_args import UsageError, number, parse_options, require
-from .vhdutil_chain import ANYWHERE, chain_depth, open_meta, parent_of
+from .args import UsageError, number, parse_options, require
+from .chain import ANYWHERE, chain_depth, open_meta, parent_of
 
 MiB = 1 << 20
 

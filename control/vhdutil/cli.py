@@ -3,7 +3,7 @@
 Scripts written for blktap's ``vhd-util`` run unchanged.  Every subcommand
 exits 0 on success, or with a positive errno after a message on stderr: this
 module picks the subcommand and maps its failure to that errno.  The subcommands
-are in ``vhdutil_queries`` (reading images) and ``vhdutil_changes`` (changing
+are in ``queries`` (reading images) and ``changes`` (changing
 them); they parse blktap-style options and print blktap-style output, and leave
 the work itself to ``tapdisk.drivers.vhd`` (shared with ``tap-img``).
 """
@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from tapdisk.drivers.base import ImageError
 
-from .vhdutil_args import UsageError
-from .vhdutil_changes import (
+from .args import UsageError
+from .changes import (
     cmd_coalesce,
     cmd_create,
     cmd_fill,
@@ -27,7 +27,7 @@ from .vhdutil_changes import (
     cmd_set,
     cmd_snapshot,
 )
-from .vhdutil_queries import cmd_check, cmd_query, cmd_read, cmd_scan
+from .queries import cmd_check, cmd_query, cmd_read, cmd_scan
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "create": cmd_create,

@@ -1,6 +1,6 @@
 """``tap-ctl``: blktap's control tool for tapdisk daemons.
 
-This module owns the command line; the subcommands are in ``tapctl_commands``, the
+This module owns the command line; the subcommands are in ``commands``, the
 tapdisk processes they start and stop in ``processes``, and every call to a daemon
 goes through ``tapdisk/ctl/client.py``.  The subcommands and flags follow blktap's
 ``tap-ctl`` where they apply:
@@ -37,8 +37,7 @@ from tapdisk import config as configuration
 from tapdisk.ctl import protocol
 from tapdisk.ctl.client import CallError
 
-from .processes import SpawnError
-from .tapctl_commands import (
+from .commands import (
     TapCtlError,
     cmd_attach,
     cmd_close,
@@ -54,6 +53,7 @@ from .tapctl_commands import (
     cmd_unpause,
     simple_command,
 )
+from .processes import SpawnError
 
 EXAMPLES = """\
 examples:

@@ -36,8 +36,8 @@ from tapdisk.drivers.vhd.format import (
 )
 from tapdisk.drivers.vhd.meta import Metadata, read_at
 
-from .vhdutil_args import UsageError, parse_options, require
-from .vhdutil_chain import ANYWHERE, chain_depth, open_meta, parent_of
+from .args import UsageError, parse_options, require
+from .chain import ANYWHERE, chain_depth, open_meta, parent_of
 
 
 def cmd_query(argv: list[str]) -> int:
