@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Served, require, run, start_tapdisk
-from tapctl_helpers import TapCtl, image_factory, private_tapctl
+from tapctl_helpers import TapCtl, private_tapctl
 
 
 @pytest.fixture
@@ -48,8 +48,3 @@ def tapctl() -> Iterator[TapCtl]:
     """A tap-ctl over a fresh private control directory; its tapdisks are stopped afterwards."""
     yield from private_tapctl()
 
-
-@pytest.fixture
-def image(tmp_path: Path) -> Callable[..., Path]:
-    """Factory: ``image(size, name, *qemu_io_commands)`` -> a raw image made by qemu-img."""
-    return image_factory(tmp_path)

@@ -15,8 +15,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers import require, run
-
 from tapdisk.ctl.client import daemon_pids
 from tapdisk.ctl.protocol import Decoder, parse_response
 
@@ -98,19 +96,6 @@ def private_tapctl() -> Iterator[TapCtl]:
     yield ctl
     ctl.cleanup()
     shutil.rmtree(directory, ignore_errors=True)
-
-
-def image_factory(tmp_path: Path):
-    """``image(size, name, *qemu_io_commands)`` -> a raw image made by qemu-img."""
-
-    def factory(size: str = "16M", name: str = "disk.raw", *qemu_io: str) -> Path:
-        path = tmp_path / name
-        run(require("qemu-img"), "create", "-q", "-f", "raw", path, size)
-        for cmd in qemu_io:
-            run(require("qemu-io"), "-f", "raw", "-c", cmd, path)
-        return path
-
-    return factory
 
 
 def connect(tapctl, pid: int) -> socket.socket:

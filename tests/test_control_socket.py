@@ -14,12 +14,12 @@ from tapctl_helpers import connect, receive, wait_gone
 from tapdisk.ctl.protocol import Request, encode
 
 
-def test_pipelined_requests_are_answered_in_order(tapctl, image):
+def test_pipelined_requests_are_answered_in_order(tapctl, raw_image):
     pid = int(tapctl.out("spawn"))
     with connect(tapctl, pid) as sock:
         requests = [
             Request(1, "pid"),
-            Request(2, "open", {"spec": f"raw:{image()}"}),
+            Request(2, "open", {"spec": f"raw:{raw_image('16M')}"}),
             Request(3, "pause", {"minor": 0}),
             Request(4, "list"),
         ]
@@ -50,10 +50,10 @@ def test_an_invalid_request_gets_an_error_and_the_connection_stays_usable(tapctl
     assert good.ok
 
 
-def test_a_state_error_has_kind_state(tapctl, image):
+def test_a_state_error_has_kind_state(tapctl, raw_image):
     pid = int(tapctl.out("spawn"))
     with connect(tapctl, pid) as sock:
-        sock.sendall(encode(Request(1, "open", {"spec": f"raw:{image()}"})))
+        sock.sendall(encode(Request(1, "open", {"spec": f"raw:{raw_image('16M')}"})))
         sock.sendall(encode(Request(2, "unpause", {"minor": 0})))
         _, response = receive(sock, 2)
     assert (response.ok, response.kind) == (False, "state")
@@ -70,9 +70,9 @@ def test_an_oversized_frame_closes_that_connection_only(tapctl):
     assert response.ok
 
 
-def test_shutdown_answers_then_the_process_exits_and_removes_its_socket(tapctl, image):
+def test_shutdown_answers_then_the_process_exits_and_removes_its_socket(tapctl, raw_image):
     pid = int(tapctl.out("spawn"))
-    tapctl.out("open", "-p", str(pid), "-a", f"raw:{image()}")
+    tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('16M')}")
     with connect(tapctl, pid) as sock:
         sock.sendall(encode(Request(1, "shutdown")))
         [response] = receive(sock, 1)

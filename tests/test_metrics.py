@@ -109,16 +109,6 @@ def start_daemon(daemons: list[Daemon], control_dir: Path):  # type: ignore[no-u
     return start
 
 
-@pytest.fixture
-def image(tmp_path: Path):  # type: ignore[no-untyped-def]
-    def make(name: str = "disk.raw", size: str = "32M") -> Path:
-        path = tmp_path / name
-        run(require("qemu-img"), "create", "-q", "-f", "raw", path, size)
-        return path
-
-    return make
-
-
 @dataclass
 class Exporter:
     proc: subprocess.Popen[str]
@@ -182,9 +172,9 @@ def client(uri: str) -> Iterator[nbd.NBD]:
 # --- one exporter, real daemons -----------------------------------------------------------
 
 
-def test_counters_match_the_io_a_client_did(start_daemon, image, exporter):
+def test_counters_match_the_io_a_client_did(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     with client(uri) as h:
         for i in range(10):
             h.pwrite(b"\xab" * 4096, i * 65536)
@@ -208,9 +198,9 @@ def test_counters_match_the_io_a_client_did(start_daemon, image, exporter):
     assert value(samples, "tapdisk_size_bytes", device=device) == 32 << 20
 
 
-def test_latency_histogram_counts_every_request(start_daemon, image, exporter):
+def test_latency_histogram_counts_every_request(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     with client(uri) as h:
         for i in range(20):
             h.pwrite(b"\1" * 4096, i * 4096)
@@ -229,9 +219,9 @@ def test_latency_histogram_counts_every_request(start_daemon, image, exporter):
     assert value(samples, "tapdisk_request_duration_seconds_sum", device=device) > 0
 
 
-def test_flush_discard_and_write_zeroes_times_are_counted(start_daemon, image, exporter):
+def test_flush_discard_and_write_zeroes_times_are_counted(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     with client(uri) as h:
         h.pwrite(b"\1" * 65536, 0)
         h.flush()
@@ -245,10 +235,10 @@ def test_flush_discard_and_write_zeroes_times_are_counted(start_daemon, image, e
     assert value(samples, "tapdisk_write_zeroes_time_seconds_total", device=device) > 0
 
 
-def test_io_time_counts_overlapping_requests_once(start_daemon, image, exporter):
+def test_io_time_counts_overlapping_requests_once(start_daemon, raw_image, exporter):
     daemon = start_daemon()
     # Two flushes that each fail once after 0.5 s (EIO, retried), in flight together.
-    spec = f"fault:burst=2,count=1,delay=0.5,ops=flush:raw:{image()}"
+    spec = f"fault:burst=2,count=1,delay=0.5,ops=flush:raw:{raw_image('32M')}"
     minor, uri = daemon.open(spec)
     device = daemon.device(minor)
     assert value(exporter.scrape(), "tapdisk_io_time_seconds_total", device=device) == 0
@@ -268,10 +258,10 @@ def test_io_time_counts_overlapping_requests_once(start_daemon, image, exporter)
     assert value(idle, "tapdisk_io_time_seconds_total", device=device) == io_time
 
 
-def test_reads_and_writes_merged_are_counted_apart(start_daemon, image, exporter):
+def test_reads_and_writes_merged_are_counted_apart(start_daemon, raw_image, exporter):
     daemon = start_daemon()
     # rate=0 injects nothing but keeps every request off the page-cache shortcut.
-    minor, uri = daemon.open(f"fault:rate=0:raw:{image()}")
+    minor, uri = daemon.open(f"fault:rate=0:raw:{raw_image('32M')}")
     device = daemon.device(minor)
 
     def batch(command: str) -> None:
@@ -292,9 +282,11 @@ def test_reads_and_writes_merged_are_counted_apart(start_daemon, image, exporter
     assert value(samples, "tapdisk_reads_completed_total", device=device) == 32
 
 
-def test_writes_through_the_page_cache_shortcut_have_a_real_latency(start_daemon, image, exporter):
+def test_writes_through_the_page_cache_shortcut_have_a_real_latency(
+    start_daemon, raw_image, exporter
+):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     with client(uri) as h:
         for i in range(8):
             h.pwrite(b"\x33" * (1 << 20), i << 20)  # copied into the page cache inline
@@ -306,18 +298,18 @@ def test_writes_through_the_page_cache_shortcut_have_a_real_latency(start_daemon
     assert value(samples, "tapdisk_io_time_seconds_total", device=device) > 0
 
 
-def test_device_info_names_format_image_and_read_only(start_daemon, image, exporter):
+def test_device_info_names_format_image_and_read_only(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    path = image()
+    path = raw_image("32M")
     minor, _ = daemon.open(f"raw:{path}", "-R")
     labels = {"device": daemon.device(minor), "format": "raw", "image": str(path)}
     samples = exporter.scrape()
     assert value(samples, "tapdisk_device_info", **labels, readonly="true") == 1
 
 
-def test_errors_are_counted_by_operation_and_errno(start_daemon, image, exporter):
+def test_errors_are_counted_by_operation_and_errno(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"fault:duration=600,errno=ENOSPC,ops=write:raw:{image()}")
+    minor, uri = daemon.open(f"fault:duration=600,errno=ENOSPC,ops=write:raw:{raw_image('32M')}")
     with client(uri) as h:
         for _ in range(3):
             with pytest.raises(nbd.Error):
@@ -330,9 +322,9 @@ def test_errors_are_counted_by_operation_and_errno(start_daemon, image, exporter
     assert value(samples, "tapdisk_reads_completed_total", device=device) == 1
 
 
-def test_transient_errors_are_retried_and_counted(start_daemon, image, exporter):
+def test_transient_errors_are_retried_and_counted(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"fault:burst=3,count=1,ops=write:raw:{image()}")
+    minor, uri = daemon.open(f"fault:burst=3,count=1,ops=write:raw:{raw_image('32M')}")
     with client(uri) as h:
         h.pwrite(b"\7" * 4096, 0)  # EIO three times, then it goes through
     samples = exporter.scrape()
@@ -342,9 +334,9 @@ def test_transient_errors_are_retried_and_counted(start_daemon, image, exporter)
     assert not any(name == "tapdisk_errors_total" for name, _ in samples)
 
 
-def test_pause_and_connections_are_gauges(start_daemon, image, exporter):
+def test_pause_and_connections_are_gauges(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     device = daemon.device(minor)
     with client(uri), client(uri):
         samples = exporter.scrape()
@@ -358,10 +350,10 @@ def test_pause_and_connections_are_gauges(start_daemon, image, exporter):
     assert value(samples, "tapdisk_nbd_connections", device=device) == 0
 
 
-def test_closed_device_drops_its_series(start_daemon, image, exporter):
+def test_closed_device_drops_its_series(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    kept, _ = daemon.open(f"raw:{image('a.raw')}")
-    closed, _ = daemon.open(f"raw:{image('b.raw')}")
+    kept, _ = daemon.open(f"raw:{raw_image('32M', name='a.raw')}")
+    closed, _ = daemon.open(f"raw:{raw_image('32M', name='b.raw')}")
     assert series_of(exporter.scrape(), daemon.device(closed))
     daemon.tapctl("close", "-p", str(daemon.pid), "-m", str(closed))
     samples = exporter.scrape()
@@ -369,10 +361,10 @@ def test_closed_device_drops_its_series(start_daemon, image, exporter):
     assert "tapdisk_reads_completed_total" in series_of(samples, daemon.device(kept))
 
 
-def test_one_endpoint_covers_every_daemon(start_daemon, image, exporter):
+def test_one_endpoint_covers_every_daemon(start_daemon, raw_image, exporter):
     first, second = start_daemon(), start_daemon()
-    a, _ = first.open(f"raw:{image('a.raw')}")
-    b, _ = second.open(f"raw:{image('b.raw')}")
+    a, _ = first.open(f"raw:{raw_image('32M', name='a.raw')}")
+    b, _ = second.open(f"raw:{raw_image('32M', name='b.raw')}")
     samples = exporter.scrape()
     assert value(samples, "tapdisk_daemons") == 2
     assert series_of(samples, first.device(a))
@@ -385,10 +377,10 @@ def test_one_endpoint_covers_every_daemon(start_daemon, image, exporter):
 
 
 def test_stale_control_socket_is_counted_and_does_not_break_the_scrape(
-    start_daemon, image, control_dir, exporter
+    start_daemon, raw_image, control_dir, exporter
 ):
     daemon = start_daemon()
-    minor, _ = daemon.open(f"raw:{image()}")
+    minor, _ = daemon.open(f"raw:{raw_image('32M')}")
     # A daemon killed with SIGKILL leaves its socket file behind: connecting is refused.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as dead:
         dead.bind(str(control_dir / "ctl999999"))
@@ -398,9 +390,9 @@ def test_stale_control_socket_is_counted_and_does_not_break_the_scrape(
     assert series_of(samples, daemon.device(minor))
 
 
-def test_hung_daemon_costs_the_scrape_only_its_timeout(start_daemon, image, control_dir):
+def test_hung_daemon_costs_the_scrape_only_its_timeout(start_daemon, raw_image, control_dir):
     healthy, hung = start_daemon(), start_daemon()
-    minor, _ = healthy.open(f"raw:{image()}")
+    minor, _ = healthy.open(f"raw:{raw_image('32M')}")
     started = start_exporter(
         "--control-dir", str(control_dir), "--metrics-listen", "127.0.0.1:0",
         "--scrape-timeout", "0.5",
@@ -428,9 +420,9 @@ def test_build_info_names_the_version(exporter):
     assert labels["version"] == __version__
 
 
-def test_promtool_check_metrics_is_clean(start_daemon, image, exporter):
+def test_promtool_check_metrics_is_clean(start_daemon, raw_image, exporter):
     daemon = start_daemon()
-    _, uri = daemon.open(f"fault:duration=600,errno=ENOSPC,ops=flush:raw:{image()}")
+    _, uri = daemon.open(f"fault:duration=600,errno=ENOSPC,ops=flush:raw:{raw_image('32M')}")
     with client(uri) as h:
         h.pwrite(b"\1" * 4096, 0)
         with pytest.raises(nbd.Error):
@@ -446,9 +438,9 @@ def test_promtool_check_metrics_is_clean(start_daemon, image, exporter):
     assert result.stdout + result.stderr == ""
 
 
-def test_exporter_flags_override_the_configuration_file(tmp_path, start_daemon, image):
+def test_exporter_flags_override_the_configuration_file(tmp_path, start_daemon, raw_image):
     daemon = start_daemon()
-    minor, _ = daemon.open(f"raw:{image()}")
+    minor, _ = daemon.open(f"raw:{raw_image('32M')}")
     config = tmp_path / "tapdisk.yaml"
     config.write_text("control_dir: /nonexistent/tapdisk\nmetrics_listen: 127.0.0.1:0\n")
     started = start_exporter("--config", str(config), "--control-dir", str(daemon.directory))
@@ -470,9 +462,9 @@ def test_invalid_configuration_stops_the_exporter_naming_key_and_line(tmp_path):
     assert f"{config}: line 2: metrics_listen: expected HOST:PORT" in proc.stderr
 
 
-def test_stats_of_another_shape_are_refused_naming_the_field(start_daemon, image):
+def test_stats_of_another_shape_are_refused_naming_the_field(start_daemon, raw_image):
     daemon = start_daemon()
-    minor, _ = daemon.open(f"raw:{image()}")
+    minor, _ = daemon.open(f"raw:{raw_image('32M')}")
     stats = json.loads(daemon.tapctl("stats", "-p", str(daemon.pid), "-m", str(minor)))
     check_stats(stats)  # what a daemon really answers passes
     with pytest.raises(ValueError, match="stats lack reads"):
@@ -596,9 +588,9 @@ class Load:
                 time.sleep(0.002)
 
 
-def test_prometheus_scrapes_the_exporter_while_io_runs(start_daemon, image, prometheus):
+def test_prometheus_scrapes_the_exporter_while_io_runs(start_daemon, raw_image, prometheus):
     daemon = start_daemon()
-    minor, uri = daemon.open(f"raw:{image()}")
+    minor, uri = daemon.open(f"raw:{raw_image('32M')}")
     device = daemon.device(minor)
     load = Load(uri)
     worker = threading.Thread(target=load.run)

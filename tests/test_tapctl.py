@@ -40,23 +40,23 @@ def test_spawn_prints_the_pid_of_a_tapdisk_listening_on_a_0600_socket(tapctl):
     assert stat.S_IMODE(ctl.stat().st_mode) == 0o600
 
 
-def test_open_serves_the_image_on_an_nbd_unix_socket(tapctl, image):
-    path = image("16M", "disk.raw", "write -P 0x6b 1M 64k")
+def test_open_serves_the_image_on_an_nbd_unix_socket(tapctl, raw_image):
+    path = raw_image("16M", "write -P 0x6b 1M 64k")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     assert sock == f"{tapctl.dir}/nbd{pid}.{minor}"
     out = run(require("qemu-io"), "-f", "raw", "-c", "read -P 0x6b 1M 64k", nbd_uri(sock))
     assert "Pattern verification failed" not in out
 
 
-def test_open_read_only_serves_a_read_only_export(tapctl, image):
-    _, _, sock = tapctl.spawn_open(f"raw:{image()}", "-R")
+def test_open_read_only_serves_a_read_only_export(tapctl, raw_image):
+    _, _, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}", "-R")
     info = json.loads(run(require("nbdinfo"), "--json", nbd_uri(sock)))
     assert info["exports"][0]["is_read_only"] is True
 
 
-def test_minors_are_unique_across_tapdisks(tapctl, image):
-    first = tapctl.spawn_open(f"raw:{image(name='a.raw')}")
-    second = tapctl.spawn_open(f"raw:{image(name='b.raw')}")
+def test_minors_are_unique_across_tapdisks(tapctl, raw_image):
+    first = tapctl.spawn_open(f"raw:{raw_image('16M', name='a.raw')}")
+    second = tapctl.spawn_open(f"raw:{raw_image('16M', name='b.raw')}")
     assert first[1] != second[1]
     assert first[0] != second[0]
 
@@ -70,9 +70,9 @@ def test_open_of_a_missing_file_fails_and_keeps_no_minor(tapctl, tmp_path):
     assert not list(tapctl.dir.glob("minor*.lock"))
 
 
-def test_open_of_an_unknown_type_names_the_known_ones(tapctl, image):
+def test_open_of_an_unknown_type_names_the_known_ones(tapctl, raw_image):
     pid = tapctl.out("spawn")
-    proc = tapctl("open", "-p", pid, "-a", f"floppy:{image()}", check=False)
+    proc = tapctl("open", "-p", pid, "-a", f"floppy:{raw_image('16M')}", check=False)
     assert proc.returncode == 1
     assert "unknown image type 'floppy'" in proc.stderr
 
@@ -93,8 +93,8 @@ def test_unknown_minor_is_a_clear_error(tapctl):
 # -- list ----------------------------------------------------------------------------
 
 
-def test_list_prints_blktap_lines_when_not_on_a_terminal(tapctl, image):
-    path = image()
+def test_list_prints_blktap_lines_when_not_on_a_terminal(tapctl, raw_image):
+    path = raw_image("16M")
     pid, minor, _ = tapctl.spawn_open(f"raw:{path}")
     assert tapctl.out("list") == f"pid={pid} minor={minor} state=0x0 args=raw:{path}"
 
@@ -104,8 +104,8 @@ def test_list_shows_an_idle_tapdisk_without_a_device(tapctl):
     assert tapctl.out("list") == f"pid={pid} minor=- state=- args=-"
 
 
-def test_list_json_describes_every_device(tapctl, image):
-    path = image("8M")
+def test_list_json_describes_every_device(tapctl, raw_image):
+    path = raw_image("8M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     [info] = tapctl.listing()
     assert info == {
@@ -121,16 +121,16 @@ def test_list_json_describes_every_device(tapctl, image):
     }
 
 
-def test_list_filters_by_type_and_file(tapctl, image):
-    a, b = image(name="a.raw"), image(name="b.raw")
+def test_list_filters_by_type_and_file(tapctl, raw_image):
+    a, b = raw_image("16M", name="a.raw"), raw_image("16M", name="b.raw")
     tapctl.spawn_open(f"raw:{a}")
     tapctl.spawn_open(f"raw:{b}")
     assert tapctl.out("list", "-f", str(b)).endswith(f"args=raw:{b}")
     assert tapctl.out("list", "-t", "vhd") == ""
 
 
-def test_list_prints_a_table_on_a_terminal(tapctl, image):
-    path = image()
+def test_list_prints_a_table_on_a_terminal(tapctl, raw_image):
+    path = raw_image("16M")
     pid, _, _ = tapctl.spawn_open(f"raw:{path}")
     leader, follower = pty.openpty()
     proc = subprocess.run([TAP_CTL, "list"], env=tapctl.env, stdout=follower, timeout=60)
@@ -158,8 +158,8 @@ def test_list_prints_a_table_on_a_terminal(tapctl, image):
 # -- pause, unpause, stats -------------------------------------------------------------
 
 
-def test_pause_sets_the_paused_state_and_unpause_clears_it(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_pause_sets_the_paused_state_and_unpause_clears_it(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     tapctl.out("pause", "-p", str(pid), "-m", str(minor))
     assert tapctl.listing()[0]["state"] == 0x2
     tapctl.out("pause", "-p", str(pid), "-m", str(minor))  # idempotent
@@ -167,16 +167,16 @@ def test_pause_sets_the_paused_state_and_unpause_clears_it(tapctl, image):
     assert tapctl.listing()[0]["state"] == 0
 
 
-def test_unpause_of_a_running_device_is_an_error(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_unpause_of_a_running_device_is_an_error(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     proc = tapctl("unpause", "-p", str(pid), "-m", str(minor), check=False)
     assert proc.returncode == 1
     assert "is not paused" in proc.stderr
 
 
-def test_unpause_onto_an_image_of_another_size_is_refused_and_stays_paused(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image('16M')}")
-    other = image("32M", "other.raw")
+def test_unpause_onto_an_image_of_another_size_is_refused_and_stays_paused(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    other = raw_image("32M", name="other.raw")
     tapctl.out("pause", "-p", str(pid), "-m", str(minor))
     proc = tapctl("unpause", "-p", str(pid), "-m", str(minor), "-a", f"raw:{other}", check=False)
     assert proc.returncode == 1
@@ -184,9 +184,9 @@ def test_unpause_onto_an_image_of_another_size_is_refused_and_stays_paused(tapct
     assert tapctl.listing()[0]["state"] == 0x2
 
 
-def test_unpause_onto_a_new_image_serves_it(tapctl, image):
-    old = image("16M", "old.raw")
-    new = image("16M", "new.raw", "write -P 0x4e 0 64k")
+def test_unpause_onto_a_new_image_serves_it(tapctl, raw_image):
+    old = raw_image("16M", name="old.raw")
+    new = raw_image("16M", "write -P 0x4e 0 64k", name="new.raw")
     pid, minor, sock = tapctl.spawn_open(f"raw:{old}")
     tapctl.out("pause", "-p", str(pid), "-m", str(minor))
     tapctl.out("unpause", "-p", str(pid), "-m", str(minor), "-a", f"raw:{new}")
@@ -195,8 +195,8 @@ def test_unpause_onto_a_new_image_serves_it(tapctl, image):
     assert tapctl.listing()[0]["spec"] == f"raw:{new}"
 
 
-def test_stats_prints_json_counters(tapctl, image):
-    pid, minor, sock = tapctl.spawn_open(f"raw:{image()}")
+def test_stats_prints_json_counters(tapctl, raw_image):
+    pid, minor, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     run(
         require("qemu-io"),
         "-f",
@@ -218,9 +218,9 @@ def test_stats_prints_json_counters(tapctl, image):
     assert stats["latency_us"]["buckets"][-1][0] == "+Inf"
 
 
-def test_stats_without_minor_lists_every_device(tapctl, image):
-    pid, _, _ = tapctl.spawn_open(f"raw:{image()}")
-    tapctl.out("open", "-p", str(pid), "-a", f"raw:{image(name='b.raw')}")
+def test_stats_without_minor_lists_every_device(tapctl, raw_image):
+    pid, _, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('16M', name='b.raw')}")
     stats = json.loads(tapctl.out("stats", "-p", str(pid)))
     assert [s["minor"] for s in stats] == [0, 1]
 
@@ -228,16 +228,18 @@ def test_stats_without_minor_lists_every_device(tapctl, image):
 # -- close, destroy, create ------------------------------------------------------------
 
 
-def test_close_removes_the_nbd_socket_and_frees_the_minor(tapctl, image):
-    pid, minor, sock = tapctl.spawn_open(f"raw:{image()}")
+def test_close_removes_the_nbd_socket_and_frees_the_minor(tapctl, raw_image):
+    pid, minor, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     tapctl.out("close", "-p", str(pid), "-m", str(minor))
     assert not os.path.exists(sock)
     assert tapctl.out("list") == f"pid={pid} minor=- state=- args=-"
-    assert tapctl.out("open", "-p", str(pid), "-a", f"raw:{image(name='c.raw')}").endswith(".0")
+    assert tapctl.out(
+        "open", "-p", str(pid), "-a", f"raw:{raw_image('16M', name='c.raw')}"
+    ).endswith(".0")
 
 
-def test_close_of_a_paused_device_keeps_what_was_written(tapctl, image):
-    path = image()
+def test_close_of_a_paused_device_keeps_what_was_written(tapctl, raw_image):
+    path = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x77 0 64k", nbd_uri(sock))
     tapctl.out("pause", "-p", str(pid), "-m", str(minor))
@@ -245,24 +247,24 @@ def test_close_of_a_paused_device_keeps_what_was_written(tapctl, image):
     assert path.read_bytes()[:65536] == b"\x77" * 65536
 
 
-def test_destroy_closes_the_device_and_stops_the_idle_tapdisk(tapctl, image):
-    pid, minor, sock = tapctl.spawn_open(f"raw:{image()}")
+def test_destroy_closes_the_device_and_stops_the_idle_tapdisk(tapctl, raw_image):
+    pid, minor, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     tapctl.out("destroy", "-p", str(pid), "-m", str(minor))
     assert wait_gone(pid)
     assert not os.path.exists(sock)
     assert not (tapctl.dir / f"ctl{pid}").exists()
 
 
-def test_destroy_keeps_a_tapdisk_that_still_has_devices(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
-    tapctl.out("open", "-p", str(pid), "-a", f"raw:{image(name='b.raw')}")
+def test_destroy_keeps_a_tapdisk_that_still_has_devices(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('16M', name='b.raw')}")
     tapctl.out("destroy", "-p", str(pid), "-m", str(minor))
     assert alive(pid)
     assert [info["minor"] for info in tapctl.listing()] == [1]
 
 
-def test_create_no_attach_prints_a_served_socket_and_destroy_undoes_it(tapctl, image):
-    path = image("16M", "disk.raw", "write -P 0x21 0 4k")
+def test_create_no_attach_prints_a_served_socket_and_destroy_undoes_it(tapctl, raw_image):
+    path = raw_image("16M", "write -P 0x21 0 4k")
     sock = tapctl.out("create", "--no-attach", "-a", f"raw:{path}")
     out = run(require("qemu-io"), "-f", "raw", "-c", "read -P 0x21 0 4k", nbd_uri(sock))
     assert "Pattern verification failed" not in out
@@ -280,10 +282,10 @@ def test_create_of_a_bad_image_fails_and_leaves_no_tapdisk(tapctl, tmp_path):
     assert tapctl.pids() == []
 
 
-def test_create_without_kernel_nbd_fails_cleanly_and_leaves_nothing(tapctl, image):
+def test_create_without_kernel_nbd_fails_cleanly_and_leaves_nothing(tapctl, raw_image):
     if kernel_nbd_available():
         pytest.skip("this kernel has nbd; the kernel harness covers create")
-    proc = tapctl("create", "-a", f"raw:{image()}", check=False)
+    proc = tapctl("create", "-a", f"raw:{raw_image('16M')}", check=False)
     assert proc.returncode == 1
     assert "nbd" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
@@ -299,20 +301,20 @@ def test_destroy_by_an_unknown_device_is_an_error(tapctl):
     assert "no tapdisk serves /dev/nbd9" in proc.stderr
 
 
-def test_sigterm_closes_devices_and_removes_sockets(tapctl, image):
-    pid, _, sock = tapctl.spawn_open(f"raw:{image()}")
+def test_sigterm_closes_devices_and_removes_sockets(tapctl, raw_image):
+    pid, _, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     os.kill(pid, signal.SIGTERM)
     assert wait_gone(pid)
     assert not os.path.exists(sock)
     assert tapctl.pids() == []
 
 
-def test_a_crashed_tapdisk_is_skipped_by_list_and_its_minor_reused(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_a_crashed_tapdisk_is_skipped_by_list_and_its_minor_reused(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     os.kill(pid, signal.SIGKILL)
     assert wait_gone(pid)
     assert tapctl.out("list") == ""
-    _, new_minor, _ = tapctl.spawn_open(f"raw:{image(name='b.raw')}")
+    _, new_minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M', name='b.raw')}")
     assert new_minor == minor
 
 

@@ -20,8 +20,8 @@ def call(tapctl, pid: int, op: str, **args):
     return response
 
 
-def test_restart_of_a_device_not_attached_fails_and_keeps_its_tapdisk_running(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_restart_of_a_device_not_attached_fails_and_keeps_its_tapdisk_running(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     proc = tapctl("restart", "-p", str(pid), "-m", str(minor), check=False)
     assert proc.returncode == 1
     assert "not attached" in proc.stderr and "Traceback" not in proc.stderr
@@ -43,16 +43,16 @@ def test_restart_without_a_target_is_an_error(tapctl):
     assert "missing -p PID" in proc.stderr
 
 
-def test_restart_of_an_unknown_minor_is_an_error_and_starts_nothing(tapctl, image):
-    pid, _, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_restart_of_an_unknown_minor_is_an_error_and_starts_nothing(tapctl, raw_image):
+    pid, _, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     proc = tapctl("restart", "-p", str(pid), "-m", "5", check=False)
     assert proc.returncode == 1
     assert f"tapdisk {pid} has no minor 5" in proc.stderr
     assert tapctl.pids() == [pid]
 
 
-def test_release_of_a_device_not_attached_is_a_state_error(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_release_of_a_device_not_attached_is_a_state_error(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     response = call(tapctl, pid, "release", minor=minor)
     assert (response.ok, response.kind) == (False, "state")
     assert "not attached" in response.message
@@ -65,15 +65,15 @@ def test_release_of_an_unknown_minor_is_not_found(tapctl):
     assert (response.ok, response.kind) == (False, "not-found")
 
 
-def test_takeover_without_an_index_is_invalid(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_takeover_without_an_index_is_invalid(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     response = call(tapctl, pid, "takeover", minor=minor)
     assert (response.ok, response.kind) == (False, "invalid")
     assert "index" in response.message
 
 
-def test_takeover_with_zero_connections_is_invalid(tapctl, image):
-    pid, minor, _ = tapctl.spawn_open(f"raw:{image()}")
+def test_takeover_with_zero_connections_is_invalid(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     response = call(tapctl, pid, "takeover", minor=minor, index=0, connections=0)
     assert (response.ok, response.kind) == (False, "invalid")
     assert "connections must be 1..64" in response.message
@@ -85,7 +85,7 @@ def test_takeover_of_an_unknown_minor_is_not_found(tapctl):
     assert (response.ok, response.kind) == (False, "not-found")
 
 
-def test_list_reports_the_retry_deadline_a_restart_carries_over(tapctl, image):
-    tapctl.spawn_open(f"raw:{image()}", "-t", "7.5")
+def test_list_reports_the_retry_deadline_a_restart_carries_over(tapctl, raw_image):
+    tapctl.spawn_open(f"raw:{raw_image('16M')}", "-t", "7.5")
     [info] = tapctl.listing()
     assert info["timeout"] == 7.5

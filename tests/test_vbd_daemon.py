@@ -78,8 +78,8 @@ def read_all(sock: str) -> bytes:
     return data
 
 
-def test_pause_and_unpause_under_concurrent_writes_lose_nothing(tapctl, image):
-    path = image("16M")
+def test_pause_and_unpause_under_concurrent_writes_lose_nothing(tapctl, raw_image):
+    path = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     target = ("-p", str(pid), "-m", str(minor))
     with Writers(sock) as writers:
@@ -97,8 +97,8 @@ def test_pause_and_unpause_under_concurrent_writes_lose_nothing(tapctl, image):
     assert path.read_bytes() == bytes(writers.expected)
 
 
-def test_snapshots_under_concurrent_writes_keep_every_write(tapctl, image, tmp_path):
-    base = image("16M")
+def test_snapshots_under_concurrent_writes_keep_every_write(tapctl, raw_image, tmp_path):
+    base = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{base}")
     target = ("-p", str(pid), "-m", str(minor))
     overlays = [tmp_path / "snap1.qcow2", tmp_path / "snap2.qcow2"]
@@ -120,9 +120,9 @@ def test_snapshots_under_concurrent_writes_keep_every_write(tapctl, image, tmp_p
 
 
 def test_snapshot_into_an_existing_file_is_refused_and_the_device_keeps_running(
-    tapctl, image, tmp_path
+    tapctl, raw_image, tmp_path
 ):
-    pid, minor, sock = tapctl.spawn_open(f"raw:{image()}")
+    pid, minor, sock = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     existing = tmp_path / "there.qcow2"
     existing.write_bytes(b"keep me")
     proc = tapctl(
@@ -134,8 +134,8 @@ def test_snapshot_into_an_existing_file_is_refused_and_the_device_keeps_running(
     run(require("qemu-io"), "-f", "raw", "-c", "write 0 4k", nbd_uri(sock))
 
 
-def test_faults_shorter_than_the_deadline_never_reach_the_nbd_client(tapctl, image):
-    path = image("16M", "disk.raw", "write -P 0x5f 0 64k")
+def test_faults_shorter_than_the_deadline_never_reach_the_nbd_client(tapctl, raw_image):
+    path = raw_image("16M", "write -P 0x5f 0 64k")
     pid, minor, sock = tapctl.spawn_open(f"fault:duration=1,count=1:raw:{path}", "-t", "10")
     out = run(
         require("qemu-io"),
@@ -153,8 +153,8 @@ def test_faults_shorter_than_the_deadline_never_reach_the_nbd_client(tapctl, ima
     assert stats["errors"] == []
 
 
-def test_faults_longer_than_the_deadline_reach_the_nbd_client_as_eio(tapctl, image):
-    path = image()
+def test_faults_longer_than_the_deadline_reach_the_nbd_client_as_eio(tapctl, raw_image):
+    path = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"fault:ops=read,duration=60:raw:{path}", "-t", "1")
     t0 = time.monotonic()
     proc = run(require("qemu-io"), "-f", "raw", "-c", "read 0 4k", nbd_uri(sock), check=False)
@@ -164,8 +164,8 @@ def test_faults_longer_than_the_deadline_reach_the_nbd_client_as_eio(tapctl, ima
     assert {"op": "read", "errno": "EIO", "count": 1} in stats["errors"]
 
 
-def test_requests_to_a_paused_device_are_bounded_by_the_queue_depth(tapctl, image):
-    path = image()
+def test_requests_to_a_paused_device_are_bounded_by_the_queue_depth(tapctl, raw_image):
+    path = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     target = ("-p", str(pid), "-m", str(minor))
     tapctl.out("pause", *target)
@@ -197,10 +197,10 @@ def test_requests_to_a_paused_device_are_bounded_by_the_queue_depth(tapctl, imag
     assert data[200 * 4096 : 400 * 4096] == b"\x02" * (200 * 4096)
 
 
-def test_a_deep_nbdcopy_stream_through_the_daemon_matches_the_file(tapctl, image, tmp_path):
+def test_a_deep_nbdcopy_stream_through_the_daemon_matches_the_file(tapctl, raw_image, tmp_path):
     source = tmp_path / "src.raw"
     source.write_bytes(os.urandom(SIZE))
-    path = image()
+    path = raw_image("16M")
     _, _, sock = tapctl.spawn_open(f"raw:{path}")
     run(require("nbdcopy"), "--requests=64", source, nbd_uri(sock))
     run(require("nbdcopy"), nbd_uri(sock), tmp_path / "back.raw")
@@ -228,8 +228,8 @@ def test_vhd_snapshot_under_concurrent_writes_keeps_every_write(tapctl, tmp_path
     assert read_all(str(reopened.socket)) == bytes(writers.expected)
 
 
-def test_a_failed_snapshot_leaves_the_device_running_on_its_image(tapctl, image, tmp_path):
-    path = image()
+def test_a_failed_snapshot_leaves_the_device_running_on_its_image(tapctl, raw_image, tmp_path):
+    path = raw_image("16M")
     pid, minor, sock = tapctl.spawn_open(f"raw:{path}")
     target = ("-p", str(pid), "-m", str(minor))
     missing_dir = tmp_path / "no" / "such" / "dir" / "snap.qcow2"
@@ -250,8 +250,8 @@ def test_a_failed_snapshot_leaves_the_device_running_on_its_image(tapctl, image,
     assert "Pattern verification failed" not in out
 
 
-def test_adjacent_requests_from_a_real_client_are_merged(tapctl, image):
-    path = image()
+def test_adjacent_requests_from_a_real_client_are_merged(tapctl, raw_image):
+    path = raw_image("16M")
     # rate=0 injects nothing but keeps every request off the page-cache shortcut.
     pid, minor, sock = tapctl.spawn_open(f"fault:rate=0:raw:{path}")
     commands = []
