@@ -172,6 +172,7 @@ def _stored_refcounts(image: Qcow2Metadata) -> Refcounts:
         header.refcount_table_offset,
         header.refcount_table_clusters,
         os.fstat(image.file.fd).st_size,
+        {},  # a map of its own: the check reads the refcounts, allocates nothing
     )
 
 

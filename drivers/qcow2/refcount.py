@@ -4,7 +4,11 @@ Refcounts are kept in memory (blocks loaded on first use) and written back by
 the image's flush in qemu's crash-safe order: blocks that count new clusters
 reach disk before anything that references those clusters, and decrements are
 held back (``free_later``) until the references to the freed clusters are gone
-on disk, so the disk never shows a reference to a cluster counted 0.
+on disk, so the disk never shows a reference to a cluster counted 0.  The
+refcount blocks and table enter the image's metadata map (``overlap``) as they
+are placed, and a cluster leaves it when its count drops to 0; a cluster found
+free that the map says holds metadata means the refcounts are damaged, and
+nothing is allocated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from array import array
 from ..base import ImageFormatError
 from ..fileio import pread_full
 from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK
+from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, MetadataMap, Qcow2Corruption
 
 _NARROW_CODE = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
@@ -53,7 +58,11 @@ def encode_block(values: array, order: int) -> bytes:
 
 
 class Refcounts:
-    """In-memory refcounts of one image with write-back to its file."""
+    """In-memory refcounts of one image with write-back to its file.
+
+    ``meta`` is the image's metadata map; the refcount blocks are added to it,
+    and must not overlap anything already in it.
+    """
 
     def __init__(
         self,
@@ -64,6 +73,7 @@ class Refcounts:
         table_offset: int,
         table_clusters: int,
         file_size: int,
+        meta: MetadataMap,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -87,7 +97,7 @@ class Refcounts:
         self.hint = 0
         #: First cluster index above the file and every cluster handed out.
         self.top = -(-file_size // self.cluster_size)
-        self.block_clusters: set[int] = set()
+        self.meta = meta
         for block_index, entry in enumerate(self.table):
             if entry & ~REFT_OFFSET_MASK:
                 raise ImageFormatError(
@@ -106,12 +116,13 @@ class Refcounts:
                         "lies past the end of file"
                     )
                 cluster = off >> cluster_bits
-                if cluster in self.block_clusters:
+                have = meta.get(cluster)
+                if have is not None:
                     raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) reuses another "
-                        "refcount block (refcount loop)"
+                        f"{path}: refcount table entry {block_index} ({off:#x}) points at the "
+                        f"{have} (refcount loop)"
                     )
-                self.block_clusters.add(cluster)
+                meta[cluster] = REFCOUNT_BLOCK
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -142,16 +153,16 @@ class Refcounts:
         block_index = cluster >> self.block_bits
         block = self.block(block_index)
         if block is None:
-            raise ImageFormatError(
+            raise Qcow2Corruption(
                 f"{self.path}: cluster {cluster} has no refcount block "
                 f"(refcount table entry {block_index})"
             )
         i = cluster & ((1 << self.block_bits) - 1)
         value = block[i] + delta
         if value < 0:
-            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would drop below 0")
+            raise Qcow2Corruption(f"{self.path}: refcount of cluster {cluster} would drop below 0")
         if value > self.max_refcount:
-            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would overflow")
+            raise Qcow2Corruption(f"{self.path}: refcount of cluster {cluster} would overflow")
         block[i] = value
         self.dirty_blocks.add(block_index)
         if value == 0 and cluster < self.hint:
@@ -183,9 +194,20 @@ class Refcounts:
         return run_start
 
     def alloc(self, count: int = 1) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index."""
+        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index.
+
+        Raises Qcow2Corruption, having changed nothing, when a cluster counted free
+        holds metadata.
+        """
         while True:
             start = self._find_free(self.hint, count)
+            for cluster in range(start, start + count):
+                have = self.meta.get(cluster)
+                if have is not None:
+                    raise Qcow2Corruption(
+                        f"{self.path}: cluster {cluster} is counted free but holds the {have}; "
+                        "refusing to allocate it"
+                    )
             missing = None
             for block_index in range(
                 start >> self.block_bits, ((start + count - 1) >> self.block_bits) + 1
@@ -210,7 +232,7 @@ class Refcounts:
         self.table[block_index] = cluster << self.cluster_bits
         self.dirty_entries.add(block_index)
         self.dirty_blocks.add(block_index)
-        self.block_clusters.add(cluster)
+        self.meta[cluster] = REFCOUNT_BLOCK
         self.top = max(self.top, cluster + 1)
         self.change(cluster, 1)
 
@@ -249,13 +271,15 @@ class Refcounts:
             self.blocks[block_index] = array("Q", bytes(8 << self.block_bits))
             self.table[block_index] = cluster << self.cluster_bits
             self.dirty_blocks.add(block_index)
-            self.block_clusters.add(cluster)
+            self.meta[cluster] = REFCOUNT_BLOCK
         self.table_offset = (top + new_blocks) << self.cluster_bits
         self.table_clusters = tclusters
         self.table_moved = True
         self.top = top + new_blocks + tclusters
         for c in range(top, top + new_blocks + tclusters):
             self.change(c, 1)
+        for c in range(top + new_blocks, top + new_blocks + tclusters):
+            self.meta[c] = REFCOUNT_TABLE
         self.free_later(old_offset >> self.cluster_bits, old_clusters)
 
     def free_later(self, cluster: int, count: int = 1) -> None:
@@ -263,13 +287,17 @@ class Refcounts:
         self.pending_free.append((cluster, count))
 
     def apply_frees(self) -> bool:
-        """Apply the held-back decrements; True if there were any."""
+        """Apply the held-back decrements; True if there were any.
+
+        A cluster counted 0 holds nothing any more: it leaves the metadata map.
+        """
         if not self.pending_free:
             return False
         pending, self.pending_free = self.pending_free, []
         for cluster, count in pending:
             for c in range(cluster, cluster + count):
-                self.change(c, -1)
+                if not self.change(c, -1):
+                    self.meta.pop(c, None)
         return True
 
     # -- write-back -----------------------------------------------------------------------
