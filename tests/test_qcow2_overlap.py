@@ -200,3 +200,11 @@ def test_version_2_image_fails_writes_without_a_corrupt_bit(tmp_path):
     before = check_errors(path)
     assert write_through_driver(path, (0, 64 * KiB), (5 * MiB, 4 * KiB)) == [errno.EIO, errno.EIO]
     assert_no_new_errors(path, before)
+
+
+def test_reads_refuse_an_entry_whose_data_would_be_metadata(tmp_path):
+    path = small_clusters(tmp_path)
+    set_l2_entry(path, 0, REFCOUNT_TABLE | (1 << 63))  # well-formed, but onto the refcount table
+    with pytest.raises(ImageFormatError, match="points at the refcount table"):
+        read_only(path, 0, 4096)
+    assert read_only(path, 4096, 4096) == b"\x07" * 4096

@@ -85,12 +85,7 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         else:
             clusters = range(host >> self.cluster_bits, (host >> self.cluster_bits) + bool(host))
         for cluster in clusters:
-            kind = self.meta.get(cluster)
-            if kind is not None:
-                raise Qcow2Corruption(
-                    f"{self._where(guest_cluster)}: L2 entry {entry:#x} points at the {kind} "
-                    f"(cluster {cluster}); refusing to write there"
-                )
+            self._check_not_metadata(cluster << self.cluster_bits, guest_cluster)
         if whole and entry & _IN_PLACE_FLAGS == OFLAG_COPIED:
             return host
         return 0

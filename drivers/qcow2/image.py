@@ -101,9 +101,8 @@ class Qcow2Image(Qcow2Allocation):
         self.refcounts = None
         if not self.read_only:
             if header.incompatible_features & INCOMPAT_DIRTY:
-                old_table = (header.refcount_table_offset, header.refcount_table_clusters)
                 checkmod.rebuild_refcounts(self)
-                self._refcount_table_moved(*old_table)
+                self._refcounts_rebuilt()
                 header.incompatible_features &= ~INCOMPAT_DIRTY
                 self._header_dirty = True
             try:
@@ -188,7 +187,12 @@ class Qcow2Image(Qcow2Allocation):
             if table is not None:
                 entry = table[(offset >> self.cluster_bits) & self._l2_mask]
                 host = entry & L2E_OFFSET_MASK
-                if host and not entry & _NOT_PLAIN and not host & self._cluster_mask:
+                if (
+                    host
+                    and not entry & _NOT_PLAIN
+                    and not host & self._cluster_mask
+                    and host >> self.cluster_bits not in self.meta
+                ):
                     return self.file.read_nowait(host + within, buf)
         try:
             return self._read_mapped_nowait(offset, buf)
@@ -270,6 +274,8 @@ class Qcow2Image(Qcow2Allocation):
             raise Qcow2Corruption(
                 f"{self._where(guest_cluster)}: compressed offset {coffset:#x} invalid"
             )
+        for host in range(coffset & ~self._cluster_mask, coffset + csize, self.cluster_size):
+            self._check_not_metadata(host, guest_cluster)
         raw = bytearray(csize)
         await self.file.read(coffset, memoryview(raw))
         data = decompress_cluster(

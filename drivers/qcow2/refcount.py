@@ -57,11 +57,53 @@ def encode_block(values: array, order: int) -> bytes:
     return bytes(raw)
 
 
+def read_table(
+    fd: int,
+    path: str,
+    cluster_bits: int,
+    offset: int,
+    clusters: int,
+    file_size: int,
+    meta: MetadataMap,
+) -> array:
+    """The refcount table at ``offset``, every entry checked; its blocks enter ``meta``, which
+    they must not overlap."""
+    cluster_size = 1 << cluster_bits
+    raw = bytearray(clusters << cluster_bits)
+    pread_full(fd, memoryview(raw), offset)
+    table = array("Q", bytes(raw))
+    table.byteswap()
+    for block_index, entry in enumerate(table):
+        if entry & ~REFT_OFFSET_MASK:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} has reserved bits set"
+            )
+        off = entry & REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off % cluster_size:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) is not cluster aligned"
+            )
+        if off + cluster_size > file_size:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) lies past the end of file"
+            )
+        have = meta.get(off >> cluster_bits)
+        if have is not None:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) points at the {have} "
+                "(refcount loop)"
+            )
+        meta[off >> cluster_bits] = REFCOUNT_BLOCK
+    return table
+
+
 class Refcounts:
     """In-memory refcounts of one image with write-back to its file.
 
-    ``meta`` is the image's metadata map; the refcount blocks are added to it,
-    and must not overlap anything already in it.
+    ``table`` is the refcount table as ``read_table`` returned it, ``meta`` the
+    image's metadata map, which the refcount structures placed later join.
     """
 
     def __init__(
@@ -71,7 +113,7 @@ class Refcounts:
         cluster_bits: int,
         order: int,
         table_offset: int,
-        table_clusters: int,
+        table: array,
         file_size: int,
         meta: MetadataMap,
     ) -> None:
@@ -83,11 +125,8 @@ class Refcounts:
         self.max_refcount = (1 << (1 << order)) - 1
         self.block_bits = cluster_bits + 3 - order
         self.table_offset = table_offset
-        self.table_clusters = table_clusters
-        raw = bytearray(table_clusters << cluster_bits)
-        pread_full(fd, memoryview(raw), table_offset)
-        self.table = array("Q", bytes(raw))
-        self.table.byteswap()
+        self.table_clusters = (len(table) * 8) >> cluster_bits
+        self.table = table
         self.blocks: dict[int, array] = {}
         self.dirty_blocks: set[int] = set()
         self.dirty_entries: set[int] = set()
@@ -98,31 +137,6 @@ class Refcounts:
         #: First cluster index above the file and every cluster handed out.
         self.top = -(-file_size // self.cluster_size)
         self.meta = meta
-        for block_index, entry in enumerate(self.table):
-            if entry & ~REFT_OFFSET_MASK:
-                raise ImageFormatError(
-                    f"{path}: refcount table entry {block_index} has reserved bits set"
-                )
-            off = entry & REFT_OFFSET_MASK
-            if off:
-                if off % self.cluster_size:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) "
-                        "is not cluster aligned"
-                    )
-                if off + self.cluster_size > file_size:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) "
-                        "lies past the end of file"
-                    )
-                cluster = off >> cluster_bits
-                have = meta.get(cluster)
-                if have is not None:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) points at the "
-                        f"{have} (refcount loop)"
-                    )
-                meta[cluster] = REFCOUNT_BLOCK
 
     # -- lookup ---------------------------------------------------------------------------
 
