@@ -9,8 +9,8 @@ clusters this image owns alone take no lock either (``write_nowait``); every
 other write, discard and zeroing runs under the lock.
 
 Metadata found inconsistent in use (``overlap.Qcow2Corruption``: a malformed L2
-entry, a write that would land on metadata, damaged refcounts) fails the request
-with EIO at these entry points.  On a read-write image the first such finding is
+entry, guest data that would lie in a metadata cluster, damaged refcounts) fails
+the request with EIO at these entry points.  On a read-write image the first such finding is
 logged and marks the image corrupt (the header's incompatible bit, as qemu
 does): writes fail from then on, reads and flushes go on, and the image opens
 read-only until it is repaired (``qemu-img check -r all``).

@@ -1,9 +1,10 @@
-"""Overlap checking: which host clusters hold metadata, so that no guest data lands on one.
+"""Overlap checking: which host clusters hold metadata, so that no guest data lies in one.
 
 Like qemu's metadata overlap check, but kept as one map from host cluster index
 to what the cluster holds (header, L1, L2 and snapshot tables, refcount table
 and blocks), updated as tables are allocated, moved and freed, so the check on
-the hot write path is one dict lookup.  The map is filled at open; the tables
+the hot paths is one dict lookup.  Writes never go to such a cluster, reads never
+take guest data from one.  The map is filled at open; the tables
 in it must not overlap each other, except L2 tables, which an image and its
 internal snapshots share.
 
