@@ -2,9 +2,10 @@
 
 A backing file named inside an image is untrusted input.  For QCOW v1 and
 QCOW2 (``open_backing``) it is resolved relative to the image's directory,
-must lie inside the allowed directories, and is opened read-only through the
-driver registry with the format the image names (probed from magic numbers
-when it names none).  VHD finds its backing file through parent locators
+must lie inside the allowed directories and be a regular file or block device
+(``paths.open_disk``: never a FIFO, socket or character device), and is
+opened read-only through the driver registry with the format the image names
+(probed from magic numbers when it names none).  VHD finds its backing file through parent locators
 (``vhd/chain.py``) but opens it under the same guard: ``chain_guard`` refuses
 a file already in the chain being opened (compared by device and inode, so no
 symlink or hard link hides a loop) and a chain deeper than ``MAX_CHAIN_DEPTH``,
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .base import Image, ImageError, ImageFormatError
-from .paths import is_inside
+from .paths import is_inside, open_disk
 from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
 
 #: Most images in one chain, the top one included; deeper chains are almost certainly hostile
@@ -95,17 +96,18 @@ def resolve_backing(child: str, name: str, options: OpenOptions) -> str:
 
 def probe_format(path: str) -> str:
     """Guess a backing file's format from its magic numbers (raw if none matches)."""
-    with open(path, "rb") as file:
-        head = file.read(8)
+    fd = open_disk(path, os.O_RDONLY)
+    try:
+        head = os.pread(fd, 8, 0)
         if head[:4] == b"QFI\xfb":
             return "qcow" if int.from_bytes(head[4:8], "big") == 1 else "qcow2"
         if head == b"conectix":
             return "vhd"
-        file.seek(0, os.SEEK_END)
-        if file.tell() >= 512:
-            file.seek(-512, os.SEEK_END)
-            if file.read(8) == b"conectix":
-                return "vhd"
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size >= 512 and os.pread(fd, 8, size - 512) == b"conectix":
+            return "vhd"
+    finally:
+        os.close(fd)
     return "raw"
 
 

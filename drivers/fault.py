@@ -2,15 +2,18 @@
 
 It makes an image misbehave the way a flaky disk or an NFS soft mount does, so
 that the VBD's retry and deadline logic can be proven against real failures.
-A *fault episode* is a stretch during which every affected operation fails
-with one errno; outside episodes the layer forwards to the image below.
+A *fault episode* (an outage) is a stretch during which every affected
+operation fails with one errno, page-cache hits included (the ``*_nowait``
+fast paths stand aside while an episode runs or can still start); outside
+episodes the layer forwards to the image below.
 
 Options (comma-separated ``key=value``; ``-`` or an empty list means defaults)::
 
     rate=P        probability that an operation outside an episode starts one (default 1.0)
     burst=N       an episode ends after N failed operations (0 = no limit; default 0)
     duration=S    an episode ends S seconds after it began (0 = no limit; default 0)
-    count=K       at most K episodes, then the layer is healthy for good (0 = no limit; default 0)
+    count=K       K episodes (outages), each failing every affected operation in its
+                  window, then the layer is healthy for good (0 = no limit; default 0)
     start=S       no episode starts in the first S seconds after opening (default 0)
     errno=NAME    the error raised, by symbolic name (default EIO)
     ops=LIST      operations affected, ``+``-separated from read, write, flush, zero, discard
@@ -143,8 +146,12 @@ class FaultImage(Image):
 
     @property
     def exhausted(self) -> bool:
-        """True once no further episode can start."""
-        return bool(self.plan.count) and self.episodes >= self.plan.count
+        """True once the last episode is over and no further one can start."""
+        return (
+            bool(self.plan.count)
+            and self.episodes >= self.plan.count
+            and self._episode_started is None
+        )
 
     def _check(self, op: str) -> None:
         """Raise the planned error if ``op`` falls in a fault episode."""
@@ -184,7 +191,8 @@ class FaultImage(Image):
             raise
 
     def read_nowait(self, offset: int, buf: memoryview) -> bool:
-        # Reads that might fault take the slow path, where _check runs.
+        # Reads that might fault (an episode running, or one still to come) take the
+        # slow path, where _check runs.
         if "read" in self.plan.ops and not self.exhausted:
             return False
         return self.inner.read_nowait(offset, buf)

@@ -6,6 +6,7 @@ import asyncio
 import errno
 import time
 
+import nbd
 import pytest
 from helpers import require, run
 from tapdisk.drivers.base import ImageError
@@ -163,3 +164,62 @@ def test_without_a_vbd_an_injected_error_reaches_the_nbd_client(serve, raw_image
     )
     assert "Input/output error" in proc_out or "I/O error" in proc_out
     assert "read 4096/4096 bytes" in proc_out
+
+
+def test_an_outage_fails_every_operation_in_its_window_page_cache_hits_included(raw_image):
+    image = open_fault("duration=1.5,count=1", raw_image("1M", "write -P 1 0 4k"))
+    buf = memoryview(bytearray(4096))
+
+    async def each_operation() -> list[int]:
+        results = []
+        for call in (
+            lambda: image.read(0, buf),
+            lambda: image.write(0, buf),
+            image.flush,
+            lambda: image.write_zeroes(0, 4096),
+        ):
+            try:
+                await call()
+                results.append(0)
+            except OSError as exc:
+                results.append(exc.errno or -1)
+        return results
+
+    async def go() -> None:
+        assert (await each_operation())[0] == errno.EIO  # the outage begins
+        assert not image.read_nowait(0, buf) and not image.write_nowait(0, buf)
+        for _ in range(10):
+            assert await each_operation() == [errno.EIO] * 4
+        await asyncio.sleep(1.55)
+        assert await each_operation() == [0] * 4  # the outage is over, the only one
+        assert image.exhausted and image.read_nowait(0, buf) and image.write_nowait(0, buf)
+        for _ in range(10):
+            assert await each_operation() == [0] * 4
+        await image.close()
+
+    asyncio.run(go())
+
+
+def test_count_is_the_number_of_outages(raw_image):
+    image = open_fault("burst=2,count=2", raw_image("1M"))
+    results = [attempt(image) for _ in range(8)]
+    assert results == [errno.EIO, errno.EIO, 0, errno.EIO, errno.EIO, 0, 0, 0]
+    assert image.episodes == 2 and image.exhausted
+
+
+def test_an_outage_fails_cached_reads_of_an_nbd_client(serve, raw_image):
+    served = serve(f"fault:duration=1.5,count=1:raw:{raw_image('1M', 'write -P 5 0 4k')}")
+    h = nbd.NBD()
+    h.connect_uri(served.uri())
+    outcomes = []
+    started = time.monotonic()
+    while time.monotonic() - started < 1.0:  # well inside the outage
+        try:
+            h.pread(4096, 0)
+            outcomes.append("ok")
+        except nbd.Error as exc:
+            outcomes.append(exc.errno)
+    time.sleep(0.6)
+    assert set(outcomes) == {"EIO"} and len(outcomes) > 10
+    assert h.pread(4096, 0) == b"\x05" * 4096
+    h.shutdown()

@@ -38,13 +38,15 @@ def handle(serve, tmp_path):
     h.shutdown()
 
 
-def test_write_onto_metadata_gets_eio_and_changes_nothing(handle):
+def test_write_onto_metadata_gets_eio_and_changes_nothing_but_the_corrupt_bit(handle):
     h, image, _ = handle
     before = image.read_bytes()
     with pytest.raises(nbd.Error) as info:
         h.pwrite(b"x" * 512, 0)
     assert info.value.errno == "EIO"
-    assert image.read_bytes() == before
+    after = image.read_bytes()
+    assert after[72:80] == (2).to_bytes(8, "big")  # incompatible_features: corrupt
+    assert after[:72] + after[80:] == before[:72] + before[80:]
 
 
 def test_connection_keeps_working_after_a_metadata_error(handle):

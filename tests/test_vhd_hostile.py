@@ -224,3 +224,24 @@ def test_corrupt_batmap_refuses_read_write_but_allows_read_only(tmp_path):
     refused(path, "batmap.checksum", read_only=False)
     image = VhdImage(str(path), read_only=True)
     asyncio.run(image.close())
+
+
+@pytest.mark.parametrize(
+    ("target", "words"),
+    [
+        (lambda size, bat0: 1, "overlaps metadata"),  # the header
+        (lambda size, bat0: 3, "overlaps metadata"),  # the BAT
+        (lambda size, bat0: bat0, "overlaps block"),  # block 0's bitmap
+        (lambda size, bat0: bat0 - 1, "overlaps block"),  # its data over that bitmap
+        (lambda size, bat0: size // 512 - 1, "past the end of the file"),  # the footer
+    ],
+)
+def test_bat_entry_into_metadata_never_opens_for_writing(tmp_path, target, words):
+    path = make(tmp_path)
+    with open(path, "rb") as f:
+        f.seek(1536)
+        bat0 = int.from_bytes(f.read(4), "big")
+    set_bat(path, 2, target(os.path.getsize(path), bat0))
+    before = path.read_bytes()
+    refused(path, "BAT[", words, read_only=False)
+    assert path.read_bytes() == before

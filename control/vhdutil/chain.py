@@ -1,7 +1,8 @@
 """Opening a VHD's metadata and following its parents, as ``vhd-util`` does.
 
 Like blktap's tool, vhd-util follows parents wherever they are (``ANYWHERE``); only
-the driver that serves images confines them to allowed directories.
+the driver that serves images confines them to allowed directories.  Either way a
+parent is opened only if it is a regular file or block device (``open_disk``).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 
 from tapdisk.drivers.backing import extend_chain, file_identity
+from tapdisk.drivers.paths import open_disk
 from tapdisk.drivers.vhd.chain import find_parent, locator_paths
 from tapdisk.drivers.vhd.meta import Metadata, load
 
@@ -17,7 +19,7 @@ ANYWHERE = ("/",)
 
 def open_meta(path: str) -> Metadata:
     """The metadata (footer, header, BAT...) of the VHD at ``path``."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDONLY)
     try:
         return load(fd, os.path.abspath(path))
     finally:
@@ -26,7 +28,7 @@ def open_meta(path: str) -> Metadata:
 
 def parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
     """The parent's path, found on disk; with ``resolve`` False, the first locator's text."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDONLY)
     try:
         if not resolve:
             return locator_paths(fd, meta)[0][1]

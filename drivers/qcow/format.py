@@ -72,7 +72,7 @@ class QcowHeader:
             return ImageFormatError(f"{where}: header field {what}")
 
         if self.magic != MAGIC:
-            raise bad(f"magic is {self.magic:#x}, not QFI\\xfb")
+            raise bad("magic is not QFI\\xfb: not a QCOW image")
         if self.version != VERSION:
             raise bad(f"version is {self.version}, expected 1 (QCOW v1)")
         if self.cluster_bits not in CLUSTER_BITS_RANGE:

@@ -17,12 +17,23 @@ from __future__ import annotations
 import errno
 from array import array
 
-from ..base import Image, ImageFormatError
-from .format import L1E_OFFSET_MASK, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO
+from ..base import Image
+from .cluster import STD_RESERVED, classify, classify_ext
+from .format import (
+    L1E_OFFSET_MASK,
+    L2E_OFFSET_MASK,
+    MAX_HOST_OFFSET,
+    OFLAG_COMPRESSED,
+    OFLAG_COPIED,
+    OFLAG_ZERO,
+)
 from .metadata import Qcow2Metadata
+from .overlap import L2_TABLE, Qcow2Corruption
 
 #: Subcluster bitmap of an extended L2 entry whose 32 subclusters are all allocated.
 ALL_SUBCLUSTERS = 0xFFFFFFFF
+#: Flags of a standard L2 entry; an entry written in place has COPIED alone among them.
+_IN_PLACE_FLAGS = OFLAG_COPIED | OFLAG_COMPRESSED | OFLAG_ZERO | STD_RESERVED
 
 
 class Qcow2Allocation(Qcow2Metadata, Image):
@@ -30,32 +41,70 @@ class Qcow2Allocation(Qcow2Metadata, Image):
 
     Methods that change metadata run under the image's lock; ``_overwrite_at``
     and the checks it calls only read it, to find writes that can go in place.
+    Every L2 entry a write, discard or zeroing replaces is first decoded as reads
+    decode it and its host cluster checked against the metadata map
+    (``_entry_for_write``), so a bad entry fails the request before anything
+    changes: nothing is written through it, nor freed.
     """
 
+    #: Set when the image was found corrupt: writes fail from then on.
+    corrupt: bool
+
     def _writable(self) -> bool:
-        return not self.read_only and self.refcounts is not None
+        return not self.read_only and self.refcounts is not None and not self.corrupt
 
     def _check_writable(self) -> None:
+        if self.corrupt:
+            raise OSError(
+                errno.EIO, f"{self.path} is marked corrupt: writes are refused until it is repaired"
+            )
         if not self._writable():
             raise OSError(errno.EPERM, f"{self.path} is open read-only")
 
-    def _check_data_cluster(self, host: int, guest_cluster: int) -> None:
-        """Refuse a guest write into a metadata cluster (hostile or corrupt L2)."""
-        cluster = host >> self.cluster_bits
-        refcounts = self.refcounts
-        assert refcounts is not None
-        table_first = refcounts.table_offset >> self.cluster_bits
-        if (
-            cluster in self.meta
-            or cluster in refcounts.block_clusters
-            or table_first <= cluster < table_first + refcounts.table_clusters
-        ):
-            raise ImageFormatError(
-                f"{self._where(guest_cluster)}: L2 entry points at metadata cluster {host:#x}"
+    def _entry_for_write(self, table: array | None, idx: int, guest_cluster: int) -> int:
+        """Host offset of entry ``idx`` of ``table`` when a write can go there in place, else 0.
+
+        Raises Qcow2Corruption when the entry is malformed (``cluster.classify``, as
+        for reads) or names a host cluster that holds metadata.
+        """
+        if table is None:
+            return 0
+        cluster_size = self.cluster_size
+        if self.extended_l2:
+            entry, bitmap = table[2 * idx], table[2 * idx + 1]
+            classify_ext(entry, bitmap, 0, cluster_size, cluster_size, self.path)
+            whole = bitmap == ALL_SUBCLUSTERS
+        else:
+            entry = table[idx]
+            classify(entry, 0, cluster_size, cluster_size, self.v3, self.path)
+            whole = True
+        host = entry & L2E_OFFSET_MASK
+        if entry & OFLAG_COMPRESSED:
+            host = 0
+            clusters = self._compressed_clusters(entry, guest_cluster)
+        else:
+            clusters = range(host >> self.cluster_bits, (host >> self.cluster_bits) + bool(host))
+        for cluster in clusters:
+            self._check_not_metadata(cluster << self.cluster_bits, guest_cluster)
+        if whole and entry & _IN_PLACE_FLAGS == OFLAG_COPIED:
+            return host
+        return 0
+
+    def _compressed_clusters(self, entry: int, guest_cluster: int) -> range:
+        """The host clusters a compressed cluster's data lies in."""
+        coffset, csize = self.compressed_span(entry)
+        if coffset == 0 or coffset + csize > MAX_HOST_OFFSET:
+            raise Qcow2Corruption(
+                f"{self._where(guest_cluster)}: compressed offset {coffset:#x} invalid"
             )
+        return range(coffset >> self.cluster_bits, ((coffset + csize - 1) >> self.cluster_bits) + 1)
 
     async def _l2_for_write(self, l1_index: int) -> tuple[int, array]:
-        """The L2 table for ``l1_index``, allocated or copied (if shared) so it can be changed."""
+        """The L2 table for ``l1_index``, allocated or copied (if shared) so it can be changed.
+
+        A shared table stays in the metadata map (a snapshot still uses it) until
+        its refcount drops to 0.
+        """
         l1_entry = self.l1[l1_index]
         off = l1_entry & L1E_OFFSET_MASK
         if off and l1_entry & OFLAG_COPIED:
@@ -66,18 +115,20 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         if off:
             table = array("Q", await self._load_l2(off))
             self.l2cache.forget(off)
-            self.meta.discard(off >> self.cluster_bits)
             refcounts.free_later(off >> self.cluster_bits)
         else:
             table = array("Q", bytes(self.cluster_size))
         self.l2cache.put(new, table, dirty=True)
-        self.meta.add(new >> self.cluster_bits)
+        self.meta[new >> self.cluster_bits] = L2_TABLE
         self.l1[l1_index] = new | OFLAG_COPIED
         self.l1_dirty.add(l1_index)
         return new, table
 
     def _release(self, entry: int) -> None:
-        """Drop this L2 entry's hold on host clusters, once it is gone from disk."""
+        """Drop this L2 entry's hold on host clusters, once it is gone from disk.
+
+        The entry was checked by ``_entry_for_write``.
+        """
         refcounts = self.refcounts
         assert refcounts is not None
         if entry & OFLAG_COMPRESSED:
@@ -90,28 +141,14 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         if off:
             refcounts.free_later(off >> self.cluster_bits)
 
-    def _in_place(self, table: array | None, idx: int) -> bool:
-        """Whether guest cluster ``idx`` of ``table`` can be overwritten where it is."""
-        if table is None:
-            return False
-        if self.extended_l2:
-            entry = table[2 * idx]
-            if table[2 * idx + 1] != ALL_SUBCLUSTERS:
-                return False
-        else:
-            entry = table[idx]
-        return (
-            entry & OFLAG_COPIED != 0
-            and not entry & (OFLAG_COMPRESSED | OFLAG_ZERO)
-            and entry & L2E_OFFSET_MASK != 0
-        )
-
     def _overwrite_at(self, offset: int, length: int) -> int | None:
         """Where in the file a write of ``length`` bytes at ``offset`` goes if it needs no
         metadata change, else None.
 
         That is an overwrite inside one cluster this image owns alone (COPIED) whose L2
-        table is cached; it cannot race with allocation, so it takes no lock.
+        table is cached; it cannot race with allocation, so it takes no lock.  Only a
+        plain entry (no other flag, aligned) whose host cluster holds no metadata goes
+        here: anything else takes the locked path, which refuses a bad entry.
         """
         within = offset & self._cluster_mask
         if within + length > self.cluster_size or self.extended_l2:
@@ -120,12 +157,15 @@ class Qcow2Allocation(Qcow2Metadata, Image):
         table = self.l2cache.tables.get(l1_entry & L1E_OFFSET_MASK)
         if table is None or not l1_entry & OFLAG_COPIED:
             return None
-        guest_cluster = offset >> self.cluster_bits
-        entry = table[guest_cluster & self._l2_mask]
-        if not entry & OFLAG_COPIED or not self._in_place(table, guest_cluster & self._l2_mask):
-            return None
+        entry = table[(offset >> self.cluster_bits) & self._l2_mask]
         host = entry & L2E_OFFSET_MASK
-        self._check_data_cluster(host, guest_cluster)
+        if (
+            entry & _IN_PLACE_FLAGS != OFLAG_COPIED
+            or not host
+            or host & self._cluster_mask
+            or host >> self.cluster_bits in self.meta
+        ):
+            return None
         return host + within
 
     async def _write_locked(self, offset: int, data: memoryview) -> None:
@@ -143,23 +183,15 @@ class Qcow2Allocation(Qcow2Metadata, Image):
             idx = guest_cluster & l2mask
             l2off = self.l1[l1_index] & L1E_OFFSET_MASK
             table = await self._load_l2(l2off) if l2off else None
-            step = 2 if self.extended_l2 else 1
-            if self._in_place(table, idx):
-                assert table is not None
-                entry = table[step * idx]
+            host = self._entry_for_write(table, idx, guest_cluster)
+            if host:
                 # Extend over following in-place clusters contiguous on the host.
-                host = entry & L2E_OFFSET_MASK
-                self._check_data_cluster(host, guest_cluster)
                 run = min(cluster_size - within, length - pos)
                 i = idx + 1
-                while pos + run < length and table is not None and i <= l2mask:
-                    next_entry = table[step * i]
-                    if (
-                        not self._in_place(table, i)
-                        or next_entry & L2E_OFFSET_MASK != host + (i - idx) * cluster_size
-                    ):
+                while pos + run < length and i <= l2mask:
+                    next_host = self._entry_for_write(table, i, guest_cluster + i - idx)
+                    if next_host != host + (i - idx) * cluster_size:
                         break
-                    self._check_data_cluster(next_entry & L2E_OFFSET_MASK, guest_cluster + i - idx)
                     run += min(cluster_size, length - pos - run)
                     i += 1
                 await self.file.write(host + within, data[pos : pos + run])
@@ -169,7 +201,7 @@ class Qcow2Allocation(Qcow2Metadata, Image):
             count = 1
             covered = min(cluster_size - within, length - pos)
             while pos + covered < length and idx + count <= l2mask:
-                if self._in_place(table, idx + count):
+                if self._entry_for_write(table, idx + count, guest_cluster + count):
                     break
                 covered += min(cluster_size, length - pos - covered)
                 count += 1
@@ -234,9 +266,14 @@ class Qcow2Allocation(Qcow2Metadata, Image):
             idx = guest_cluster & l2mask
             span = min(count - done, l2mask + 1 - idx)
             l1_entry = self.l1[l1_index]
-            if not l1_entry & L1E_OFFSET_MASK and (value_for == 0 or self.backing is None):
+            old_off = l1_entry & L1E_OFFSET_MASK
+            if not old_off and (value_for == 0 or self.backing is None):
                 done += span  # reads as zeros already: no L2 table needed
                 continue
+            if old_off:
+                old = await self._load_l2(old_off)
+                for i in range(idx, idx + span):
+                    self._entry_for_write(old, i, guest_cluster + i - idx)
             l2off, table = await self._l2_for_write(l1_index)
             if self.extended_l2:
                 # No zero flag in extended entries: every subcluster reads as zero instead.

@@ -26,7 +26,8 @@ from .format import (
     parse_snapshots,
 )
 from .metadata import Qcow2Metadata
-from .refcount import Refcounts, encode_block
+from .overlap import MetadataMap
+from .refcount import Refcounts, encode_block, read_table
 
 BITMAP_DIR_ENTRY = struct.Struct(">QIIBBHI")
 
@@ -164,14 +165,27 @@ def _snapshot_table_length(image: Qcow2Metadata) -> int:
 
 def _stored_refcounts(image: Qcow2Metadata) -> Refcounts:
     header = image.header
+    fd = image.file.fd
+    file_size = os.fstat(fd).st_size
+    meta: MetadataMap = {}  # a map of its own: the check reads the refcounts, allocates nothing
+    table = read_table(
+        fd,
+        image.path,
+        header.cluster_bits,
+        header.refcount_table_offset,
+        header.refcount_table_clusters,
+        file_size,
+        meta,
+    )
     return Refcounts(
-        image.file.fd,
+        fd,
         image.path,
         header.cluster_bits,
         header.refcount_order,
         header.refcount_table_offset,
-        header.refcount_table_clusters,
-        os.fstat(image.file.fd).st_size,
+        table,
+        file_size,
+        meta,
     )
 
 

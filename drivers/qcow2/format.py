@@ -112,7 +112,7 @@ class Header:
             raise ImageFormatError("file too short for a qcow2 header")
         fields = V2_HEADER.unpack_from(buf, 0)
         if fields[0] != MAGIC:
-            raise ImageFormatError(f"magic is {fields[0]:#x}, not a qcow2 image")
+            raise ImageFormatError("no qcow2 magic (QFI\\xfb): not a qcow2 image")
         header = cls(*fields[1:])
         if header.version >= 3:
             if len(buf) < V3_HEADER_LEN:

@@ -7,12 +7,20 @@ lock and do no metadata I/O once the L2 table is cached; the whole fast path
 (cached L2, page-cache hit) runs inside ``read_nowait``.  Overwrites of
 clusters this image owns alone take no lock either (``write_nowait``); every
 other write, discard and zeroing runs under the lock.
+
+Metadata found inconsistent in use (``overlap.Qcow2Corruption``: a malformed L2
+entry, guest data that would lie in a metadata cluster, damaged refcounts) fails
+the request with EIO at these entry points.  On a read-write image the first such finding is
+logged and marks the image corrupt (the header's incompatible bit, as qemu
+does): writes fail from then on, reads and flushes go on, and the image opens
+read-only until it is repaired (``qemu-img check -r all``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 
 from ..backing import open_backing
@@ -26,6 +34,7 @@ from .allocate import Qcow2Allocation
 from .cluster import STD_RESERVED
 from .compress import decompress_cluster
 from .format import (
+    INCOMPAT_CORRUPT,
     INCOMPAT_DIRTY,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
@@ -33,6 +42,9 @@ from .format import (
     OFLAG_COMPRESSED,
     OFLAG_ZERO,
 )
+from .overlap import Qcow2Corruption
+
+log = logging.getLogger(__name__)
 
 #: Flush on our own when this many L2 tables are dirty (they are pinned in memory).
 MAX_DIRTY_L2 = 512
@@ -84,14 +96,22 @@ class Qcow2Image(Qcow2Allocation):
         self.lock = asyncio.Lock()
         self._compressed_cache: tuple[int, bytes] = (-1, b"")
         self._header_dirty = False
+        self.corrupt = False
 
         self.refcounts = None
         if not self.read_only:
             if header.incompatible_features & INCOMPAT_DIRTY:
                 checkmod.rebuild_refcounts(self)
+                self._refcounts_rebuilt()
                 header.incompatible_features &= ~INCOMPAT_DIRTY
                 self._header_dirty = True
-            self.refcounts = self._load_refcounts()
+            try:
+                self.refcounts = self._load_refcounts()
+            except Qcow2Corruption as exc:
+                self._mark_corrupt(str(exc))
+                raise ImageFormatError(
+                    f"{exc}; the image is marked corrupt: open it read-only, or repair it first"
+                ) from None
             if header.autoclear_features:
                 # We keep no bitmaps up to date, so every autoclear feature lapses.
                 header.autoclear_features = 0
@@ -111,10 +131,39 @@ class Qcow2Image(Qcow2Allocation):
         )
 
     def write_header_sync(self) -> None:
-        """Rewrite the header fields in place and sync (open/close time only)."""
+        """Rewrite the header fields in place and sync (open time, and once on corruption)."""
         pwrite_full(self.file.fd, memoryview(self.header.pack()), 0)
         os.fdatasync(self.file.fd)
         self._header_dirty = False
+
+    # -- corruption -----------------------------------------------------------------------
+
+    def _corruption(self, exc: Qcow2Corruption) -> Exception:
+        """What a request that found ``exc`` raises: EIO, the image marked corrupt the first
+        time; on a read-only image a plain ImageFormatError (an image above this one in a
+        chain must not take it for its own)."""
+        if self.read_only:
+            return ImageFormatError(str(exc))
+        if not self.corrupt:
+            self._mark_corrupt(str(exc))
+        return OSError(errno.EIO, f"{exc} (image marked corrupt)")
+
+    def _mark_corrupt(self, reason: str) -> None:
+        """Stop writes and set the header's corrupt bit (version 3; version 2 has no field for
+        it), once; the one log line of the event."""
+        self.corrupt = True
+        if self.v3:
+            self.header.incompatible_features |= INCOMPAT_CORRUPT
+            self.write_header_sync()
+            log.error(
+                "%s; marking the image corrupt: writes fail, and it opens read-only until repaired",
+                reason,
+            )
+        else:
+            log.error(
+                "%s; the image is corrupt: writes fail (a version 2 image cannot record it)",
+                reason,
+            )
 
     # -- interface ------------------------------------------------------------------------
 
@@ -138,8 +187,21 @@ class Qcow2Image(Qcow2Allocation):
             if table is not None:
                 entry = table[(offset >> self.cluster_bits) & self._l2_mask]
                 host = entry & L2E_OFFSET_MASK
-                if host and not entry & _NOT_PLAIN and not host & self._cluster_mask:
+                if (
+                    host
+                    and not entry & _NOT_PLAIN
+                    and not host & self._cluster_mask
+                    and host >> self.cluster_bits not in self.meta
+                ):
                     return self.file.read_nowait(host + within, buf)
+        try:
+            return self._read_mapped_nowait(offset, buf)
+        except Qcow2Corruption as exc:
+            raise self._corruption(exc) from None
+
+    def _read_mapped_nowait(self, offset: int, buf: memoryview) -> bool:
+        """``read_nowait`` past its fast path: any range, through ``_map_cached``."""
+        length = len(buf)
         mapping = self._map_cached(offset, length)
         if mapping is None:
             return False
@@ -170,6 +232,12 @@ class Qcow2Image(Qcow2Allocation):
         return True
 
     async def read(self, offset: int, buf: memoryview) -> None:
+        try:
+            await self._read(offset, buf)
+        except Qcow2Corruption as exc:
+            raise self._corruption(exc) from None
+
+    async def _read(self, offset: int, buf: memoryview) -> None:
         length = len(buf)
         pos = 0
         while pos < length:
@@ -203,9 +271,11 @@ class Qcow2Image(Qcow2Allocation):
             return self._compressed_cache[1]
         coffset, csize = self.compressed_span(entry)
         if coffset >= MAX_HOST_OFFSET or coffset == 0:
-            raise ImageFormatError(
+            raise Qcow2Corruption(
                 f"{self._where(guest_cluster)}: compressed offset {coffset:#x} invalid"
             )
+        for host in range(coffset & ~self._cluster_mask, coffset + csize, self.cluster_size):
+            self._check_not_metadata(host, guest_cluster)
         raw = bytearray(csize)
         await self.file.read(coffset, memoryview(raw))
         data = decompress_cluster(
@@ -229,9 +299,13 @@ class Qcow2Image(Qcow2Allocation):
         if not fua and self.write_nowait(offset, data):
             return
         async with self.lock:
-            await self._write_locked(offset, data)
-            if fua or len(self.l2cache.dirty) > MAX_DIRTY_L2:
-                await self._flush_locked()
+            self._check_writable()  # another request may have found corruption meanwhile
+            try:
+                await self._write_locked(offset, data)
+                if fua or len(self.l2cache.dirty) > MAX_DIRTY_L2:
+                    await self._flush_locked()
+            except Qcow2Corruption as exc:
+                raise self._corruption(exc) from None
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
@@ -245,10 +319,14 @@ class Qcow2Image(Qcow2Allocation):
         if self.backing is not None and not self.v3:
             return  # v2 cannot hide the backing file; discard is only a hint
         async with self.lock:
+            self._check_writable()
             value = OFLAG_ZERO if self.backing is not None else 0
-            await self._set_entries(first, last - first, value)
-            if fua:
-                await self._flush_locked()
+            try:
+                await self._set_entries(first, last - first, value)
+                if fua:
+                    await self._flush_locked()
+            except Qcow2Corruption as exc:
+                raise self._corruption(exc) from None
 
     async def write_zeroes(
         self,
@@ -282,7 +360,11 @@ class Qcow2Image(Qcow2Allocation):
             if end > last * cluster_size:
                 await self._write_zero_buffers(last * cluster_size, end)
             async with self.lock:
-                await self._set_entries(first, last - first, OFLAG_ZERO if self.v3 else 0)
+                self._check_writable()
+                try:
+                    await self._set_entries(first, last - first, OFLAG_ZERO if self.v3 else 0)
+                except Qcow2Corruption as exc:
+                    raise self._corruption(exc) from None
         if fua:
             await self.flush()
 
@@ -296,11 +378,20 @@ class Qcow2Image(Qcow2Allocation):
         if self.read_only:
             return
         async with self.lock:
-            await self._flush_locked()
+            try:
+                await self._flush_locked()
+            except Qcow2Corruption as exc:
+                raise self._corruption(exc) from None
 
     # -- block status ---------------------------------------------------------------------
 
     async def extents(self, offset: int, length: int) -> list[Extent]:
+        try:
+            return await self._extents(offset, length)
+        except Qcow2Corruption as exc:
+            raise self._corruption(exc) from None
+
+    async def _extents(self, offset: int, length: int) -> list[Extent]:
         end = min(offset + length, self.size)
         out: list[Extent] = []
         pos = offset

@@ -1,11 +1,13 @@
 """The metadata of an open qcow2 file in memory, and guest offsets looked up through it.
 
 ``Qcow2Metadata`` reads and checks the header, its extensions, the snapshot
-table and the L1 table at open, records which clusters hold metadata (a guest
-write must never land in one), loads the refcounts for a read-write open, and
-loads L2 tables on demand into the shared ``L2Cache``.  ``_map_cached`` is the
+table, the L1 and refcount tables at open, records which clusters hold
+metadata (``overlap``: no guest data may lie in one, the internal snapshots'
+tables included), loads the refcounts for a read-write open and checks them
+against that, and loads L2 tables on demand into the shared ``L2Cache``.  ``_map_cached`` is the
 lookup every read, write and block-status answer starts from: what a guest
-range is (``l2tables`` kinds) and where its data lies.  It holds no guest I/O:
+range is (``l2tables`` kinds) and where its data lies, never in a metadata
+cluster.  It holds no guest I/O:
 ``allocate`` builds the write path on it and ``image`` the ``Image``; ``check``
 works on it alone.
 """
@@ -28,7 +30,22 @@ from .format import (
     parse_extensions,
     parse_snapshots,
 )
-from .refcount import Refcounts
+from .overlap import (
+    ACTIVE_L1,
+    HEADER,
+    L2_TABLE,
+    REFCOUNT_BLOCK,
+    REFCOUNT_TABLE,
+    SNAPSHOT_L1,
+    SNAPSHOT_L2,
+    SNAPSHOT_TABLE,
+    MetadataMap,
+    Qcow2Corruption,
+    check_refcounts,
+    claim,
+    claim_l2,
+)
+from .refcount import Refcounts, read_table
 
 #: Memory given to cached L2 tables (qemu's default on Linux is 32 MiB).
 L2_CACHE_BYTES = 32 << 20
@@ -85,12 +102,13 @@ class Qcow2Metadata:
         self._l1_shift = header.cluster_bits + header.l2_bits
         self._l2_mask = (1 << header.l2_bits) - 1
 
-        # Clusters that hold metadata: a guest write must never land in one.
-        self.meta: set[int] = {0}
-        self._claim(header.l1_table_offset, header.l1_size * 8, "l1_table_offset")
+        # Clusters that hold metadata (``overlap``): a guest write must never land in one.
+        self.meta: MetadataMap = {0: HEADER}
+        self._claim(header.l1_table_offset, header.l1_size * 8, ACTIVE_L1, "l1_table_offset")
         self._claim(
             header.refcount_table_offset,
             header.refcount_table_clusters * cluster_size,
+            REFCOUNT_TABLE,
             "refcount_table_offset",
         )
         self.snapshots: list[Snapshot] = []
@@ -101,7 +119,7 @@ class Qcow2Metadata:
             self.snapshots, length = parse_snapshots(
                 bytes(raw_snap), header.nb_snapshots, self.path
             )
-            self._claim(header.snapshots_offset, length, "snapshots_offset")
+            self._claim(header.snapshots_offset, length, SNAPSHOT_TABLE, "snapshots_offset")
 
         raw_l1 = bytearray(header.l1_size * 8)
         pread_full(fd, memoryview(raw_l1), header.l1_table_offset)
@@ -127,26 +145,75 @@ class Qcow2Metadata:
                 )
         for entry in self.l1:
             if entry & L1E_OFFSET_MASK:
-                self.meta.add((entry & L1E_OFFSET_MASK) >> self.cluster_bits)
-        # The refcount table was claimed only to detect overlaps; it can move later,
-        # so guest writes check it through the live Refcounts instead.
-        rt_first = header.refcount_table_offset >> self.cluster_bits
-        self.meta -= set(range(rt_first, rt_first + header.refcount_table_clusters))
+                self.meta[(entry & L1E_OFFSET_MASK) >> self.cluster_bits] = L2_TABLE
+        for snap in self.snapshots:
+            self._claim_snapshot_tables(snap, file_size)
+        self.reftable = read_table(
+            fd,
+            self.path,
+            self.cluster_bits,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            file_size,
+            self.meta,
+        )
         self.l1_dirty: set[int] = set()
         self.l2cache = L2Cache(L2_CACHE_BYTES // cluster_size)
 
-    def _claim(self, offset: int, length: int, field: str) -> None:
+    def _claim(self, offset: int, length: int, kind: str, field: str) -> None:
         """Record a metadata table's clusters, refusing overlap with earlier ones."""
-        first = offset >> self.cluster_bits
-        last = (offset + max(length, 1) - 1) >> self.cluster_bits
-        for cluster in range(first, last + 1):
-            if cluster in self.meta:
+        claim(self.meta, offset, length, kind, f"{self.path}: {field}", self.cluster_bits)
+
+    def _claim_snapshot_tables(self, snap: Snapshot, file_size: int) -> None:
+        """Record an internal snapshot's L1 table and the L2 tables it names; they may be
+        shared with the active ones."""
+        what = f"snapshot {snap.id} l1_table_offset"
+        length = snap.l1_size * 8
+        self.header.check_table(what, snap.l1_table_offset, length, self.path, file_size)
+        self._claim(snap.l1_table_offset, length, SNAPSHOT_L1, what)
+        raw = bytearray(length)
+        pread_full(self.file.fd, memoryview(raw), snap.l1_table_offset)
+        for i, entry in enumerate(decode_table(raw)):
+            off = entry & L1E_OFFSET_MASK
+            if not off:
+                continue
+            if off % self.cluster_size or off + self.cluster_size > file_size:
                 raise ImageFormatError(
-                    f"{self.path}: {field} {offset:#x} overlaps other metadata at cluster {cluster}"
+                    f"{self.path}: snapshot {snap.id} L1 entry {i} ({off:#x}) is not cluster "
+                    "aligned or lies past the end of file"
                 )
-            self.meta.add(cluster)
+            claim_l2(
+                self.meta,
+                off >> self.cluster_bits,
+                SNAPSHOT_L2,
+                self.path,
+                f"snapshot {snap.id} L1 entry {i}",
+            )
+
+    def _refcounts_rebuilt(self) -> None:
+        """The refcount structures were rebuilt elsewhere: the map follows the header to them."""
+        meta = self.meta
+        for cluster in [c for c, kind in meta.items() if kind in (REFCOUNT_TABLE, REFCOUNT_BLOCK)]:
+            del meta[cluster]
+        header = self.header
+        self._claim(
+            header.refcount_table_offset,
+            header.refcount_table_clusters * self.cluster_size,
+            REFCOUNT_TABLE,
+            "refcount_table_offset",
+        )
+        self.reftable = read_table(
+            self.file.fd,
+            self.path,
+            self.cluster_bits,
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            os.fstat(self.file.fd).st_size,
+            meta,
+        )
 
     def _load_refcounts(self) -> Refcounts:
+        """The refcounts, checked against the metadata map (``overlap.check_refcounts``)."""
         header = self.header
         refcounts = Refcounts(
             self.file.fd,
@@ -154,21 +221,24 @@ class Qcow2Metadata:
             header.cluster_bits,
             header.refcount_order,
             header.refcount_table_offset,
-            header.refcount_table_clusters,
+            self.reftable,
             os.fstat(self.file.fd).st_size,
+            self.meta,
         )
-        rt_first = header.refcount_table_offset >> self.cluster_bits
-        rt_clusters = range(rt_first, rt_first + header.refcount_table_clusters)
-        for cluster in refcounts.block_clusters:
-            if cluster in self.meta or cluster in rt_clusters:
-                raise ImageFormatError(
-                    f"{self.path}: refcount block at cluster {cluster} overlaps other metadata "
-                    "(refcount loop)"
-                )
+        check_refcounts(self.meta, refcounts, self.l1, self.cluster_bits, self.path)
         return refcounts
 
     def _where(self, guest_cluster: int) -> str:
         return f"{self.path}: guest cluster {guest_cluster}"
+
+    def _check_not_metadata(self, host: int, guest_cluster: int) -> None:
+        """Refuse an L2 entry whose data would lie in a metadata cluster (reads and writes)."""
+        kind = self.meta.get(host >> self.cluster_bits)
+        if kind is not None:
+            raise Qcow2Corruption(
+                f"{self._where(guest_cluster)}: its L2 entry points at the {kind} "
+                f"(cluster {host >> self.cluster_bits})"
+            )
 
     def load_l2_sync(self, offset: int) -> array:
         """An L2 table from the cache or, blocking, from disk (tools and checks)."""
@@ -206,7 +276,7 @@ class Qcow2Metadata:
             return None
         idx = guest_cluster & ((1 << l2_bits) - 1)
         if self.extended_l2:
-            return classify_ext(
+            mapping = classify_ext(
                 table[2 * idx],
                 table[2 * idx + 1],
                 within,
@@ -214,7 +284,12 @@ class Qcow2Metadata:
                 self.cluster_size,
                 self._where(guest_cluster),
             )
+            if mapping[0] == DATA:
+                self._check_not_metadata(mapping[1], guest_cluster)
+            return mapping
         kind, val, run = classify(table[idx], within, run, self.cluster_size, self.v3, self.path)
+        if kind == DATA:
+            self._check_not_metadata(val, guest_cluster)
         if run == maxlen or kind == COMPRESSED:
             return kind, val, run
         # Merge following clusters of the same kind (contiguous on the host for data).
@@ -233,6 +308,8 @@ class Qcow2Metadata:
             )
             if next_kind != kind or (kind == DATA and next_value != next_host):
                 break
+            if kind == DATA:
+                self._check_not_metadata(next_host, guest_cluster)
             run += next_run
             next_host += self.cluster_size
             idx += 1

@@ -4,7 +4,11 @@ Refcounts are kept in memory (blocks loaded on first use) and written back by
 the image's flush in qemu's crash-safe order: blocks that count new clusters
 reach disk before anything that references those clusters, and decrements are
 held back (``free_later``) until the references to the freed clusters are gone
-on disk, so the disk never shows a reference to a cluster counted 0.
+on disk, so the disk never shows a reference to a cluster counted 0.  The
+refcount blocks and table enter the image's metadata map (``overlap``) as they
+are placed, and a cluster leaves it when its count drops to 0; a cluster found
+free that the map says holds metadata means the refcounts are damaged, and
+nothing is allocated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from array import array
 from ..base import ImageFormatError
 from ..fileio import pread_full
 from .format import MAX_REFTABLE_BYTES, REFT_OFFSET_MASK
+from .overlap import REFCOUNT_BLOCK, REFCOUNT_TABLE, MetadataMap, Qcow2Corruption
 
 _NARROW_CODE = {3: "B", 4: "H", 5: "I", 6: "Q"}
 
@@ -52,8 +57,54 @@ def encode_block(values: array, order: int) -> bytes:
     return bytes(raw)
 
 
+def read_table(
+    fd: int,
+    path: str,
+    cluster_bits: int,
+    offset: int,
+    clusters: int,
+    file_size: int,
+    meta: MetadataMap,
+) -> array:
+    """The refcount table at ``offset``, every entry checked; its blocks enter ``meta``, which
+    they must not overlap."""
+    cluster_size = 1 << cluster_bits
+    raw = bytearray(clusters << cluster_bits)
+    pread_full(fd, memoryview(raw), offset)
+    table = array("Q", bytes(raw))
+    table.byteswap()
+    for block_index, entry in enumerate(table):
+        if entry & ~REFT_OFFSET_MASK:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} has reserved bits set"
+            )
+        off = entry & REFT_OFFSET_MASK
+        if not off:
+            continue
+        if off % cluster_size:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) is not cluster aligned"
+            )
+        if off + cluster_size > file_size:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) lies past the end of file"
+            )
+        have = meta.get(off >> cluster_bits)
+        if have is not None:
+            raise ImageFormatError(
+                f"{path}: refcount table entry {block_index} ({off:#x}) points at the {have} "
+                "(refcount loop)"
+            )
+        meta[off >> cluster_bits] = REFCOUNT_BLOCK
+    return table
+
+
 class Refcounts:
-    """In-memory refcounts of one image with write-back to its file."""
+    """In-memory refcounts of one image with write-back to its file.
+
+    ``table`` is the refcount table as ``read_table`` returned it, ``meta`` the
+    image's metadata map, which the refcount structures placed later join.
+    """
 
     def __init__(
         self,
@@ -62,8 +113,9 @@ class Refcounts:
         cluster_bits: int,
         order: int,
         table_offset: int,
-        table_clusters: int,
+        table: array,
         file_size: int,
+        meta: MetadataMap,
     ) -> None:
         self.fd = fd
         self.path = path
@@ -73,11 +125,8 @@ class Refcounts:
         self.max_refcount = (1 << (1 << order)) - 1
         self.block_bits = cluster_bits + 3 - order
         self.table_offset = table_offset
-        self.table_clusters = table_clusters
-        raw = bytearray(table_clusters << cluster_bits)
-        pread_full(fd, memoryview(raw), table_offset)
-        self.table = array("Q", bytes(raw))
-        self.table.byteswap()
+        self.table_clusters = (len(table) * 8) >> cluster_bits
+        self.table = table
         self.blocks: dict[int, array] = {}
         self.dirty_blocks: set[int] = set()
         self.dirty_entries: set[int] = set()
@@ -87,31 +136,7 @@ class Refcounts:
         self.hint = 0
         #: First cluster index above the file and every cluster handed out.
         self.top = -(-file_size // self.cluster_size)
-        self.block_clusters: set[int] = set()
-        for block_index, entry in enumerate(self.table):
-            if entry & ~REFT_OFFSET_MASK:
-                raise ImageFormatError(
-                    f"{path}: refcount table entry {block_index} has reserved bits set"
-                )
-            off = entry & REFT_OFFSET_MASK
-            if off:
-                if off % self.cluster_size:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) "
-                        "is not cluster aligned"
-                    )
-                if off + self.cluster_size > file_size:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) "
-                        "lies past the end of file"
-                    )
-                cluster = off >> cluster_bits
-                if cluster in self.block_clusters:
-                    raise ImageFormatError(
-                        f"{path}: refcount table entry {block_index} ({off:#x}) reuses another "
-                        "refcount block (refcount loop)"
-                    )
-                self.block_clusters.add(cluster)
+        self.meta = meta
 
     # -- lookup ---------------------------------------------------------------------------
 
@@ -142,16 +167,16 @@ class Refcounts:
         block_index = cluster >> self.block_bits
         block = self.block(block_index)
         if block is None:
-            raise ImageFormatError(
+            raise Qcow2Corruption(
                 f"{self.path}: cluster {cluster} has no refcount block "
                 f"(refcount table entry {block_index})"
             )
         i = cluster & ((1 << self.block_bits) - 1)
         value = block[i] + delta
         if value < 0:
-            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would drop below 0")
+            raise Qcow2Corruption(f"{self.path}: refcount of cluster {cluster} would drop below 0")
         if value > self.max_refcount:
-            raise ImageFormatError(f"{self.path}: refcount of cluster {cluster} would overflow")
+            raise Qcow2Corruption(f"{self.path}: refcount of cluster {cluster} would overflow")
         block[i] = value
         self.dirty_blocks.add(block_index)
         if value == 0 and cluster < self.hint:
@@ -183,9 +208,20 @@ class Refcounts:
         return run_start
 
     def alloc(self, count: int = 1) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index."""
+        """Allocate ``count`` contiguous clusters (refcount 1); returns the first index.
+
+        Raises Qcow2Corruption, having changed nothing, when a cluster counted free
+        holds metadata.
+        """
         while True:
             start = self._find_free(self.hint, count)
+            for cluster in range(start, start + count):
+                have = self.meta.get(cluster)
+                if have is not None:
+                    raise Qcow2Corruption(
+                        f"{self.path}: cluster {cluster} is counted free but holds the {have}; "
+                        "refusing to allocate it"
+                    )
             missing = None
             for block_index in range(
                 start >> self.block_bits, ((start + count - 1) >> self.block_bits) + 1
@@ -210,7 +246,7 @@ class Refcounts:
         self.table[block_index] = cluster << self.cluster_bits
         self.dirty_entries.add(block_index)
         self.dirty_blocks.add(block_index)
-        self.block_clusters.add(cluster)
+        self.meta[cluster] = REFCOUNT_BLOCK
         self.top = max(self.top, cluster + 1)
         self.change(cluster, 1)
 
@@ -249,13 +285,15 @@ class Refcounts:
             self.blocks[block_index] = array("Q", bytes(8 << self.block_bits))
             self.table[block_index] = cluster << self.cluster_bits
             self.dirty_blocks.add(block_index)
-            self.block_clusters.add(cluster)
+            self.meta[cluster] = REFCOUNT_BLOCK
         self.table_offset = (top + new_blocks) << self.cluster_bits
         self.table_clusters = tclusters
         self.table_moved = True
         self.top = top + new_blocks + tclusters
         for c in range(top, top + new_blocks + tclusters):
             self.change(c, 1)
+        for c in range(top + new_blocks, top + new_blocks + tclusters):
+            self.meta[c] = REFCOUNT_TABLE
         self.free_later(old_offset >> self.cluster_bits, old_clusters)
 
     def free_later(self, cluster: int, count: int = 1) -> None:
@@ -263,13 +301,17 @@ class Refcounts:
         self.pending_free.append((cluster, count))
 
     def apply_frees(self) -> bool:
-        """Apply the held-back decrements; True if there were any."""
+        """Apply the held-back decrements; True if there were any.
+
+        A cluster counted 0 holds nothing any more: it leaves the metadata map.
+        """
         if not self.pending_free:
             return False
         pending, self.pending_free = self.pending_free, []
         for cluster, count in pending:
             for c in range(cluster, cluster + count):
-                self.change(c, -1)
+                if not self.change(c, -1):
+                    self.meta.pop(c, None)
         return True
 
     # -- write-back -----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Parent locators are tried relative ones first (W2ru, then MacX and W2ku when
 they hold relative paths, as blktap writes them), then absolute ones, then the
 header's parent name beside the child.  A candidate that resolves outside the
-allowed directories is never opened.  The caller opens the parent under
+allowed directories, or that is not a regular file or block device (a FIFO, a
+socket, a character device), is never opened.  The caller opens the parent under
 ``backing.chain_guard`` (loops, depth) and checks its UUID with
 ``check_parent_uuid``.
 """
@@ -11,12 +12,11 @@ allowed directories is never opened.  The caller opens the parent under
 from __future__ import annotations
 
 import os
-import stat
 import uuid
 from collections.abc import Iterable
 
 from ..base import ImageFormatError
-from ..paths import is_inside
+from ..paths import is_inside, refused_kind
 from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
 from .meta import Metadata, read_at
 
@@ -68,6 +68,7 @@ def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str]
     base = os.path.dirname(os.path.abspath(child))
     roots = list(allowed_dirs) or [base]
     escaped: list[str] = []
+    refused: list[str] = []
     tried: list[str] = []
     for field_name, stored in locator_paths(fd, meta):
         candidate = os.path.normpath(os.path.join(base, stored))
@@ -75,24 +76,26 @@ def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str]
             escaped.append(f"{field_name} {stored!r}")
             continue
         tried.append(candidate)
-        if os.path.isfile(candidate) or _is_block_device(candidate):
+        try:
+            kind = refused_kind(os.stat(candidate).st_mode)
+        except OSError:
+            continue
+        if kind is None:
             return candidate
+        refused.append(f"{field_name} names {candidate}, {kind}")
     if escaped:
         raise ImageFormatError(
             f"{child}: parent {', '.join(escaped)} escapes the allowed directories "
             f"({', '.join(roots)})"
         )
+    if refused:
+        raise ImageFormatError(
+            f"{child}: parent {'; '.join(refused)}, not a regular file or block device"
+        )
     name = meta.header.parent_name if meta.header else ""
     raise ImageFormatError(
         f"{child}: parent {name!r} not found (tried {', '.join(tried) or 'no locators'})"
     )
-
-
-def _is_block_device(path: str) -> bool:
-    try:
-        return stat.S_ISBLK(os.stat(path).st_mode)
-    except OSError:
-        return False
 
 
 def check_parent_uuid(child: str, meta: Metadata, parent: str, parent_footer: Footer) -> None:

@@ -14,6 +14,7 @@ import os
 
 from ..backing import extend_chain, file_identity
 from ..base import ImageError, ImageFormatError
+from ..paths import open_disk
 from . import bitmap as bits
 from .chain import find_parent
 from .format import (
@@ -66,7 +67,7 @@ def check_vhd(
 def _check_one(
     path: str, bitmaps: bool, ignore_footer: bool, roots: tuple[str, ...]
 ) -> tuple[list[str], str | None]:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDONLY)
     try:
         try:
             meta = load(fd, path)
@@ -82,7 +83,7 @@ def _check_one(
             try:
                 backing = find_parent(path, fd, meta, roots)
                 if meta.header.parent_uuid != bytes(16):
-                    backing_fd = os.open(backing, os.O_RDONLY | os.O_CLOEXEC)
+                    backing_fd = open_disk(backing, os.O_RDONLY)
                     try:
                         backing_meta = load(backing_fd, backing)
                     finally:

@@ -19,6 +19,7 @@ import os
 import stat
 
 from ..base import ImageError
+from ..paths import open_disk
 from ..registry import NewBacking
 from .format import (
     BATMAP_VERSION,
@@ -158,13 +159,13 @@ def _parent_info(parent: str, raw: bool) -> tuple[bytes, int, int]:
         raise FileNotFoundError(2, "no such parent", parent)
     mtime = max(0, int(os.stat(parent).st_mtime) - VHD_EPOCH)
     if raw:
-        fd = os.open(parent, os.O_RDONLY)
+        fd = open_disk(parent, os.O_RDONLY)
         try:
             size = os.lseek(fd, 0, os.SEEK_END)
         finally:
             os.close(fd)
         return bytes(16), mtime, size - size % SECTOR
-    fd = os.open(parent, os.O_RDONLY)
+    fd = open_disk(parent, os.O_RDONLY)
     try:
         meta = load(fd, os.path.abspath(parent))
     finally:

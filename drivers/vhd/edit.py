@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from ..base import ImageError
+from ..paths import open_disk
 from .create import relative_locator_path
 from .format import (
     FOOTER_SIZE,
@@ -100,7 +101,7 @@ def set_parent(path: str, parent: str, *, parent_raw: bool = False) -> None:
         if parent_raw:
             uuid = bytes(16)
         else:
-            pfd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+            pfd = open_disk(parent, os.O_RDONLY)
             try:
                 uuid = load(pfd, os.path.abspath(parent)).footer.uuid
             finally:

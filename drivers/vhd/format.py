@@ -177,7 +177,7 @@ class Footer:
             raise _fail(where, "footer", f"truncated ({len(buf)} bytes)")
         v = _FOOTER.unpack(bytes(buf[:FOOTER_SIZE]))
         if v[0] not in (FOOTER_COOKIE, POISON_COOKIE):
-            raise _fail(where, "footer.cookie", f"is {v[0]!r}, expected {FOOTER_COOKIE!r}")
+            raise _fail(where, "footer.cookie", "is not 'conectix' (not a VHD)")
         zeroed = bytearray(buf[:FOOTER_SIZE])
         zeroed[64:68] = bytes(4)
         stored = v[12]
@@ -314,7 +314,7 @@ class Header:
         raw = bytes(buf[:HEADER_SIZE])
         v = _HEADER.unpack(raw)
         if v[0] != HEADER_COOKIE:
-            raise _fail(where, "header.cookie", f"is {v[0]!r}, expected {HEADER_COOKIE!r}")
+            raise _fail(where, "header.cookie", "is not 'cxsparse'")
         zeroed = bytearray(raw)
         zeroed[36:40] = bytes(4)
         if checksum(zeroed) != v[6]:
@@ -432,7 +432,7 @@ class BatmapHeader:
     def unpack(cls, buf: bytes, where: str) -> BatmapHeader:
         v = _BATMAP.unpack(bytes(buf[:SECTOR]))
         if v[0] != BATMAP_COOKIE:
-            raise _fail(where, "batmap.cookie", f"is {v[0]!r}, expected {BATMAP_COOKIE!r}")
+            raise _fail(where, "batmap.cookie", "is not 'tdbatmap'")
         return cls(
             cookie=v[0],
             offset=v[1],
