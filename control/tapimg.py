@@ -185,20 +185,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"This image format ({fmt}) does not support checks")
         return 63
     from tapdisk.drivers.qcow2 import check
+    from tapdisk.drivers.qcow2.format import INCOMPAT_CORRUPT
     from tapdisk.drivers.qcow2.image import Qcow2Image
 
     image = open_ro(spec, tuple(args.allowed_dir))
     try:
         assert isinstance(image, Qcow2Image)
         result = check.check(image)
+        marked_corrupt = bool(image.header.incompatible_features & INCOMPAT_CORRUPT)
     finally:
         asyncio.run(image.close())
-    if args.r and (result.corruptions or result.leaks):
-        rw = Qcow2Image(path, OpenOptions(allowed_dirs=tuple(args.allowed_dir)))
-        try:
-            check.rebuild_refcounts(rw)
-        finally:
-            rw.file.close()
+    if args.r and (result.corruptions or result.leaks or marked_corrupt):
+        check.repair(path)
         print("The following inconsistencies were found and repaired:")
         print(f"    {len(result.leaks)} leaked clusters")
         print(f"    {len(result.corruptions)} corruptions\n")

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import sys
 from pathlib import Path
 
 import nbd
 import pytest
+from helpers import run
 from image_helpers import qemu_img, qemu_io, read_all
 from qcow2_mutate import (
+    INCOMPAT_AT,
     REFCOUNT_ORDER_AT,
     assert_no_new_errors,
     check_errors,
@@ -208,3 +211,30 @@ def test_reads_refuse_an_entry_whose_data_would_be_metadata(tmp_path):
     with pytest.raises(ImageFormatError, match="points at the refcount table"):
         read_only(path, 0, 4096)
     assert read_only(path, 4096, 4096) == b"\x07" * 4096
+
+
+def tap_img_repair(path: Path) -> str:
+    return run(str(Path(sys.executable).with_name("tap-img")), "check", "-r", "all", path)
+
+
+def test_tap_img_repairs_refcounts_a_read_write_open_refuses(tmp_path):
+    path = small_clusters(tmp_path)
+    poke(path, REFCOUNT_ORDER_AT, 3, ">I")  # 8-bit refcounts read from 16-bit blocks
+    read_write_open_fails(path)
+    assert is_marked_corrupt(path)
+    assert "repaired" in tap_img_repair(path)
+    assert not is_marked_corrupt(path)
+    assert check_errors(path) == (set(), set())
+    image = open_image(f"qcow2:{path}", OpenOptions())  # read-write again
+    asyncio.run(image.close())
+    assert read_only(path, 0, 128 * KiB) == b"\x07" * (128 * KiB)
+
+
+def test_tap_img_clears_the_corrupt_bit_of_a_sound_image(tmp_path):
+    path = small_clusters(tmp_path)
+    poke(path, INCOMPAT_AT, field(path, INCOMPAT_AT) | 2)
+    assert "corrupt bit" in read_write_open_fails(path)
+    tap_img_repair(path)
+    assert not is_marked_corrupt(path)
+    assert check_errors(path) == (set(), set())
+    assert read_only(path, 0, 128 * KiB) == b"\x07" * (128 * KiB)

@@ -16,9 +16,10 @@ from array import array
 from dataclasses import dataclass, field
 
 from ..base import ImageFormatError
-from ..fileio import pread_full, pwrite_full
+from ..fileio import ImageFile, pread_full, pwrite_full
 from ..l2tables import decode_table, encode_table
 from .format import (
+    INCOMPAT_CORRUPT,
     L1E_OFFSET_MASK,
     L2E_OFFSET_MASK,
     OFLAG_COMPRESSED,
@@ -300,3 +301,37 @@ def _fix_copied(image: Qcow2Metadata, refs: dict[int, int]) -> None:
                 fd, memoryview(image.l1[i].to_bytes(8, "big")), image.header.l1_table_offset + 8 * i
             )
     os.fdatasync(fd)
+
+
+class _RepairTarget(Qcow2Metadata):
+    """A qcow2 file opened only to rebuild its refcounts: writable even with the corrupt bit
+    set or refcounts that a read-write open of the image refuses, which is what a repair is for.
+    """
+
+    repairing = True
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.read_only = False
+        self.refcounts = None
+        self.file = ImageFile(path, writable=True)
+        try:
+            self._read_metadata()
+        except BaseException:
+            self.file.close()
+            raise
+
+
+def repair(path: str) -> None:
+    """Rebuild the refcounts of the qcow2 file at ``path`` and clear its corrupt bit.
+
+    The bit goes with the header write that switches to the new refcounts, so a repair cut
+    short leaves the image marked corrupt on its old refcounts.
+    """
+    target = _RepairTarget(path)
+    try:
+        target.header.incompatible_features &= ~INCOMPAT_CORRUPT
+        rebuild_refcounts(target)
+    finally:
+        target.file.close()
+

@@ -62,6 +62,8 @@ class Qcow2Metadata:
     read_only: bool
     file: ImageFile
     refcounts: Refcounts | None
+    #: Opened by ``check.repair``, which may write to an image marked corrupt.
+    repairing: bool = False
 
     def _read_metadata(self) -> None:
         """Read and check the header, extensions, snapshot table and L1 table (open time)."""
@@ -78,7 +80,9 @@ class Qcow2Metadata:
         self.ext: Extensions = parse_extensions(bytes(cluster0), header, self.path)
         if self.ext.data_file is not None:
             raise ImageFormatError(f"{self.path}: external data files are not supported")
-        if header.incompatible_features & INCOMPAT_CORRUPT and not self.read_only:
+        if header.incompatible_features & INCOMPAT_CORRUPT and not (
+            self.read_only or self.repairing
+        ):
             raise ImageFormatError(
                 f"{self.path}: incompatible_features has the corrupt bit set; "
                 "open read-only, or repair the image first"
