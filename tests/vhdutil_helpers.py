@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,12 @@ def vhd_util_bytes(*args: object) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
         [VHD_UTIL, *map(str, args)], capture_output=True, timeout=120, check=False
     )
+
+
+def file_size_limit(limit: int):  # type: ignore[no-untyped-def]
+    """A ``preexec_fn`` that caps the size of any file the child writes (RLIMIT_FSIZE): past
+    it a write fails with EFBIG, as on a full disk (Python ignores SIGXFSZ)."""
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
 
 def ok(*args: object) -> str:
