@@ -13,6 +13,7 @@ import os
 import sys
 
 from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.paths import open_disk
 from tapdisk.drivers.vhd import edit
 from tapdisk.drivers.vhd.check import repair_vhd
 from tapdisk.drivers.vhd.coalesce import coalesce
@@ -97,7 +98,7 @@ def _snapshot_target(path: str) -> str:
 
 def _inherit_keyhash(child: str, parent: str) -> None:
     """A snapshot of an encrypted VHD carries its key hash, as blktap's does."""
-    fd = os.open(parent, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(parent, os.O_RDONLY)
     try:
         cookie, nonce, keyhash = edit.get_keyhash(fd, open_meta(parent))
     finally:

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import os
 
+from tapdisk.drivers.paths import open_disk
 from tapdisk.drivers.vhd import edit
 from tapdisk.drivers.vhd.edit import EditError
 
@@ -108,7 +109,7 @@ def read_key(path: str, size: int) -> bytes:
 
 
 def _stored(name: str) -> tuple[int, bytes, bytes]:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(name, os.O_RDONLY)
     try:
         return edit.get_keyhash(fd, open_meta(name))
     finally:

@@ -21,6 +21,7 @@ import os
 import sys
 
 from tapdisk.drivers.base import ImageError
+from tapdisk.drivers.paths import open_disk
 from tapdisk.drivers.vhd import bitmap as bits
 from tapdisk.drivers.vhd.format import BAT_UNUSED, SECTOR, has_batmap
 from tapdisk.drivers.vhd.image import VhdImage
@@ -125,7 +126,7 @@ class Reader:
         return self._read_file(self._bat(block) * SECTOR, self.meta.bitmap_size)
 
     def _read_file(self, offset: int, length: int) -> bytes:
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_disk(self.path, os.O_RDONLY)
         try:
             return read_at(fd, offset, length)
         finally:

@@ -8,6 +8,7 @@ import os
 import time
 import uuid as uuidlib
 
+from tapdisk.drivers.paths import open_disk
 from tapdisk.drivers.vhd.chain import decode_locator
 from tapdisk.drivers.vhd.format import (
     FOOTER_SIZE,
@@ -32,7 +33,7 @@ from tapdisk.drivers.vhd.meta import Metadata, read_at
 
 def print_summaries(path: str, meta: Metadata, hexa: bool) -> None:
     """Every summary that applies to the image at ``path`` (``read -p``)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDONLY)
     try:
         footer_at = 0 if meta.footer_recovered else meta.file_size - FOOTER_SIZE
         _print_footer(meta.footer, hexa, read_at(fd, footer_at, FOOTER_SIZE))

@@ -184,7 +184,7 @@ def _write_new(
     its footer at its end.
     """
     if os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        fd = open_disk(path, os.O_WRONLY)
         regular = False
     else:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 from ..base import ImageError
 from ..fileio import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate, is_unsupported
+from ..paths import open_disk
 from .format import (
     FOOTER_COOKIE,
     FOOTER_SIZE,
@@ -175,7 +176,7 @@ class Journal:
         """Copy ``meta``'s structures into a new journal at ``path`` (an existing block
         device is reused, as SM's LVM journals are); fsynced and marked complete."""
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = open_disk(path, os.O_RDWR)
         except FileNotFoundError:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         else:
@@ -303,7 +304,7 @@ def read_entries(fd: int, header: JournalHeader, where: str) -> list[Entry]:
 
 def revert(vhd_path: str, journal_path: str) -> None:
     """Undo the edit ``journal_path`` recorded on ``vhd_path`` and remove the journal."""
-    jfd = os.open(journal_path, os.O_RDWR | os.O_CLOEXEC)
+    jfd = open_disk(journal_path, os.O_RDWR)
     try:
         raw = read_at(jfd, 0, JOURNAL_HEADER_SIZE)
         # Killed between creating the file and writing its header: an empty journal.
@@ -312,7 +313,7 @@ def revert(vhd_path: str, journal_path: str) -> None:
             if raw == bytes(JOURNAL_HEADER_SIZE)
             else JournalHeader.unpack(raw, journal_path)
         )
-        vfd = os.open(vhd_path, os.O_RDWR | os.O_CLOEXEC)
+        vfd = open_disk(vhd_path, os.O_RDWR)
         try:
             if header.data_offset == 0:
                 _finish_empty(vfd, vhd_path, header, journal_path)

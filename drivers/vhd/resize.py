@@ -26,6 +26,7 @@ import errno
 import os
 from array import array
 
+from ..paths import open_disk
 from .edit import EditError
 from .format import (
     BAT_UNUSED,
@@ -65,7 +66,7 @@ def target_size(meta: Metadata, size: int, shrink_errno: int) -> int:
 
 def _open(path: str) -> tuple[int, Metadata]:
     path = os.path.abspath(path)
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDWR)
     try:
         meta = load(fd, path)
         if not meta.footer.is_tap:
