@@ -4,28 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 from helpers import require, run
 from image_helpers import read_all, write_all
 from tapdisk.drivers.vhd.format import FOOTER_SIZE
-
-MiB = 1 << 20
-VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
-
-
-def vhd_util(*args: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [VHD_UTIL, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-
-
-def ok(*args: object) -> str:
-    proc = vhd_util(*args)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+from vhdutil_helpers import VHD_UTIL, MiB, ok, our_vhd, vhd_util
 
 
 def test_create_makes_tap_style_dynamic_image(tmp_path):
@@ -371,3 +355,48 @@ def test_repair_b_copies_the_backup_footer_over_the_trailing_one(tmp_path):
         head = f.read(512)
         f.seek(size - 512)
         assert f.read(512) == head
+
+
+def test_debug_is_dropped_wherever_it_stands(tmp_path):
+    """SM passes ``--debug`` to nearly every call; blktap's vhd-util drops it."""
+    path = our_vhd(tmp_path / "d.vhd", 8, [])
+    assert ok("query", "--debug", "-v", "-n", path) == "8\n"
+    assert ok("query", "-v", "--debug", "-n", path, "--debug") == "8\n"
+
+
+def test_options_may_follow_operands_but_stray_words_are_refused(tmp_path):
+    """GNU getopt, as blktap's: options in any order; a word that is no option fails."""
+    path = our_vhd(tmp_path / "d.vhd", 8, [])
+    assert ok("query", "-n", path, "-v", "-s").splitlines()[0] == "8"
+    proc = vhd_util("query", "-n", path, "stray", "-v")
+    assert proc.returncode == errno.EINVAL and "unexpected argument 'stray'" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_unknown_command(tmp_path):
+    proc = vhd_util("frobnicate")
+    assert proc.returncode == errno.EINVAL
+    assert "invalid COMMAND frobnicate" in proc.stderr
+    assert "COMMAND := { create | snapshot | query | read | set | repair | resize | fill | " in (
+        proc.stdout
+    )
+
+
+def test_query_a_of_a_fixed_vhd_fails_as_blktaps_does(tmp_path):
+    path = tmp_path / "f.vhd"
+    ok("create", "-n", path, "-s", "2", "-r")
+    proc = vhd_util("query", "-n", path, "-v", "-a", "-S")
+    assert proc.returncode == errno.EINVAL
+    assert proc.stdout == "2\nerror reading bat: -22\n0\n"
+    assert "a fixed VHD has no BAT" in proc.stderr
+
+
+def test_query_of_an_orphan_says_why_and_exits_enoent(tmp_path):
+    base = our_vhd(tmp_path / "base.vhd", 8, [])
+    child = tmp_path / "c.vhd"
+    ok("snapshot", "-n", child, "-p", base, "-e")
+    os.unlink(base)
+    proc = vhd_util("query", "-n", child, "-v", "-p", "-d")
+    assert proc.returncode == errno.ENOENT
+    assert proc.stdout == "8\nquery failed\nerror checking chain depth: -2\n"
+    assert "not found" in proc.stderr

@@ -38,13 +38,15 @@ def parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
 
 
 def chain_depth(path: str) -> int:
-    """Images in the chain from ``path`` down to its base, ``path`` included."""
+    """Images in the chain from ``path`` down to its base, ``path`` and a raw base included."""
     current = os.path.abspath(path)
     chain = (file_identity(current),)
     while True:
         meta = open_meta(current)
-        if not meta.is_diff or meta.header is None or meta.header.parent_uuid == bytes(16):
+        if not meta.is_diff or meta.header is None:
             return len(chain)
+        if meta.header.parent_uuid == bytes(16):
+            return len(chain) + 1
         backing = parent_of(current, meta)
         chain = extend_chain(chain, current, backing, "parent locator")
         current = backing

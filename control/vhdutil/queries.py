@@ -1,4 +1,4 @@
-"""The ``vhd-util`` subcommands that only read images: query, check, scan and read.
+"""The ``vhd-util`` subcommands that only look at images: query, check and scan.
 
 Their output is blktap's, line for line, so scripts that parse it run unchanged.
 """
@@ -9,34 +9,14 @@ import errno
 import glob
 import os
 import sys
-import time
-import uuid as uuidlib
 
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.vhd import edit
-from tapdisk.drivers.vhd.chain import decode_locator
-from tapdisk.drivers.vhd.check import check_vhd
-from tapdisk.drivers.vhd.format import (
-    FOOTER_SIZE,
-    HEADER_SIZE,
-    PLAT_MAC,
-    PLAT_MACX,
-    PLAT_NONE,
-    PLAT_W2KU,
-    PLAT_W2RU,
-    PLAT_WI2K,
-    PLAT_WI2R,
-    VHD_EPOCH,
-    BatmapHeader,
-    Footer,
-    Header,
-    batmap_checksum,
-    checksum,
-    has_batmap,
-)
-from tapdisk.drivers.vhd.meta import Metadata, read_at
+from tapdisk.drivers.vhd.check import CheckOptions, ImageCheck, check_chain
+from tapdisk.drivers.vhd.format import FOOTER_SIZE
+from tapdisk.drivers.vhd.meta import Metadata
 
-from .args import UsageError, parse_options, require
+from .args import UsageError, no_operands, parse_options, require
 from .chain import ANYWHERE, chain_depth, open_meta, parent_of
 
 
@@ -49,8 +29,7 @@ def cmd_query(argv: list[str]) -> int:
     )
     o, rest = parse_options(argv, "n:vspfdSmauh", usage)
     require(o, usage, "n")
-    if rest:
-        raise UsageError(usage)
+    no_operands(rest, usage)
     name = o["n"]
     meta = open_meta(name)
     err = 0
@@ -64,9 +43,10 @@ def cmd_query(argv: list[str]) -> int:
         else:
             try:
                 print(parent_of(name, meta, resolve="u" not in o))
-            except (ImageError, OSError, IndexError):
+            except (ImageError, OSError, IndexError) as exc:
                 print("query failed")
-                err = err or errno.EINVAL
+                print(f"vhd-util query: {exc}", file=sys.stderr)
+                err = err or getattr(exc, "errno", None) or errno.EINVAL
     if "f" in o:
         print(f"hidden: {meta.footer.hidden}")
     if "m" in o:
@@ -75,10 +55,17 @@ def cmd_query(argv: list[str]) -> int:
         try:
             print(f"chain depth: {chain_depth(name)}")
         except (ImageError, OSError) as exc:
-            print(f"error checking chain depth: -{getattr(exc, 'errno', None) or errno.EINVAL}")
-            err = err or errno.EINVAL
+            code = getattr(exc, "errno", None) or errno.EINVAL
+            print(f"error checking chain depth: -{code}")
+            print(f"vhd-util query: {exc}", file=sys.stderr)
+            err = err or code
     if "a" in o:
-        print(0 if meta.is_fixed else meta.allocated_blocks())
+        if meta.is_fixed:
+            print(f"error reading bat: -{errno.EINVAL}")
+            print(f"vhd-util query: {name}: a fixed VHD has no BAT", file=sys.stderr)
+            err = err or errno.EINVAL
+        else:
+            print(meta.allocated_blocks())
     if "S" in o:
         print(meta.header.max_table_entries * meta.header.block_size >> 20 if meta.header else 0)
     return err
@@ -93,24 +80,75 @@ def _phys_size(meta: Metadata) -> int:
 
 def cmd_check(argv: list[str]) -> int:
     usage = (
-        "options: -n <file> [-i ignore missing primary footers] [-p check parents] "
-        "[-b check bitmaps] [-h help]"
+        "options: -n <file> [-i ignore missing primary footers] [-I ignore parent uuids] "
+        "[-t ignore timestamps] [-B do not check BAT for overlapping (precludes -s, -b)] "
+        "[-p check parents] [-b check bitmaps] [-s stats] [-h help]"
     )
-    o, rest = parse_options(argv, "n:ipbh", usage)
+    o, rest = parse_options(argv, "n:iItpbBsh", usage)
     require(o, usage, "n")
-    if rest:
+    no_operands(rest, usage)
+    if "B" in o and ("s" in o or "b" in o):
         raise UsageError(usage)
-    name = o["n"]
-    problems = check_vhd(
-        name, parents="p" in o, bitmaps="b" in o, ignore_footer="i" in o, allowed_dirs=ANYWHERE
+    # -B lets blktap skip its quadratic overlap check; loading sorts the BAT and checks
+    # overlaps in n log n, so it stays on.
+    options = CheckOptions(
+        parents="p" in o,
+        bitmaps="b" in o,
+        ignore_footer="i" in o,
+        ignore_parent_uuid="I" in o,
+        ignore_timestamps="t" in o,
+        stats="s" in o,
     )
-    if problems:
-        for line in problems:
+    checked: list[ImageCheck] = []
+    status = 0
+    for result in check_chain(o["n"], options, ANYWHERE):
+        if not result.valid:
+            for line in result.problems:
+                print(line)
+            print(f"{result.path} appears invalid", file=sys.stderr)
+            status = result.errno
+            break
+        checked.append(result)
+        if not options.stats and not result.fixed:  # blktap says nothing of a fixed VHD
+            print(f"{result.path} is valid")
+    if options.stats and checked:
+        for line in stats_lines(checked):
             print(line)
-        print(f"{name} appears invalid", file=sys.stderr)
-        return errno.EINVAL
-    print(f"{name} is valid")
-    return 0
+    return status
+
+
+def stats_lines(chain: list[ImageCheck]) -> list[str]:
+    """blktap's ``check -s`` report, base image first: sectors each image holds, and of
+    those how many its parent and all its ancestors lack."""
+
+    def pct(part: int, whole: int) -> str:
+        return f"{100.0 * part / whole if whole else 0.0:.2f}%"
+
+    def name(path: str) -> str:
+        return os.path.basename(path.rstrip("/")) or path
+
+    lines: list[str] = []
+    below: dict[int, int] = {}
+    parent: dict[int, int] = {}
+    dynamic = [img for img in chain if not img.fixed]
+    for depth, img in enumerate(reversed(dynamic)):
+        written = sum(m.bit_count() for m in img.written.values())
+        line = (
+            f"{name(img.path)}: secs allocated: {img.sectors_allocated:#x} "
+            f"secs written: {written:#x} ({pct(written, img.sectors_allocated)})"
+        )
+        if depth:
+            up = sum((m & ~parent.get(b, 0)).bit_count() for b, m in img.written.items())
+            uc = sum((m & ~below.get(b, 0)).bit_count() for b, m in img.written.items())
+            line += (
+                f" secs not in parent: {up:#x} ({pct(up, written)})"
+                f" secs not in ancestors: {uc:#x} ({pct(uc, written)})"
+            )
+        lines.append(line)
+        for b, m in img.written.items():
+            below[b] = below.get(b, 0) | m
+        parent = img.written
+    return lines
 
 
 def cmd_scan(argv: list[str]) -> int:
@@ -211,148 +249,3 @@ def _scan_one(path: str) -> ScanImage:
         code = getattr(exc, "errno", None) or errno.EINVAL
         img.error = (-code, str(exc).replace("'", '"'))
     return img
-
-
-def cmd_read(argv: list[str]) -> int:
-    usage = "options: <-n name> [-p print headers] [-x print in hex] [-h help]"
-    o, rest = parse_options(argv, "n:pt:b:Bm:i:e:aj:d:c:r:R:xCh", usage)
-    require(o, usage, "n")
-    if rest or "p" not in o:
-        raise UsageError(usage)
-    meta = open_meta(o["n"])
-    hexa = "x" in o
-    fd = os.open(o["n"], os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        footer_at = 0 if meta.footer_recovered else meta.file_size - FOOTER_SIZE
-        _print_footer(meta.footer, hexa, read_at(fd, footer_at, FOOTER_SIZE))
-        if meta.header is not None:
-            _print_header(meta.header, hexa, read_at(fd, meta.footer.data_offset, HEADER_SIZE))
-            if meta.is_diff:
-                _print_locators(fd, meta, hexa)
-            if has_batmap(meta.footer) and meta.batmap_header is not None:
-                _print_batmap(meta, meta.batmap_header, hexa)
-    finally:
-        os.close(fd)
-    return 0
-
-
-def _num(hexa: bool, n: int) -> str:
-    return (f"{n:#x}" if n else "0") if hexa else str(n)
-
-
-def _time(ts: int) -> str:
-    return time.strftime("%a %b %e %H:%M:%S %Y", time.localtime(ts + VHD_EPOCH))
-
-
-TYPE_STR = [
-    "None",
-    "Reserved (deprecated)",
-    "Fixed hard disk",
-    "Dynamic hard disk",
-    "Differencing hard disk",
-    "Reserved (deprecated)",
-    "Reserved (deprecated)",
-]
-
-
-def _csum_line_of(raw: bytes, at: int) -> str:
-    """The checksum line of a stored structure whose checksum field is at ``at``."""
-    stored = int.from_bytes(raw[at : at + 4], "big")
-    return _csum_line(stored, checksum(raw[:at] + bytes(4) + raw[at + 4 :]))
-
-
-def _csum_line(stored: int, computed: int) -> str:
-    verdict = "Good!" if stored == computed else "Bad!"
-    return f"Checksum            : {stored:#x}|{computed:#x} ({verdict})"
-
-
-def _print_footer(f: Footer, hexa: bool, raw: bytes) -> None:
-    c, h, s = f.geometry >> 16, (f.geometry >> 8) & 0xFF, f.geometry & 0xFF
-    os_name = {0x5769326B: "Windows", 0x4D616320: "Macintosh"}.get(f.creator_os, "Unknown!")
-    features = ("<TEMP>" if f.features & 1 else "") + ("<RESV>" if f.features & 2 else "")
-    lines = [
-        "VHD Footer Summary:",
-        "-------------------",
-        f"Cookie              : {f.cookie.decode('latin-1')}",
-        f"Features            : (0x{f.features:08x}) {features}",
-        f"File format version : Major: {f.version >> 16}, Minor: {f.version & 0xFFFF}",
-        f"Data offset         : {_num(hexa, f.data_offset)}",
-        f"Timestamp           : {_time(f.timestamp)}",
-        f"Creator Application : '{f.creator_app.decode('latin-1').rstrip(chr(0))}'",
-        f"Creator version     : Major: {f.creator_version >> 16}, "
-        f"Minor: {f.creator_version & 0xFFFF}",
-        f"Creator OS          : {os_name}",
-        f"Original disk size  : {_num(hexa, f.original_size >> 20)} MB "
-        f"({_num(hexa, f.original_size)} Bytes)",
-        f"Current disk size   : {_num(hexa, f.current_size >> 20)} MB "
-        f"({_num(hexa, f.current_size)} Bytes)",
-        f"Geometry            : Cyl: {_num(hexa, c)}, Hds: {_num(hexa, h)}, Sctrs: {_num(hexa, s)}",
-        f"                    : = {_num(hexa, (c * h * s) >> 11)} MB "
-        f"({_num(hexa, c * h * s << 9)} Bytes)",
-        f"Disk type           : {TYPE_STR[f.disk_type] if f.disk_type < 7 else 'Unknown type!'}",
-        _csum_line_of(raw, 64),
-        f"UUID                : {uuidlib.UUID(bytes=f.uuid)}",
-        f"Saved state         : {'No' if f.saved_state == 0 else 'Yes'}",
-        f"Hidden              : {f.hidden}",
-        "",
-    ]
-    print("\n".join(lines))
-
-
-def _print_header(h: Header, hexa: bool, raw: bytes) -> None:
-    lines = [
-        "VHD Header Summary:",
-        "-------------------",
-        f"Cookie              : {h.cookie.decode('latin-1')}",
-        f"Data offset (unusd) : {_num(hexa, h.data_offset)}",
-        f"Table offset        : {_num(hexa, h.table_offset)}",
-        f"Header version      : 0x{h.version:08x}",
-        f"Max BAT size        : {_num(hexa, h.max_table_entries)}",
-        f"Block size          : {_num(hexa, h.block_size)} ({_num(hexa, h.block_size >> 20)} MB)",
-        f"Parent name         : {h.parent_name}",
-        f"Parent UUID         : {uuidlib.UUID(bytes=h.parent_uuid)}",
-        f"Parent timestamp    : {_time(h.parent_timestamp)}",
-        _csum_line_of(raw, 36),
-        "",
-    ]
-    print("\n".join(lines))
-
-
-CODE_NAMES = {
-    PLAT_NONE: "PLAT_CODE_NONE",
-    PLAT_WI2R: "PLAT_CODE_WI2R",
-    PLAT_WI2K: "PLAT_CODE_WI2K",
-    PLAT_W2RU: "PLAT_CODE_W2RU",
-    PLAT_W2KU: "PLAT_CODE_W2KU",
-    PLAT_MAC: "PLAT_CODE_MAC",
-    PLAT_MACX: "PLAT_CODE_MACX",
-}
-
-
-def _print_locators(fd: int, meta: Metadata, hexa: bool) -> None:
-    assert meta.header is not None
-    print("VHD Parent Locators:\n--------------------")
-    for i, loc in enumerate(meta.header.locators):
-        if loc.code == PLAT_NONE:
-            continue
-        name = decode_locator(loc.code, read_at(fd, loc.data_offset, loc.data_length))
-        print(f"locator:            : {i}")
-        print(f"       code         : {CODE_NAMES.get(loc.code, 'UNKOWN')}")
-        print(f"       data_space   : {_num(hexa, loc.data_space)}")
-        print(f"       data_length  : {_num(hexa, loc.data_length)}")
-        print(f"       data_offset  : {_num(hexa, loc.data_offset)}")
-        print(f"       decoded name : {name}" if name else "failed to read parent name")
-        print()
-
-
-def _print_batmap(meta: Metadata, bh: BatmapHeader, hexa: bool) -> None:
-    computed = batmap_checksum(meta.batmap or b"", meta.footer.current_size, bh.version)
-    print("VHD Batmap Summary:\n-------------------")
-    print(f"Batmap offset       : {_num(hexa, bh.offset)}")
-    print(f"Batmap size (secs)  : {_num(hexa, bh.size_sectors)}")
-    print(f"Batmap version      : 0x{bh.version:08x}")
-    if bh.keyhash_cookie == 1:
-        print(f"Batmap keyhash nonce: {bh.nonce.hex()}")
-        print(f"Batmap keyhash hash : {bh.keyhash.hex()}")
-    print(_csum_line(bh.checksum, computed))
-    print()

@@ -14,11 +14,18 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable
+from errno import ENOENT
 
 from ..base import ImageFormatError
 from ..paths import is_inside, refused_kind
 from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
 from .meta import Metadata, read_at
+
+
+class MissingParentError(ImageFormatError):
+    """No locator of a differencing image leads to an existing file (tools exit ENOENT)."""
+
+    errno = ENOENT
 
 
 def decode_locator(code: int, data: bytes) -> str | None:
@@ -62,8 +69,9 @@ def _is_absolute(path: str) -> bool:
 def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str] = ()) -> str:
     """Absolute path of the parent of differencing image ``child``.
 
-    Raises ImageFormatError naming the locator when every candidate is missing
-    or a candidate escapes the allowed directories.
+    Raises ImageFormatError naming the locator when a candidate escapes the
+    allowed directories or is no disk, MissingParentError when every candidate is
+    missing.
     """
     base = os.path.dirname(os.path.abspath(child))
     roots = list(allowed_dirs) or [base]
@@ -75,7 +83,8 @@ def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str]
         if not is_inside(candidate, roots):
             escaped.append(f"{field_name} {stored!r}")
             continue
-        tried.append(candidate)
+        if candidate not in tried:
+            tried.append(candidate)
         try:
             kind = refused_kind(os.stat(candidate).st_mode)
         except OSError:
@@ -93,7 +102,7 @@ def find_parent(child: str, fd: int, meta: Metadata, allowed_dirs: Iterable[str]
             f"{child}: parent {'; '.join(refused)}, not a regular file or block device"
         )
     name = meta.header.parent_name if meta.header else ""
-    raise ImageFormatError(
+    raise MissingParentError(
         f"{child}: parent {name!r} not found (tried {', '.join(tried) or 'no locators'})"
     )
 

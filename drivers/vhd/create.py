@@ -10,11 +10,14 @@ Layout of a dynamic or differencing image we write::
     end   footer
 
 Creator ``tap`` version 1.3, 2 MiB blocks.  Fixed images are the data
-followed by the footer (sparse where the file system allows).
+followed by the footer, the data preallocated so that writing it can never fail
+for want of space.  On an existing block device (an LVM volume, as SM's LVM SRs
+create them) the trailing footer goes at the device's end, where readers look.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -45,7 +48,7 @@ from .format import (
     pad_sector,
     vhd_now,
 )
-from .meta import load
+from .meta import load, write_at
 
 TABLE_OFFSET = FOOTER_SIZE + HEADER_SIZE
 
@@ -114,7 +117,7 @@ def create_vhd(
     if fixed:
         if parent is not None:
             raise ImageError("a differencing VHD cannot be fixed")
-        _write_new(path, [(size, _footer(TYPE_FIXED, size).pack())], size + FOOTER_SIZE)
+        _write_new(path, [], _footer(TYPE_FIXED, size).pack(), size, preallocate=True)
         return
     footer = _footer(TYPE_DIFF if parent else TYPE_DYNAMIC, size)
     entries = -(-(max_size or size) // DEFAULT_BLOCK_SIZE)
@@ -149,8 +152,7 @@ def create_vhd(
         (TABLE_OFFSET, b"\xff" * bat_bytes),
         (batmap_hdr_off, bmh.pack() + bmap),
     ]
-    pieces.append((pos, fbytes))
-    _write_new(path, pieces, pos + FOOTER_SIZE)
+    _write_new(path, pieces, fbytes, pos)
 
 
 def _parent_info(parent: str, raw: bool) -> tuple[bytes, int, int]:
@@ -173,17 +175,39 @@ def _parent_info(parent: str, raw: bool) -> tuple[bytes, int, int]:
     return meta.footer.uuid, mtime, meta.footer.current_size
 
 
-def _write_new(path: str, pieces: list[tuple[int, bytes]], length: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+def _write_new(
+    path: str, pieces: list[tuple[int, bytes]], footer: bytes, end: int, preallocate: bool = False
+) -> None:
+    """Write ``pieces`` into a new file whose data ends at ``end``, then the footer.
+
+    A regular file must not exist yet; an existing block device is written in place,
+    its footer at its end.
+    """
+    if os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):
+        fd = open_disk(path, os.O_WRONLY)
+        regular = False
+    else:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        regular = True
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            os.ftruncate(fd, length)
+        if regular:
+            if preallocate:
+                os.posix_fallocate(fd, 0, end + FOOTER_SIZE)
+            else:
+                os.ftruncate(fd, end + FOOTER_SIZE)
+            footer_at = end
+        else:
+            footer_at = os.lseek(fd, 0, os.SEEK_END) - FOOTER_SIZE
+            if footer_at < end:
+                raise OSError(errno.ENOSPC, f"{path}: the device is smaller than the VHD")
         for off, data in pieces:
-            os.pwrite(fd, data, off)
+            write_at(fd, data, off)
+        write_at(fd, footer, footer_at)
         os.fdatasync(fd)
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        if regular:
+            os.unlink(path)
         raise
     os.close(fd)
 

@@ -67,6 +67,8 @@ LOCATOR_COUNT = 8
 LOCATOR_SPACE = 3 * SECTOR
 #: Largest locator data we accept from a file.
 MAX_LOCATOR_DATA = 64 * 1024
+#: Where blktap keeps the encryption key hash of a VHD without a batmap (cookie, nonce, hash).
+KEYHASH_XATTR = "user.com.citrix.xenclient.backend.keyhash"
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:

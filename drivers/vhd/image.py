@@ -23,7 +23,7 @@ from ..registry import OpenOptions
 from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
 from .chain import check_parent_uuid, find_parent
-from .format import BAT_UNUSED, FOOTER_SIZE, POISON_COOKIE, SECTOR
+from .format import BAT_UNUSED, FOOTER_SIZE, KEYHASH_XATTR, POISON_COOKIE, SECTOR
 from .meta import Metadata, cut_to, load
 
 HOLE = ExtentFlags.HOLE | ExtentFlags.ZERO
@@ -57,6 +57,10 @@ class VhdImage(Image):
             self.size = self.meta.footer.current_size
             if self.meta.footer.cookie == POISON_COOKIE:
                 raise ImageFormatError(f"{path}: footer.cookie is v_poison (image disabled)")
+            if _encrypted(self.file.fd, self.meta):
+                raise ImageFormatError(
+                    f"{path}: encrypted (it holds a key hash); tapdisk has no block crypto"
+                )
             if not read_only and self.meta.batmap_error:
                 raise ImageFormatError(
                     f"{path}: {self.meta.batmap_error} (vhd-util repair rebuilds it)"
@@ -416,6 +420,18 @@ class VhdImage(Image):
             self.file.close()
             if self.backing is not None:
                 await self.backing.close()
+
+
+def _encrypted(fd: int, meta: Metadata) -> bool:
+    """blktap encrypted the data of a VHD whose key hash is set (``vhd-util key``)."""
+    if meta.batmap_header is not None:
+        return meta.batmap_header.keyhash_cookie == 1
+    if meta.is_fixed:
+        return False
+    try:
+        return os.getxattr(fd, KEYHASH_XATTR)[:1] == b"\x01"
+    except OSError:
+        return False
 
 
 def _append(out: list[Extent], more: list[Extent]) -> None:

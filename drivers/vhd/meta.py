@@ -17,7 +17,7 @@ from array import array
 from dataclasses import dataclass
 
 from ..base import ImageFormatError
-from ..fileio import pread_full
+from ..fileio import pread_full, pwrite_full
 from .format import (
     BAT_UNUSED,
     BATMAP_VERSION,
@@ -41,6 +41,11 @@ def read_at(fd: int, offset: int, length: int) -> bytes:
     buf = bytearray(length)
     pread_full(fd, memoryview(buf), offset)
     return bytes(buf)
+
+
+def write_at(fd: int, data: bytes, offset: int) -> None:
+    """Blocking write of all of ``data`` (a full disk raises, never writes short)."""
+    pwrite_full(fd, memoryview(data), offset)
 
 
 def bat_from_bytes(raw: bytes) -> array[int]:
