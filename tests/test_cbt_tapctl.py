@@ -107,6 +107,17 @@ def test_a_log_too_short_for_the_disk_fails_the_open(tapctl, disk, tmp_path):
     assert tapctl.out("list") == f"pid={pid} minor=- state=- args=-"
 
 
+def test_a_fifo_or_a_directory_as_the_log_fails_the_open_at_once(tapctl, disk, tmp_path):
+    fifo = tmp_path / "fifo.cbtlog"
+    os.mkfifo(fifo)
+    pid = tapctl.out("spawn")
+    for log, kind in ((fifo, "a FIFO"), (tmp_path, "a directory")):
+        proc = tapctl("open", "-p", pid, "-a", f"raw:{disk}", "-C", str(log), check=False)
+        assert proc.returncode == 1
+        assert proc.stderr == f"tap-ctl: {log} is {kind}, not a regular file or block device\n"
+    assert tapctl.out("list") == f"pid={pid} minor=- state=- args=-"
+
+
 def test_a_log_outside_the_allowed_directories_is_refused(tapctl, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
