@@ -9,6 +9,7 @@ qemu, ``<dir>/nbd<pid>.<minor>``.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -114,6 +115,18 @@ def test_a_launch_that_fails_to_open_leaves_nothing_behind(sm, tmp_path):
     assert "\n" not in failure.value.errmsg.strip() and "Traceback" not in failure.value.errmsg
     assert sm.list() == []  # no tapdisk (it exited after the detach), no allocated minor
     assert list((sm.directory / "tapdisk").iterdir()) == []
+
+
+def test_a_system_error_at_open_is_the_exit_status_sm_reads(sm, tmp_path):
+    """SM tells an empty CD drive by status 123 (ENOMEDIUM) from open: tap-ctl exits with
+    the errno the tapdisk met, here ELOOP from a symbolic link to itself."""
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(CommandFailure) as failure:
+        sm.launch(str(loop), "aio", {})
+    assert failure.value.status == errno.ELOOP
+    assert "Too many levels of symbolic links" in failure.value.errmsg
+    assert sm.list() == []
 
 
 def test_a_read_only_open_with_a_timeout_is_served_read_only(sm, tapctl, tmp_path):

@@ -28,9 +28,10 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
 Commands on an opened image accept ``-d /dev/nbdN`` instead of ``-p``/``-m`` once it
 is connected.  blktap's flags this project does not do (``-2``, ``-s``, ``-e``, ``-r``,
 ``-E``) are accepted by the parser and refused with a one-line message naming them.
-Failures print ``tap-ctl: message`` to stderr and exit 1; usage errors print one line
-and exit 2.  ``create`` undoes what it did before failing, so no half-created device
-or orphan tapdisk stays behind.
+Failures print ``tap-ctl: message`` to stderr and exit 1, or with the errno of the
+system call that failed in the tapdisk; usage errors print one line and exit 2.
+``create`` undoes what it did before failing, so no half-created device or orphan
+tapdisk stays behind.
 """
 
 from __future__ import annotations
@@ -303,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (TapCtlError, CallError, SpawnError) as exc:
         print(f"tap-ctl: {exc}", file=sys.stderr)
-        return 1
+        # A system call failed in the tapdisk: its errno, as blktap's tap-ctl exits (SM
+        # reads ENOMEDIUM from open as an empty CD drive).
+        return getattr(exc, "errno", None) or 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:

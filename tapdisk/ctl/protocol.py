@@ -21,7 +21,9 @@ Requests and responses
 Request: ``{"id": INT, "op": NAME, "args": {...}}``.  Response:
 ``{"id": INT, "ok": true, "result": ...}`` or
 ``{"id": INT, "ok": false, "error": {"kind": KIND, "message": TEXT}}``, where KIND
-is one of ``ERROR_KINDS``.  Operations (``OPS`` lists their arguments):
+is one of ``ERROR_KINDS``; an ``os`` error also has ``"errno": INT``, the error of the
+system call that failed (tap-ctl exits with it, as blktap's does).  Operations
+(``OPS`` lists their arguments):
 
 ==========  ==============================================  ==============================
 op          args                                            result
@@ -218,21 +220,27 @@ class Response:
     result: Any = None
     kind: str = ""
     message: str = ""
+    errno: int | None = None
 
     @classmethod
     def success(cls, request_id: int, result: Any = None) -> Response:
         return cls(request_id, True, result)
 
     @classmethod
-    def failure(cls, request_id: int, kind: str, message: str) -> Response:
+    def failure(
+        cls, request_id: int, kind: str, message: str, errno: int | None = None
+    ) -> Response:
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
-        return cls(request_id, False, kind=kind, message=message)
+        return cls(request_id, False, kind=kind, message=message, errno=errno)
 
     def to_message(self) -> dict[str, Any]:
         if self.ok:
             return {"id": self.id, "ok": True, "result": self.result}
-        return {"id": self.id, "ok": False, "error": {"kind": self.kind, "message": self.message}}
+        error: dict[str, Any] = {"kind": self.kind, "message": self.message}
+        if self.errno is not None:
+            error["errno"] = self.errno
+        return {"id": self.id, "ok": False, "error": error}
 
 
 def encode(message: Request | Response | dict[str, Any]) -> bytes:
@@ -329,10 +337,12 @@ def parse_response(message: dict[str, Any]) -> Response:
     error = message.get("error")
     if not isinstance(error, dict):
         raise ControlProtocolError("failed response has no 'error' object")
-    kind, text = error.get("kind"), error.get("message")
+    kind, text, code = error.get("kind"), error.get("message"), error.get("errno")
     if kind not in ERROR_KINDS or not isinstance(text, str):
         raise ControlProtocolError(f"bad error object {error!r}")
-    return Response(request_id, False, kind=kind, message=text)
+    if code is not None and type(code) is not int:
+        raise ControlProtocolError(f"bad errno in error object {error!r}")
+    return Response(request_id, False, kind=kind, message=text, errno=code)
 
 
 def control_socket(directory: str, pid: int) -> str:

@@ -167,7 +167,7 @@ class Daemon:
         except ImageError as exc:
             return Response.failure(request.id, "image", str(exc))
         except OSError as exc:
-            return Response.failure(request.id, "os", str(exc))
+            return Response.failure(request.id, "os", str(exc), exc.errno)
         except Exception as exc:
             log.exception("%s request failed", request.op)
             return Response.failure(request.id, "internal", f"{type(exc).__name__}: {exc}")
@@ -295,15 +295,15 @@ class Daemon:
                     "state", f"minor {minor.number} already has {minor.device.spec} open"
                 )
         try:
-            minor.device = await self._open_device(minor.number, args, float(timeout))
+            device = await self._open_device(minor.number, args, float(timeout))
         except BaseException:
             if "minor" not in args:
                 self._detach(minor, free=True)  # allocated for this open: as if never
             raise
-        minor.closed = False
+        minor.device, minor.closed = device, False
         if not minor.owned and kernel.nbd_loaded():
             try:
-                await self._connect(minor, minor.device, 1, None, None)
+                await self._connect(minor, device, 1, None, None)
             except ControlError as exc:
                 log.warning("minor %d: not connected to the kernel: %s", minor.number, exc)
         return self.info(minor)
