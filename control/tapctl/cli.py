@@ -180,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
             help="how long the tapdisk may take to answer (default 600)",
         )
 
-    def add_secondary(p: argparse.ArgumentParser) -> None:
-        p.add_argument("-2", dest="secondary", metavar="SPEC", help="not supported")
+    def add_refused(p: argparse.ArgumentParser, dest: str, metavar: str | None = None) -> None:
+        flag, what = UNSUPPORTED[dest]
+        action = "store_true" if metavar is None else "store"
+        kwargs = {} if metavar is None else {"metavar": metavar}
+        p.add_argument(flag, dest=dest, action=action, help=f"{what}: refused", **kwargs)
 
     def add_open_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("-R", "--read-only", action="store_true", help="open read-only")
@@ -198,10 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="no O_DIRECT: go through the page cache (always the case here)",
         )
-        add_secondary(p)
-        p.add_argument("-s", dest="standby", action="store_true", help="not supported")
-        p.add_argument("-e", dest="reuse_parent", metavar="MINOR", help="not supported")
-        p.add_argument("-r", dest="local_cache", action="store_true", help="not supported")
+        add_refused(p, "secondary", "SPEC")
+        add_refused(p, "standby")
+        add_refused(p, "reuse_parent", "MINOR")
+        add_refused(p, "local_cache")
 
     def add_kernel_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("-n", "--connections", type=int, help="kernel sockets (multi-conn)")
@@ -245,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(p, device=False)
     add_image(p)
     add_open_flags(p)
-    p.add_argument("-E", dest="encrypted", action="store_true", help="not supported")
+    add_refused(p, "encrypted")
     p = add("close", cmd_close, "close the image of a minor (disconnecting it first)")
     add_target(p)
     add_call_timeout(p)
@@ -264,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("unpause", cmd_unpause, "let a paused device run again, optionally on a new image")
     add_target(p)
     add_image(p, required=False)
-    add_secondary(p)
+    add_refused(p, "secondary", "SPEC")
     p = add("snapshot", cmd_snapshot, "overlay the current image and continue on the overlay")
     add_target(p)
     p.add_argument("-a", "--args", metavar="FORMAT:PATH", required=True, help="overlay to create")
