@@ -132,7 +132,7 @@ def test_create_gives_a_device_that_holds_ext4(
     start = time.monotonic()
     dev = tapctl.create(f"{kind}:{image}")
     report(
-        f"tap-ctl create -a {kind}: (spawn + open + attach)", f"{time.monotonic() - start:.1f} s"
+        f"tap-ctl create -a {kind}: (spawn + open + connect)", f"{time.monotonic() - start:.1f} s"
     )
     assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
     mnt = tmp_path / "mnt"
