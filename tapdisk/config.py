@@ -44,6 +44,8 @@ from .busypoll import MAX_US as BUSY_POLL_MAX_US
 DEFAULT_PATH = "/etc/tapdisk/tapdisk.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_DEVICE_INDEX = 65535
+#: Longest retry deadline (and kernel request timeout) anyone may ask for: one day.
+MAX_SECONDS = 86400
 
 
 class ConfigError(Exception):
@@ -124,8 +126,8 @@ def _integer(low: int, high: int) -> Callable[[object], int]:
 def _seconds(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number of seconds, got {value!r}")
-    if not 0 < value <= 86400:
-        raise ValueError(f"must be more than 0 and at most 86400 seconds, got {value}")
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be more than 0 and at most {MAX_SECONDS} seconds, got {value}")
     return float(value)
 
 

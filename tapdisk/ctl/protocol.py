@@ -12,8 +12,10 @@ One unix stream socket per tapdisk process, ``<dir>/ctl<pid>``, mode 0600;
 the configuration's ``control_dir`` says otherwise (in that order).  Each opened
 VBD is also served over NBD at ``<dir>/nbd<pid>.<minor>``.  Every message is a
 4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
-object, at most ``MAX_MESSAGE`` bytes.  A client sends requests; the daemon answers each, in
-order, with one response.
+object, at most ``MAX_MESSAGE`` bytes; ``Infinity``, ``NaN`` and numbers too large
+for a float are not JSON and are refused.  A client sends requests; the daemon answers
+each, in order, with one response.  A frame it cannot decode gets one ``invalid``
+error response (id 0), then the daemon closes that connection.
 
 Requests and responses
 ----------------------
@@ -40,7 +42,10 @@ stats       [minor]                                         STATS, or [STATS, ..
 shutdown    --                                              null (the process then exits)
 ==========  ==============================================  ==============================
 
-``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``).
+``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``), more
+than 0 and at most the configuration's cap (``MAX_SECONDS``, one day), as is
+attach's; ``index`` is at most ``MAX_DEVICE_INDEX``.  No string argument may
+contain a NUL byte.
 ``index`` asks for ``/dev/nbd<index>``; without it the kernel picks a free one.
 Attach's ``timeout`` is the kernel's request timeout (default: the retry deadline
 plus 60 s).
@@ -97,6 +102,8 @@ import json
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
+
+from tapdisk.config import MAX_DEVICE_INDEX, MAX_SECONDS
 
 #: Length prefix of every message.
 HEADER: Final = struct.Struct(">I")
@@ -161,6 +168,32 @@ class ControlProtocolError(Exception):
     """Bytes or a message that break the protocol; the message says how."""
 
 
+def _check_value(op: str, name: str, value: Any) -> None:
+    """Refuse an argument of the right type but outside the configuration's limits."""
+    if isinstance(value, str) and "\0" in value:
+        raise ControlProtocolError(f"{op}: argument {name!r} contains a NUL byte")
+    if name == "timeout" and not 0 < value <= MAX_SECONDS:
+        raise ControlProtocolError(
+            f"{op}: argument 'timeout' must be more than 0 and at most {MAX_SECONDS} "
+            f"seconds, got {value!r}"
+        )
+    if name == "index" and not 0 <= value <= MAX_DEVICE_INDEX:
+        raise ControlProtocolError(
+            f"{op}: argument 'index' must be from 0 to {MAX_DEVICE_INDEX}, got {value!r}"
+        )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ControlProtocolError(f"message body is not JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ControlProtocolError(f"message body has a number out of range: {text[:40]}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     id: int
@@ -199,7 +232,10 @@ def encode(message: Request | Response | dict[str, Any]) -> bytes:
     """One framed message."""
     if isinstance(message, Request | Response):
         message = message.to_message()
-    body = json.dumps(message, separators=(",", ":")).encode()
+    try:
+        body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:  # Infinity and NaN are not JSON: never send them
+        raise ControlProtocolError(f"message cannot be sent as JSON: {exc}") from None
     if len(body) > MAX_MESSAGE:
         raise ControlProtocolError(
             f"message of {len(body)} bytes exceeds the {MAX_MESSAGE}-byte limit"
@@ -229,7 +265,9 @@ class Decoder:
             body = bytes(self._buf[HEADER.size : end])
             del self._buf[:end]
             try:
-                message = json.loads(body)
+                message = json.loads(
+                    body, parse_constant=_refuse_constant, parse_float=_finite_float
+                )
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ControlProtocolError(f"message body is not JSON: {exc}") from None
             if not isinstance(message, dict):
@@ -272,6 +310,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = "/".join(t.__name__ for t in types)
             raise ControlProtocolError(f"{op}: argument {name!r} must be {wanted}, got {value!r}")
+        _check_value(op, name, value)
     for name, (_, required) in schema.items():
         if required and name not in args:
             raise ControlProtocolError(f"{op}: missing argument {name!r}")

@@ -125,6 +125,9 @@ class Daemon:
                         return
         except ControlProtocolError as exc:
             log.warning("control client sent a bad frame, closing it: %s", exc)
+            with contextlib.suppress(ConnectionError):
+                writer.write(protocol.encode(Response.failure(0, "invalid", str(exc))))
+                await writer.drain()
         except ConnectionError:
             pass
         finally:
@@ -186,8 +189,6 @@ class Daemon:
     async def _op_open(self, request: Request) -> dict[str, Any]:
         args = request.args
         timeout = args.get("timeout", self.limits.timeout)
-        if not timeout > 0:
-            raise ControlError("invalid", f"timeout must be positive, got {timeout}")
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
         minor, lock_fd = lock_minor(self.directory, args.get("minor"))
         try:
