@@ -10,6 +10,8 @@ import contextlib
 import fcntl
 import os
 
+from tapdisk.ctl import directory as control_directory
+
 from .errors import ControlError
 
 #: Minors run from 0 below this.
@@ -47,7 +49,7 @@ def _lock_path(directory: str, minor: int) -> str:
 def _try_lock(directory: str, minor: int) -> int | None:
     path = _lock_path(directory, minor)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = control_directory.open_file(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -15,6 +15,7 @@ import logging
 import os
 from typing import Any
 
+from tapdisk.ctl import directory as control_directory
 from tapdisk.ctl import protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
@@ -76,8 +77,8 @@ class Daemon:
     # -- lifetime ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the directory (0700) if needed and listen on the control socket."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        """Create the directory (0700) if needed, check that only we can write it, listen."""
+        control_directory.prepare(self.directory)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)  # a previous process with our pid is gone
         old_umask = os.umask(0o177)
