@@ -29,6 +29,7 @@ from typing import Final
 
 from .base import ImageError, ImageFormatError
 from .fileio import pwrite_full
+from .paths import open_disk
 
 BLOCK_SHIFT: Final = 16
 #: Bytes of disk one bitmap bit stands for.
@@ -104,7 +105,7 @@ def read_log(fd: int, path: str) -> tuple[LogHeader, bytes]:
 
 def load(path: str) -> tuple[LogHeader, bytes]:
     """Read the log at ``path``: its header and bitmap."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDONLY)
     try:
         return read_log(fd, path)
     finally:
@@ -130,7 +131,10 @@ def create(path: str, size: int) -> None:
     cut to exactly header + bitmap).
     """
     _check_size(path, size)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        fd = open_disk(path, os.O_WRONLY | os.O_TRUNC)
+    except FileNotFoundError:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
     try:
         header = LogHeader(size=size)
         pwrite_full(fd, memoryview(header.pack()), 0)
@@ -154,7 +158,7 @@ def update(
     one is a LogSizeError and nothing is written.  The bitmap is never
     rewritten, so a tapdisk marking blocks meanwhile loses none.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    fd = open_disk(path, os.O_RDWR)
     try:
         old, _ = read_log(fd, path)
         new = old
@@ -186,7 +190,7 @@ def coalesce(parent_path: str, child_path: str) -> None:
     A parent bitmap longer than the child's is a LogSizeError and nothing is written.
     """
     _, parent_bits = load(parent_path)
-    fd = os.open(child_path, os.O_RDWR | os.O_CLOEXEC)
+    fd = open_disk(child_path, os.O_RDWR)
     try:
         _, child_bits = read_log(fd, child_path)
         if len(parent_bits) > len(child_bits):

@@ -7,7 +7,7 @@ the devices to attach at boot::
     queue_depth: 256             # requests queued or in flight per device
     merge_size: 1MiB             # largest merged request; 0 = no merging
     busy_poll: 50                # microseconds to spin for the next request; 0 = never
-    control_dir: /run/tapdisk    # control sockets (one per process) and NBD sockets
+    control_dir: /run/blktap-control   # control and NBD sockets, minors (blktap's layout)
     allowed_dirs: [/var/lib/tapdisk]
     metrics_listen: 127.0.0.1:9847
     log_level: info
@@ -40,12 +40,10 @@ from tapdisk.drivers.registry import parse_spec
 
 from .busypoll import DEFAULT_MAX_US
 from .busypoll import MAX_US as BUSY_POLL_MAX_US
+from .ctl.protocol import DEFAULT_DIR, MAX_DEVICE_INDEX, MAX_SECONDS
 
 DEFAULT_PATH = "/etc/tapdisk/tapdisk.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_DEVICE_INDEX = 65535
-#: Longest retry deadline (and kernel request timeout) anyone may ask for: one day.
-MAX_SECONDS = 86400
 
 
 class ConfigError(Exception):
@@ -69,7 +67,7 @@ class Config:
     queue_depth: int = 256
     merge_size: int = 1 << 20
     busy_poll: int = DEFAULT_MAX_US
-    control_dir: str = "/run/tapdisk"
+    control_dir: str = DEFAULT_DIR
     allowed_dirs: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
     log_level: str = "info"
@@ -387,7 +385,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, keys: Sequence[str]) -> No
         "retry_deadline": ("-t", "SECS", "retry failing requests for up to SECS seconds"),
         "queue_depth": (None, "N", "requests in flight per device"),
         "merge_size": (None, "SIZE", "largest merged request, e.g. 1MiB"),
-        "control_dir": (None, "DIR", "directory of the control and NBD sockets"),
+        "control_dir": (None, "DIR", "directory of the control and NBD sockets and the minors"),
         "metrics_listen": (None, "HOST:PORT", "address of the Prometheus endpoint"),
     }
     for key in keys:

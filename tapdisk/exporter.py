@@ -44,27 +44,31 @@ CONFIG_KEYS = ("control_dir", "metrics_listen")
 EXAMPLES = """\
 examples:
   tapdisk-exporter                                  settings from /etc/tapdisk/tapdisk.yaml
-  tapdisk-exporter --metrics-listen 127.0.0.1:9847 --control-dir /run/tapdisk
+  tapdisk-exporter --metrics-listen 127.0.0.1:9847 --control-dir /run/blktap-control
   tapdisk exporter --config /etc/tapdisk/tapdisk.yaml
   curl -s http://127.0.0.1:9847/metrics | grep tapdisk_reads_completed_total
 """
 
 
 def fetch_stats(directory: str, pid: int, timeout: float = SCRAPE_TIMEOUT) -> list[dict[str, Any]]:
-    """Every device's STATS from tapdisk ``pid``, connection and answer within ``timeout``.
+    """Every device's VBD-STATS from tapdisk ``pid``, connection and answer within ``timeout``.
 
     Raises ``DaemonGone`` when the daemon has exited, ``CallError`` when it cannot be
     reached or does not answer in time, and ValueError when the answer is not a list
-    of STATS objects.
+    of STATS objects with their VBD-STATS under ``vbd``.
     """
     deadline = time.monotonic() + timeout
     with Client.connect(directory, pid, timeout) as daemon:
         daemon.timeout = max(0.001, deadline - time.monotonic())  # the connection used some
-        devices = daemon.call("stats")
-    if not isinstance(devices, list):
-        raise ValueError(f"stats answered a {type(devices).__name__}, not a list")
-    for stats in devices:
-        check_stats(stats)
+        answer = daemon.call("stats")
+    if not isinstance(answer, list):
+        raise ValueError(f"stats answered a {type(answer).__name__}, not a list")
+    devices = []
+    for stats in answer:
+        if not isinstance(stats, dict) or "vbd" not in stats:
+            raise ValueError(f"a device's stats have no 'vbd' object: {stats!r:.200}")
+        check_stats(stats["vbd"])
+        devices.append(stats["vbd"])
     return devices
 
 

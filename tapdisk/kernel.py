@@ -206,6 +206,11 @@ def ensure_module() -> nl.Family:
             ) from exc
 
 
+def nbd_loaded() -> bool:
+    """True when the nbd driver is in the kernel, loaded or built in (no modprobe here)."""
+    return os.path.isdir("/sys/module/nbd")
+
+
 def _check_sockets(sockets: Sequence[socket.socket], server_flags: int, what: str) -> list[int]:
     if len(sockets) > 1 and not server_flags & TransmissionFlag.CAN_MULTI_CONN:
         raise KernelAttachError(

@@ -101,7 +101,9 @@ class Stats:
 
     __slots__ = (
         "bytes_read",
+        "bytes_read_failed",
         "bytes_written",
+        "bytes_written_failed",
         "discard_us",
         "discards",
         "errors",
@@ -131,6 +133,9 @@ class Stats:
         self.zeroes = 0
         self.bytes_read = 0
         self.bytes_written = 0
+        # Bytes of the reads and writes failed to the client (blktap's stats count them).
+        self.bytes_read_failed = 0
+        self.bytes_written_failed = 0
         # Summed latency of the requests completed successfully, per kind.
         self.read_us = 0
         self.write_us = 0
@@ -536,6 +541,10 @@ class Scheduler:
             kind = req.kind
             if exc is not None:
                 stats.error(req.name, getattr(exc, "errno", None))
+                if kind == READ:
+                    stats.bytes_read_failed += len(req.buf)  # type: ignore[arg-type]
+                elif kind == WRITE:
+                    stats.bytes_written_failed += len(req.buf)  # type: ignore[arg-type]
             elif kind == READ:
                 stats.reads += 1
                 stats.bytes_read += len(req.buf)  # type: ignore[arg-type]

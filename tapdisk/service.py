@@ -42,7 +42,7 @@ CONFIG_KEYS = (
 EXAMPLES = """\
 examples:
   tapdisk service                                   as tapdisk.service runs it
-  tapdisk service --config /etc/tapdisk/tapdisk.yaml --control-dir /run/tapdisk
+  tapdisk service --config /etc/tapdisk/tapdisk.yaml --control-dir /run/blktap-control
   tap-ctl list                                      the attached devices, afterwards
 """
 
@@ -65,7 +65,7 @@ async def attach_configured(daemon: Daemon, devices: Sequence[configuration.Devi
         try:
             info = await _call(daemon, "open", spec=device.spec, read_only=device.read_only)
             wanted = {} if device.device is None else {"index": device.device}
-            info = await _call(daemon, "attach", minor=info["minor"], **wanted)
+            info = await _call(daemon, "connect", minor=info["minor"], **wanted)
         except ServiceError as exc:
             raise ServiceError(f"device {number} ({device.spec}): {exc}") from None
         log.info("%s: %s attached (minor %d)", info["device"], device.spec, info["minor"])

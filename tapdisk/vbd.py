@@ -103,6 +103,19 @@ class VBD(Image):
     def capabilities(self) -> Capabilities:
         return self._caps
 
+    def chain(self) -> list[str]:
+        """Paths of the open image and of its backing files, leaf first (none while paused)."""
+        paths = []
+        image = self.scheduler.image
+        while image is not None:
+            inner = getattr(image, "inner", None)  # a layer (fault, cbt) wraps the image
+            if inner is not None:
+                image = inner
+                continue
+            paths.append(image.spec.partition(":")[2])
+            image = image.backing
+        return paths
+
     @property
     def cbt_log(self) -> str | None:
         """The CBT log the device marks (while paused: marked before the pause, released now)."""

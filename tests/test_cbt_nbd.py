@@ -168,7 +168,7 @@ def test_block_status_waits_for_a_paused_device_and_answers_from_the_log_it_resu
     seen: list[list[int]] = []
     h.aio_block_status(SIZE, 0, lambda _c, _o, entries, _e: seen.append(entries) or 0)
     deadline = time.monotonic() + 10
-    while json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["queued"] != 1:
+    while json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["vbd"]["queued"] != 1:
         h.poll(0)
         assert time.monotonic() < deadline, "the request never reached the paused device"
     assert seen == []

@@ -345,3 +345,17 @@ def test_sm_snapshot_chain_lists_the_changed_blocks(tmp_path):
             break
     assert current == vdi and merged is not None
     assert [b for b, bit in enumerate(merged) if bit] == [5, 40, 63]
+
+
+@pytest.mark.parametrize("command", [["create", "-s", "65536"], ["get", "-s"], ["set", "-f", "1"]])
+def test_a_fifo_named_as_the_log_is_refused_without_blocking(tmp_path, command):
+    fifo = tmp_path / "log"
+    os.mkfifo(fifo)
+    proc = subprocess.run(
+        [CBT_UTIL, command[0], "-n", str(fifo), *command[1:]],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert proc.returncode != 0
+    assert proc.stderr.count("\n") == 1 and "FIFO" in proc.stderr

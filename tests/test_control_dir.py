@@ -81,16 +81,29 @@ def test_a_symlinked_log_is_not_followed(tapctl, tmp_path):
     assert target.read_text() == "precious\n"
 
 
-def test_a_symlinked_minor_lock_is_not_followed(tapctl, raw_image, tmp_path):
-    target = tmp_path / "created-by-root"
+def test_a_symlinked_minor_marker_is_not_followed(tapctl, tmp_path):
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
     pid = int(tapctl.out("spawn"))
-    (tapctl.dir / "minor0.lock").symlink_to(target)
-    result = tapctl("open", "-p", str(pid), "-m", "0", "-a", f"raw:{raw_image('1M')}", check=False)
-    assert result.returncode == 1
-    assert "minor0.lock is a symlink; not following it" in result.stderr
-    assert not target.exists()
+    (tapctl.dir / "tapdisk").mkdir(mode=0o700, exist_ok=True)
+    (tapctl.dir / "tapdisk" / "tapdisk-0").symlink_to(target)
+    result = tapctl("attach", "-p", str(pid), "-m", "0", check=False)
+    assert result.returncode != 0
+    assert "tapdisk-0 is a symlink; not following it" in result.stderr
+    assert target.read_text() == "precious\n"  # not truncated, no /dev/nbdN written in
     assert pid in tapctl.pids()  # the daemon lives on
     assert "Traceback" not in (tapctl.dir / "tapdisk.log").read_text()
+
+
+def test_a_symlinked_marker_directory_is_not_followed(tapctl, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tapctl.dir.mkdir(mode=0o700)
+    (tapctl.dir / "tapdisk").symlink_to(elsewhere)
+    result = tapctl("allocate", check=False)
+    assert result.returncode != 0
+    assert "tapdisk is a symlink; not following it" in result.stderr
+    assert list(elsewhere.iterdir()) == []
 
 
 def test_the_daemon_itself_refuses_a_world_writable_directory(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import struct
 
@@ -117,6 +118,15 @@ def test_failure_response_round_trips():
     response = Response.failure(3, "state", "vbd 0 is not paused")
     [message] = Decoder().feed(encode(response))
     assert parse_response(message) == response
+
+
+def test_an_os_failure_carries_its_errno_on_the_wire():
+    response = Response.failure(4, "os", "no medium", errno.ENOMEDIUM)
+    [message] = Decoder().feed(encode(response))
+    assert message["error"] == {"kind": "os", "message": "no medium", "errno": errno.ENOMEDIUM}
+    assert parse_response(message).errno == errno.ENOMEDIUM
+    with pytest.raises(ControlProtocolError, match="bad errno"):
+        parse_response({"id": 1, "ok": False, "error": {**message["error"], "errno": "123"}})
 
 
 def test_failure_with_unknown_kind_cannot_be_built():

@@ -88,10 +88,11 @@ def test_service_is_type_notify_and_restarts_on_failure():
     assert "ExecStart=tapdisk service" in text
 
 
-def test_tmpfiles_creates_the_runtime_directory_for_root_only(tmp_path):
+def test_tmpfiles_creates_blktaps_runtime_directories_for_root_only(tmp_path):
     run(require("systemd-tmpfiles"), "--create", f"--root={tmp_path}", UNITS / "tapdisk.tmpfiles")
-    st = (tmp_path / "run" / "tapdisk").stat()
-    assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o700, 0, 0)
+    for directory in ("run/blktap-control", "run/blktap-control/tapdisk"):
+        st = (tmp_path / directory).stat()
+        assert (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (0o700, 0, 0), directory
 
 
 # --- sd_notify -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """tap-ctl restart and the takeover/release control ops, on a host without nbd.ko.
 
-A restart needs a device attached to the kernel, so here only its refusals
+A restart needs a device connected to the kernel, so here only its refusals
 are checked: each must leave the old tapdisk serving its image, running, and
 no new tapdisk behind.  The kernel harness (tests/kernel/test_tapctl.py)
 restarts a device under fio load.
@@ -20,11 +20,11 @@ def call(tapctl, pid: int, op: str, **args):
     return response
 
 
-def test_restart_of_a_device_not_attached_fails_and_keeps_its_tapdisk_running(tapctl, raw_image):
+def test_restart_of_a_device_not_connected_fails_and_keeps_its_tapdisk_running(tapctl, raw_image):
     pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     proc = tapctl("restart", "-p", str(pid), "-m", str(minor), check=False)
     assert proc.returncode == 1
-    assert "not attached" in proc.stderr and "Traceback" not in proc.stderr
+    assert "not connected" in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stdout == ""
     assert tapctl.pids() == [pid]
     [info] = tapctl.listing()
@@ -51,11 +51,11 @@ def test_restart_of_an_unknown_minor_is_an_error_and_starts_nothing(tapctl, raw_
     assert tapctl.pids() == [pid]
 
 
-def test_release_of_a_device_not_attached_is_a_state_error(tapctl, raw_image):
+def test_release_of_a_device_not_connected_is_a_state_error(tapctl, raw_image):
     pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
     response = call(tapctl, pid, "release", minor=minor)
     assert (response.ok, response.kind) == (False, "state")
-    assert "not attached" in response.message
+    assert "not connected" in response.message
     assert [info["minor"] for info in tapctl.listing()] == [minor]
 
 

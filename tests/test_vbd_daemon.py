@@ -148,7 +148,7 @@ def test_faults_shorter_than_the_deadline_never_reach_the_nbd_client(tapctl, raw
         nbd_uri(sock),
     )
     assert "Pattern verification failed" not in out
-    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["vbd"]
     assert stats["retries"] > 0
     assert stats["errors"] == []
 
@@ -160,7 +160,7 @@ def test_faults_longer_than_the_deadline_reach_the_nbd_client_as_eio(tapctl, raw
     proc = run(require("qemu-io"), "-f", "raw", "-c", "read 0 4k", nbd_uri(sock), check=False)
     assert "Input/output error" in proc
     assert time.monotonic() - t0 >= 1
-    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["vbd"]
     assert {"op": "read", "errno": "EIO", "count": 1} in stats["errors"]
 
 
@@ -181,7 +181,7 @@ def test_requests_to_a_paused_device_are_bounded_by_the_queue_depth(tapctl, raw_
     while time.monotonic() < deadline:
         for h in handles:
             h.poll(0)
-        stats = json.loads(tapctl.out("stats", *target))
+        stats = json.loads(tapctl.out("stats", *target))["vbd"]
         if stats["in_flight"] >= 256:
             break
     assert stats["in_flight"] == 256  # the default queue depth; the rest wait in the server
@@ -258,7 +258,7 @@ def test_adjacent_requests_from_a_real_client_are_merged(tapctl, raw_image):
     for i in range(32):
         commands += ["-c", f"aio_write -P {i + 1} {i * 4096} 4k"]
     run(require("qemu-io"), "-f", "raw", *commands, "-c", "aio_flush", nbd_uri(sock))
-    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["vbd"]
     assert stats["merges"] > 0
     assert stats["writes"] == 32
     data = path.read_bytes()

@@ -2,6 +2,7 @@
 
 ``spawn`` starts a detached ``tapdisk daemon`` and returns once it listens on its
 control socket; ``shutdown`` asks a daemon to exit over that socket and waits for it;
+``wait_exit`` waits for one that exits by itself (its last minor detached);
 ``abandon`` stops one spawned for a command that then failed, so no orphan tapdisk
 stays behind.
 """
@@ -98,8 +99,9 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             proc.wait()
 
 
-def _wait_exit(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
-    """Wait until process ``pid`` (not our child) is gone; kill it after ``timeout``."""
+def wait_exit(pid: int, timeout: float = EXIT_TIMEOUT) -> None:
+    """Wait until process ``pid`` (not our child), which is exiting, is gone; kill it after
+    ``timeout``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -115,7 +117,7 @@ def shutdown(directory: str, pid: int) -> None:
     """Ask tapdisk ``pid`` to exit and wait until it has."""
     with Client.connect(directory, pid) as client:
         client.call("shutdown")
-    _wait_exit(pid)
+    wait_exit(pid)
 
 
 def abandon(directory: str, proc: subprocess.Popen[bytes]) -> None:

@@ -28,7 +28,14 @@ _CONTROL_SOCKET = re.compile(r"ctl([0-9]+)")
 
 
 class CallError(Exception):
-    """A request to a tapdisk failed; the message names the tapdisk and says why."""
+    """A request to a tapdisk failed; the message names the tapdisk and says why.
+
+    ``errno`` is the error of the system call that failed in the daemon, if one did.
+    """
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class DaemonGone(CallError):
@@ -102,7 +109,7 @@ class Client:
         except protocol.ControlProtocolError as exc:
             raise CallError(f"tapdisk {self.pid} sent a bad response: {exc}") from None
         if not response.ok:
-            raise CallError(response.message)
+            raise CallError(response.message, response.errno)
         return response.result
 
     def close(self) -> None:

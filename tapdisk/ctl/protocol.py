@@ -2,38 +2,44 @@
 
 No sockets here: ``encode`` turns a message into bytes, ``Decoder.feed`` turns
 bytes into messages, and ``parse_request``/``parse_response`` validate them.
-The daemon (``tapdisk/daemon.py``) and its callers (``tapdisk/ctl/client.py``, which
-tap-ctl and the exporter use) share only this module.
+The daemon (``tapdisk/daemon/``) and its callers (``tapdisk/ctl/client.py``, which
+tap-ctl and the exporter use) share this module, and ``minors.py`` for the minors.
 
 Transport
 ---------
 One unix stream socket per tapdisk process, ``<dir>/ctl<pid>``, mode 0600;
-``<dir>`` is ``/run/tapdisk`` unless ``--control-dir``, ``$TAPDISK_CONTROL_DIR`` or
-the configuration's ``control_dir`` says otherwise (in that order).  Each opened
-VBD is also served over NBD at ``<dir>/nbd<pid>.<minor>``.  Every message is a
-4-byte big-endian length followed by that many bytes of UTF-8 JSON holding one
-object, at most ``MAX_MESSAGE`` bytes; ``Infinity``, ``NaN`` and numbers too large
-for a float are not JSON and are refused.  A client sends requests; the daemon answers
-each, in order, with one response.  A frame it cannot decode gets one ``invalid``
-error response (id 0), then the daemon closes that connection.
+``<dir>`` is blktap's ``/run/blktap-control`` unless ``--control-dir``,
+``$TAPDISK_CONTROL_DIR`` or the configuration's ``control_dir`` says otherwise (in that
+order).  Minors are blktap's marker files ``<dir>/tapdisk/tapdisk-<minor>``
+(``tapdisk/ctl/minors.py``), and each opened VBD is served over NBD at
+``<dir>/nbd<pid>.<minor>``.  Every message is a 4-byte big-endian length followed by
+that many bytes of UTF-8 JSON holding one object, at most ``MAX_MESSAGE`` bytes;
+``Infinity``, ``NaN`` and numbers too large for a float are not JSON and are refused.
+A client sends requests; the daemon answers each, in order, with one response.  A
+frame it cannot decode gets one ``invalid`` error response (id 0), then the daemon
+closes that connection.
 
 Requests and responses
 ----------------------
 Request: ``{"id": INT, "op": NAME, "args": {...}}``.  Response:
 ``{"id": INT, "ok": true, "result": ...}`` or
 ``{"id": INT, "ok": false, "error": {"kind": KIND, "message": TEXT}}``, where KIND
-is one of ``ERROR_KINDS``.  Operations (``OPS`` lists their arguments):
+is one of ``ERROR_KINDS``; an ``os`` error also has ``"errno": INT``, the error of the
+system call that failed (tap-ctl exits with it, as blktap's does).  Operations
+(``OPS`` lists their arguments):
 
 ==========  ==============================================  ==============================
 op          args                                            result
 ==========  ==============================================  ==============================
 pid         --                                              {"pid": INT}
-list        --                                              [VBD-INFO, ...]
+list        --                                              [VBD-INFO, ...] (attach order)
+attach      minor                                           VBD-INFO (nothing open yet)
+detach      minor                                           {"attached": INT}
 open        spec, [minor], [read_only], [timeout],          VBD-INFO
             [cbt_log]
 close       minor                                           null
-attach      minor, [index], [connections], [timeout]         VBD-INFO (with "device")
-detach      minor                                           VBD-INFO
+connect     minor, [index], [connections], [timeout]        VBD-INFO (with "device")
+disconnect  minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
 pause       minor                                           VBD-INFO
@@ -43,17 +49,27 @@ stats       [minor]                                         STATS, or [STATS, ..
 shutdown    --                                              null (the process then exits)
 ==========  ==============================================  ==============================
 
+Minors follow blktap: ``attach`` binds an allocated minor to the daemon (locking its
+marker), ``open`` opens an image on it, ``close`` closes the image and ``detach``
+unbinds the minor; ``detach``'s result counts the minors still attached, and a daemon
+left with none exits, as blktap's tapdisk does (``tapdisk service`` excepted).  An
+``open`` without ``minor`` allocates and attaches a minor itself, which the daemon
+frees when it shuts down.  ``open`` on a minor attached first (SM's order) also
+connects it to the kernel when nbd.ko is loaded; a failure to connect is logged, the
+image stays served over NBD.
+
 ``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``), more
-than 0 and at most the configuration's cap (``MAX_SECONDS``, one day), as is
+than 0 and at most ``MAX_SECONDS`` (one day, the configuration's cap too), as is
 attach's; ``index`` is at most ``MAX_DEVICE_INDEX``.  No string argument may
 contain a NUL byte.
 ``cbt_log`` is the absolute path of a CBT log (made by cbt-util) in which the
 device marks every block it writes (tap-ctl ``open -C``, ``unpause -c``); a
 missing log fails the request.  Pause releases the log; unpause without
 ``cbt_log`` stops tracking, with one tracks into it, read afresh from the file.
-``index`` asks for ``/dev/nbd<index>``; without it the kernel picks a free one.
-Attach's ``timeout`` is the kernel's request timeout (default: the retry deadline
-plus 60 s).
+``connect`` gives an opened VBD to the kernel's nbd driver: ``index`` asks for
+``/dev/nbd<index>`` (without it the kernel picks a free one), and its ``timeout`` is
+the kernel's request timeout (default: the retry deadline plus 60 s); a connected
+minor's marker holds ``/dev/nbdN``.  ``disconnect`` takes it back, the VBD stays open.
 
 ``takeover`` and ``release`` restart a tapdisk under a live device (tap-ctl
 restart): the old daemon pauses the VBD, then ``release`` cuts its kernel
@@ -65,12 +81,30 @@ to the old daemon are resent once the kernel's request timeout fires.
 
 VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
 "size": INT, "read_only": BOOL, "cbt_log": PATH or null, "timeout": NUM,
-"nbd_socket": PATH, "device": "/dev/nbdN" or null}``, ``timeout`` being the
-retry deadline and ``cbt_log`` the CBT log marked (while paused, the one
-marked before the pause).
-``state`` is an OR of the ``STATE_*`` bits below.
+"nbd_socket": PATH, "device": "/dev/nbdN" or null}``, ``timeout`` being the retry
+deadline, ``cbt_log`` the CBT log marked (while paused, the one marked before the
+pause) and ``spec`` the image as it was given (``aio:`` stays ``aio:``); a minor
+with nothing open has null in every field but pid, minor and state.  ``state`` is an
+OR of blktap's VBD flags, the ``STATE_*`` bits below: 0 while running (or attached,
+nothing opened yet), 0x2 once closed, 0x14 while a pause drains, 0x2a paused, 0x40
+added while closing, 0x200 added after a failed unpause.
 
-STATS (one VBD; plain counters since the VBD was opened, never reset)::
+STATS (one VBD): blktap's keys, then this project's counters under ``vbd``::
+
+    {
+      "name": "TYPE:PATH",      # the spec as listed
+      "secs": [INT, INT],       # 512-byte sectors read, written (failed or not)
+      "images": [{"name": PATH, "hits": [INT, INT], "fail": [INT, INT]}, ...],
+                                # the chain, leaf first: sectors read, written (failed
+                                # or not) and failed; all are counted at the leaf (this
+                                # project does not count per layer)
+      "FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0,
+      "reqs_outstanding": INT,  # requests queued or in flight
+      "read_caching": "true|false",   # reads go through the page cache
+      "vbd": VBD-STATS
+    }
+
+VBD-STATS (plain counters since the VBD was opened, never reset)::
 
     {
       "pid": INT, "minor": INT, "device": "/dev/nbdN" or null, "connections": INT,
@@ -110,26 +144,35 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tapdisk.config import MAX_DEVICE_INDEX, MAX_SECONDS
-
 #: Length prefix of every message.
 HEADER: Final = struct.Struct(">I")
 #: Largest message body accepted, in bytes.
 MAX_MESSAGE: Final = 1 << 20
-#: Default directory of control and NBD sockets, and its environment override.
-DEFAULT_DIR: Final = "/run/tapdisk"
+#: Default directory of control and NBD sockets and of the minors (blktap's), and its
+#: environment override.
+DEFAULT_DIR: Final = "/run/blktap-control"
 DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+#: Longest retry deadline (and kernel request timeout) anyone may ask for, here or in
+#: the configuration: one day.
+MAX_SECONDS: Final = 86400
+#: Highest /dev/nbdN index, here or in the configuration.
+MAX_DEVICE_INDEX: Final = 65535
 
-# VBD state bits reported by list (``state=0x..``).
-STATE_ATTACHED: Final = 0x1  # handed to the kernel as /dev/nbdN
-STATE_PAUSED: Final = 0x2
-STATE_PAUSING: Final = 0x4  # a pause is draining requests
-STATE_CLOSING: Final = 0x8
+# VBD state bits reported by list (``state=0x..``): blktap's (tapdisk-vbd.h), which SM
+# reads (paused: 0x20; running: neither 0x10 nor 0x20).  blktap's DEAD (0x1), LOCKING
+# (0x80) and LOG_DROPPED (0x100) are never set here.
+STATE_CLOSED: Final = 0x2  # no image open: closed, or paused
+STATE_QUIESCE_REQUESTED: Final = 0x4  # requests are being drained
+STATE_QUIESCED: Final = 0x8  # requests drained, new ones held
+STATE_PAUSE_REQUESTED: Final = 0x10
+STATE_PAUSED: Final = 0x20
+STATE_SHUTDOWN_REQUESTED: Final = 0x40  # a close is under way
+STATE_RESUME_FAILED: Final = 0x200  # the last unpause failed; still paused
 
 ERROR_KINDS: Final = frozenset(
     {
         "invalid",  # malformed request or argument
-        "not-found",  # no VBD with that minor
+        "not-found",  # no VBD with that minor, or the minor is not allocated
         "state",  # not possible in the VBD's state (unpause while running...)
         "image",  # the image cannot be opened or used
         "os",  # a system call failed
@@ -147,6 +190,8 @@ _BOOL = (bool,)
 OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "pid": {},
     "list": {},
+    "attach": {"minor": (_INT, True)},
+    "detach": {"minor": (_INT, True)},
     "open": {
         "spec": (_STR, True),
         "minor": (_INT, False),
@@ -155,13 +200,13 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "cbt_log": (_STR, False),
     },
     "close": {"minor": (_INT, True)},
-    "attach": {
+    "connect": {
         "minor": (_INT, True),
         "index": (_INT, False),
         "connections": (_INT, False),
         "timeout": (_NUM, False),
     },
-    "detach": {"minor": (_INT, True)},
+    "disconnect": {"minor": (_INT, True)},
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
     "pause": {"minor": (_INT, True)},
@@ -219,21 +264,27 @@ class Response:
     result: Any = None
     kind: str = ""
     message: str = ""
+    errno: int | None = None
 
     @classmethod
     def success(cls, request_id: int, result: Any = None) -> Response:
         return cls(request_id, True, result)
 
     @classmethod
-    def failure(cls, request_id: int, kind: str, message: str) -> Response:
+    def failure(
+        cls, request_id: int, kind: str, message: str, errno: int | None = None
+    ) -> Response:
         if kind not in ERROR_KINDS:
             raise ValueError(f"unknown error kind {kind!r}")
-        return cls(request_id, False, kind=kind, message=message)
+        return cls(request_id, False, kind=kind, message=message, errno=errno)
 
     def to_message(self) -> dict[str, Any]:
         if self.ok:
             return {"id": self.id, "ok": True, "result": self.result}
-        return {"id": self.id, "ok": False, "error": {"kind": self.kind, "message": self.message}}
+        error: dict[str, Any] = {"kind": self.kind, "message": self.message}
+        if self.errno is not None:
+            error["errno"] = self.errno
+        return {"id": self.id, "ok": False, "error": error}
 
 
 def encode(message: Request | Response | dict[str, Any]) -> bytes:
@@ -336,10 +387,12 @@ def parse_response(message: dict[str, Any]) -> Response:
     error = message.get("error")
     if not isinstance(error, dict):
         raise ControlProtocolError("failed response has no 'error' object")
-    kind, text = error.get("kind"), error.get("message")
+    kind, text, code = error.get("kind"), error.get("message"), error.get("errno")
     if kind not in ERROR_KINDS or not isinstance(text, str):
         raise ControlProtocolError(f"bad error object {error!r}")
-    return Response(request_id, False, kind=kind, message=text)
+    if code is not None and type(code) is not int:
+        raise ControlProtocolError(f"bad errno in error object {error!r}")
+    return Response(request_id, False, kind=kind, message=text, errno=code)
 
 
 def control_socket(directory: str, pid: int) -> str:

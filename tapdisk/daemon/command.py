@@ -40,8 +40,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     parser = sub.add_parser(
         "daemon",
         help="run a tapdisk steered through its control socket (what tap-ctl spawn starts)",
-        description="Run in the foreground, listening on <dir>/ctl<pid>; tap-ctl opens, pauses, "
-        "attaches and closes images in it.  Logs go to stderr.",
+        description="Run in the foreground, listening on <dir>/ctl<pid>; tap-ctl attaches minors "
+        "to it and opens, pauses and closes images on them.  It exits once its last minor is "
+        "detached.  Logs go to stderr.",
         epilog=DAEMON_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -128,6 +129,7 @@ def main(args: argparse.Namespace) -> int:
             args.ready_fd,
             allowed_dirs=allowed_dirs,
             busy_poll=_given(args.busy_poll, settings.busy_poll),
+            exit_when_idle=True,
         )
     )
 
@@ -139,15 +141,17 @@ async def run(
     boot: Callable[[Daemon], Awaitable[None]] | None = None,
     allowed_dirs: tuple[str, ...] = (),
     busy_poll: int = busypoll.DEFAULT_MAX_US,
+    exit_when_idle: bool = False,
 ) -> int:
-    """Run a daemon until shutdown or SIGTERM/SIGINT.
+    """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
+    its last minor is detached).
 
     Once listening, awaits ``boot(daemon)`` if given (``tapdisk service`` attaches
     its configured devices there and notifies systemd; if it raises, the daemon
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, limits, allowed_dirs, busy_poll)
+    daemon = Daemon(directory, limits, allowed_dirs, busy_poll, exit_when_idle)
     try:
         await daemon.start()
     except OSError as exc:

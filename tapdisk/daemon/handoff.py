@@ -1,11 +1,11 @@
 """The kernel hand-off: a device served to ``/dev/nbdN`` through ``tapdisk.kernel``.
 
-Attach and takeover serve socketpairs without handshake (``DirectAttach``) and
-give the kernel their other ends: attach with CONNECT, for a device nobody
+Connect and takeover serve socketpairs without handshake (``DirectAttach``) and
+give the kernel their other ends: connect with CONNECT, for a device nobody
 serves; takeover with RECONFIGURE, for a ``/dev/nbdN`` whose previous server
 has gone (tap-ctl restart).  Release is the predecessor's half of a restart: it
 cuts the kernel's sockets without DISCONNECT, so the kernel keeps its requests
-for the successor.  Detach disconnects the device.
+for the successor.  Disconnect takes the device back from the kernel.
 """
 
 from __future__ import annotations
@@ -35,21 +35,21 @@ KERNEL_DEAD_CONN_TIMEOUT = 60
 TAKEOVER_WAIT = 10.0
 
 
-async def attach(
+async def connect(
     device: Device, connections: int, index: int | None, timeout: float | None
 ) -> None:
-    """Attach ``device`` as ``/dev/nbd<index>`` (None: the kernel picks one).
+    """Connect ``device`` to the kernel as ``/dev/nbd<index>`` (None: the kernel picks one).
 
     ``timeout`` is the kernel's request timeout (None: the retry deadline plus
     ``KERNEL_TIMEOUT_MARGIN``).
     """
-    _check_attachable(device, connections)
+    _check_connectable(device, connections)
     await _load_kernel_module()
     vbd = device.vbd
     kernel_timeout = int(vbd.limits.timeout + KERNEL_TIMEOUT_MARGIN if timeout is None else timeout)
     export = device.server.exports[""]
 
-    def connect(kernel_ends: list[socket.socket]) -> int:
+    def hand(kernel_ends: list[socket.socket]) -> int:
         return kernel.connect(
             kernel_ends,
             vbd.size,
@@ -61,19 +61,19 @@ async def attach(
             index=index,
         )
 
-    attached = await _hand_to_kernel(device, connections, connect)
-    log.info("minor %d: attached as /dev/nbd%d", device.minor, attached)
+    index = await _hand_to_kernel(device, connections, hand)
+    log.info("minor %d: connected as /dev/nbd%d", device.minor, index)
 
 
 async def takeover(device: Device, index: int, connections: int | None) -> None:
-    """Serve an attached /dev/nbdN whose previous server has gone (tap-ctl restart).
+    """Serve a connected /dev/nbdN whose previous server has gone (tap-ctl restart).
 
     RECONFIGURE gives the kernel fresh sockets in place of the dead ones; the
     kernel resends the requests it lost with the old sockets once their
     request timeout fires.  The kernel keeps its timeouts and flags.
     ``connections`` defaults to as many as the device has.
     """
-    _check_attachable(device, 1 if connections is None else connections)
+    _check_connectable(device, 1 if connections is None else connections)
     await _load_kernel_module()
     backend_id = await asyncio.to_thread(kernel.backend, index)
     if backend_id is None:
@@ -102,14 +102,14 @@ async def takeover(device: Device, index: int, connections: int | None) -> None:
 
 
 def release(device: Device) -> None:
-    """Cut the kernel's sockets of a paused, attached device, without DISCONNECT.
+    """Cut the kernel's sockets of a paused, connected device, without DISCONNECT.
 
     The sockets are cut before the queued requests fail (when the caller closes
     the device), so no error reaches the kernel: it sees dead sockets and keeps
     its requests for the successor.
     """
     if device.kernel_index is None:
-        raise ControlError("state", f"minor {device.minor} is not attached")
+        raise ControlError("state", f"minor {device.minor} is not connected to the kernel")
     if not device.vbd.paused:
         raise ControlError("state", f"minor {device.minor} must be paused to be released")
     for connection in list(device.server.connections):
@@ -118,16 +118,16 @@ def release(device: Device) -> None:
     log.info("minor %d: released /dev/nbd%d", device.minor, device.kernel_index)
 
 
-async def detach(device: Device) -> None:
-    """Disconnect ``device`` from its ``/dev/nbdN``."""
+async def disconnect(device: Device) -> None:
+    """Take ``device``'s ``/dev/nbdN`` back from the kernel."""
     index = device.kernel_index
     assert index is not None
     await asyncio.to_thread(kernel.disconnect, index)
     device.kernel_index = None
-    log.info("minor %d: detached from /dev/nbd%d", device.minor, index)
+    log.info("minor %d: disconnected from /dev/nbd%d", device.minor, index)
 
 
-def _check_attachable(device: Device, connections: int) -> None:
+def _check_connectable(device: Device, connections: int) -> None:
     if device.kernel_index is not None:
         raise ControlError("state", f"minor {device.minor} is already {device.device}")
     if not 1 <= connections <= 64:
@@ -149,7 +149,7 @@ async def _hand_to_kernel(
 ) -> int:
     """Serve ``connections`` socketpairs without handshake and give the kernel
     their other ends with ``hand`` (CONNECT or RECONFIGURE, run in a thread)."""
-    _check_attachable(device, connections)
+    _check_connectable(device, connections)
     pairs = [socket.socketpair() for _ in range(connections)]
     for ours, _ in pairs:
         await device.server.serve_socket(ours, DirectAttach(""))

@@ -2,27 +2,30 @@
 
 ``Daemon`` listens on ``<dir>/ctl<pid>``, answers each connection's requests in
 order, and turns every failure into an error response of the kind the control
-protocol names.  Open takes a minor (minors.py), opens the image as a VBD and
-serves it over NBD on ``<dir>/nbd<pid>.<minor>``; attach, takeover, release and
-detach go through the kernel hand-off (handoff.py).
+protocol names.  Minors follow blktap (``minors.py``): attach binds an allocated
+minor to the daemon, open opens an image on it as a VBD served over NBD on
+``<dir>/nbd<pid>.<minor>``, close closes the image, detach unbinds the minor, and a
+spawned daemon left without minors exits.  Connect, disconnect, takeover and release
+go through the kernel hand-off (handoff.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 from typing import Any
 
 from tapdisk.ctl import directory as control_directory
-from tapdisk.ctl import protocol
+from tapdisk.ctl import minors, protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import OpenOptions
 
-from .. import busypoll
+from .. import busypoll, kernel
 from .. import config as configuration
 from ..export import Export
 from ..scheduler import SchedulerLimits
@@ -31,13 +34,17 @@ from ..vbd import VBD, VBDError, open_stack
 from . import handoff
 from .device import Device
 from .errors import ControlError
-from .minors import lock_minor, unlock_minor
+from .minors import Minor
 
 log = logging.getLogger("tapdisk.daemon")
 
 
 class Daemon:
-    """The control server and the VBDs of one tapdisk process."""
+    """The control server and the minors of one tapdisk process.
+
+    ``exit_when_idle``: shut down once the last minor is detached, as blktap's
+    tapdisk does (what tap-ctl spawns); ``tapdisk service`` keeps running.
+    """
 
     def __init__(
         self,
@@ -45,6 +52,7 @@ class Daemon:
         limits: SchedulerLimits | None = None,
         allowed_dirs: tuple[str, ...] = (),
         busy_poll: int = busypoll.DEFAULT_MAX_US,
+        exit_when_idle: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
         self.limits = limits or SchedulerLimits()
@@ -52,19 +60,23 @@ class Daemon:
         self.allowed_dirs = allowed_dirs
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
+        self.exit_when_idle = exit_when_idle
         self.pid = os.getpid()
         self.control_path = protocol.control_socket(self.directory, self.pid)
-        self.devices: dict[int, Device] = {}
+        #: The minors attached here, in the order they were attached.
+        self.minors: dict[int, Minor] = {}
         self.stopped = asyncio.Event()
         self._stopping = False
         self._server: asyncio.AbstractServer | None = None
         self._ops = {
             "pid": self._op_pid,
             "list": self._op_list,
-            "open": self._op_open,
-            "close": self._op_close,
             "attach": self._op_attach,
             "detach": self._op_detach,
+            "open": self._op_open,
+            "close": self._op_close,
+            "connect": self._op_connect,
+            "disconnect": self._op_disconnect,
             "takeover": self._op_takeover,
             "release": self._op_release,
             "pause": self._op_pause,
@@ -90,22 +102,29 @@ class Daemon:
         log.info("control socket %s", self.control_path)
 
     async def shutdown(self) -> None:
-        """Detach and close every device, stop listening, remove the control socket."""
+        """Close every device and detach every minor (freeing those allocated here), stop
+        listening, remove the control socket."""
         if self._stopping:
             return
         self._stopping = True
         log.info("shutting down; %s", self.poller.summary())
-        for minor in list(self.devices):
+        for minor in list(self.minors.values()):
             try:
-                await self._close_device(minor)
+                if minor.device is not None:
+                    await self._close_device(minor)
             except Exception:
-                log.exception("minor %d: close at shutdown failed", minor)
+                log.exception("minor %d: close at shutdown failed", minor.number)
+            self._detach(minor, free=minor.owned)
         if self._server is not None:
             self._server.close()
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
         self.stopped.set()
+
+    def _shutdown_soon(self) -> None:
+        """Shut down once the current answer has been written."""
+        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))
 
     # -- control connections -----------------------------------------------------
 
@@ -152,28 +171,82 @@ class Daemon:
         except ImageError as exc:
             return Response.failure(request.id, "image", str(exc))
         except OSError as exc:
-            return Response.failure(request.id, "os", str(exc))
+            return Response.failure(request.id, "os", str(exc), exc.errno)
         except Exception as exc:
             log.exception("%s request failed", request.op)
             return Response.failure(request.id, "internal", f"{type(exc).__name__}: {exc}")
         return Response.success(request.id, result)
 
-    # -- operations --------------------------------------------------------------
+    # -- minors ------------------------------------------------------------------
 
-    def _device(self, request: Request) -> Device:
-        minor = request.args["minor"]
-        device = self.devices.get(minor)
+    def _minor(self, request: Request) -> Minor:
+        number = request.args["minor"]
+        minor = self.minors.get(number)
+        if minor is None:
+            raise ControlError("not-found", f"tapdisk {self.pid} has no minor {number}")
+        return minor
+
+    def _device(self, request: Request) -> tuple[Minor, Device]:
+        minor = self._minor(request)
+        if minor.device is None:
+            raise ControlError(
+                "state", f"minor {minor.number} of tapdisk {self.pid} has no image open"
+            )
+        return minor, minor.device
+
+    def _bind(self, number: int, *, owned: bool = False) -> Minor:
+        """Attach the allocated minor ``number`` to this daemon."""
+        try:
+            fd = minors.bind(self.directory, number)
+        except minors.MinorError as exc:
+            kind = "not-found" if exc.errno == errno.ENOENT else "state"
+            raise ControlError(kind, str(exc)) from None
+        minor = Minor(number, fd, owned=owned)
+        self.minors[number] = minor
+        log.info("minor %d: attached", number)
+        return minor
+
+    def _attach_new(self) -> Minor:
+        """Allocate a minor and attach it (an open without a minor)."""
+        try:
+            number = minors.allocate(self.directory)
+        except minors.MinorError as exc:
+            raise ControlError("os", str(exc)) from None
+        try:
+            return self._bind(number, owned=True)
+        except BaseException:
+            minors.free(self.directory, number)
+            raise
+
+    def _detach(self, minor: Minor, *, free: bool = False) -> None:
+        """Unbind ``minor`` (nothing open on it); ``free`` removes its marker too."""
+        del self.minors[minor.number]
+        minors.unbind(minor.lock_fd)
+        log.info("minor %d: detached", minor.number)
+        if free:
+            try:
+                minors.free(self.directory, minor.number)
+            except minors.MinorError as exc:
+                log.warning("minor %d: not freed: %s", minor.number, exc)
+
+    def info(self, minor: Minor) -> dict[str, Any]:
+        """VBD-INFO of ``minor`` (``tapdisk/ctl/protocol.py``)."""
+        device = minor.device
         if device is None:
-            raise ControlError("not-found", f"tapdisk {self.pid} has no minor {minor}")
-        return device
-
-    def info(self, device: Device) -> dict[str, Any]:
+            return {
+                "pid": self.pid,
+                "minor": minor.number,
+                "state": minor.state,
+                **dict.fromkeys(
+                    ("spec", "size", "read_only", "cbt_log", "timeout", "nbd_socket", "device")
+                ),
+            }
         vbd = device.vbd
         return {
             "pid": self.pid,
-            "minor": device.minor,
-            "state": device.state,
-            "spec": vbd.spec,
+            "minor": minor.number,
+            "state": minor.state,
+            "spec": device.spec,
             "size": vbd.size,
             "read_only": vbd.read_only,
             "cbt_log": vbd.cbt_log,
@@ -182,131 +255,188 @@ class Daemon:
             "device": device.device,
         }
 
+    # -- operations --------------------------------------------------------------
+
     async def _op_pid(self, request: Request) -> dict[str, int]:
         return {"pid": self.pid}
 
     async def _op_list(self, request: Request) -> list[dict[str, Any]]:
-        return [self.info(device) for _, device in sorted(self.devices.items())]
+        return [self.info(minor) for minor in self.minors.values()]
+
+    async def _op_attach(self, request: Request) -> dict[str, Any]:
+        number = request.args["minor"]
+        if number in self.minors:
+            raise ControlError("state", f"minor {number} is already attached to tapdisk {self.pid}")
+        return self.info(self._bind(number))
+
+    async def _op_detach(self, request: Request) -> dict[str, int]:
+        minor = self._minor(request)
+        if minor.device is not None:
+            raise ControlError(
+                "state", f"minor {minor.number} has {minor.device.spec} open: close it first"
+            )
+        self._detach(minor)
+        if not self.minors and self.exit_when_idle:
+            log.info("no minor left: exiting")
+            self._shutdown_soon()
+        return {"attached": len(self.minors)}
 
     async def _op_open(self, request: Request) -> dict[str, Any]:
         args = request.args
         timeout = args.get("timeout", self.limits.timeout)
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
-        cbt_log = args.get("cbt_log")
-        if cbt_log is not None:
-            self._check_log_allowed(cbt_log)
-        minor, lock_fd = lock_minor(self.directory, args.get("minor"))
+        if args.get("cbt_log") is not None:
+            self._check_log_allowed(args["cbt_log"])
+        if "minor" not in args:
+            minor = self._attach_new()
+        else:
+            minor = self.minors.get(args["minor"])
+            if minor is None:
+                raise ControlError(
+                    "not-found",
+                    f"minor {args['minor']} is not attached to tapdisk {self.pid} "
+                    "(tap-ctl attach it first, or open without -m)",
+                )
+            if minor.device is not None:
+                raise ControlError(
+                    "state", f"minor {minor.number} already has {minor.device.spec} open"
+                )
         try:
-            options = OpenOptions(
-                read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
-            )
-            image = await open_stack(args["spec"], options, cbt_log)
-            limits = SchedulerLimits(
-                queue_depth=self.limits.queue_depth,
-                max_merge=self.limits.max_merge,
-                timeout=float(timeout),
-                watchdog=self.limits.watchdog,
-            )
-            vbd = VBD(image, options=options, limits=limits, name=f"minor {minor}")
-            path = protocol.nbd_socket(self.directory, self.pid, minor)
-            export = Export("", vbd, label=vbd.name, changes=vbd)
-            server = NBDServer([export], poller=self.poller)
-            try:
-                await server.listen_unix(path)
-            except BaseException:
-                await server.shutdown()
-                raise
+            device = await self._open_device(minor.number, args, float(timeout))
         except BaseException:
-            unlock_minor(self.directory, minor, lock_fd)
+            if "minor" not in args:
+                self._detach(minor, free=True)  # allocated for this open: as if never
             raise
-        device = Device(minor, vbd, server, path, lock_fd)
-        self.devices[minor] = device
+        minor.device, minor.closed = device, False
+        if not minor.owned and kernel.nbd_loaded():
+            try:
+                await self._connect(minor, device, 1, None, None)
+            except ControlError as exc:
+                log.warning("minor %d: not connected to the kernel: %s", minor.number, exc)
+        return self.info(minor)
+
+    async def _open_device(self, number: int, args: dict[str, Any], timeout: float) -> Device:
+        options = OpenOptions(
+            read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
+        )
+        cbt_log = args.get("cbt_log")
+        image = await open_stack(args["spec"], options, cbt_log)
+        limits = SchedulerLimits(
+            queue_depth=self.limits.queue_depth,
+            max_merge=self.limits.max_merge,
+            timeout=timeout,
+            watchdog=self.limits.watchdog,
+        )
+        vbd = VBD(image, options=options, limits=limits, name=f"minor {number}")
+        path = protocol.nbd_socket(self.directory, self.pid, number)
+        export = Export("", vbd, label=vbd.name, changes=vbd)
+        server = NBDServer([export], poller=self.poller)
+        try:
+            await server.listen_unix(path)
+        except BaseException:
+            await server.shutdown()
+            raise
         tracking = f", changed blocks marked in {cbt_log}" if cbt_log else ""
-        log.info("minor %d: opened %s%s, NBD on %s", minor, vbd.spec, tracking, path)
-        return self.info(device)
+        log.info("minor %d: opened %s%s, NBD on %s", number, vbd.spec, tracking, path)
+        return Device(number, args["spec"], vbd, server, path)
 
     async def _op_close(self, request: Request) -> None:
-        self._device(request)
-        await self._close_device(request.args["minor"])
+        minor = self._minor(request)
+        if minor.device is not None:
+            await self._close_device(minor)
+        minor.closed = True
 
-    async def _close_device(self, minor: int, *, detach: bool = True) -> None:
-        device = self.devices[minor]
+    async def _close_device(self, minor: Minor, *, disconnect: bool = True) -> None:
+        device = minor.device
+        assert device is not None
         if device.closing:
-            raise ControlError("state", f"minor {minor} is already closing")
+            raise ControlError("state", f"minor {minor.number} is already closing")
         device.closing = True
         try:
-            if device.kernel_index is not None and detach:
-                await handoff.detach(device)
+            if device.kernel_index is not None and disconnect:
+                await handoff.disconnect(device)
             if device.vbd.paused:
                 await device.vbd.close()  # requests waiting for the pause fail now
             await device.server.shutdown()
         finally:
-            del self.devices[minor]
-            unlock_minor(self.directory, minor, device.lock_fd)
-        log.info("minor %d: closed", minor)
+            minor.device = None
+            minor.closed = True
+            minors.record_device(minor.lock_fd, None)
+        log.info("minor %d: closed", minor.number)
 
-    async def _op_attach(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
+    async def _connect(
+        self,
+        minor: Minor,
+        device: Device,
+        connections: int,
+        index: int | None,
+        timeout: float | None,
+    ) -> None:
+        await handoff.connect(device, connections, index, timeout)
+        minors.record_device(minor.lock_fd, device.device)
+
+    async def _op_connect(self, request: Request) -> dict[str, Any]:
+        minor, device = self._device(request)
         args = request.args
-        await handoff.attach(
-            device, args.get("connections", 1), args.get("index"), args.get("timeout")
+        await self._connect(
+            minor, device, args.get("connections", 1), args.get("index"), args.get("timeout")
         )
-        return self.info(device)
+        return self.info(minor)
+
+    async def _op_disconnect(self, request: Request) -> dict[str, Any]:
+        minor, device = self._device(request)
+        if device.kernel_index is None:
+            raise ControlError("state", f"minor {minor.number} is not connected to the kernel")
+        await handoff.disconnect(device)
+        minors.record_device(minor.lock_fd, None)
+        return self.info(minor)
 
     async def _op_takeover(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
+        minor, device = self._device(request)
         args = request.args
         await handoff.takeover(device, args["index"], args.get("connections"))
-        return self.info(device)
-
-    async def _op_detach(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
-        if device.kernel_index is None:
-            raise ControlError("state", f"minor {device.minor} is not attached")
-        await handoff.detach(device)
-        return self.info(device)
+        minors.record_device(minor.lock_fd, device.device)
+        return self.info(minor)
 
     async def _op_release(self, request: Request) -> None:
-        device = self._device(request)
+        minor, device = self._device(request)
         handoff.release(device)
-        await self._close_device(device.minor, detach=False)
+        await self._close_device(minor, disconnect=False)
 
     async def _op_pause(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
+        minor, device = self._device(request)
         await device.vbd.pause()
-        return self.info(device)
+        return self.info(minor)
 
     async def _op_unpause(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
-        if "spec" in request.args:
-            spec = request.args["spec"]
+        minor, device = self._device(request)
+        spec = request.args.get("spec")
+        if spec is not None:
             self._check_allowed(spec, configuration.image_path(spec))
         cbt_log = request.args.get("cbt_log")
         if cbt_log is not None:
             self._check_log_allowed(cbt_log)
-        await device.vbd.unpause(request.args.get("spec"), cbt_log)
-        return self.info(device)
+        try:
+            await device.vbd.unpause(spec, cbt_log)
+        finally:
+            device.resume_failed = device.vbd.paused
+        if spec is not None:
+            device.spec = spec
+        return self.info(minor)
 
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
-        device = self._device(request)
+        minor, device = self._device(request)
         path = os.path.abspath(request.args["path"])
         self._check_allowed(path, path)
-        await device.vbd.snapshot(request.args["path"], request.args.get("format", "qcow2"))
-        return self.info(device)
+        device.spec = await device.vbd.snapshot(
+            request.args["path"], request.args.get("format", "qcow2")
+        )
+        return self.info(minor)
 
     async def _op_stats(self, request: Request) -> dict[str, Any] | list[dict[str, Any]]:
         if "minor" in request.args:
-            return self.stats(self._device(request))
-        return [self.stats(device) for _, device in sorted(self.devices.items())]
-
-    def stats(self, device: Device) -> dict[str, Any]:
-        return {
-            "pid": self.pid,
-            "minor": device.minor,
-            "device": device.device,
-            "connections": len(device.server.connections),
-            **device.vbd.stats_dict(),
-        }
+            return self._device(request)[1].stats(self.pid)
+        return [m.device.stats(self.pid) for m in self.minors.values() if m.device is not None]
 
     def _check_allowed(self, what: str, path: str | None) -> None:
         """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
@@ -334,4 +464,4 @@ class Daemon:
             )
 
     async def _op_shutdown(self, request: Request) -> None:
-        asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))
+        self._shutdown_soon()

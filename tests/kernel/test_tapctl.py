@@ -132,7 +132,7 @@ def test_create_gives_a_device_that_holds_ext4(
     start = time.monotonic()
     dev = tapctl.create(f"{kind}:{image}")
     report(
-        f"tap-ctl create -a {kind}: (spawn + open + attach)", f"{time.monotonic() - start:.1f} s"
+        f"tap-ctl create -a {kind}: (spawn + open + connect)", f"{time.monotonic() - start:.1f} s"
     )
     assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
     mnt = tmp_path / "mnt"
@@ -211,9 +211,7 @@ def test_list_shows_the_created_device(tapctl: TapCtl, tmp_path: Path) -> None:
     assert row["device"] == dev
     assert row["spec"] == f"raw:{image}"
     line = tapctl("list").strip()
-    assert re.fullmatch(
-        rf"pid={row['pid']} minor={row['minor']} state=0x[0-9a-f]+ args=raw:{image}", line
-    )
+    assert line == f"pid={row['pid']} minor={row['minor']} state=0 args=raw:{image}"
 
 
 def test_destroy_detaches_the_device_and_stops_tapdisk(tapctl: TapCtl, tmp_path: Path) -> None:
@@ -227,7 +225,7 @@ def test_destroy_detaches_the_device_and_stops_tapdisk(tapctl: TapCtl, tmp_path:
     assert kernel.status(index) == {index: False}
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert tapctl.listing() == {"tapdisks": [], "idle": []}
+    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": []}
 
 
 def test_pause_stalls_io_without_errors_and_unpause_resumes_it(
@@ -246,7 +244,7 @@ def test_pause_stalls_io_without_errors_and_unpause_resumes_it(
         tapctl("unpause", "-d", dev)
     finally:
         output = finish(fio)
-    assert row["state"] & 0x2, row  # paused while it was
+    assert row["state"] & 0x20, row  # blktap's PAUSED while it was
     assert dmesg_io_errors(dev, before) == [], output
     tapctl.destroy(dev)
     sh("qemu-img", "check", "-q", image)
@@ -285,3 +283,42 @@ def test_snapshot_under_fio_load_moves_writes_to_the_overlay(
         # qemu-img cannot read differencing VHDs: reopen the chain with a new tapdisk.
         again = tapctl.create(f"vhd:{overlay}")
         assert sha256_file(again, 32 * MiB) == device_digest
+
+
+def test_a_minor_opened_in_sms_order_is_connected_at_open(tapctl: TapCtl, tmp_path: Path) -> None:
+    """allocate, spawn, attach, open (SM's order): the open connects /dev/nbdN, the minor's
+    marker names it, and close, detach, free undo it all."""
+    image = make_image(tmp_path, "vhd")
+    marker = Path(tapctl("allocate").strip())
+    minor = int(marker.name.removeprefix("tapdisk-"))
+    assert marker == tapctl.directory / "tapdisk" / f"tapdisk-{minor}"
+    pid = int(tapctl("spawn"))
+    tapctl("attach", "-p", str(pid), "-m", str(minor))
+    tapctl("open", "-p", str(pid), "-m", str(minor), "-a", f"vhd:{image}", "-t", "30")
+    (row,) = tapctl.listing()["tapdisks"]
+    dev = row["device"]
+    assert re.fullmatch(r"/dev/nbd\d+", dev), row
+    index = int(dev.removeprefix("/dev/nbd"))
+    assert kernel.status(index) == {index: True}
+    assert marker.read_text() == f"{dev}\n"
+    assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
+
+    pattern = tmp_path / "pattern"
+    digest = sha256_of_new(pattern, 4 * MiB)
+    sh("dd", f"if={pattern}", f"of={dev}", "bs=1M", "oflag=direct", "conv=fsync", "status=none")
+    copy = tmp_path / "copy.raw"  # read back through the NBD socket SM links for qemu
+    uri = f"nbd+unix:///?socket={tapctl.directory}/nbd{pid}.{minor}"
+    sh("qemu-img", "convert", "-f", "raw", "-O", "raw", uri, copy)
+    assert sha256_file(copy, 4 * MiB) == digest
+
+    tapctl("close", "-p", str(pid), "-m", str(minor), "-t", "120")
+    assert kernel.status(index) == {index: False}
+    assert marker.read_text() == ""
+    tapctl("detach", "-p", str(pid), "-m", str(minor))
+    tapctl("free", "-m", str(minor))
+    assert not marker.exists()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the tapdisk outlived its last minor"
+    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": []}

@@ -65,7 +65,7 @@ def test_restart_under_fio_load_hands_the_device_over_without_io_errors(
     (row,) = tapctl.listing()["tapdisks"]
     assert (row["pid"], row["device"], row["spec"]) == (new, dev, f"vhd:{image}")
     assert row["timeout"] == 3
-    stats = json.loads(tapctl("stats", "-d", dev))
+    stats = json.loads(tapctl("stats", "-d", dev))["vbd"]
     assert stats["connections"] == connections  # the kernel's sockets, now ours
     what = f"restart, {connections} connection(s)"
     report(f"{what}: tap-ctl restart took", f"{took:.1f} s")
