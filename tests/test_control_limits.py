@@ -51,7 +51,7 @@ def test_a_timeout_that_is_not_a_json_number_is_refused(tapctl, raw_image, numbe
     assert ask(tapctl, pid, encode(Request(2, "list"))[4:]).result == []
 
 
-@pytest.mark.parametrize("op", ["open", "attach"])
+@pytest.mark.parametrize("op", ["open", "connect"])
 def test_a_timeout_above_the_configured_cap_is_refused(tapctl, raw_image, op):
     pid = int(tapctl.out("spawn"))
     args = {"spec": f"raw:{raw_image('16M')}"} if op == "open" else {"minor": 0}
@@ -113,7 +113,7 @@ def test_eight_stacked_layers_still_open(tapctl, raw_image):
 def test_a_device_index_above_the_limit_is_refused(tapctl, raw_image):
     pid = int(tapctl.out("spawn"))
     tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('16M')}")
-    body = json.dumps({"id": 1, "op": "attach", "args": {"minor": 0, "index": 1 << 40}})
+    body = json.dumps({"id": 1, "op": "connect", "args": {"minor": 0, "index": 1 << 40}})
     response = ask(tapctl, pid, body.encode())
     assert (response.ok, response.kind) == (False, "invalid")
     assert "'index' must be from 0 to 65535" in response.message

@@ -60,7 +60,7 @@ image stays served over NBD.
 
 ``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``), more
 than 0 and at most ``MAX_SECONDS`` (one day, the configuration's cap too), as is
-attach's; ``index`` is at most ``MAX_DEVICE_INDEX``.  No string argument may
+connect's; ``index`` is at most ``MAX_DEVICE_INDEX``.  No string argument may
 contain a NUL byte.
 ``cbt_log`` is the absolute path of a CBT log (made by cbt-util) in which the
 device marks every block it writes (tap-ctl ``open -C``, ``unpause -c``); a
