@@ -78,6 +78,8 @@ DRIVERS: dict[str, Driver] = {
 FORMATS: tuple[str, ...] = tuple(kind for kind, driver in DRIVERS.items() if driver.create)
 #: Layer types: their argument is ``OPTIONS:INNER-SPEC``, not a path.
 LAYERS: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.layer)
+#: Most layers one spec may stack (each is a Python call deep, and none needs more).
+MAX_LAYERS = 8
 #: Types that can bypass the page cache (``OpenOptions.direct``).
 DIRECT_IO: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.direct_io)
 #: qemu format names -> our spec types.
@@ -147,7 +149,21 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind not in DRIVERS:
         known = ", ".join(sorted(DRIVERS))
         raise ImageError(f"unknown image type {kind!r} in {spec!r} (known: {known})")
+    if "\0" in spec:
+        raise ImageError(f"bad image spec {spec[:200]!r}: it contains a NUL byte")
+    if _layer_depth(spec) > MAX_LAYERS:
+        raise ImageError(f"bad image spec {spec[:200]!r}: more than {MAX_LAYERS} layers stacked")
     return kind, path
+
+
+def _layer_depth(spec: str) -> int:
+    """How many ``layer:OPTIONS:`` prefixes stand before the image's own ``TYPE:PATH``."""
+    depth = 0
+    kind, _, rest = spec.partition(":")
+    while kind in LAYERS:
+        depth += 1
+        kind, _, rest = rest.partition(":")[2].partition(":")
+    return depth
 
 
 def _function(name: str) -> Any:

@@ -40,11 +40,10 @@ from tapdisk.drivers.registry import parse_spec
 
 from .busypoll import DEFAULT_MAX_US
 from .busypoll import MAX_US as BUSY_POLL_MAX_US
-from .ctl.protocol import DEFAULT_DIR
+from .ctl.protocol import DEFAULT_DIR, MAX_DEVICE_INDEX, MAX_SECONDS
 
 DEFAULT_PATH = "/etc/tapdisk/tapdisk.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-MAX_DEVICE_INDEX = 65535
 
 
 class ConfigError(Exception):
@@ -125,8 +124,8 @@ def _integer(low: int, high: int) -> Callable[[object], int]:
 def _seconds(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"expected a number of seconds, got {value!r}")
-    if not 0 < value <= 86400:
-        raise ValueError(f"must be more than 0 and at most 86400 seconds, got {value}")
+    if not 0 < value <= MAX_SECONDS:
+        raise ValueError(f"must be more than 0 and at most {MAX_SECONDS} seconds, got {value}")
     return float(value)
 
 

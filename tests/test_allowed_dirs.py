@@ -176,3 +176,47 @@ def test_allowed_dir_flag_must_be_absolute(tmp_path):
     )
     assert proc.returncode == 2
     assert "must be an absolute path" in proc.stderr
+
+
+def test_unpause_onto_an_image_outside_the_allowed_dirs_is_refused(start, dirs, tmp_path):
+    _, vms = dirs
+    disk = vms / "disk.raw"
+    disk.write_bytes(bytes(1 << 20))
+    elsewhere = tmp_path / "elsewhere.raw"
+    elsewhere.write_bytes(bytes(1 << 20))
+    daemon = start("--allowed-dir", str(vms))
+    assert daemon.tapctl("open", "-a", f"raw:{disk}").returncode == 0
+    assert daemon.tapctl("pause", "-m", "0").returncode == 0
+    result = daemon.tapctl("unpause", "-m", "0", "-a", f"raw:{elsewhere}")
+    assert result.returncode == 1
+    assert f"{elsewhere}: the image is outside the allowed directories ({vms})" in result.stderr
+    assert daemon.tapctl("unpause", "-m", "0").returncode == 0  # still on its own image
+    assert f"args=raw:{disk}" in daemon.tapctl("list").stdout
+
+
+def test_a_symlink_inside_the_allowed_dirs_to_an_image_outside_is_refused(start, dirs, tmp_path):
+    _, vms = dirs
+    elsewhere = tmp_path / "elsewhere.raw"
+    elsewhere.write_bytes(bytes(1 << 20))
+    (vms / "disk.raw").symlink_to(elsewhere)
+    daemon = start("--allowed-dir", str(vms))
+    result = daemon.tapctl("open", "-a", f"raw:{vms / 'disk.raw'}")
+    assert result.returncode == 1
+    assert "outside the allowed directories" in result.stderr
+
+
+def test_an_image_under_a_layer_outside_the_allowed_dirs_is_refused(start, dirs, tmp_path):
+    _, vms = dirs
+    elsewhere = tmp_path / "elsewhere.raw"
+    elsewhere.write_bytes(bytes(1 << 20))
+    daemon = start("--allowed-dir", str(vms))
+    result = daemon.tapctl("open", "-a", f"fault:count=1:raw:{elsewhere}")
+    assert result.returncode == 1
+    assert "outside the allowed directories" in result.stderr
+
+
+def test_a_relative_image_path_is_refused_when_allowed_dirs_are_set(start, dirs):
+    daemon = start("--allowed-dir", str(dirs[1]))
+    result = daemon.tapctl("open", "-a", "raw:disk.raw")
+    assert result.returncode == 1
+    assert "give an absolute path inside one of them" in result.stderr

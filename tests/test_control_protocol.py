@@ -165,3 +165,26 @@ def test_arbitrary_bytes_raise_only_protocol_errors(data):
 def test_arbitrary_json_objects_raise_only_protocol_errors(message):
     with contextlib.suppress(ControlProtocolError):
         parse_request(message)
+
+
+@pytest.mark.parametrize("number", [b"Infinity", b"-Infinity", b"NaN", b"1e400"])
+def test_a_number_json_does_not_have_is_refused(number):
+    body = b'{"id":1,"op":"open","args":{"spec":"raw:/x","timeout":%s}}' % number
+    with pytest.raises(ControlProtocolError):
+        Decoder().feed(struct.pack(">I", len(body)) + body)
+
+
+def test_infinity_is_never_encoded():
+    with pytest.raises(ControlProtocolError, match="cannot be sent as JSON"):
+        encode(Response.success(1, {"timeout": float("inf")}))
+
+
+@pytest.mark.parametrize("timeout", [0, -1, 86400.5, 1e308])
+def test_a_timeout_outside_the_configured_limits_is_refused(timeout):
+    with pytest.raises(ControlProtocolError, match="at most 86400 seconds"):
+        parse_request({"id": 1, "op": "open", "args": {"spec": "raw:/x", "timeout": timeout}})
+
+
+def test_a_string_argument_with_a_nul_byte_is_refused():
+    with pytest.raises(ControlProtocolError, match="'path' contains a NUL byte"):
+        parse_request({"id": 1, "op": "snapshot", "args": {"minor": 0, "path": "/x\0y"}})

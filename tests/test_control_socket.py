@@ -63,6 +63,9 @@ def test_an_oversized_frame_closes_that_connection_only(tapctl):
     pid = int(tapctl.out("spawn"))
     with connect(tapctl, pid) as sock:
         sock.sendall(struct.pack(">I", 1 << 30))
+        [refusal] = receive(sock, 1)
+        assert (refusal.ok, refusal.kind) == (False, "invalid")
+        assert "length prefix" in refusal.message
         assert sock.recv(100) == b""
     with connect(tapctl, pid) as sock:
         sock.sendall(encode(Request(1, "pid")))

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from tapdisk.ctl import directory as control_directory
 from tapdisk.ctl.client import CallError, Client
 
 #: Seconds a spawned tapdisk may take to start listening.
@@ -36,9 +37,12 @@ def spawn(directory: str, config: str | None = None) -> subprocess.Popen[bytes]:
     Its log goes to ``<directory>/tapdisk.log``; on failure the lines it wrote
     there are part of the error.
     """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     log_path = os.path.join(directory, "tapdisk.log")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        control_directory.prepare(directory)
+        log_fd = control_directory.open_file(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except control_directory.UnsafeDirectoryError as exc:
+        raise SpawnError(f"tapdisk not started: {exc}") from None
     log_start = os.fstat(log_fd).st_size
     ready_r, ready_w = os.pipe()
     argv = [sys.executable, "-m", "tapdisk.cli", "daemon", "--control-dir", directory]
@@ -64,7 +68,7 @@ def spawn(directory: str, config: str | None = None) -> subprocess.Popen[bytes]:
     if line:
         return proc
     _stop(proc)
-    with open(log_path, "rb") as log:
+    with os.fdopen(control_directory.open_file(log_path, os.O_RDONLY), "rb") as log:
         log.seek(log_start)
         tail = log.read().decode(errors="replace").strip()
     raise SpawnError(f"tapdisk failed to start{': ' + tail if tail else ''}")

@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from . import directory as control_directory
+
 #: Minors run from 0 below this.
 MINOR_LIMIT = 1 << 20
 
@@ -68,11 +70,7 @@ def allocate(directory: str, wanted: int | None = None) -> int:
     with _locked_dir(directory):
         for minor in range(MINOR_LIMIT) if wanted is None else (wanted,):
             try:
-                fd = os.open(
-                    marker_path(directory, minor),
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-                    0o600,
-                )
+                fd = _open(marker_path(directory, minor), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
                 continue
             os.close(fd)
@@ -87,7 +85,7 @@ def free(directory: str, minor: int) -> None:
     path = marker_path(directory, minor)
     with _locked_dir(directory):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = _open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise MinorError(errno.ENOENT, f"minor {minor} is not allocated") from None
         try:
@@ -106,7 +104,7 @@ def bind(directory: str, minor: int) -> int:
     """Lock the marker of an allocated ``minor`` for this process; the locked descriptor."""
     path = marker_path(directory, minor)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        fd = _open(path, os.O_RDWR)
     except FileNotFoundError:
         raise MinorError(
             errno.ENOENT, f"minor {minor} is not allocated (tap-ctl allocate first)"
@@ -136,12 +134,25 @@ def record_device(fd: int, device: str | None) -> None:
         os.pwrite(fd, f"{device}\n".encode(), 0)
 
 
+def _open(path: str, flags: int) -> int:
+    """Open a marker (or their directory) without following a symlink in its place."""
+    try:
+        return control_directory.open_file(path, flags)
+    except control_directory.UnsafeDirectoryError as exc:
+        raise MinorError(errno.ELOOP, str(exc)) from None
+
+
 @contextmanager
 def _locked_dir(directory: str) -> Iterator[None]:
-    """Hold an ``flock`` on the marker directory (created 0700 if needed)."""
+    """Hold an ``flock`` on the marker directory (created 0700 if needed), in a control
+    directory only root and we can write (``directory.py``)."""
     path = minors_dir(directory)
+    try:
+        control_directory.prepare(directory)
+    except control_directory.UnsafeDirectoryError as exc:
+        raise MinorError(errno.EPERM, str(exc)) from None
     os.makedirs(path, mode=0o700, exist_ok=True)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = _open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -13,8 +13,11 @@ One unix stream socket per tapdisk process, ``<dir>/ctl<pid>``, mode 0600;
 order).  Minors are blktap's marker files ``<dir>/tapdisk/tapdisk-<minor>``
 (``tapdisk/ctl/minors.py``), and each opened VBD is served over NBD at
 ``<dir>/nbd<pid>.<minor>``.  Every message is a 4-byte big-endian length followed by
-that many bytes of UTF-8 JSON holding one object, at most ``MAX_MESSAGE`` bytes.  A
-client sends requests; the daemon answers each, in order, with one response.
+that many bytes of UTF-8 JSON holding one object, at most ``MAX_MESSAGE`` bytes;
+``Infinity``, ``NaN`` and numbers too large for a float are not JSON and are refused.
+A client sends requests; the daemon answers each, in order, with one response.  A
+frame it cannot decode gets one ``invalid`` error response (id 0), then the daemon
+closes that connection.
 
 Requests and responses
 ----------------------
@@ -55,7 +58,10 @@ frees when it shuts down.  ``open`` on a minor attached first (SM's order) also
 connects it to the kernel when nbd.ko is loaded; a failure to connect is logged, the
 image stays served over NBD.
 
-``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``).
+``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``), more
+than 0 and at most ``MAX_SECONDS`` (one day, the configuration's cap too), as is
+connect's; ``index`` is at most ``MAX_DEVICE_INDEX``.  No string argument may
+contain a NUL byte.
 ``cbt_log`` is the absolute path of a CBT log (made by cbt-util) in which the
 device marks every block it writes (tap-ctl ``open -C``, ``unpause -c``); a
 missing log fails the request.  Pause releases the log; unpause without
@@ -146,6 +152,11 @@ MAX_MESSAGE: Final = 1 << 20
 #: environment override.
 DEFAULT_DIR: Final = "/run/blktap-control"
 DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+#: Longest retry deadline (and kernel request timeout) anyone may ask for, here or in
+#: the configuration: one day.
+MAX_SECONDS: Final = 86400
+#: Highest /dev/nbdN index, here or in the configuration.
+MAX_DEVICE_INDEX: Final = 65535
 
 # VBD state bits reported by list (``state=0x..``): blktap's (tapdisk-vbd.h), which SM
 # reads (paused: 0x20; running: neither 0x10 nor 0x20).  blktap's DEAD (0x1), LOCKING
@@ -210,6 +221,32 @@ class ControlProtocolError(Exception):
     """Bytes or a message that break the protocol; the message says how."""
 
 
+def _check_value(op: str, name: str, value: Any) -> None:
+    """Refuse an argument of the right type but outside the configuration's limits."""
+    if isinstance(value, str) and "\0" in value:
+        raise ControlProtocolError(f"{op}: argument {name!r} contains a NUL byte")
+    if name == "timeout" and not 0 < value <= MAX_SECONDS:
+        raise ControlProtocolError(
+            f"{op}: argument 'timeout' must be more than 0 and at most {MAX_SECONDS} "
+            f"seconds, got {value!r}"
+        )
+    if name == "index" and not 0 <= value <= MAX_DEVICE_INDEX:
+        raise ControlProtocolError(
+            f"{op}: argument 'index' must be from 0 to {MAX_DEVICE_INDEX}, got {value!r}"
+        )
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ControlProtocolError(f"message body is not JSON: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ControlProtocolError(f"message body has a number out of range: {text[:40]}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     id: int
@@ -254,7 +291,10 @@ def encode(message: Request | Response | dict[str, Any]) -> bytes:
     """One framed message."""
     if isinstance(message, Request | Response):
         message = message.to_message()
-    body = json.dumps(message, separators=(",", ":")).encode()
+    try:
+        body = json.dumps(message, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError as exc:  # Infinity and NaN are not JSON: never send them
+        raise ControlProtocolError(f"message cannot be sent as JSON: {exc}") from None
     if len(body) > MAX_MESSAGE:
         raise ControlProtocolError(
             f"message of {len(body)} bytes exceeds the {MAX_MESSAGE}-byte limit"
@@ -284,7 +324,9 @@ class Decoder:
             body = bytes(self._buf[HEADER.size : end])
             del self._buf[:end]
             try:
-                message = json.loads(body)
+                message = json.loads(
+                    body, parse_constant=_refuse_constant, parse_float=_finite_float
+                )
             except (UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise ControlProtocolError(f"message body is not JSON: {exc}") from None
             if not isinstance(message, dict):
@@ -327,6 +369,7 @@ def parse_request(message: dict[str, Any]) -> Request:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = "/".join(t.__name__ for t in types)
             raise ControlProtocolError(f"{op}: argument {name!r} must be {wanted}, got {value!r}")
+        _check_value(op, name, value)
     for name, (_, required) in schema.items():
         if required and name not in args:
             raise ControlProtocolError(f"{op}: missing argument {name!r}")

@@ -18,6 +18,7 @@ import logging
 import os
 from typing import Any
 
+from tapdisk.ctl import directory as control_directory
 from tapdisk.ctl import minors, protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
@@ -88,8 +89,8 @@ class Daemon:
     # -- lifetime ----------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the directory (0700) if needed and listen on the control socket."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        """Create the directory (0700) if needed, check that only we can write it, listen."""
+        control_directory.prepare(self.directory)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)  # a previous process with our pid is gone
         old_umask = os.umask(0o177)
@@ -144,6 +145,9 @@ class Daemon:
                         return
         except ControlProtocolError as exc:
             log.warning("control client sent a bad frame, closing it: %s", exc)
+            with contextlib.suppress(ConnectionError):
+                writer.write(protocol.encode(Response.failure(0, "invalid", str(exc))))
+                await writer.drain()
         except ConnectionError:
             pass
         finally:
@@ -280,8 +284,6 @@ class Daemon:
     async def _op_open(self, request: Request) -> dict[str, Any]:
         args = request.args
         timeout = args.get("timeout", self.limits.timeout)
-        if not timeout > 0:
-            raise ControlError("invalid", f"timeout must be positive, got {timeout}")
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
         if args.get("cbt_log") is not None:
             self._check_log_allowed(args["cbt_log"])

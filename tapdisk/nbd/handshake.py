@@ -36,7 +36,8 @@ from .constants import (
 )
 from .errors import ClientAborted, ProtocolError
 
-#: Largest option payload we buffer; bigger ones are skipped and refused.
+#: Largest option payload we accept; a client announcing more is hung up on at
+#: once (as nbdkit and qemu-nbd do) rather than waited for.
 MAX_OPTION_LENGTH: Final = 64 * 1024
 #: Longest string (export name, query) the spec allows.
 MAX_STRING: Final = 4096
@@ -96,8 +97,6 @@ class Handshake:
         self._structured = False
         self._contexts: tuple[tuple[int, str], ...] = ()
         self._context_export: ExportInfo | None = None
-        self._skip = 0  # bytes of an over-long option still to discard
-        self._skip_option = 0
         self.leftover = b""
 
     def take_output(self) -> bytes:
@@ -119,24 +118,15 @@ class Handshake:
             self._no_zeroes = bool(flags & ClientFlag.NO_ZEROES)
             self._have_client_flags = True
         while True:
-            if self._skip:
-                n = min(self._skip, len(self._buffer))
-                del self._buffer[:n]
-                self._skip -= n
-                if self._skip:
-                    return None
-                self._reply(self._skip_option, Reply.ERR_TOO_BIG, b"option data too long")
             if len(self._buffer) < OPTION_HEADER.size:
                 return None
             magic, option, length = OPTION_HEADER.unpack_from(self._buffer)
             if magic != IHAVEOPT:
                 raise ProtocolError(f"bad option magic {magic:#x}")
             if length > MAX_OPTION_LENGTH:
-                if option == Option.EXPORT_NAME:  # it has no error reply: hang up
-                    raise ProtocolError(f"EXPORT_NAME of {length} bytes")
-                del self._buffer[: OPTION_HEADER.size]
-                self._skip, self._skip_option = length, option
-                continue
+                raise ProtocolError(
+                    f"option {option} announces {length} bytes, limit {MAX_OPTION_LENGTH}"
+                )
             end = OPTION_HEADER.size + length
             if len(self._buffer) < end:
                 return None
