@@ -60,7 +60,7 @@ def target(args: argparse.Namespace, *, need_minor: bool = True) -> tuple[int, i
 
 
 def cmd_spawn(args: argparse.Namespace) -> None:
-    print(spawn(args.control_dir, args.config).pid)
+    print(spawn(args.control_dir, args.config))
 
 
 def cmd_open(args: argparse.Namespace) -> None:
@@ -74,9 +74,9 @@ def cmd_open(args: argparse.Namespace) -> None:
 
 def cmd_create(args: argparse.Namespace) -> None:
     index = parse_device(args.device) if args.device else None
-    proc = spawn(args.control_dir, args.config)
+    pid = spawn(args.control_dir, args.config)
     try:
-        with Client.connect(args.control_dir, proc.pid) as client:
+        with Client.connect(args.control_dir, pid) as client:
             info = client.call(
                 "open", spec=args.args, read_only=args.read_only, timeout=args.timeout
             )
@@ -89,7 +89,7 @@ def cmd_create(args: argparse.Namespace) -> None:
                     timeout=args.kernel_timeout,
                 )
     except BaseException:
-        abandon(args.control_dir, proc)
+        abandon(args.control_dir, pid)
         raise
     print(info["nbd_socket"] if args.no_attach else info["device"])
 
@@ -147,10 +147,10 @@ def cmd_restart(args: argparse.Namespace) -> None:
             raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
         if info["device"] is None:
             raise TapCtlError(f"tapdisk {pid} minor {minor} is not attached to the kernel")
-        proc = spawn(args.control_dir, args.config)  # before the pause: not part of the stall
+        new_pid = spawn(args.control_dir, args.config)  # before the pause: not part of the stall
         paused = False
         try:
-            new = Client.connect(args.control_dir, proc.pid)
+            new = Client.connect(args.control_dir, new_pid)
             old.call("pause", minor=minor)
             paused = True
             opened = new.call(
@@ -158,7 +158,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
             )
             old.call("release", minor=minor)
         except BaseException:
-            abandon(args.control_dir, proc)  # closes the image before the old VBD reopens it
+            abandon(args.control_dir, new_pid)  # closes the image before the old VBD reopens it
             if paused:
                 old.call("unpause", minor=minor)
             raise
@@ -167,13 +167,13 @@ def cmd_restart(args: argparse.Namespace) -> None:
                 new.call("takeover", minor=opened["minor"], index=parse_device(info["device"]))
             except CallError as exc:
                 raise TapCtlError(
-                    f"{info['device']}: tapdisk {proc.pid} could not take it over ({exc}); "
+                    f"{info['device']}: tapdisk {new_pid} could not take it over ({exc}); "
                     f"it has the image open as minor {opened['minor']}"
                 ) from None
         others = old.call("list")
     if not others:
         shutdown(args.control_dir, pid)
-    print(proc.pid)
+    print(new_pid)
 
 
 def simple_command(op: str) -> Callable[[argparse.Namespace], None]:

@@ -105,6 +105,8 @@ MAX_MESSAGE: Final = 1 << 20
 #: Default directory of control and NBD sockets, and its environment override.
 DEFAULT_DIR: Final = "/run/tapdisk"
 DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+#: Socket of the process that forks new tapdisks, in that directory (tapdisk.daemon.spawner).
+SPAWNER_SOCKET: Final = "spawner"
 
 # VBD state bits reported by list (``state=0x..``).
 STATE_ATTACHED: Final = 0x1  # handed to the kernel as /dev/nbdN
