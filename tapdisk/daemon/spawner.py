@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from tapdisk.ctl import protocol
+from tapdisk.drivers import registry
 
 log = logging.getLogger("tapdisk.spawner")
 
@@ -58,8 +59,10 @@ def serve(directory: str, ready: int | None, start: Callable[[list[str]], int]) 
     """Fork tapdisks on request until idle; ``start(argv)`` runs a tapdisk command line.
 
     Writes the socket path to ``ready`` (if given) once listening.  The caller must
-    have imported everything a tapdisk needs: that is what the children share.
+    have imported the daemon; the drivers are imported here, so that every child
+    shares them.
     """
+    registry.import_openers()
     path = socket_path(directory)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(path)
