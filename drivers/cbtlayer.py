@@ -32,6 +32,7 @@ import os
 from . import cbt
 from .base import Capabilities, Extent, Image, ImageError
 from .fileio import io_pool
+from .paths import open_disk
 
 _SHIFT = cbt.BLOCK_SHIFT
 _BASE = cbt.HEADER.size
@@ -62,7 +63,7 @@ class CbtImage(Image):
         self.release_log()
         length = _BASE + cbt.bitmap_size(self.size)
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            fd = open_disk(path, os.O_RDWR)  # a FIFO would hang the read below
         except FileNotFoundError:
             raise ImageError(f"CBT log {path}: no such file (logs are made by cbt-util)") from None
         except OSError as exc:

@@ -29,7 +29,6 @@ from .nbd.constants import SIMPLE_REPLY, Command, CommandFlag, Error, nbd_error
 from .nbd.errors import ClientAborted, ProtocolError
 from .nbd.handshake import ExportInfo, Handshake, Negotiated, connection_flags
 from .nbd.transmission import (
-    MAX_EXTENTS,
     Request,
     RequestReader,
     block_status_chunk,
@@ -132,7 +131,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.image: Image | None = None
         self.flags = 0
         self.structured = False
-        self.allocation_context: int | None = None
+        #: The (id, name) of each metadata context the client selected.
+        self.contexts: tuple[tuple[int, str], ...] = ()
+        self._block_status_ok = False
         self._size = 0
 
     # -- asyncio callbacks -------------------------------------------------------
@@ -154,7 +155,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._direct is not None:
             export = self.server.exports[self._direct.export]
             flags = self._direct.flags or connection_flags(export.info, structured=False)
-            self._begin_transmission(Negotiated(export.info, flags, False, None))
+            self._begin_transmission(Negotiated(export.info, flags, False))
             return
         if self.server.closing:
             transport.abort()
@@ -260,7 +261,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._size = negotiated.export.size
         self.flags = int(negotiated.flags)  # plain int: checked on every request
         self.structured = negotiated.structured
-        self.allocation_context = negotiated.allocation_context
+        self.contexts = negotiated.contexts
+        self._block_status_ok = bool(negotiated.contexts)
         if self._fd >= 0:
             self.server.poller.register(self)
 
@@ -332,9 +334,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._disconnecting:
             return  # nothing may follow DISC
         command = request.command
-        error = check_request(
-            request, self.flags, self._size, MAX_PAYLOAD, self.allocation_context is not None
-        )
+        error = check_request(request, self.flags, self._size, MAX_PAYLOAD, self._block_status_ok)
         if error is not None:
             self._send_error(request, error, "invalid request")
             return
@@ -440,28 +440,21 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._ack(request.cookie)
 
     async def _block_status(self, request: Request) -> None:
-        assert self.image is not None and self.allocation_context is not None
+        """One BLOCK_STATUS chunk per selected context, the last one DONE."""
+        assert self.export is not None
         if request.length == 0:
             self._send_error(request, Error.EINVAL, "zero-length block status")
             return
-        extents = await self.image.extents(request.offset, request.length)
-        pairs: list[tuple[int, int]] = []
-        remaining = request.length
-        for extent in extents:
-            length = min(extent.length, remaining)
-            if length <= 0:
-                break
-            flags = int(extent.flags)
-            if pairs and pairs[-1][1] == flags:
-                pairs[-1] = (pairs[-1][0] + length, flags)
-            else:
-                pairs.append((length, flags))
-            remaining -= length
-            if len(pairs) >= MAX_EXTENTS:
-                break
-        if request.flags & _REQ_ONE:
-            pairs = pairs[:1]
-        self._send(block_status_chunk(request.cookie, self.allocation_context, pairs))
+        answers = await self.export.block_status(
+            self.contexts, request.offset, request.length, bool(request.flags & _REQ_ONE)
+        )
+        last = len(answers) - 1
+        self._send(
+            *(
+                block_status_chunk(request.cookie, context_id, extents, done=index == last)
+                for index, (context_id, extents) in enumerate(answers)
+            )
+        )
 
     # -- replies -----------------------------------------------------------------
 

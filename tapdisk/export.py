@@ -1,22 +1,42 @@
-"""What an NBD server serves: an image under a name, with the flags its capabilities allow.
+"""What an NBD server serves: an image under a name, its flags and its metadata contexts.
 
 ``Export`` turns an image's capabilities into the transmission flags and the
-``ExportInfo`` a client learns in the handshake; ``DirectAttach`` names the
-export a socket without handshake (the kernel's nbd driver) is served.
+``ExportInfo`` a client learns in the handshake, and answers block status for
+the metadata contexts it offers: ``base:allocation`` from the image's extents
+and, while the device tracks changed blocks in a CBT log, ``qemu:dirty-bitmap:cbt``
+(flag 1 for each block the log marks, as qemu answers for a dirty bitmap).
+``DirectAttach`` names the export a socket without handshake (the kernel's nbd
+driver) is served.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
+from dataclasses import dataclass, replace
+from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image
 
-from .nbd.constants import TransmissionFlag
+from .nbd.constants import BASE_ALLOCATION, TransmissionFlag
 from .nbd.handshake import ExportInfo
+from .nbd.transmission import MAX_EXTENTS
 
 #: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
+#: The metadata context of the blocks a CBT log marks.
+CBT_CONTEXT: Final = "qemu:dirty-bitmap:cbt"
+#: Its flag for a marked (changed) block; unchanged blocks have none.
+DIRTY: Final = 1
+
+
+class ChangedBlocks(Protocol):
+    """A device that may track changed blocks: a VBD, with or without a CBT log."""
+
+    @property
+    def cbt_log(self) -> str | None:
+        """The log the device marks; None while it tracks nothing."""
+
+    async def changed_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Runs of changed (True) and unchanged bytes from ``offset``."""
 
 
 class Export:
@@ -30,11 +50,14 @@ class Export:
         read_only: bool = False,
         description: str = "",
         label: str = "",
+        changes: ChangedBlocks | None = None,
     ) -> None:
+        """``changes``: where the CBT context's answers come from (the VBD ``image`` is)."""
         self.name = name
         #: How log messages name the export: ``label``, else its name, else the image spec.
         self.label = label or name or image.spec
         self.image = image
+        self.changes = changes
         self.read_only = read_only or image.read_only
         caps = image.capabilities
         flags = TransmissionFlag.HAS_FLAGS
@@ -55,7 +78,7 @@ class Export:
             flags |= TransmissionFlag.CAN_MULTI_CONN
         if caps.cache:
             flags |= TransmissionFlag.SEND_CACHE
-        self.info = ExportInfo(
+        self._info = ExportInfo(
             name=name,
             size=image.size,
             flags=flags,
@@ -63,8 +86,54 @@ class Export:
             min_block=image.block_size,
             preferred_block=max(4096, image.block_size),
             max_payload=MAX_PAYLOAD,
-            block_status=caps.extents,
+            contexts=(BASE_ALLOCATION,) if caps.extents else (),
         )
+
+    @property
+    def info(self) -> ExportInfo:
+        """What a client learns in the handshake: the CBT context only while the device tracks."""
+        if self.changes is None or self.changes.cbt_log is None:
+            return self._info
+        return replace(self._info, contexts=(*self._info.contexts, CBT_CONTEXT))
+
+    async def block_status(
+        self, contexts: tuple[tuple[int, str], ...], offset: int, length: int, one: bool
+    ) -> list[tuple[int, list[tuple[int, int]]]]:
+        """(context id, extents) for each selected context, the extents being (length, flags).
+
+        The extents of a context run on from ``offset``, equal neighbours merged,
+        until they cover ``length`` or number MAX_EXTENTS; ``one`` (REQ_ONE)
+        keeps the first only.
+        """
+        answers = []
+        for context_id, name in contexts:
+            if name == CBT_CONTEXT:
+                assert self.changes is not None  # offered only with a source
+                changed = await self.changes.changed_extents(offset, length)
+                runs = [(run, DIRTY if dirty else 0) for run, dirty in changed]
+            else:
+                extents = await self.image.extents(offset, length)
+                runs = [(extent.length, int(extent.flags)) for extent in extents]
+            answers.append((context_id, _clip(runs, length, one)))
+        return answers
+
+
+def _clip(runs: list[tuple[int, int]], length: int, one: bool) -> list[tuple[int, int]]:
+    """``runs`` merged where their flags are equal, cut at ``length`` bytes and MAX_EXTENTS."""
+    pairs: list[tuple[int, int]] = []
+    remaining = length
+    for run, flags in runs:
+        run = min(run, remaining)
+        if run <= 0:
+            break
+        if pairs and pairs[-1][1] == flags:
+            pairs[-1] = (pairs[-1][0] + run, flags)
+        else:
+            pairs.append((run, flags))
+        remaining -= run
+        if len(pairs) >= MAX_EXTENTS:
+            break
+    return pairs[:1] if one else pairs
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,17 +13,26 @@ Pause quiesces the scheduler (new requests wait, in-flight ones drain),
 flushes and closes the image.  Unpause opens the same spec or a new one of
 the same size, and the waiting requests run against it.  A snapshot is a pause,
 an overlay created on the current leaf, and an unpause on the overlay.
+
+Changed-block tracking: a device opened with a CBT log has a ``CbtImage``
+(drivers/cbtlayer.py) on top of its stack.  Pause releases the log with the
+rest of the stack; unpause tracks into the log it is given, read afresh from
+the file (SM may have coalesced into it, or renamed it away and created a new
+one, meanwhile), and tracks nothing without one, as blktap's unpause does.
+A snapshot keeps tracking into the same log.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 from time import perf_counter_ns
 from typing import Any, Final
 
 from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
+from tapdisk.drivers.cbtlayer import CbtImage
 from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
 
@@ -61,6 +70,7 @@ class VBD(Image):
         self._spec = image.spec
         self._format = image.format_name
         self._caps = image.capabilities
+        self._cbt_log = _log_of(image)
         self.scheduler = Scheduler(image, self.limits, self.name)
         self.stats = self.scheduler.stats
         self._lock = asyncio.Lock()
@@ -92,6 +102,11 @@ class VBD(Image):
     @property
     def capabilities(self) -> Capabilities:
         return self._caps
+
+    @property
+    def cbt_log(self) -> str | None:
+        """The CBT log the device marks (while paused: marked before the pause, released now)."""
+        return self._cbt_log
 
     @property
     def paused(self) -> bool:
@@ -182,6 +197,21 @@ class VBD(Image):
     async def cache(self, offset: int, length: int) -> None:
         await self.scheduler.call("cache", lambda image: image.cache(offset, length))
 
+    async def changed_extents(self, offset: int, length: int) -> list[tuple[int, bool]]:
+        """Runs of changed (True) and unchanged bytes from ``offset``, from the CBT log.
+
+        Queued like any request, so a paused device answers once it runs again
+        and from the log it then has; ENOTSUP once it tracks nothing.
+        """
+
+        async def query(image: Image) -> list[tuple[int, bool]]:
+            if not isinstance(image, CbtImage):
+                raise OSError(errno.ENOTSUP, f"{self.name} tracks no changed blocks now")
+            return image.changed_extents(offset, length)
+
+        result: list[tuple[int, bool]] = await self.scheduler.call("extents", query)
+        return result
+
     async def close(self) -> None:
         """Drain, flush and close the image, fail anything still queued; idempotent."""
         async with self._lock:
@@ -212,14 +242,16 @@ class VBD(Image):
         async with self._lock:
             await self._pause()
 
-    async def unpause(self, spec: str | None = None) -> None:
+    async def unpause(self, spec: str | None = None, cbt_log: str | None = None) -> None:
         """Reopen the image (or ``spec``, which must have the same size) and run.
 
+        ``cbt_log``: the CBT log to mark from now on; None stops tracking.
         Raises VBDError when the device is not paused or the new image does not
-        fit; the device then stays paused.
+        fit, ImageError when the image or the log cannot be opened; the device
+        then stays paused, and its log stays what it was.
         """
         async with self._lock:
-            await self._unpause(spec)
+            await self._unpause(spec, cbt_log)
 
     async def snapshot(self, path: str, fmt: str = "qcow2") -> str:
         """Pause, create a ``fmt`` overlay at ``path`` over the current leaf, run on it.
@@ -241,12 +273,12 @@ class VBD(Image):
             new_spec = f"{fmt}:{os.path.abspath(path)}"
             try:
                 await asyncio.to_thread(create_overlay, path, fmt, kind, leaf, self.size)
-                image = await self._open_same_size(new_spec)
+                image = await self._open_same_size(new_spec, self._cbt_log)
             except BaseException:
                 if os.path.exists(path):
                     os.unlink(path)
                 if not was_paused:
-                    await self._unpause(None)
+                    await self._unpause(None, self._cbt_log)
                 raise
             if was_paused:
                 await image.close()
@@ -276,16 +308,16 @@ class VBD(Image):
         self._paused = True
         log.info("%s: paused", self.name)
 
-    async def _unpause(self, spec: str | None) -> None:
+    async def _unpause(self, spec: str | None, cbt_log: str | None) -> None:
         if self._closed:
             raise VBDError(f"{self.name} is closed")
         if not self._paused:
             raise VBDError(f"{self.name} is not paused")
-        self._run_on(await self._open_same_size(spec or self._spec))
+        self._run_on(await self._open_same_size(spec or self._spec, cbt_log))
 
-    async def _open_same_size(self, spec: str) -> Image:
-        """Open ``spec`` with the device's options; refuse it if its size differs."""
-        image = await asyncio.to_thread(open_image, spec, self.options)
+    async def _open_same_size(self, spec: str, cbt_log: str | None) -> Image:
+        """Open ``spec`` (under ``cbt_log``) with the device's options; refuse another size."""
+        image = await open_stack(spec, self.options, cbt_log)
         if image.size != self.size:
             await image.close()
             raise VBDError(
@@ -298,9 +330,11 @@ class VBD(Image):
         """Make ``image`` the device's image and let queued requests run."""
         self._spec = image.spec
         self._format = image.format_name
+        self._cbt_log = _log_of(image)
         self._paused = False
         self.scheduler.unpause(image)
-        log.info("%s: running on %s", self.name, image.spec)
+        tracking = f", marking changed blocks in {self._cbt_log}" if self._cbt_log else ""
+        log.info("%s: running on %s%s", self.name, image.spec, tracking)
 
     # -- statistics --------------------------------------------------------------
 
@@ -318,6 +352,7 @@ class VBD(Image):
             "size": self.size,
             "read_only": self.read_only,
             "paused": self._paused,
+            "cbt_log": self._cbt_log,
             "reads": s.reads,
             "writes": s.writes,
             "flushes": s.flushes,
@@ -348,6 +383,26 @@ class VBD(Image):
                 "buckets": buckets,
             },
         }
+
+
+async def open_stack(spec: str, options: OpenOptions, cbt_log: str | None) -> Image:
+    """Open ``spec`` and, given a CBT log, the CBT layer over it (which never creates the log).
+
+    Raises ImageError naming the image or the log; nothing stays open then.
+    """
+    image = await asyncio.to_thread(open_image, spec, options)
+    if cbt_log is None:
+        return image
+    try:
+        return await asyncio.to_thread(CbtImage, image, cbt_log)
+    except BaseException:
+        await image.close()
+        raise
+
+
+def _log_of(image: Image) -> str | None:
+    """The CBT log ``image`` marks, if it is the CBT layer."""
+    return image.log_path if isinstance(image, CbtImage) else None
 
 
 def create_overlay(path: str, fmt: str, leaf_kind: str, leaf_path: str, size: int) -> None:

@@ -1,4 +1,5 @@
-"""CBT helpers the tests share: blktap's log layout packed by hand, and the cbt-util command.
+"""CBT helpers the tests share: blktap's log layout packed by hand, the cbt-util command,
+and writes into given blocks through a tapdisk's NBD socket.
 
 The expected files are packed here from blktap 4.0.8's layout (48-byte
 little-endian header: parent, child, consistent, 4 bytes padding, size; then
@@ -14,6 +15,9 @@ import sys
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
+
+import nbd
+from tapctl_helpers import nbd_uri
 
 CBT_UTIL = str(Path(sys.executable).with_name("cbt-util"))
 BLOCK = 64 * 1024
@@ -69,3 +73,30 @@ def ok(*args: object) -> str:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stderr == ""
     return proc.stdout
+
+
+def new_log(path: Path, size: int, blocks: Iterable[int] = ()) -> Path:
+    """A log made by ``cbt-util create`` (as SM makes them), with ``blocks`` then marked."""
+    ok("create", "-n", path, "-s", size)
+    blocks = set(blocks)
+    if blocks:
+        data = bytearray(path.read_bytes())
+        data[48:] = bitmap_of(size, blocks)
+        path.write_bytes(data)
+    return path
+
+
+def marked(log: Path) -> set[int]:
+    """Blocks set in the log, from the bitmap ``cbt-util get -b`` prints."""
+    proc = cbt_util("get", "-n", log, "-b", text=False)
+    assert proc.returncode == 0, proc.stderr
+    return blocks_in(proc.stdout)
+
+
+def write_blocks(sock: str, blocks: Iterable[int], fill: bytes = b"w") -> None:
+    """A 4 KiB write inside each of ``blocks``, through the NBD socket ``sock``."""
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock))
+    for block in blocks:
+        h.pwrite(fill * 4096, block * BLOCK + 8192)
+    h.shutdown()

@@ -144,7 +144,13 @@ def test_check_request_fast_path_agrees_with_every_rule(
 # -- Handshake -----------------------------------------------------------------------
 
 EXPORTS = {
-    "disk": ExportInfo(name="disk", size=1 << 30, flags=1 | 4 | 8, description="a disk"),
+    "disk": ExportInfo(
+        name="disk",
+        size=1 << 30,
+        flags=1 | 4 | 8,
+        description="a disk",
+        contexts=("base:allocation", "qemu:dirty-bitmap:cbt"),
+    ),
     "ro": ExportInfo(name="ro", size=4096, flags=1 | 2),
 }
 names = st.sampled_from(["", "disk", "ro", "nope", "d\u00efsk"])
@@ -186,7 +192,12 @@ options = st.one_of(
         st.builds(
             meta_payload,
             names,
-            st.lists(st.sampled_from(["base:allocation", "base:", "qemu:x", ""]), max_size=3),
+            st.lists(
+                st.sampled_from(
+                    ["base:allocation", "base:", "qemu:", "qemu:dirty-bitmap:cbt", "qemu:x", ""]
+                ),
+                max_size=3,
+            ),
         ),
         st.none(),
     ),

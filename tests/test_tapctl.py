@@ -115,6 +115,7 @@ def test_list_json_describes_every_device(tapctl, raw_image):
         "spec": f"raw:{path}",
         "size": 8 << 20,
         "read_only": False,
+        "cbt_log": None,
         "timeout": 120.0,
         "nbd_socket": sock,
         "device": None,

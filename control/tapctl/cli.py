@@ -5,22 +5,26 @@ tapdisk processes they start and stop in ``processes``, and every call to a daem
 goes through ``tapdisk/ctl/client.py``.  The subcommands and flags follow blktap's
 ``tap-ctl`` where they apply:
 
-    tap-ctl create -a TYPE:PATH [-R] [-t SECS] [-d /dev/nbdN]   spawn, open, attach; prints device
+    tap-ctl create -a TYPE:PATH [-R] [-t SECS] [-C LOG] [-d /dev/nbdN]
+                                                                spawn, open, attach; prints device
     tap-ctl create --no-attach -a TYPE:PATH                     spawn, open; prints the NBD socket
     tap-ctl destroy -p PID -m MINOR | -d /dev/nbdN              detach, close, stop an idle tapdisk
     tap-ctl list [-p PID] [-m MINOR] [-t TYPE] [-f FILE] [--json]
     tap-ctl spawn                                               prints the new tapdisk's pid
-    tap-ctl open -p PID [-m MINOR] -a TYPE:PATH [-R] [-t SECS]  prints the NBD socket
+    tap-ctl open -p PID [-m MINOR] -a TYPE:PATH [-R] [-t SECS] [-C LOG]  prints the NBD socket
     tap-ctl close -p PID -m MINOR
     tap-ctl attach -p PID -m MINOR [-d /dev/nbdN]               prints /dev/nbdN
     tap-ctl detach -p PID -m MINOR
     tap-ctl pause -p PID -m MINOR
-    tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH]
+    tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH] [-c LOG]
     tap-ctl snapshot -p PID -m MINOR -a qcow2:/path/overlay.qcow2
     tap-ctl stats -p PID [-m MINOR]                             JSON
     tap-ctl shutdown -p PID
 
 Every command accepts ``-d /dev/nbdN`` instead of ``-p``/``-m`` once attached.
+``-C LOG`` (open, create) marks every written 64 KiB block in the CBT log LOG,
+which cbt-util made; ``unpause -c LOG`` goes on marking in LOG, read afresh,
+and ``unpause`` without it stops marking.
 Failures print ``tap-ctl: message`` to stderr and exit 1 (2 for usage errors);
 ``create`` undoes what it did before failing, so no half-created device or
 orphan tapdisk stays behind.
@@ -78,19 +82,24 @@ COMMAND_EXAMPLES = {
     "list": "  tap-ctl list\n  tap-ctl list -t vhd --json\n  tap-ctl list -p 1234\n",
     "spawn": "  tap-ctl spawn                                        prints the new pid\n",
     "open": "  tap-ctl open -p 1234 -a vhd:/images/disk.vhd\n"
-    "  tap-ctl open -p 1234 -m 2 -a raw:/images/d.img -R -t 30\n",
+    "  tap-ctl open -p 1234 -m 2 -a raw:/images/d.img -R -t 30\n"
+    "  tap-ctl open -p 1234 -a vhd:/images/disk.vhd -C /images/disk.cbtlog\n",
     "close": "  tap-ctl close -p 1234 -m 0\n",
     "attach": "  tap-ctl attach -p 1234 -m 0\n  tap-ctl attach -p 1234 -m 0 -d /dev/nbd5 -n 4\n",
     "detach": "  tap-ctl detach -p 1234 -m 0\n  tap-ctl detach -d /dev/nbd5\n",
     "pause": "  tap-ctl pause -d /dev/nbd0\n  tap-ctl pause -p 1234 -m 0\n",
     "unpause": "  tap-ctl unpause -d /dev/nbd0\n"
-    "  tap-ctl unpause -d /dev/nbd0 -a vhd:/var/lib/images/new-leaf.vhd\n",
+    "  tap-ctl unpause -d /dev/nbd0 -a vhd:/var/lib/images/new-leaf.vhd\n"
+    "  tap-ctl unpause -d /dev/nbd0 -c /var/lib/images/disk.cbtlog\n",
     "snapshot": "  tap-ctl snapshot -d /dev/nbd0 -a qcow2:/images/overlay.qcow2\n",
     "stats": "  tap-ctl stats -d /dev/nbd0\n  tap-ctl stats -p 1234                every minor\n",
     "shutdown": "  tap-ctl shutdown -p 1234\n",
     "restart": "  tap-ctl restart -d /dev/nbd0                  prints the new tapdisk's pid\n"
     "  tap-ctl restart -p 1234 -m 0\n",
 }
+
+
+CBT_OPEN_HELP = "mark every written 64 KiB block in this CBT log (made by cbt-util; it must exist)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="retry deadline of each request (default 120)",
         )
 
+    def add_cbt_log(p: argparse.ArgumentParser, flag: str, help_text: str) -> None:
+        p.add_argument(flag, "--cbt-log", metavar="LOG", help=help_text)
+
     def add_kernel_timeout(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--kernel-timeout",
@@ -158,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("create", cmd_create, "spawn a tapdisk, open an image and attach it as /dev/nbdN")
     add_image(p)
     add_open_flags(p)
+    add_cbt_log(p, "-C", CBT_OPEN_HELP)
     p.add_argument("-d", "--device", metavar="/dev/nbdN", help="use this nbd device")
     p.add_argument("-n", "--connections", type=int, help="kernel sockets (multi-conn)")
     add_kernel_timeout(p)
@@ -179,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(p, device=False)
     add_image(p)
     add_open_flags(p)
+    add_cbt_log(p, "-C", CBT_OPEN_HELP)
     p = add("close", cmd_close, "close a device (detaching it first)")
     add_target(p)
     p = add("attach", cmd_attach, "attach an open device to the kernel; prints /dev/nbdN")
@@ -194,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("unpause", cmd_unpause, "let a paused device run again, optionally on a new image")
     add_target(p)
     add_image(p, required=False)
+    add_cbt_log(
+        p,
+        "-c",
+        "go on marking changed blocks in this CBT log, read afresh from the "
+        "file; without it the device stops marking",
+    )
     p = add("snapshot", cmd_snapshot, "overlay the current image and continue on the overlay")
     add_target(p)
     p.add_argument("-a", "--args", metavar="FORMAT:PATH", required=True, help="overlay to create")

@@ -67,7 +67,12 @@ def cmd_open(args: argparse.Namespace) -> None:
     pid, minor = target(args, need_minor=False)
     with Client.connect(args.control_dir, pid) as client:
         info = client.call(
-            "open", spec=args.args, minor=minor, read_only=args.read_only, timeout=args.timeout
+            "open",
+            spec=args.args,
+            minor=minor,
+            read_only=args.read_only,
+            timeout=args.timeout,
+            cbt_log=log_path(args.cbt_log),
         )
     print(info["nbd_socket"])
 
@@ -78,7 +83,11 @@ def cmd_create(args: argparse.Namespace) -> None:
     try:
         with Client.connect(args.control_dir, pid) as client:
             info = client.call(
-                "open", spec=args.args, read_only=args.read_only, timeout=args.timeout
+                "open",
+                spec=args.args,
+                read_only=args.read_only,
+                timeout=args.timeout,
+                cbt_log=log_path(args.cbt_log),
             )
             if not args.no_attach:
                 info = client.call(
@@ -92,6 +101,11 @@ def cmd_create(args: argparse.Namespace) -> None:
         abandon(args.control_dir, pid)
         raise
     print(info["nbd_socket"] if args.no_attach else info["device"])
+
+
+def log_path(path: str | None) -> str | None:
+    """A CBT log as the daemon needs it, absolute (it may run in another directory)."""
+    return None if path is None else os.path.abspath(path)
 
 
 def parse_device(text: str) -> int:
@@ -154,13 +168,17 @@ def cmd_restart(args: argparse.Namespace) -> None:
             old.call("pause", minor=minor)
             paused = True
             opened = new.call(
-                "open", spec=info["spec"], read_only=info["read_only"], timeout=info["timeout"]
+                "open",
+                spec=info["spec"],
+                read_only=info["read_only"],
+                timeout=info["timeout"],
+                cbt_log=info["cbt_log"],
             )
             old.call("release", minor=minor)
         except BaseException:
             abandon(args.control_dir, new_pid)  # closes the image before the old VBD reopens it
             if paused:
-                old.call("unpause", minor=minor)
+                old.call("unpause", minor=minor, cbt_log=info["cbt_log"])
             raise
         with new:
             try:
@@ -190,7 +208,7 @@ def simple_command(op: str) -> Callable[[argparse.Namespace], None]:
 def cmd_unpause(args: argparse.Namespace) -> None:
     pid, minor = target(args)
     with Client.connect(args.control_dir, pid) as client:
-        client.call("unpause", minor=minor, spec=args.args)
+        client.call("unpause", minor=minor, spec=args.args, cbt_log=log_path(args.cbt_log))
 
 
 def cmd_snapshot(args: argparse.Namespace) -> None:

@@ -27,20 +27,25 @@ op          args                                            result
 ==========  ==============================================  ==============================
 pid         --                                              {"pid": INT}
 list        --                                              [VBD-INFO, ...]
-open        spec, [minor], [read_only], [timeout]           VBD-INFO
+open        spec, [minor], [read_only], [timeout],          VBD-INFO
+            [cbt_log]
 close       minor                                           null
 attach      minor, [index], [connections], [timeout]         VBD-INFO (with "device")
 detach      minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
 pause       minor                                           VBD-INFO
-unpause     minor, [spec]                                   VBD-INFO
+unpause     minor, [spec], [cbt_log]                        VBD-INFO
 snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
 stats       [minor]                                         STATS, or [STATS, ...] without minor
 shutdown    --                                              null (the process then exits)
 ==========  ==============================================  ==============================
 
 ``timeout`` is the per-request retry deadline in seconds (tap-ctl ``-t``).
+``cbt_log`` is the absolute path of a CBT log (made by cbt-util) in which the
+device marks every block it writes (tap-ctl ``open -C``, ``unpause -c``); a
+missing log fails the request.  Pause releases the log; unpause without
+``cbt_log`` stops tracking, with one tracks into it, read afresh from the file.
 ``index`` asks for ``/dev/nbd<index>``; without it the kernel picks a free one.
 Attach's ``timeout`` is the kernel's request timeout (default: the retry deadline
 plus 60 s).
@@ -54,8 +59,10 @@ default as many as the device has connections.  Requests the kernel had sent
 to the old daemon are resent once the kernel's request timeout fires.
 
 VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
-"size": INT, "read_only": BOOL, "timeout": NUM, "nbd_socket": PATH,
-"device": "/dev/nbdN" or null}``, ``timeout`` being the retry deadline.
+"size": INT, "read_only": BOOL, "cbt_log": PATH or null, "timeout": NUM,
+"nbd_socket": PATH, "device": "/dev/nbdN" or null}``, ``timeout`` being the
+retry deadline and ``cbt_log`` the CBT log marked (while paused, the one
+marked before the pause).
 ``state`` is an OR of the ``STATE_*`` bits below.
 
 STATS (one VBD; plain counters since the VBD was opened, never reset)::
@@ -63,7 +70,7 @@ STATS (one VBD; plain counters since the VBD was opened, never reset)::
     {
       "pid": INT, "minor": INT, "device": "/dev/nbdN" or null, "connections": INT,
       "spec": "TYPE:PATH", "format": "raw|vhd|qcow2|...", "size": INT,
-      "read_only": BOOL, "paused": BOOL,
+      "read_only": BOOL, "paused": BOOL, "cbt_log": PATH or null,
       "reads": INT, "writes": INT, "flushes": INT, "discards": INT, "write_zeroes": INT,
       "bytes_read": INT, "bytes_written": INT,
       "read_time_us": INT, "write_time_us": INT, "flush_time_us": INT,
@@ -140,6 +147,7 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "minor": (_INT, False),
         "read_only": (_BOOL, False),
         "timeout": (_NUM, False),
+        "cbt_log": (_STR, False),
     },
     "close": {"minor": (_INT, True)},
     "attach": {
@@ -152,7 +160,7 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
     "pause": {"minor": (_INT, True)},
-    "unpause": {"minor": (_INT, True), "spec": (_STR, False)},
+    "unpause": {"minor": (_INT, True), "spec": (_STR, False), "cbt_log": (_STR, False)},
     "snapshot": {"minor": (_INT, True), "path": (_STR, True), "format": (_STR, False)},
     "stats": {"minor": (_INT, False)},
     "shutdown": {},

@@ -19,14 +19,14 @@ from tapdisk.ctl import protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.paths import is_inside
-from tapdisk.drivers.registry import OpenOptions, open_image
+from tapdisk.drivers.registry import OpenOptions
 
 from .. import busypoll
 from .. import config as configuration
 from ..export import Export
 from ..scheduler import SchedulerLimits
 from ..server import NBDServer
-from ..vbd import VBD, VBDError
+from ..vbd import VBD, VBDError, open_stack
 from . import handoff
 from .device import Device
 from .errors import ControlError
@@ -172,6 +172,7 @@ class Daemon:
             "spec": vbd.spec,
             "size": vbd.size,
             "read_only": vbd.read_only,
+            "cbt_log": vbd.cbt_log,
             "timeout": vbd.limits.timeout,
             "nbd_socket": device.nbd_socket,
             "device": device.device,
@@ -189,12 +190,15 @@ class Daemon:
         if not timeout > 0:
             raise ControlError("invalid", f"timeout must be positive, got {timeout}")
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
+        cbt_log = args.get("cbt_log")
+        if cbt_log is not None:
+            self._check_log_allowed(cbt_log)
         minor, lock_fd = lock_minor(self.directory, args.get("minor"))
         try:
             options = OpenOptions(
                 read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
             )
-            image = await asyncio.to_thread(open_image, args["spec"], options)
+            image = await open_stack(args["spec"], options, cbt_log)
             limits = SchedulerLimits(
                 queue_depth=self.limits.queue_depth,
                 max_merge=self.limits.max_merge,
@@ -203,7 +207,8 @@ class Daemon:
             )
             vbd = VBD(image, options=options, limits=limits, name=f"minor {minor}")
             path = protocol.nbd_socket(self.directory, self.pid, minor)
-            server = NBDServer([Export("", vbd, label=vbd.name)], poller=self.poller)
+            export = Export("", vbd, label=vbd.name, changes=vbd)
+            server = NBDServer([export], poller=self.poller)
             try:
                 await server.listen_unix(path)
             except BaseException:
@@ -214,7 +219,8 @@ class Daemon:
             raise
         device = Device(minor, vbd, server, path, lock_fd)
         self.devices[minor] = device
-        log.info("minor %d: opened %s, NBD on %s", minor, vbd.spec, path)
+        tracking = f", changed blocks marked in {cbt_log}" if cbt_log else ""
+        log.info("minor %d: opened %s%s, NBD on %s", minor, vbd.spec, tracking, path)
         return self.info(device)
 
     async def _op_close(self, request: Request) -> None:
@@ -273,7 +279,10 @@ class Daemon:
         if "spec" in request.args:
             spec = request.args["spec"]
             self._check_allowed(spec, configuration.image_path(spec))
-        await device.vbd.unpause(request.args.get("spec"))
+        cbt_log = request.args.get("cbt_log")
+        if cbt_log is not None:
+            self._check_log_allowed(cbt_log)
+        await device.vbd.unpause(request.args.get("spec"), cbt_log)
         return self.info(device)
 
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
@@ -311,6 +320,16 @@ class Daemon:
             f"{what}: the image is outside the allowed directories "
             f"({', '.join(self.allowed_dirs)}); give an absolute path inside one of them",
         )
+
+    def _check_log_allowed(self, path: str) -> None:
+        """A CBT log must be named by an absolute path (and lie inside ``allowed_dirs``)."""
+        if not os.path.isabs(path):
+            raise ControlError("invalid", f"CBT log {path!r}: give an absolute path")
+        if self.allowed_dirs and not is_inside(path, self.allowed_dirs):
+            raise ControlError(
+                "image",
+                f"CBT log {path}: outside the allowed directories ({', '.join(self.allowed_dirs)})",
+            )
 
     async def _op_shutdown(self, request: Request) -> None:
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))

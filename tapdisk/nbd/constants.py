@@ -132,7 +132,7 @@ class ChunkType(enum.IntEnum):
 
 REPLY_FLAG_DONE: Final = 1
 
-#: The only metadata context we serve.
+#: The standard metadata context: which bytes are allocated, which read as zeros.
 BASE_ALLOCATION: Final = "base:allocation"
 
 

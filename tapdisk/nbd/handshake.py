@@ -40,8 +40,6 @@ from .errors import ClientAborted, ProtocolError
 MAX_OPTION_LENGTH: Final = 64 * 1024
 #: Longest string (export name, query) the spec allows.
 MAX_STRING: Final = 4096
-#: Metadata context id handed out for base:allocation.
-BASE_ALLOCATION_ID: Final = 1
 
 SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_ZEROES
 #: A plain int: ``~`` on an IntFlag only inverts within its defined members,
@@ -62,7 +60,8 @@ class ExportInfo:
     min_block: int = 1
     preferred_block: int = 4096
     max_payload: int = 32 * 1024 * 1024
-    block_status: bool = True
+    #: Metadata contexts block status can answer; a selected one's id is its position + 1.
+    contexts: tuple[str, ...] = (BASE_ALLOCATION,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,8 +71,8 @@ class Negotiated:
     export: ExportInfo
     flags: TransmissionFlag
     structured: bool
-    #: Context id for base:allocation, or None when the client selected none.
-    allocation_context: int | None
+    #: The (id, name) of each metadata context the client selected; empty for none.
+    contexts: tuple[tuple[int, str], ...] = ()
 
 
 def connection_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
@@ -95,7 +94,7 @@ class Handshake:
         self._have_client_flags = False
         self._no_zeroes = False
         self._structured = False
-        self._allocation_context: int | None = None
+        self._contexts: tuple[tuple[int, str], ...] = ()
         self._context_export: ExportInfo | None = None
         self._skip = 0  # bytes of an over-long option still to discard
         self._skip_option = 0
@@ -201,9 +200,9 @@ class Handshake:
         return self._negotiated(export, flags)
 
     def _negotiated(self, export: ExportInfo, flags: TransmissionFlag) -> Negotiated:
-        # A selected context only applies to the export it was selected for.
-        context = self._allocation_context if self._context_export is export else None
-        return Negotiated(export, flags, self._structured, context)
+        # Selected contexts only apply to the export they were selected for.
+        contexts = self._contexts if self._context_export is export else ()
+        return Negotiated(export, flags, self._structured, contexts)
 
     def _list(self, payload: bytes) -> None:
         if payload:
@@ -252,13 +251,13 @@ class Handshake:
         if not self._structured:
             self._error(option, Reply.ERR_INVALID, "negotiate STRUCTURED_REPLY first")
             if option == Option.SET_META_CONTEXT:
-                self._allocation_context = None
+                self._contexts = ()
             return
         parsed = _parse_meta_context_request(payload)
         if parsed is None:
             self._error(option, Reply.ERR_INVALID, "malformed meta context request")
             if option == Option.SET_META_CONTEXT:
-                self._allocation_context = None
+                self._contexts = ()
             return
         name, queries = parsed
         export = self._lookup(name)
@@ -266,19 +265,30 @@ class Handshake:
             self._error(option, Reply.ERR_UNKNOWN, f"no export named {name!r}")
             return
         if option == Option.LIST_META_CONTEXT:
-            wanted = not queries or any(q in ("base:", BASE_ALLOCATION) for q in queries)
-            if wanted and export.block_status:
-                self._context_reply(option, 0)
+            for name in export.contexts:
+                if not queries or any(_lists(query, name) for query in queries):
+                    self._context_reply(option, 0, name)
         else:
-            selected = export.block_status and BASE_ALLOCATION in queries
-            self._allocation_context = BASE_ALLOCATION_ID if selected else None
+            self._contexts = tuple(
+                (index + 1, name) for index, name in enumerate(export.contexts) if name in queries
+            )
             self._context_export = export
-            if selected:
-                self._context_reply(option, BASE_ALLOCATION_ID)
+            for context_id, name in self._contexts:
+                self._context_reply(option, context_id, name)
         self._reply(option, Reply.ACK)
 
-    def _context_reply(self, option: int, context_id: int) -> None:
-        self._reply(option, Reply.META_CONTEXT, U32.pack(context_id) + BASE_ALLOCATION.encode())
+    def _context_reply(self, option: int, context_id: int, name: str) -> None:
+        self._reply(option, Reply.META_CONTEXT, U32.pack(context_id) + name.encode())
+
+
+def _lists(query: str, name: str) -> bool:
+    """Whether LIST_META_CONTEXT's ``query`` asks for context ``name``.
+
+    A query ending in a colon (``base:``, ``qemu:``, ``qemu:dirty-bitmap:``) is
+    a wildcard over the names it starts; anything else must match exactly.
+    SET_META_CONTEXT takes exact names only.
+    """
+    return query == name or (query.endswith(":") and name.startswith(query))
 
 
 def struct_block_size(minimum: int, preferred: int, maximum: int) -> bytes:

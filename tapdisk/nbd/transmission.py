@@ -305,14 +305,20 @@ def error_chunk(cookie: int, error: int, message: str = "") -> bytes:
     )
 
 
-def block_status_chunk(cookie: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:
-    """A BLOCK_STATUS chunk with DONE for (length, flags) extents."""
+def block_status_chunk(
+    cookie: int, context_id: int, extents: Iterable[tuple[int, int]], done: bool = True
+) -> bytes:
+    """A BLOCK_STATUS chunk for (length, flags) extents; DONE unless another context follows."""
     body = bytearray(U32.pack(context_id))
     for length, flags in extents:
         body += EXTENT.pack(length, flags)
     return (
         STRUCTURED_HEADER.pack(
-            STRUCTURED_REPLY_MAGIC, REPLY_FLAG_DONE, ChunkType.BLOCK_STATUS, cookie, len(body)
+            STRUCTURED_REPLY_MAGIC,
+            REPLY_FLAG_DONE if done else 0,
+            ChunkType.BLOCK_STATUS,
+            cookie,
+            len(body),
         )
         + body
     )

@@ -10,8 +10,10 @@ kernel's request timeout fires, so the device is created with a short one
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -71,4 +73,30 @@ def test_restart_under_fio_load_hands_the_device_over_without_io_errors(
     report(f"{what}: slowest fio request (kernel timeout {KERNEL_TIMEOUT} s)", f"{slowest:.1f} s")
     resent = re.findall(r"Connection timed out, retrying", sh("dmesg")[len(before) :])
     report(f"{what}: requests resent after the kernel timeout", str(len(resent)))
+    tapctl.destroy(dev)
+
+
+def test_restart_keeps_marking_the_cbt_log(tapctl: TapCtl, tmp_path: Path) -> None:
+    block = 64 * 1024
+    image = make_image(tmp_path, "raw", 16 * MiB)
+    log = tmp_path / "disk.cbtlog"
+    sh(Path(sys.executable).with_name("cbt-util"), "create", "-n", log, "-s", str(16 * MiB))
+    dev = tapctl.create(f"raw:{image}", "-C", str(log), "--kernel-timeout", str(KERNEL_TIMEOUT))
+
+    def write_block(number: int) -> None:
+        fd = os.open(dev, os.O_WRONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 4096)
+            buf.write(b"c" * 4096)
+            os.pwrite(fd, buf, number * block)
+        finally:
+            os.close(fd)
+
+    write_block(3)
+    new = int(tapctl("restart", "-d", dev).strip())
+    (row,) = tapctl.listing()["tapdisks"]
+    assert (row["pid"], row["cbt_log"]) == (new, str(log))
+    write_block(7)
+    bitmap = log.read_bytes()[48:]
+    assert bitmap == bytes([1 << 3 | 1 << 7]) + bytes(len(bitmap) - 1)
     tapctl.destroy(dev)
