@@ -146,6 +146,8 @@ MAX_MESSAGE: Final = 1 << 20
 #: environment override.
 DEFAULT_DIR: Final = "/run/blktap-control"
 DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+#: Socket of the process that forks new tapdisks, in that directory (tapdisk.daemon.spawner).
+SPAWNER_SOCKET: Final = "spawner"
 
 # VBD state bits reported by list (``state=0x..``): blktap's (tapdisk-vbd.h), which SM
 # reads (paused: 0x20; running: neither 0x10 nor 0x20).  blktap's DEAD (0x1), LOCKING
