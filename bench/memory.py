@@ -72,6 +72,18 @@ def drive(socket: str, requests: int) -> list[float]:
     return times
 
 
+def spawners(pids: list[int]) -> set[int]:
+    """The spawners that forked these tapdisks (none when tap-ctl starts them directly)."""
+    found = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(") ", 1)[1].split()[1])
+        with open(f"/proc/{parent}/cmdline") as cmdline:
+            if "spawner" in cmdline.read().split("\0"):
+                found.add(parent)
+    return found
+
+
 def table(pids: list[int]) -> tuple[float, float]:
     """Print each tapdisk's PSS/RSS; the sums in MB."""
     pss = rss = 0
@@ -109,12 +121,17 @@ def main() -> None:
             latencies = [t for socket in sockets for t in drive(socket, args.io)]
             time.sleep(0.5)  # let the tapdisks settle after the last request
             pss, rss = table(pids)
+            spawner_pss = sum(rollup(pid)["Pss"] for pid in spawners(pids)) / 1024
         finally:
             for pid in pids:
                 subprocess.run([str(BIN / "tap-ctl"), "shutdown", "-p", str(pid)], env=env)
     count = len(pids)
     print(f"tapdisks: {count}, each with one {VHD_MB} MB VHD open, {args.io} requests each")
     print(f"PSS: {pss:.1f} MB in all, {pss / count:.2f} MB per tapdisk")
+    print(
+        f"PSS with the spawner ({spawner_pss:.1f} MB): {(pss + spawner_pss) / count:.2f} MB "
+        "per tapdisk"
+    )
     print(f"RSS: {rss:.1f} MB in all, {rss / count:.2f} MB per tapdisk")
     print(
         f"spawn+open: median {statistics.median(starts) * 1e3:.0f} ms, "

@@ -192,6 +192,16 @@ def committer_for(kind: str) -> Committer | None:
     return None if name is None else _function(name)
 
 
+def import_openers() -> None:
+    """Import every driver that opens images now rather than at its first open.
+
+    For a process that forks tapdisks (the spawner): its children then share the
+    driver modules instead of each importing its own copy.
+    """
+    for kind in DRIVERS:
+        opener_for(kind)
+
+
 def driver_of(image: Image) -> Driver | None:
     """The driver of the type ``image`` was opened as (None for a type not registered)."""
     return DRIVERS.get(image.spec.partition(":")[0])

@@ -16,6 +16,7 @@ from . import busypoll, exporter, logs, service
 from . import config as configuration
 from .allocator import tune_allocator
 from .daemon import command as daemon_command
+from .daemon import spawner
 from .export import Export
 from .loop import run_loop
 from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, NBDServer
@@ -139,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="image to serve; its export name is NAME or the file's name",
     )
     daemon_command.add_parser(sub)
+    spawner.add_parser(sub)
     service.add_parser(sub)
     exporter.add_parser(sub)
     return parser
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "service":
         return service.main(args, args.log_level)
     logs.setup(args.log_level or "info")
+    if args.command == "spawner":
+        return spawner.serve(args.control_dir, args.ready_fd, main)
     if args.command == "serve":
         try:
             exports = open_exports(args)

@@ -66,7 +66,8 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with contextlib.suppress(FileNotFoundError):
+    # A process reaped between the kill and the read fails the read with ESRCH.
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
         if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
             return False
     return True

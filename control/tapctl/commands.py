@@ -108,7 +108,7 @@ def cmd_detach(args: argparse.Namespace) -> None:
 
 
 def cmd_spawn(args: argparse.Namespace) -> None:
-    print(spawn(args.control_dir, args.config).pid)
+    print(spawn(args.control_dir, args.config))
 
 
 def log_path(path: str | None) -> str | None:
@@ -132,9 +132,9 @@ def cmd_open(args: argparse.Namespace) -> None:
 
 def cmd_create(args: argparse.Namespace) -> None:
     index = parse_device(args.device) if args.device else None
-    proc = spawn(args.control_dir, args.config)
+    pid = spawn(args.control_dir, args.config)
     try:
-        with Client.connect(args.control_dir, proc.pid) as daemon:
+        with Client.connect(args.control_dir, pid) as daemon:
             info = daemon.call(
                 "open",
                 spec=args.args,
@@ -151,7 +151,7 @@ def cmd_create(args: argparse.Namespace) -> None:
                     timeout=args.kernel_timeout,
                 )
     except BaseException:
-        abandon(args.control_dir, proc)
+        abandon(args.control_dir, pid)
         raise
     print(info["nbd_socket"] if args.no_connect else info["device"])
 
@@ -256,10 +256,10 @@ def cmd_restart(args: argparse.Namespace) -> None:
             raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
         if info["device"] is None:
             raise TapCtlError(f"tapdisk {pid} minor {minor} is not connected to the kernel")
-        proc = spawn(args.control_dir, args.config)  # before the pause: not part of the stall
+        new_pid = spawn(args.control_dir, args.config)  # before the pause: not part of the stall
         paused = False
         try:
-            new = Client.connect(args.control_dir, proc.pid)
+            new = Client.connect(args.control_dir, new_pid)
             old.call("pause", minor=minor)
             paused = True
             opened = new.call(
@@ -271,7 +271,7 @@ def cmd_restart(args: argparse.Namespace) -> None:
             )
             old.call("release", minor=minor)
         except BaseException:
-            abandon(args.control_dir, proc)  # closes the image before the old VBD reopens it
+            abandon(args.control_dir, new_pid)  # closes the image before the old VBD reopens it
             if paused:
                 old.call("unpause", minor=minor, cbt_log=info["cbt_log"])
             raise
@@ -280,11 +280,11 @@ def cmd_restart(args: argparse.Namespace) -> None:
                 new.call("takeover", minor=opened["minor"], index=parse_device(info["device"]))
             except CallError as exc:
                 raise TapCtlError(
-                    f"{info['device']}: tapdisk {proc.pid} could not take it over ({exc}); "
+                    f"{info['device']}: tapdisk {new_pid} could not take it over ({exc}); "
                     f"it has the image open as minor {opened['minor']}"
                 ) from None
         remaining = old.call("detach", minor=minor)["attached"]
     free_minor(args.control_dir, minor)
     if not remaining:
         wait_exit(pid)
-    print(proc.pid)
+    print(new_pid)

@@ -157,6 +157,8 @@ DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
 MAX_SECONDS: Final = 86400
 #: Highest /dev/nbdN index, here or in the configuration.
 MAX_DEVICE_INDEX: Final = 65535
+#: Socket of the process that forks new tapdisks, in that directory (tapdisk.daemon.spawner).
+SPAWNER_SOCKET: Final = "spawner"
 
 # VBD state bits reported by list (``state=0x..``): blktap's (tapdisk-vbd.h), which SM
 # reads (paused: 0x20; running: neither 0x10 nor 0x20).  blktap's DEAD (0x1), LOCKING

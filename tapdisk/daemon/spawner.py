@@ -1,0 +1,201 @@
+"""The spawner: one resident process per control directory that forks new tapdisks.
+
+Most of a tapdisk's memory is the interpreter's imported modules (``import asyncio``
+alone is 12 MB PSS).  Forking every tapdisk from one process that imported them once,
+and then moved them out of the garbage collector's reach with ``gc.freeze()`` (so
+collections in the children do not write to those pages), leaves them shared
+copy-on-write among all tapdisks: ``bench/memory.py`` measures the difference.
+
+Lifecycle:
+1. ``tap-ctl spawn`` connects to ``<dir>/spawner``; when nobody listens it starts
+   ``tapdisk spawner`` under ``<dir>/spawner.lock`` (so one starts) and waits until
+   it is ready.
+2. It sends one request: the JSON object ``{"config": PATH or null}`` with two file
+   descriptors (SCM_RIGHTS): the tapdisk's stderr (its log) and the write end of the
+   pipe on which the tapdisk says it is listening.
+3. The spawner forks; the child starts a new session, takes those descriptors and runs
+   ``tapdisk daemon`` as the command line would.  The spawner answers ``PID\\n``.
+4. The spawner reaps its children (a SIGCHLD wakes it) and lives as long as one runs;
+   ``LINGER`` seconds after the last is gone it removes its socket and exits.  A client
+   that connected in that instant reads EOF and starts a new spawner.
+
+Code changed on disk reaches new tapdisks once the spawner has exited: a running
+spawner forks the modules it imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+from tapdisk.ctl import protocol
+from tapdisk.drivers import registry
+
+log = logging.getLogger("tapdisk.spawner")
+
+#: Seconds the spawner stays after its last tapdisk exited.
+LINGER = 5.0
+#: Largest request accepted, in bytes.
+MAX_REQUEST = 64 * 1024
+
+
+def socket_path(directory: str) -> str:
+    """Where the spawner of ``directory`` listens."""
+    return os.path.join(directory, protocol.SPAWNER_SOCKET)
+
+
+def serve(directory: str, ready: int | None, start: Callable[[list[str]], int]) -> int:
+    """Fork tapdisks on request until idle; ``start(argv)`` runs a tapdisk command line.
+
+    Writes the socket path to ``ready`` (if given) once listening.  The caller must
+    have imported the daemon; the drivers are imported here, so that every child
+    shares them.
+    """
+    registry.import_openers()
+    path = socket_path(directory)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    listener.bind(path)
+    listener.listen(64)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    gc.collect()
+    gc.freeze()
+    if ready is not None:
+        os.write(ready, f"{path}\n".encode())
+        os.close(ready)
+    children: set[int] = set()
+    idle_since = time.monotonic()
+    while children or time.monotonic() - idle_since < LINGER:
+        readable = select.select([listener, wake_r], [], [], LINGER)[0]
+        if wake_r in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 4096)
+        if listener in readable:
+            connection, _ = listener.accept()
+            with connection:
+                pid = _fork(connection, directory, start, (listener, connection), (wake_r, wake_w))
+            if pid is not None:
+                children.add(pid)
+        _reap(children)
+        if children:
+            idle_since = time.monotonic()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    listener.close()
+    return 0
+
+
+def _reap(children: set[int]) -> None:
+    """Collect the exit status of every child that has exited."""
+    for pid in list(children):
+        with contextlib.suppress(ChildProcessError):
+            if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                continue
+        children.discard(pid)
+
+
+def _fork(
+    connection: socket.socket,
+    directory: str,
+    start: Callable[[list[str]], int],
+    sockets: tuple[socket.socket, ...],
+    fds: tuple[int, ...],
+) -> int | None:
+    """Serve one request: fork a tapdisk and answer its pid; None if the request was bad."""
+    try:
+        message, passed, _, _ = socket.recv_fds(connection, MAX_REQUEST, 2)
+    except OSError as exc:
+        log.error("spawner: bad request: %s", exc)
+        return None
+    try:
+        config = json.loads(message)["config"]
+        if len(passed) != 2 or not (config is None or isinstance(config, str)):
+            raise ValueError("expected a configuration path and two descriptors")
+    except (ValueError, KeyError, TypeError) as exc:
+        log.error("spawner: bad request: %s", exc)
+        for fd in passed:
+            os.close(fd)
+        return None
+    log_fd, ready_fd = passed
+    argv = ["daemon", "--control-dir", directory, "--ready-fd", str(ready_fd)]
+    if config is not None:
+        argv += ["--config", config]
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _child(argv, log_fd, ready_fd, sockets, fds, start)
+    os.close(log_fd)
+    os.close(ready_fd)
+    with contextlib.suppress(OSError):
+        connection.sendall(f"{pid}\n".encode())
+    return pid
+
+
+def _child(
+    argv: list[str],
+    log_fd: int,
+    ready_fd: int,
+    sockets: tuple[socket.socket, ...],
+    fds: tuple[int, ...],
+    start: Callable[[list[str]], int],
+) -> NoReturn:
+    """In the forked child: drop the spawner's sockets and descriptors, become a
+    detached ``tapdisk daemon``; never returns."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for sock in sockets:
+            sock.close()
+        for fd in fds:
+            os.close(fd)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        os.dup2(null, 0)
+        os.dup2(null, 1)
+        os.dup2(log_fd, 2)
+        os.close(null)
+        os.close(log_fd)
+        os.set_inheritable(ready_fd, False)
+        code = start(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        logging.getLogger("tapdisk").exception("tapdisk daemon failed")
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The ``tapdisk spawner`` subcommand (tap-ctl spawn starts it when none runs)."""
+    parser = sub.add_parser(
+        "spawner",
+        help="fork tapdisks for tap-ctl spawn, sharing their imported code (started by tap-ctl)",
+        description="Listen on <dir>/spawner and fork a tapdisk daemon per request; exit "
+        f"{LINGER:g} s after the last of them exited.",
+    )
+    parser.add_argument(
+        "--control-dir",
+        metavar="DIR",
+        default=os.environ.get(protocol.DIR_ENV, protocol.DEFAULT_DIR),
+        help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
+    )
+    parser.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="FD",
+        help="write the socket path to FD and close it once listening",
+    )
