@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any, Final
 
-from tapdisk.ctl.client import Client
+from tapdisk.ctl.client import CallError, Client
 
 from .commands import TapCtlError, client, target
 
@@ -31,7 +31,10 @@ def cmd_mirror(args: argparse.Namespace) -> None:
     pid, minor = target(args)
     tty = sys.stderr.isatty()
     with client(args, pid) as daemon:
-        status = daemon.call("mirror", minor=minor, spec=args.args, switch=args.switch)
+        try:
+            status = daemon.call("mirror", minor=minor, spec=args.args, switch=args.switch)
+        except CallError as exc:
+            raise TapCtlError(f"mirror to {args.args} refused: {exc}") from None
         try:
             status = follow(daemon, minor, status, tty)
         except KeyboardInterrupt:
