@@ -223,8 +223,8 @@ class Migration:
     async def _switch(self) -> None:
         mirror = self._mirror
         assert mirror is not None
-        target_spec: list[str] = []
         await mirror.flush()  # most of the dirty data, before the drain: a short flush inside
+        sources: list[Image] = []
 
         async def switch(top: Image) -> Image:
             if self.vbd.mirror is not mirror:
@@ -233,25 +233,24 @@ class Migration:
             target = mirror.detach()
             log_path = top.log_path if isinstance(top, CbtImage) else None
             try:
-                new = (
-                    target
-                    if log_path is None
-                    else await asyncio.to_thread(CbtImage, target, log_path)
-                )
+                if log_path is None:
+                    new = target
+                else:
+                    new = await asyncio.to_thread(CbtImage, target, log_path)
             except BaseException:
                 mirror.secondary = target
                 raise
-            try:
-                await top.close()  # the source stack, the old mapping of the log
-            except (OSError, ImageError) as exc:
-                log.warning("%s: closing the source failed: %s", self.vbd.name, exc)
-            target_spec.append(target.spec)
+            sources.append(top)
             return new
 
         await self.vbd.swap(switch)
         self._mirror = None
         self.on_switch(self.target)
-        log.info("%s: switched to %s", self.vbd.name, target_spec[0])
+        log.info("%s: switched to %s", self.vbd.name, self.target)
+        try:  # the source stack and the old mapping of the log, once the device runs again
+            await sources[0].close()
+        except (OSError, ImageError) as exc:
+            log.warning("%s: closing the source failed: %s", self.vbd.name, exc)
 
     # -- 4. failure --------------------------------------------------------------
 

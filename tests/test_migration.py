@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from cbt_helpers import marked, new_log, write_blocks
 from helpers import require, run
 from tapctl_helpers import nbd_uri
 
@@ -236,3 +237,17 @@ def test_a_target_that_cannot_be_used_is_refused_and_nothing_changes(
     h.connect_uri(nbd_uri(sock))
     assert h.pread(MiB, 20 * MiB) == ref[20 * MiB : 21 * MiB]
     h.shutdown()
+
+
+def test_a_switched_device_goes_on_marking_its_cbt_log(tapctl, tmp_path):
+    source, _ = source_qcow2(tmp_path)
+    target = old_target(tmp_path / "target.img")
+    log = new_log(tmp_path / "disk.cbtlog", SIZE)
+    pid, minor, sock = tapctl.spawn_open(f"qcow2:{source}", "-C", str(log))
+    write_blocks(sock, [1])
+    tapctl("mirror", "-p", str(pid), "-m", str(minor), "-a", f"raw:{target}", "--switch")
+    write_blocks(sock, [7])
+    [row] = tapctl.listing()
+    assert row["spec"] == f"raw:{target}" and row["cbt_log"] == str(log)
+    assert marked(log) == {1, 7}  # the copy itself marks nothing
+    assert not holds_open(pid, source)

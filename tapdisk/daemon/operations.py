@@ -417,6 +417,7 @@ class Daemon:
 
     async def _op_pause(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
+        _not_migrating(device)
         await device.vbd.pause()
         return self.info(minor)
 
@@ -440,6 +441,7 @@ class Daemon:
 
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
+        _not_migrating(device)
         path = os.path.abspath(request.args["path"])
         self._check_allowed(path, path)
         device.spec = await device.vbd.snapshot(
@@ -517,3 +519,14 @@ class Daemon:
 
     async def _op_shutdown(self, request: Request) -> None:
         self._shutdown_soon()
+
+
+def _not_migrating(device: Device) -> None:
+    """Refuse to pause a device while ``tap-ctl mirror`` copies it."""
+    migration = device.migration
+    if migration is not None and migration.running:
+        raise ControlError(
+            "state",
+            f"minor {device.minor} is being migrated to {migration.target}; wait for "
+            "tap-ctl mirror to finish, or interrupt it",
+        )
