@@ -45,11 +45,14 @@ class MirrorImage(Image):
     def __init__(
         self,
         inner: Image,
-        secondary: Image,
+        secondary: Image | None,
         *,
         standby: bool = False,
         timeout: float = SECONDARY_TIMEOUT,
+        failure: str | None = None,
     ) -> None:
+        """``secondary`` None: it could not be opened (``failure`` says why); the layer
+        then only carries ``failed`` for the device's statistics."""
         self.inner = inner
         self.secondary: Image | None = secondary
         self.standby = standby
@@ -59,9 +62,9 @@ class MirrorImage(Image):
         self.read_only = inner.read_only
         self.block_size = inner.block_size
         #: The secondary was dropped after a failure (blktap's ``nbd_mirror_failed``).
-        self.failed = False
+        self.failed = secondary is None
         #: Why it was dropped, for the copy job and the log.
-        self.failure: str | None = None
+        self.failure = failure
         #: Primaries replaced by a standby takeover, closed with the layer.
         self._retired: list[Image] = []
         self._closing: set[asyncio.Task[None]] = set()

@@ -106,7 +106,7 @@ class Migration:
         """
         if self.vbd.read_only:
             raise VBDError(f"{self.vbd.name} is read-only: nothing to migrate")
-        if self.vbd.mirror is not None:
+        if self.vbd.secondary is not None:
             raise VBDError(f"{self.vbd.name} already has a secondary ({self.vbd.secondary})")
         target = await asyncio.to_thread(open_image, self.target, self.options)
         if target.size != self.vbd.size:

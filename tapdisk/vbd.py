@@ -484,7 +484,8 @@ async def open_stack(
     standby: bool = False,
 ) -> Image:
     """Open ``spec``, the mirror layer over it given a ``secondary`` (``null``: none), and,
-    given a CBT log, the CBT layer on top (which never creates the log).
+    given a CBT log, the CBT layer on top (which never creates the log).  An ``nbd:``
+    secondary that cannot be opened is left out, with ``nbd_mirror_failed`` set.
 
     Raises ImageError naming the image, the secondary or the log; nothing stays open then.
     """
@@ -492,6 +493,13 @@ async def open_stack(
     if secondary is not None and secondary != "null":
         try:
             image = await with_secondary(image, secondary, options, standby)
+        except (ImageError, OSError) as exc:
+            if not secondary.startswith("nbd:"):
+                await image.close()
+                raise
+            # As blktap: an NBD mirror that cannot be reached must not stop the guest.
+            log.error("%s: secondary %s not opened, running without: %s", spec, secondary, exc)
+            image = MirrorImage(image, None, failure=str(exc))
         except BaseException:
             await image.close()
             raise

@@ -171,3 +171,16 @@ def test_standby_without_a_secondary_is_a_usage_error(tapctl, tmp_path):
     result = tapctl("create", "--no-connect", "-a", f"raw:{primary}", "-s", check=False)
     assert result.returncode == 1
     assert result.stderr == "tap-ctl: create: -s needs a secondary image (-2 TYPE:PATH)\n"
+
+
+def test_an_nbd_secondary_that_cannot_be_reached_leaves_the_device_running_alone(
+    tapctl, tmp_path
+):
+    primary = raw(tmp_path / "p.img")
+    pid, minor, sock = tapctl.spawn_open(f"raw:{primary}", "-2", f"nbd:{tmp_path}/nobody.sock")
+    h = connect(sock)
+    h.pwrite(b"\x01" * 4096, 0)
+    h.flush()
+    assert stats(tapctl, pid, minor)["nbd_mirror_failed"] == 1
+    assert primary.read_bytes()[:4096] == b"\x01" * 4096
+    h.shutdown()
