@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +21,7 @@ import nbd
 import pytest
 from cbt_helpers import marked, new_log, write_blocks
 from helpers import require, run
-from tapctl_helpers import nbd_uri
+from tapctl_helpers import TAP_CTL, nbd_uri
 
 SIZE = 64 << 20
 MiB = 1 << 20
@@ -251,3 +253,33 @@ def test_a_switched_device_goes_on_marking_its_cbt_log(tapctl, tmp_path):
     assert row["spec"] == f"raw:{target}" and row["cbt_log"] == str(log)
     assert marked(log) == {1, 7}  # the copy itself marks nothing
     assert not holds_open(pid, source)
+
+
+def test_an_interrupted_migration_leaves_the_device_on_its_source(tapctl, tmp_path):
+    source, ref = source_qcow2(tmp_path)
+    target = old_target(tmp_path / "target.img")
+    pid, minor, sock = tapctl.spawn_open(f"qcow2:{source}")
+    slow = f"fault:ops=write,delay=4:raw:{target}"  # each chunk hangs 4 s, then fails
+    proc = subprocess.Popen(
+        [TAP_CTL, "mirror", "-p", str(pid), "-m", str(minor), "-a", slow, "--switch"],
+        env=tapctl.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert json.loads(proc.stdout.readline())["state"] == "copying"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err == f"tap-ctl: mirror to {slow} cancelled; the device stays on its source\n"
+    final = json.loads(out.splitlines()[-1])
+    assert final["final"] and final["state"] == "failed" and final["error"] == "cancelled"
+    [row] = tapctl.listing()
+    assert row["spec"] == f"qcow2:{source}" and not holds_open(pid, target)
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+    assert stats["vbd"]["secondary"] is None
+    h = nbd.NBD()
+    h.connect_uri(nbd_uri(sock))
+    h.pwrite(b"\x01" * 4096, 0)
+    assert h.pread(MiB, 20 * MiB) == ref[20 * MiB : 21 * MiB]
+    h.shutdown()

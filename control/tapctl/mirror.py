@@ -38,11 +38,14 @@ def cmd_mirror(args: argparse.Namespace) -> None:
         try:
             status = follow(daemon, minor, status, tty)
         except KeyboardInterrupt:
-            status = daemon.call("mirror_cancel", minor=minor)
+            # A new connection: the interrupted call's answer may still be on its way.
+            with client(args, pid) as again:
+                status = again.call("mirror_cancel", minor=minor)
             report(status, tty, final=True)
-            raise TapCtlError(
-                f"mirror to {args.args} cancelled; the device stays on its source"
-            ) from None
+            if status["state"] == "failed":
+                raise TapCtlError(
+                    f"mirror to {args.args} cancelled; the device stays on its source"
+                ) from None
     if status["state"] == "failed":
         raise TapCtlError(
             f"mirror to {args.args} failed, the device stays on its source: {status['error']}"
