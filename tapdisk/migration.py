@@ -47,6 +47,7 @@ DATA_CHUNK: Final = 1 << 20
 #: Most bytes of holes one chunk zeroes (a few fallocate calls).
 HOLE_CHUNK: Final = 256 << 20
 _ZEROS: Final = bytes(DATA_CHUNK)
+_NO_DATA: Final = ExtentFlags.HOLE | ExtentFlags.ZERO
 
 
 class Migration:
@@ -183,21 +184,37 @@ class Migration:
             if self.vbd.mirror is not mirror:
                 raise VBDError(f"{self.vbd.name} was paused or closed during the copy")
             offset = self.done
+            end = offset + await self._chunk_length(mirror.inner, offset)
             self.done += await mirror.copy_range(
                 offset,
-                min(HOLE_CHUNK, self.total - offset),
-                lambda source, target, at=offset: self._chunk(source, target, at, buf),
+                end - offset,
+                lambda source, target, at=offset, to=end: self._chunk(source, target, at, to, buf),
             )
         await mirror.flush_secondary()
 
-    async def _chunk(self, source: Image, target: Image, offset: int, buf: bytearray) -> int:
-        """Copy from ``offset``: holes up to HOLE_CHUNK, data up to DATA_CHUNK; bytes done."""
-        end = min(offset + HOLE_CHUNK, self.total)
+    async def _chunk_length(self, source: Image, offset: int) -> int:
+        """Bytes the next chunk locks: a run of holes up to HOLE_CHUNK, of data up to
+        DATA_CHUNK (guest writes elsewhere go on meanwhile)."""
+        rest = self.total - offset
+        first = (await source.extents(offset, min(HOLE_CHUNK, rest)))[0]
+        if first.length <= 0:
+            raise OSError(errno.EIO, f"{source.spec}: block status at {offset} covered no bytes")
+        limit = HOLE_CHUNK if first.flags & _NO_DATA else DATA_CHUNK
+        return min(first.length, limit, rest)
+
+    async def _chunk(
+        self, source: Image, target: Image, offset: int, end: int, buf: bytearray
+    ) -> int:
+        """Copy ``[offset, end)``, or its first DATA_CHUNK bytes of data; bytes done.
+
+        The block status is asked again here, under the lock: a guest write may have
+        filled a hole since ``_chunk_length`` looked.
+        """
         position = offset
         data = 0
         for extent in await source.extents(offset, end - offset):
             length = min(extent.length, end - position)
-            if extent.flags & (ExtentFlags.HOLE | ExtentFlags.ZERO):
+            if extent.flags & _NO_DATA:
                 await target.write_zeroes(position, length, may_unmap=True)
                 self.zeroed += length
             else:
