@@ -120,7 +120,8 @@ STATS (one VBD): blktap's keys, then this project's counters under ``vbd``::
                                 # the chain, leaf first: sectors read, written (failed
                                 # or not) and failed; all are counted at the leaf (this
                                 # project does not count per layer)
-      "FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0,
+      "FIXME_enospc_redirect_count": 0,
+      "nbd_mirror_failed": 0 or 1,   # a secondary failed and was dropped
       "reqs_outstanding": INT,  # requests queued or in flight
       "read_caching": "true|false",   # reads go through the page cache
       "vbd": VBD-STATS
@@ -132,6 +133,7 @@ VBD-STATS (plain counters since the VBD was opened, never reset)::
       "pid": INT, "minor": INT, "device": "/dev/nbdN" or null, "connections": INT,
       "spec": "TYPE:PATH", "format": "raw|vhd|qcow2|...", "size": INT,
       "read_only": BOOL, "paused": BOOL, "cbt_log": PATH or null,
+      "secondary": "TYPE:PATH" or null,   # the image mirrored to or held in standby
       "reads": INT, "writes": INT, "flushes": INT, "discards": INT, "write_zeroes": INT,
       "bytes_read": INT, "bytes_written": INT,
       "read_time_us": INT, "write_time_us": INT, "flush_time_us": INT,
