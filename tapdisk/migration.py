@@ -144,7 +144,6 @@ class Migration:
             if self.switch:
                 self.state = "switching"
                 await self._switch()
-                self.state = "switched"
             else:
                 self.state = "mirroring"
             log.info(
@@ -157,14 +156,23 @@ class Migration:
                 self.zeroed,
             )
         except asyncio.CancelledError:
-            self._fail("cancelled")
-            await self._unmirror()
+            if self.state != "switched":
+                self._fail("cancelled")
+                await self._unmirror()
             raise
         except (OSError, ImageError, VBDError) as exc:
             self._fail(str(exc))
             await self._unmirror()
         finally:
             self.finished = time.monotonic()
+
+    async def cancel(self) -> None:
+        """Stop the copy if it runs; the device is back on its source when this returns."""
+        task = self.task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _fail(self, reason: str) -> None:
         mirror = self._mirror
@@ -262,10 +270,11 @@ class Migration:
 
         await self.vbd.swap(switch)
         self._mirror = None
+        self.state = "switched"
         self.on_switch(self.target)
         log.info("%s: switched to %s", self.vbd.name, self.target)
         try:  # the source stack and the old mapping of the log, once the device runs again
-            await sources[0].close()
+            await asyncio.shield(sources[0].close())
         except (OSError, ImageError) as exc:
             log.warning("%s: closing the source failed: %s", self.vbd.name, exc)
 

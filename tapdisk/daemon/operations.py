@@ -360,11 +360,8 @@ class Daemon:
             raise ControlError("state", f"minor {minor.number} is already closing")
         device.closing = True
         try:
-            migration = device.migration
-            if migration is not None and migration.task is not None:
-                migration.task.cancel()  # the device stays on its source, then closes
-                with contextlib.suppress(asyncio.CancelledError):
-                    await migration.task
+            if device.migration is not None:
+                await device.migration.cancel()  # the device goes back to its source first
             if device.kernel_index is not None and disconnect:
                 await handoff.disconnect(device)
             if device.vbd.paused:
@@ -482,10 +479,7 @@ class Daemon:
 
     async def _op_mirror_cancel(self, request: Request) -> dict[str, Any]:
         migration = self._migration(request)
-        if migration.task is not None and not migration.task.done():
-            migration.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await migration.task
+        await migration.cancel()
         return migration.status()
 
     def _check_secondary_allowed(self, spec: str | None) -> None:
@@ -523,10 +517,9 @@ class Daemon:
 
 def _not_migrating(device: Device) -> None:
     """Refuse to pause a device while ``tap-ctl mirror`` copies it."""
-    migration = device.migration
-    if migration is not None and migration.running:
+    if device.migration is not None and device.migration.running:
         raise ControlError(
             "state",
-            f"minor {device.minor} is being migrated to {migration.target}; wait for "
-            "tap-ctl mirror to finish, or interrupt it",
+            f"minor {device.minor} is being migrated to {device.migration.target}; "
+            "wait for tap-ctl mirror to finish, or interrupt it",
         )
