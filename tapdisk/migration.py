@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -38,6 +39,7 @@ from tapdisk.drivers.cbtlayer import CbtImage
 from tapdisk.drivers.mirror import MirrorImage
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from .config import image_path
 from .vbd import VBD, VBDError
 
 log = logging.getLogger("tapdisk.migration")
@@ -109,6 +111,9 @@ class Migration:
             raise VBDError(f"{self.vbd.name} is read-only: nothing to migrate")
         if self.vbd.secondary is not None:
             raise VBDError(f"{self.vbd.name} already has a secondary ({self.vbd.secondary})")
+        path = image_path(self.target)
+        if path is not None and os.path.realpath(path) in map(os.path.realpath, self.vbd.chain()):
+            raise VBDError(f"target {self.target} is the device's own image or one of its parents")
         target = await asyncio.to_thread(open_image, self.target, self.options)
         if target.size != self.vbd.size:
             await target.close()

@@ -221,6 +221,7 @@ def test_a_target_that_fills_up_leaves_the_device_on_its_source(tapctl, tmp_path
     [
         (lambda tmp: f"raw:{tmp / 'missing.img'}", "no such file"),
         (lambda tmp: f"raw:{old_target(tmp / 'small.img', SIZE // 2)}", "same size"),
+        (lambda tmp: f"qcow2:{tmp / 'source.qcow2'}", "the device's own image"),
     ],
 )
 def test_a_target_that_cannot_be_used_is_refused_and_nothing_changes(
