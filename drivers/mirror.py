@@ -263,13 +263,20 @@ class MirrorImage(Image):
     async def cache(self, offset: int, length: int) -> None:
         await self.inner.cache(offset, length)
 
-    async def close(self) -> None:
+    async def release(self) -> None:
+        """Close the secondary, and wait a while for those dropped to close, but not the
+        primary: for a layer taken out of a running stack."""
         secondary, self.secondary = self.secondary, None
         self._release_waiters()
-        for image in (*self._retired, *([secondary] if secondary is not None else [])):
+        if secondary is not None:
+            await _close_quietly(secondary)
+        if self._closing:  # a hung secondary must not hang the device's close
+            await asyncio.wait(self._closing, timeout=self.timeout)
+
+    async def close(self) -> None:
+        await self.release()
+        for image in self._retired:
             await _close_quietly(image)
-        if self._closing:
-            await asyncio.gather(*self._closing)
         await self.inner.close()
 
 

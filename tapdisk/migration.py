@@ -292,18 +292,14 @@ class Migration:
             return
 
         async def remove(top: Image) -> Image:
-            secondary = mirror.secondary
-            mirror.secondary = None
-            if secondary is not None:
-                try:
-                    await secondary.close()
-                except (OSError, ImageError) as exc:
-                    log.warning("closing %s failed: %s", secondary.spec, exc)
             if top is mirror:
                 return mirror.inner
             assert isinstance(top, CbtImage) and top.inner is mirror
             top.inner = mirror.inner
             return top
 
-        with contextlib.suppress(VBDError):  # paused or closed meanwhile: it went with the stack
+        try:
             await self.vbd.swap(remove)
+        except VBDError:
+            return  # paused or closed meanwhile: the mirror went with the stack
+        await mirror.release()  # the target, once the device runs again
