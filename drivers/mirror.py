@@ -4,7 +4,9 @@ Reads always come from the primary (the guest never reads a half-copied
 secondary).  Two modes:
 
 1. **Mirror** (default): every write, write-zeroes, trim and flush goes to the
-   primary and the secondary at once and completes when both are done.  A
+   primary and the secondary at once and completes when both are done (a trim
+   goes to the primary first; the secondary then gets zeroes, or a copy, for
+   what the primary reads there, as formats trim at different granularities).  A
    secondary that fails, or takes more than ``timeout`` seconds, is dropped:
    the request completes with the primary's result, ``failed`` becomes True
    (the VBD's ``nbd_mirror_failed``) and the device carries on with the
@@ -31,12 +33,14 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from .base import Capabilities, Extent, Image
+from .base import Capabilities, Extent, ExtentFlags, Image
 
 log = logging.getLogger("tapdisk.mirror")
 
 #: Seconds a secondary may take over one request before it is dropped.
 SECONDARY_TIMEOUT: Final = 5.0
+#: Most bytes of data one step of re-copying a trimmed range reads.
+MATCH_CHUNK: Final = 1 << 20
 
 
 class MirrorImage(Image):
@@ -129,9 +133,16 @@ class MirrorImage(Image):
                 self.drop(f"{what} failed: {exc.strerror or exc}")
 
     async def _both(
-        self, offset: int, length: int, what: str, call: Callable[[Image], Awaitable[None]]
+        self,
+        offset: int,
+        length: int,
+        what: str,
+        call: Callable[[Image], Awaitable[None]],
+        then: Callable[[Image], Awaitable[None]] | None = None,
     ) -> None:
-        """``call`` on the primary and (mirroring) the secondary; the primary's result counts."""
+        """``call`` on the primary and (mirroring) the secondary at once, or, given ``then``,
+        ``call`` on the primary and ``then`` on the secondary after it; the primary's result
+        counts."""
         if not self.mirroring:
             await self._on_primary(call)
             return
@@ -142,9 +153,13 @@ class MirrorImage(Image):
         self._next_token += 1
         self._writes[token] = (offset, end)
         try:
-            primary = asyncio.ensure_future(self._on_primary(call))
-            await self._on_secondary(what, call)
-            await primary
+            if then is not None:
+                await self._on_primary(call)
+                await self._on_secondary(what, then)
+            else:
+                primary = asyncio.ensure_future(self._on_primary(call))
+                await self._on_secondary(what, call)
+                await primary
         finally:
             del self._writes[token]
             if self._writes_done is not None:
@@ -239,7 +254,31 @@ class MirrorImage(Image):
         await primary
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
-        await self._both(offset, length, "trim", lambda image: image.discard(offset, length, fua))
+        # Formats discard at their own granularity (clusters, pages, bytes), so the
+        # secondary is made to read what the primary reads afterwards, not trimmed alike.
+        await self._both(
+            offset,
+            length,
+            "trim",
+            lambda image: image.discard(offset, length, fua),
+            lambda image: self._match(image, offset, length, fua),
+        )
+
+    async def _match(self, secondary: Image, offset: int, length: int, fua: bool) -> None:
+        """Make ``[offset, offset + length)`` of the secondary what the primary holds:
+        zeroes (which may unmap) where it reads zeros, a copy where it holds data."""
+        end = offset + length
+        while offset < end:
+            extent = (await self.inner.extents(offset, end - offset))[0]
+            count = min(max(extent.length, 1), end - offset)
+            if extent.flags & (ExtentFlags.HOLE | ExtentFlags.ZERO):
+                await secondary.write_zeroes(offset, count, may_unmap=True, fua=fua)
+            else:
+                count = min(count, MATCH_CHUNK)
+                buf = memoryview(bytearray(count))
+                await self.inner.read(offset, buf)
+                await secondary.write(offset, buf, fua)
+            offset += count
 
     async def write_zeroes(
         self,

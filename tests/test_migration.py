@@ -1,6 +1,6 @@
 """Live storage migration (``tap-ctl mirror``) through real tapdisk daemons.
 
-A libnbd writer keeps writing, zeroing and verifying over the device's NBD socket
+libnbd writers keep writing, zeroing, trimming and verifying over the device's NBD socket
 while the device is copied; the target is then compared byte for byte with what
 the writer wrote, by ``qemu-img compare``.  Failing targets are real: a file
 system (a 4 MiB tmpfs) that fills up, and a path that does not exist.
@@ -28,7 +28,7 @@ MiB = 1 << 20
 
 
 class Writer(threading.Thread):
-    """Writes, zeroes and reads back at random in ``[lo, hi)`` over NBD, keeping the
+    """Writes, zeroes, trims and reads back at random in ``[lo, hi)`` over NBD, keeping the
     expected contents in ``ref``."""
 
     def __init__(self, sock: str, ref: bytearray, seed: int, lo: int, hi: int) -> None:
@@ -61,13 +61,17 @@ class Writer(threading.Thread):
         rng, ref = self.rng, self.ref
         length = rng.choice([4096, 65536, 300 * 1024, MiB])
         offset = rng.randrange(self.lo, self.hi - length) // 512 * 512
-        if rng.random() < 0.8:
+        kind = rng.random()
+        if kind < 0.7:
             data = rng.randbytes(length)
             h.pwrite(data, offset)
             ref[offset : offset + length] = data
-        else:
+        elif kind < 0.85:
             h.zero(length, offset)
             ref[offset : offset + length] = bytes(length)
+        else:  # a hint: the range then reads as zeros or as before, as the format trims
+            h.trim(length, offset)
+            ref[offset : offset + length] = h.pread(length, offset)
         offset = rng.randrange(self.lo, self.hi - MiB)
         if h.pread(MiB, offset) != ref[offset : offset + MiB]:
             raise AssertionError(f"read at {offset} differs from what was written")
