@@ -33,7 +33,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from .base import Capabilities, Extent, ExtentFlags, Image
+from .base import Capabilities, Extent, ExtentFlags, Image, ImageError
 
 log = logging.getLogger("tapdisk.mirror")
 
@@ -128,9 +128,9 @@ class MirrorImage(Image):
         except TimeoutError:
             if self.secondary is secondary:
                 self.drop(f"{what} took more than {self.timeout:g} s")
-        except OSError as exc:
+        except (OSError, ImageError) as exc:  # never the guest's failure
             if self.secondary is secondary:
-                self.drop(f"{what} failed: {exc.strerror or exc}")
+                self.drop(f"{what} failed: {_reason(exc)}")
 
     async def _both(
         self,
@@ -211,8 +211,8 @@ class MirrorImage(Image):
             except TimeoutError:
                 self.drop(f"copying at {offset} took more than {self.timeout:g} s")
                 raise OSError(errno.ETIMEDOUT, self.failure) from None
-            except OSError as exc:
-                self.drop(f"copying at {offset} failed: {exc.strerror or exc}")
+            except (OSError, ImageError) as exc:
+                self.drop(f"copying at {offset} failed: {_reason(exc)}")
                 raise
         finally:
             self._writes_done = None
@@ -317,6 +317,11 @@ class MirrorImage(Image):
         for image in self._retired:
             await _close_quietly(image)
         await self.inner.close()
+
+
+def _reason(exc: Exception) -> str:
+    """An error as a short reason: the errno's text alone when it has one."""
+    return (exc.strerror if isinstance(exc, OSError) else None) or str(exc)
 
 
 def _overlap(span: tuple[int, int], start: int, end: int) -> bool:
