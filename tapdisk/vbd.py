@@ -20,6 +20,14 @@ rest of the stack; unpause tracks into the log it is given, read afresh from
 the file (SM may have coalesced into it, or renamed it away and created a new
 one, meanwhile), and tracks nothing without one, as blktap's unpause does.
 A snapshot keeps tracking into the same log.
+
+Mirroring: open and unpause may add a secondary image (blktap's ``-2``, with
+``-s`` for standby), a ``MirrorImage`` (drivers/mirror.py) under the CBT layer;
+pause closes it with the rest, and an unpause without one runs without.
+``mirror_failed`` (blktap's ``nbd_mirror_failed``) stays set once a secondary
+failed, until an unpause with the secondary ``null``.  ``swap`` replaces the
+image of a running device behind a brief drain (the live migration's start and
+switch, tapdisk/migration.py).
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import asyncio
 import errno
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any, Final
 
 from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
 from tapdisk.drivers.cbtlayer import CbtImage
 from tapdisk.drivers.imageops import create_image
+from tapdisk.drivers.mirror import MirrorImage
 from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
 
 from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerLimits
@@ -76,6 +86,7 @@ class VBD(Image):
         self._lock = asyncio.Lock()
         self._paused = False
         self._closed = False
+        self._mirror_failed = False
 
     @classmethod
     def open(
@@ -124,6 +135,26 @@ class VBD(Image):
     @property
     def paused(self) -> bool:
         return self._paused
+
+    @property
+    def mirror(self) -> MirrorImage | None:
+        """The mirror layer of the running stack, if any."""
+        image = self.scheduler.image
+        while image is not None and not isinstance(image, MirrorImage):
+            image = getattr(image, "inner", None)
+        return image
+
+    @property
+    def secondary(self) -> str | None:
+        """Spec of the secondary the device mirrors to or holds in standby, if any."""
+        mirror = self.mirror
+        return None if mirror is None or mirror.secondary is None else mirror.secondary.spec
+
+    @property
+    def mirror_failed(self) -> bool:
+        """A secondary failed and was dropped (blktap's ``nbd_mirror_failed``)."""
+        mirror = self.mirror
+        return self._mirror_failed or (mirror is not None and mirror.failed)
 
     @property
     def pausing(self) -> bool:
@@ -255,16 +286,45 @@ class VBD(Image):
         async with self._lock:
             await self._pause()
 
-    async def unpause(self, spec: str | None = None, cbt_log: str | None = None) -> None:
+    async def unpause(
+        self,
+        spec: str | None = None,
+        cbt_log: str | None = None,
+        secondary: str | None = None,
+        standby: bool = False,
+    ) -> None:
         """Reopen the image (or ``spec``, which must have the same size) and run.
 
         ``cbt_log``: the CBT log to mark from now on; None stops tracking.
+        ``secondary``: mirror to it (``standby``: hold it for when the image is
+        full); ``null`` runs without one and clears ``mirror_failed``.
         Raises VBDError when the device is not paused or the new image does not
         fit, ImageError when the image or the log cannot be opened; the device
         then stays paused, and its log stays what it was.
         """
         async with self._lock:
-            await self._unpause(spec, cbt_log)
+            await self._unpause(spec, cbt_log, secondary, standby)
+
+    async def swap(self, change: Callable[[Image], Awaitable[Image]]) -> None:
+        """Drain the requests in flight, run on ``change(image)``; new requests wait meanwhile.
+
+        If ``change`` raises, the device runs on as it was and the error is raised.
+        """
+        async with self._lock:
+            if self._closed or self._paused:
+                raise VBDError(f"{self.name} is not running")
+            scheduler = self.scheduler
+            await scheduler.quiesce()
+            image = scheduler.image
+            assert image is not None
+            try:
+                new = await change(image)
+            except BaseException:
+                scheduler.unpause()
+                raise
+            mirror = self.mirror
+            self._mirror_failed |= mirror is not None and mirror.failed
+            self._run_on(new)
 
     async def snapshot(self, path: str, fmt: str = "qcow2") -> str:
         """Pause, create a ``fmt`` overlay at ``path`` over the current leaf, run on it.
@@ -316,21 +376,38 @@ class VBD(Image):
             except (OSError, ImageError):
                 scheduler.unpause()
                 raise
+        self._mirror_failed = self.mirror_failed
         await image.close()
         scheduler.image = None
         self._paused = True
         log.info("%s: paused", self.name)
 
-    async def _unpause(self, spec: str | None, cbt_log: str | None) -> None:
+    async def _unpause(
+        self,
+        spec: str | None,
+        cbt_log: str | None,
+        secondary: str | None = None,
+        standby: bool = False,
+    ) -> None:
         if self._closed:
             raise VBDError(f"{self.name} is closed")
         if not self._paused:
             raise VBDError(f"{self.name} is not paused")
-        self._run_on(await self._open_same_size(spec or self._spec, cbt_log))
+        if secondary == "null":
+            secondary = None
+            self._mirror_failed = False
+        image = await self._open_same_size(spec or self._spec, cbt_log, secondary, standby)
+        self._run_on(image)
 
-    async def _open_same_size(self, spec: str, cbt_log: str | None) -> Image:
+    async def _open_same_size(
+        self,
+        spec: str,
+        cbt_log: str | None,
+        secondary: str | None = None,
+        standby: bool = False,
+    ) -> Image:
         """Open ``spec`` (under ``cbt_log``) with the device's options; refuse another size."""
-        image = await open_stack(spec, self.options, cbt_log)
+        image = await open_stack(spec, self.options, cbt_log, secondary, standby)
         if image.size != self.size:
             await image.close()
             raise VBDError(
@@ -366,6 +443,7 @@ class VBD(Image):
             "read_only": self.read_only,
             "paused": self._paused,
             "cbt_log": self._cbt_log,
+            "secondary": self.secondary,
             "reads": s.reads,
             "writes": s.writes,
             "flushes": s.flushes,
@@ -398,12 +476,33 @@ class VBD(Image):
         }
 
 
-async def open_stack(spec: str, options: OpenOptions, cbt_log: str | None) -> Image:
-    """Open ``spec`` and, given a CBT log, the CBT layer over it (which never creates the log).
+async def open_stack(
+    spec: str,
+    options: OpenOptions,
+    cbt_log: str | None,
+    secondary: str | None = None,
+    standby: bool = False,
+) -> Image:
+    """Open ``spec``, the mirror layer over it given a ``secondary`` (``null``: none), and,
+    given a CBT log, the CBT layer on top (which never creates the log).  An ``nbd:``
+    secondary that cannot be opened is left out, with ``nbd_mirror_failed`` set.
 
-    Raises ImageError naming the image or the log; nothing stays open then.
+    Raises ImageError naming the image, the secondary or the log; nothing stays open then.
     """
     image = await asyncio.to_thread(open_image, spec, options)
+    if secondary is not None and secondary != "null":
+        try:
+            image = await with_secondary(image, secondary, options, standby)
+        except (ImageError, OSError) as exc:
+            if not secondary.startswith("nbd:"):
+                await image.close()
+                raise
+            # As blktap: an NBD mirror that cannot be reached must not stop the guest.
+            log.error("%s: secondary %s not opened, running without: %s", spec, secondary, exc)
+            image = MirrorImage(image, None, failure=str(exc))
+        except BaseException:
+            await image.close()
+            raise
     if cbt_log is None:
         return image
     try:
@@ -411,6 +510,20 @@ async def open_stack(spec: str, options: OpenOptions, cbt_log: str | None) -> Im
     except BaseException:
         await image.close()
         raise
+
+
+async def with_secondary(
+    image: Image, spec: str, options: OpenOptions, standby: bool = False
+) -> MirrorImage:
+    """``image`` mirrored to (or, ``standby``, backed up by) the image ``spec`` of its size."""
+    secondary = await asyncio.to_thread(open_image, spec, options)
+    if secondary.size != image.size:
+        await secondary.close()
+        raise VBDError(
+            f"secondary {secondary.spec} has {secondary.size} bytes but {image.spec} "
+            f"has {image.size}"
+        )
+    return MirrorImage(image, secondary, standby=standby)
 
 
 def _log_of(image: Image) -> str | None:

@@ -9,7 +9,7 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
     tap-ctl free -m MINOR
     tap-ctl spawn                                              prints the new tapdisk's pid
     tap-ctl attach -p PID -m MINOR                             the minor is the tapdisk's
-    tap-ctl open -p PID [-m MINOR] -a TYPE:PATH [-R] [-t SECS] [-D] [-C LOG]
+    tap-ctl open -p PID [-m MINOR] -a TYPE:PATH [-R] [-t SECS] [-D] [-C LOG] [-2 SPEC [-s]]
                                                                prints the NBD socket
     tap-ctl close -p PID -m MINOR [-t SECS] [-f]
     tap-ctl detach -p PID -m MINOR                             the tapdisk exits after its last
@@ -21,18 +21,22 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
     tap-ctl connect -p PID -m MINOR [-d /dev/nbdN]             prints /dev/nbdN
     tap-ctl disconnect -p PID -m MINOR
     tap-ctl pause -p PID -m MINOR [-t SECS]
-    tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH] [-c LOG]
+    tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH] [-c LOG] [-2 SPEC [-s]]
     tap-ctl snapshot -p PID -m MINOR -a qcow2:/path/overlay.qcow2
     tap-ctl stats -p PID [-m MINOR]                            blktap's JSON
     tap-ctl restart -p PID -m MINOR
+    tap-ctl mirror -p PID -m MINOR -a TYPE:PATH [--switch]    live migration, with progress
     tap-ctl shutdown -p PID
 
 ``-C LOG`` (open, create) marks every written 64 KiB block in the CBT log LOG,
 which cbt-util made; ``unpause -c LOG`` goes on marking in LOG, read afresh,
 and ``unpause`` without it stops marking.
 Commands on an opened image accept ``-d /dev/nbdN`` instead of ``-p``/``-m`` once it
-is connected.  blktap's flags this project does not do (``-2``, ``-s``, ``-e``, ``-r``,
-``-E``) are accepted by the parser and refused with a one-line message naming them.
+is connected.  ``-2 SPEC`` (open, create, unpause) mirrors every write to a secondary
+image, ``-s`` holds it for when the image is full (drivers/mirror.py); ``mirror``
+migrates a running device (control/tapctl/mirror.py).  blktap's flags this project
+does not do (``-e``, ``-r``, ``-E``) are accepted by the parser and refused with a
+one-line message naming them.
 Failures print ``tap-ctl: message`` to stderr and exit 1, or with the errno of the
 system call that failed in the tapdisk; usage errors print one line and exit 2.
 ``create`` undoes what it did before failing, so no half-created device or orphan
@@ -70,6 +74,7 @@ from .commands import (
     simple_command,
 )
 from .listing import cmd_list
+from .mirror import cmd_mirror
 from .processes import SpawnError
 
 EXAMPLES = """\
@@ -111,6 +116,8 @@ COMMAND_EXAMPLES = {
     "snapshot": "  tap-ctl snapshot -d /dev/nbd0 -a qcow2:/images/overlay.qcow2\n",
     "stats": "  tap-ctl stats -d /dev/nbd0\n  tap-ctl stats -p 1234             every open minor\n",
     "shutdown": "  tap-ctl shutdown -p 1234\n",
+    "mirror": "  tap-ctl mirror -d /dev/nbd0 -a qcow2:/images/moved.qcow2 --switch\n"
+    "  tap-ctl mirror -p 1234 -m 0 -a raw:/images/copy.img     copy, then keep mirroring\n",
     "restart": "  tap-ctl restart -d /dev/nbd0                  prints the new tapdisk's pid\n"
     "  tap-ctl restart -p 1234 -m 0\n",
 }
@@ -129,8 +136,6 @@ class Parser(argparse.ArgumentParser):
 #: blktap's flags this project does not do: destination -> (flag, what it asks for).
 #: They are parsed, so that a call written for blktap gets a one-line refusal.
 UNSUPPORTED = {
-    "secondary": ("-2", "mirroring to a secondary image"),
-    "standby": ("-s", "failing over to a secondary image"),
     "reuse_parent": ("-e", "sharing the parent chain of another minor"),
     "local_cache": ("-r", "a local read cache"),
     "encrypted": ("-E", "encrypted images"),
@@ -196,6 +201,21 @@ def build_parser() -> argparse.ArgumentParser:
         kwargs = {} if metavar is None else {"metavar": metavar}
         p.add_argument(flag, dest=dest, action=action, help=f"{what}: refused", **kwargs)
 
+    def add_secondary(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "-2",
+            dest="secondary",
+            metavar="TYPE:PATH",
+            help="mirror every write to this image too (null: none); one that fails is "
+            "dropped and stats shows nbd_mirror_failed 1",
+        )
+        p.add_argument(
+            "-s",
+            dest="standby",
+            action="store_true",
+            help="with -2: only hold the secondary open; it takes over when the image is full",
+        )
+
     def add_open_flags(p: argparse.ArgumentParser) -> None:
         p.add_argument("-R", "--read-only", action="store_true", help="open read-only")
         p.add_argument(
@@ -211,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="no O_DIRECT: go through the page cache (always the case here)",
         )
-        add_refused(p, "secondary", "SPEC")
-        add_refused(p, "standby")
+        add_secondary(p)
         add_refused(p, "reuse_parent", "MINOR")
         add_refused(p, "local_cache")
 
@@ -288,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         "go on marking changed blocks in this CBT log, read afresh from the "
         "file; without it the device stops marking",
     )
-    add_refused(p, "secondary", "SPEC")
+    add_secondary(p)
     p = add("snapshot", cmd_snapshot, "overlay the current image and continue on the overlay")
     add_target(p)
     p.add_argument("-a", "--args", metavar="FORMAT:PATH", required=True, help="overlay to create")
@@ -296,6 +315,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_target(p)
     p = add("restart", cmd_restart, "hand a connected device to a new tapdisk; prints its pid")
     add_target(p)
+    p = add("mirror", cmd_mirror, "migrate a running device to another image, live")
+    add_target(p)
+    p.add_argument("-a", "--args", metavar="TYPE:PATH", required=True, help="the target image")
+    p.add_argument(
+        "--switch",
+        action="store_true",
+        help="once copied, run the device on the target and close the source",
+    )
     p = add("shutdown", cmd_shutdown, "close every image of a tapdisk and stop it")
     add_target(p, device=False)
     return parser

@@ -116,6 +116,15 @@ def log_path(path: str | None) -> str | None:
     return None if path is None else os.path.abspath(path)
 
 
+def secondary(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``secondary``/``standby`` arguments of ``-2 SPEC [-s]``."""
+    if args.secondary is None:
+        if args.standby:
+            raise TapCtlError(f"{args.command}: -s needs a secondary image (-2 TYPE:PATH)")
+        return {}
+    return {"secondary": args.secondary, "standby": args.standby}
+
+
 def cmd_open(args: argparse.Namespace) -> None:
     pid, minor = target(args, need_minor=False)
     with client(args, pid) as daemon:
@@ -126,6 +135,7 @@ def cmd_open(args: argparse.Namespace) -> None:
             read_only=args.read_only,
             timeout=args.timeout,
             cbt_log=log_path(args.cbt_log),
+            **secondary(args),
         )
     print(info["nbd_socket"])
 
@@ -141,6 +151,7 @@ def cmd_create(args: argparse.Namespace) -> None:
                 read_only=args.read_only,
                 timeout=args.timeout,
                 cbt_log=log_path(args.cbt_log),
+                **secondary(args),
             )
             if not args.no_connect:
                 info = daemon.call(
@@ -202,7 +213,13 @@ def simple_command(op: str) -> Callable[[argparse.Namespace], None]:
 def cmd_unpause(args: argparse.Namespace) -> None:
     pid, minor = target(args)
     with client(args, pid) as daemon:
-        daemon.call("unpause", minor=minor, spec=args.args, cbt_log=log_path(args.cbt_log))
+        daemon.call(
+            "unpause",
+            minor=minor,
+            spec=args.args,
+            cbt_log=log_path(args.cbt_log),
+            **secondary(args),
+        )
 
 
 def cmd_snapshot(args: argparse.Namespace) -> None:

@@ -36,16 +36,20 @@ list        --                                              [VBD-INFO, ...] (att
 attach      minor                                           VBD-INFO (nothing open yet)
 detach      minor                                           {"attached": INT}
 open        spec, [minor], [read_only], [timeout],          VBD-INFO
-            [cbt_log]
+            [cbt_log], [secondary], [standby]
 close       minor                                           null
 connect     minor, [index], [connections], [timeout]        VBD-INFO (with "device")
 disconnect  minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
 pause       minor                                           VBD-INFO
-unpause     minor, [spec], [cbt_log]                        VBD-INFO
+unpause     minor, [spec], [cbt_log], [secondary],          VBD-INFO
+            [standby]
 snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
 stats       [minor]                                         STATS, or [STATS, ...] without minor
+mirror      minor, spec, [switch]                           MIRROR-STATUS (the copy started)
+mirror_status  minor                                        MIRROR-STATUS
+mirror_cancel  minor                                        MIRROR-STATUS (once stopped)
 shutdown    --                                              null (the process then exits)
 ==========  ==============================================  ==============================
 
@@ -70,6 +74,24 @@ missing log fails the request.  Pause releases the log; unpause without
 ``/dev/nbd<index>`` (without it the kernel picks a free one), and its ``timeout`` is
 the kernel's request timeout (default: the retry deadline plus 60 s); a connected
 minor's marker holds ``/dev/nbdN``.  ``disconnect`` takes it back, the VBD stays open.
+
+``secondary`` (tap-ctl ``-2``) is a ``TYPE:PATH`` of the device's size that every
+write, write-zeroes, trim and flush also goes to (drivers/mirror.py); one that fails
+or hangs is dropped and STATS' ``nbd_mirror_failed`` becomes 1 until an unpause with
+the secondary ``null``.  With ``standby`` (``-s``) it is only held open, and takes
+over when the image runs out of space.  Pause closes it; unpause without it runs
+without.
+
+``mirror`` migrates a running device (tapdisk/migration.py): it opens the target
+``spec``, mirrors to it, copies the device's allocated data in the background and,
+with ``switch``, runs the device on the target and closes the source; it answers
+once mirroring has begun, ``mirror_status`` tells how far it got, ``mirror_cancel``
+stops it (the device stays on its source).  MIRROR-STATUS: ``{"state":
+"copying|switching|mirroring|switched|failed", "target": SPEC, "switch": BOOL,
+"total": INT, "done": INT, "copied": INT, "zeroed": INT, "seconds": NUM, "error":
+TEXT or null}``; ``done`` bytes of ``total`` are copied (``copied`` of them as data,
+``zeroed`` as zeroes); ``mirroring``: copied, the mirror kept on; ``switched``: the
+device runs on the target.
 
 ``takeover`` and ``release`` restart a tapdisk under a live device (tap-ctl
 restart): the old daemon pauses the VBD, then ``release`` cuts its kernel
@@ -98,7 +120,8 @@ STATS (one VBD): blktap's keys, then this project's counters under ``vbd``::
                                 # the chain, leaf first: sectors read, written (failed
                                 # or not) and failed; all are counted at the leaf (this
                                 # project does not count per layer)
-      "FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0,
+      "FIXME_enospc_redirect_count": 0,
+      "nbd_mirror_failed": 0 or 1,   # a secondary failed and was dropped
       "reqs_outstanding": INT,  # requests queued or in flight
       "read_caching": "true|false",   # reads go through the page cache
       "vbd": VBD-STATS
@@ -110,6 +133,7 @@ VBD-STATS (plain counters since the VBD was opened, never reset)::
       "pid": INT, "minor": INT, "device": "/dev/nbdN" or null, "connections": INT,
       "spec": "TYPE:PATH", "format": "raw|vhd|qcow2|...", "size": INT,
       "read_only": BOOL, "paused": BOOL, "cbt_log": PATH or null,
+      "secondary": "TYPE:PATH" or null,   # the image mirrored to or held in standby
       "reads": INT, "writes": INT, "flushes": INT, "discards": INT, "write_zeroes": INT,
       "bytes_read": INT, "bytes_written": INT,
       "read_time_us": INT, "write_time_us": INT, "flush_time_us": INT,
@@ -200,6 +224,8 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
         "read_only": (_BOOL, False),
         "timeout": (_NUM, False),
         "cbt_log": (_STR, False),
+        "secondary": (_STR, False),
+        "standby": (_BOOL, False),
     },
     "close": {"minor": (_INT, True)},
     "connect": {
@@ -212,9 +238,18 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
     "pause": {"minor": (_INT, True)},
-    "unpause": {"minor": (_INT, True), "spec": (_STR, False), "cbt_log": (_STR, False)},
+    "unpause": {
+        "minor": (_INT, True),
+        "spec": (_STR, False),
+        "cbt_log": (_STR, False),
+        "secondary": (_STR, False),
+        "standby": (_BOOL, False),
+    },
     "snapshot": {"minor": (_INT, True), "path": (_STR, True), "format": (_STR, False)},
     "stats": {"minor": (_INT, False)},
+    "mirror": {"minor": (_INT, True), "spec": (_STR, True), "switch": (_BOOL, False)},
+    "mirror_status": {"minor": (_INT, True)},
+    "mirror_cancel": {"minor": (_INT, True)},
     "shutdown": {},
 }
 

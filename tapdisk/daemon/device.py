@@ -7,6 +7,7 @@ from typing import Any
 
 from tapdisk.ctl import protocol
 
+from ..migration import Migration
 from ..server import NBDServer
 from ..vbd import VBD
 
@@ -28,6 +29,8 @@ class Device:
     closing: bool = False
     #: The last unpause failed: the device is still paused.
     resume_failed: bool = False
+    #: The live migration (``tap-ctl mirror``) started last, running or finished.
+    migration: Migration | None = None
 
     @property
     def state(self) -> int:
@@ -70,7 +73,7 @@ class Device:
             "secs": [read, written],
             "images": images,
             "FIXME_enospc_redirect_count": 0,
-            "nbd_mirror_failed": 0,
+            "nbd_mirror_failed": int(vbd.mirror_failed),
             "reqs_outstanding": vbd.scheduler.in_flight,
             "read_caching": "false" if vbd.options.direct else "true",
             "vbd": {

@@ -28,6 +28,7 @@ from tapdisk.drivers.registry import OpenOptions
 from .. import busypoll, kernel
 from .. import config as configuration
 from ..export import Export
+from ..migration import Migration
 from ..scheduler import SchedulerLimits
 from ..server import NBDServer
 from ..vbd import VBD, VBDError, open_stack
@@ -83,6 +84,9 @@ class Daemon:
             "unpause": self._op_unpause,
             "snapshot": self._op_snapshot,
             "stats": self._op_stats,
+            "mirror": self._op_mirror,
+            "mirror_status": self._op_mirror_status,
+            "mirror_cancel": self._op_mirror_cancel,
             "shutdown": self._op_shutdown,
         }
 
@@ -287,6 +291,7 @@ class Daemon:
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
         if args.get("cbt_log") is not None:
             self._check_log_allowed(args["cbt_log"])
+        self._check_secondary_allowed(args.get("secondary"))
         if "minor" not in args:
             minor = self._attach_new()
         else:
@@ -320,7 +325,9 @@ class Daemon:
             read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
         )
         cbt_log = args.get("cbt_log")
-        image = await open_stack(args["spec"], options, cbt_log)
+        image = await open_stack(
+            args["spec"], options, cbt_log, args.get("secondary"), args.get("standby", False)
+        )
         limits = SchedulerLimits(
             queue_depth=self.limits.queue_depth,
             max_merge=self.limits.max_merge,
@@ -353,6 +360,8 @@ class Daemon:
             raise ControlError("state", f"minor {minor.number} is already closing")
         device.closing = True
         try:
+            if device.migration is not None:
+                await device.migration.cancel()  # the device goes back to its source first
             if device.kernel_index is not None and disconnect:
                 await handoff.disconnect(device)
             if device.vbd.paused:
@@ -405,6 +414,7 @@ class Daemon:
 
     async def _op_pause(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
+        _not_migrating(device)
         await device.vbd.pause()
         return self.info(minor)
 
@@ -416,8 +426,10 @@ class Daemon:
         cbt_log = request.args.get("cbt_log")
         if cbt_log is not None:
             self._check_log_allowed(cbt_log)
+        secondary = request.args.get("secondary")
+        self._check_secondary_allowed(secondary)
         try:
-            await device.vbd.unpause(spec, cbt_log)
+            await device.vbd.unpause(spec, cbt_log, secondary, request.args.get("standby", False))
         finally:
             device.resume_failed = device.vbd.paused
         if spec is not None:
@@ -426,6 +438,7 @@ class Daemon:
 
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
+        _not_migrating(device)
         path = os.path.abspath(request.args["path"])
         self._check_allowed(path, path)
         device.spec = await device.vbd.snapshot(
@@ -437,6 +450,41 @@ class Daemon:
         if "minor" in request.args:
             return self._device(request)[1].stats(self.pid)
         return [m.device.stats(self.pid) for m in self.minors.values() if m.device is not None]
+
+    async def _op_mirror(self, request: Request) -> dict[str, Any]:
+        minor, device = self._device(request)
+        spec = request.args["spec"]
+        self._check_allowed(spec, configuration.image_path(spec))
+        if device.migration is not None and device.migration.running:
+            raise ControlError("state", f"minor {minor.number} is already migrating")
+
+        def switched(target: str) -> None:
+            device.spec = target
+
+        migration = Migration(
+            device.vbd, spec, device.vbd.options, request.args.get("switch", False), switched
+        )
+        await migration.start()
+        device.migration = migration
+        return migration.status()
+
+    def _migration(self, request: Request) -> Migration:
+        minor, device = self._device(request)
+        if device.migration is None:
+            raise ControlError("state", f"minor {minor.number} has not been migrated")
+        return device.migration
+
+    async def _op_mirror_status(self, request: Request) -> dict[str, Any]:
+        return self._migration(request).status()
+
+    async def _op_mirror_cancel(self, request: Request) -> dict[str, Any]:
+        migration = self._migration(request)
+        await migration.cancel()
+        return migration.status()
+
+    def _check_secondary_allowed(self, spec: str | None) -> None:
+        if spec is not None and spec != "null":
+            self._check_allowed(spec, configuration.image_path(spec))
 
     def _check_allowed(self, what: str, path: str | None) -> None:
         """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
@@ -465,3 +513,13 @@ class Daemon:
 
     async def _op_shutdown(self, request: Request) -> None:
         self._shutdown_soon()
+
+
+def _not_migrating(device: Device) -> None:
+    """Refuse to pause a device while ``tap-ctl mirror`` copies it."""
+    if device.migration is not None and device.migration.running:
+        raise ControlError(
+            "state",
+            f"minor {device.minor} is being migrated to {device.migration.target}; "
+            "wait for tap-ctl mirror to finish, or interrupt it",
+        )
