@@ -4,6 +4,7 @@ by the openssl command-line tool."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
@@ -14,8 +15,17 @@ from pathlib import Path
 
 import nbd
 import pytest
+import uvloop
 from helpers import TAPDISK, require, run
 from tapctl_helpers import TapCtl
+from tapdisk.drivers.raw import RawImage
+
+from tapdisk.export import DirectAttach, Export
+from tapdisk.nbd.constants import TransmissionFlag
+from tapdisk.nbd.errors import ProtocolError
+from tapdisk.nbd.handshake import ExportInfo, Handshake, Negotiated, StartTLS, TLSMode
+from tapdisk.server import NBDServer
+from tapdisk.tls import TLSSettings, server_tls
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -43,10 +53,33 @@ def make_authority(directory: Path, name: str) -> None:
     for role, extensions in uses.items():
         request, ext = directory / f"{role}.csr", directory / f"{role}.ext"
         ext.write_text(extensions + "keyUsage=digitalSignature,keyEncipherment\n")
-        openssl("req", *key, "-keyout", directory / f"{role}-key.pem", "-out", request,
-                "-subj", f"/CN={name}-{role}")  # fmt: skip
-        openssl("x509", "-req", "-in", request, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
-                "-out", directory / f"{role}-cert.pem", "-days", "2", "-extfile", ext)  # fmt: skip
+        openssl(
+            "req",
+            *key,
+            "-keyout",
+            directory / f"{role}-key.pem",
+            "-out",
+            request,
+            "-subj",
+            f"/CN={name}-{role}",
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            request,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            directory / f"{role}-cert.pem",
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +108,20 @@ class Server:
     def __init__(self, tmp_path: Path, image: Path, *flags: str) -> None:
         self.socket = tmp_path / "tls.sock"
         self.proc = subprocess.Popen(
-            [TAPDISK, "serve", "--unix", str(self.socket), "--tcp", "127.0.0.1:0", *flags,
-             f"raw:{image}"],
+            [
+                TAPDISK,
+                "serve",
+                "--unix",
+                str(self.socket),
+                "--tcp",
+                "127.0.0.1:0",
+                *flags,
+                f"raw:{image}",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         assert self.proc.stdout is not None
         self.unix_uri = self.proc.stdout.readline().strip()
         self.tcp_uri = self.proc.stdout.readline().strip()
@@ -111,8 +152,9 @@ def serve_tls(tmp_path: Path, image: Path, pki) -> Iterator:
     servers: list[Server] = []
 
     def start(mode: str, *flags: str) -> Server:
-        server = Server(tmp_path, image, "--tls", mode, "--tls-certificates", str(pki["server"]),
-                        *flags)  # fmt: skip
+        server = Server(
+            tmp_path, image, "--tls", mode, "--tls-certificates", str(pki["server"]), *flags
+        )
         servers.append(server)
         return server
 
@@ -186,12 +228,12 @@ def test_qemu_io_writes_and_qemu_img_reads_over_tls(serve_tls, pki, image, tmp_p
     server = serve_tls("require")
     creds = f"tls-creds-x509,id=tls0,endpoint=client,dir={pki['client']}"
     target = f"driver=nbd,host=127.0.0.1,port={server.port},tls-creds=tls0"
-    run(require("qemu-io"), "--object", creds, "--image-opts", target,
-        "-c", "write -P 0xa5 1M 64k")  # fmt: skip
+    run(require("qemu-io"), "--object", creds, "--image-opts", target, "-c", "write -P 0xa5 1M 64k")
     assert image.read_bytes()[MiB : MiB + 65536] == b"\xa5" * 65536
     copy = tmp_path / "copy.raw"
-    run(require("qemu-img"), "convert", "--object", creds, "--image-opts", target, "-O", "raw",
-        copy)  # fmt: skip
+    run(
+        require("qemu-img"), "convert", "--object", creds, "--image-opts", target, "-O", "raw", copy
+    )
     assert copy.read_bytes() == image.read_bytes()
 
 
@@ -298,8 +340,16 @@ def test_missing_certificate_file_stops_the_server(tmp_path, pki, image, name):
     for source in pki["server"].glob("*.pem"):
         if source.name != name:
             (certificates / source.name).write_bytes(source.read_bytes())
-    status, err = serve_fails("--tcp", "127.0.0.1:0", "--tls", "require", "--tls-verify-peer",
-                              "--tls-certificates", str(certificates), f"raw:{image}")  # fmt: skip
+    status, err = serve_fails(
+        "--tcp",
+        "127.0.0.1:0",
+        "--tls",
+        "require",
+        "--tls-verify-peer",
+        "--tls-certificates",
+        str(certificates),
+        f"raw:{image}",
+    )
     assert status != 0
     assert err == f"tapdisk: cannot read {certificates / name}: No such file or directory\n"
 
@@ -309,8 +359,9 @@ def test_unreadable_key_stops_the_server(tmp_path, pki, image):
     certificates.mkdir()
     (certificates / "server-cert.pem").write_bytes((pki["server"] / "server-cert.pem").read_bytes())
     (certificates / "server-key.pem").mkdir()
-    status, err = serve_fails("--tls", "on", "--tls-certificates", str(certificates),
-                              f"raw:{image}")  # fmt: skip
+    status, err = serve_fails(
+        "--tls", "on", "--tls-certificates", str(certificates), f"raw:{image}"
+    )
     assert status != 0
     assert err.count("\n") == 1 and f"{certificates / 'server-key.pem'}" in err
 
@@ -320,8 +371,9 @@ def test_key_of_another_certificate_stops_the_server(tmp_path, pki, image):
     certificates.mkdir()
     (certificates / "server-cert.pem").write_bytes((pki["server"] / "server-cert.pem").read_bytes())
     (certificates / "server-key.pem").write_bytes((pki["client"] / "client-key.pem").read_bytes())
-    status, err = serve_fails("--tls", "on", "--tls-certificates", str(certificates),
-                              f"raw:{image}")  # fmt: skip
+    status, err = serve_fails(
+        "--tls", "on", "--tls-certificates", str(certificates), f"raw:{image}"
+    )
     assert status != 0 and err.count("\n") == 1 and "server-key.pem" in err
 
 
@@ -364,3 +416,112 @@ def test_daemon_with_a_missing_key_does_not_start(tmp_path, image):
         assert f"cannot read {tmp_path / 'server-cert.pem'}" in result.stderr
     finally:
         tapctl.cleanup()
+
+
+# --- in-process: both event loops, and the kernel's socketpairs ------------------------
+
+
+def serve_in_process(image: Path, pki, use_uvloop: bool, scenario) -> None:
+    """Run ``scenario(server)`` against an in-process server requiring TLS."""
+
+    async def main() -> None:
+        settings = TLSSettings(TLSMode.REQUIRE, str(pki["server"]))
+        server = NBDServer([Export("disk", RawImage(str(image)))], tls=server_tls(settings))
+        try:
+            await scenario(server)
+        finally:
+            await server.shutdown()
+
+    (uvloop.run if use_uvloop else asyncio.run)(main())
+
+
+@pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+def test_both_event_loops_serve_tls(tmp_path, pki, image, use_uvloop):
+    copy = tmp_path / "copy.raw"
+
+    async def scenario(server: NBDServer) -> None:
+        port = await server.listen_tcp("127.0.0.1", 0)
+        uri = f"nbds://127.0.0.1:{port}/?tls-certificates={pki['client']}"
+        proc = await asyncio.create_subprocess_exec(require("nbdcopy"), uri, str(copy))
+        assert await proc.wait() == 0
+
+    serve_in_process(image, pki, use_uvloop, scenario)
+    assert copy.read_bytes() == image.read_bytes()
+
+
+def test_kernel_socketpair_stays_plain_when_tls_is_required(pki, image):
+    async def scenario(server: NBDServer) -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        await server.serve_socket(ours, DirectAttach("disk"))
+        loop = asyncio.get_running_loop()
+        await loop.sock_sendall(theirs, struct.pack(">IHHQQI", 0x25609513, 0, 0, 7, 0, 4096))
+        reply = b""
+        while len(reply) < 16 + 4096:
+            reply += await asyncio.wait_for(loop.sock_recv(theirs, 65536), 10)
+        assert struct.unpack(">IIQ", reply[:16]) == (0x67446698, 0, 7)
+        assert reply[16:] == image.read_bytes()[:4096]
+        theirs.close()
+
+    serve_in_process(image, pki, True, scenario)
+
+
+# --- the handshake codec (sans-IO) --------------------------------------------------------
+
+
+def codec(mode: TLSMode) -> Handshake:
+    info = ExportInfo("disk", MiB, TransmissionFlag.HAS_FLAGS)
+    handshake = Handshake({"disk": info}, "disk", mode)
+    handshake.take_output()  # the greeting
+    handshake.receive(struct.pack(">I", 3))
+    return handshake
+
+
+def option(code: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", IHAVEOPT, code, len(data)) + data
+
+
+def replies(handshake: Handshake) -> list[int]:
+    """The reply types of the option replies queued so far."""
+    out, types = handshake.take_output(), []
+    while out:
+        _, _, reply, length = struct.unpack_from(">QIII", out)
+        types.append(reply)
+        out = out[20 + length :]
+    return types
+
+
+def test_codec_off_answers_starttls_unsupported():
+    handshake = codec(TLSMode.OFF)
+    assert handshake.receive(option(OPT_STARTTLS)) is None
+    assert replies(handshake) == [0x80000001]
+
+
+def test_codec_starttls_forgets_what_was_negotiated_before():
+    handshake = codec(TLSMode.ON)
+    assert handshake.receive(option(8)) is None  # STRUCTURED_REPLY
+    assert replies(handshake) == [REP_ACK]
+    assert isinstance(handshake.receive(option(OPT_STARTTLS)), StartTLS)
+    assert replies(handshake) == [REP_ACK]
+    negotiated = handshake.receive(option(7, struct.pack(">IH", 0, 0)))  # GO
+    assert isinstance(negotiated, Negotiated) and not negotiated.structured
+
+
+@pytest.mark.parametrize(
+    ("mode", "before"), [(TLSMode.ON, b""), (TLSMode.REQUIRE, option(OPT_STARTTLS))]
+)
+def test_codec_second_starttls_and_starttls_with_data_are_invalid(mode, before):
+    handshake = codec(mode)
+    handshake.receive(before)
+    handshake.take_output()
+    assert handshake.receive(option(OPT_STARTTLS, b"x")) is None
+    assert replies(handshake) == [0x80000003]
+    if before:
+        assert handshake.receive(option(OPT_STARTTLS)) is None
+        assert replies(handshake) == [0x80000003]
+
+
+def test_codec_bytes_after_starttls_are_a_protocol_error():
+    handshake = codec(TLSMode.REQUIRE)
+    with pytest.raises(ProtocolError):
+        handshake.receive(option(OPT_STARTTLS) + option(OPT_LIST))
