@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
 """What NBD over TLS costs: tapdisk, nbdkit and qemu-nbd over TCP, each without and with TLS.
 
-Every server serves the same fully written raw image (bench.py's) on 127.0.0.1, first plain,
-then with TLS required (a certificate made here with the openssl tool; no client
-certificates), one server at a time. The workloads:
+Every server serves the same fully written raw image (bench.py's) on 127.0.0.1 twice: plain,
+and with TLS required (a certificate made here with the openssl tool; no client
+certificates); all six run at once, on ports from PORT up. The workloads:
 
-- ``seqread``: nbdcopy reads the whole image (4 connections, 256 KiB requests, 64 in flight);
-- ``seqwrite``: nbdcopy writes the whole image from a file;
-- ``read-4k-qd16`` / ``write-4k-qd16``: ``qemu-img bench``, 4 KiB requests, 16 in flight.
+- ``seqread``: nbdcopy reads the whole image (its defaults: 4 connections, 256 KiB requests,
+  64 in flight per connection);
+- ``seqwrite``: nbdcopy writes the whole image from a file, then flushes;
+- ``read-4k-qd16`` / ``write-4k-qd16``: the same with one connection, 4 KiB requests, 16 in
+  flight.
 
 fio, which bench.py drives, cannot take part: its nbd engine does not let libnbd read the
-``tls-certificates`` directory a URI names. Printed: MB/s per server and mode, TLS over plain
-for each server, and tapdisk with TLS over each peer with TLS. Each number is the median of
-``--rounds`` runs. A measuring tool, not a test; numbers from a busy machine are noise.
+``tls-certificates`` directory a URI names; nor can ``qemu-img bench``, which takes no
+``--object`` for the TLS credentials. Printed: MB/s per server and mode, TLS over plain
+for each server, and tapdisk with TLS over each peer with TLS; then the same for the CPU time
+each server spent per GB, which a shared machine disturbs less than the time. The servers
+run side by side and take turns; each number is the median of ``--rounds`` runs. A
+measuring tool, not a test; numbers from a busy machine are noise.
 
 Run from the checkout's venv: ``.venv/bin/python bench/tls_bench.py --quick``.
 """
@@ -176,10 +181,11 @@ def make_certificates(directory: Path) -> None:
 
 
 class Running:
-    """One server process on PORT, until ``stop``."""
+    """One server process on ``port``, until ``stop``."""
 
-    def __init__(self, peer: Peer, image: Path, certs: Path | None, log: Path) -> None:
-        self.argv = peer.argv(PORT, image, certs)
+    def __init__(self, peer: Peer, port: int, image: Path, certs: Path | None, log: Path) -> None:
+        self.port, self.certs = port, certs
+        self.argv = peer.argv(port, image, certs)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -193,11 +199,21 @@ class Running:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{' '.join(self.argv)} exited:\n{log.read_text()}")
             try:
-                socket.create_connection(("127.0.0.1", PORT), timeout=1).close()
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.1)
         raise RuntimeError(f"{' '.join(self.argv)} is not listening after 30 s")
+
+    def cpu_seconds(self) -> float:
+        """User and system time of the server process so far (every thread)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def uri(self) -> str:
+        if self.certs:
+            return f"nbds://127.0.0.1:{self.port}/?tls-certificates={self.certs}"
+        return f"nbd://127.0.0.1:{self.port}/"
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -208,52 +224,31 @@ class Running:
             self.proc.wait()
 
 
-def run_workload(workload: str, image: Path, source: Path, certs: Path | None) -> float:
-    """Seconds one run of ``workload`` takes against the server on PORT."""
-    size = image.stat().st_size
-    if certs:
-        uri = f"nbds://127.0.0.1:{PORT}/?tls-certificates={certs}"
-        qemu = [
-            "--object",
-            f"tls-creds-x509,id=tls0,endpoint=client,dir={certs}",
-            "--image-opts",
-            f"driver=nbd,host=127.0.0.1,port={PORT},tls-creds=tls0",
-        ]
-    else:
-        uri = f"nbd://127.0.0.1:{PORT}/"
-        qemu = ["--image-opts", f"driver=nbd,host=127.0.0.1,port={PORT}"]
-    count = size // 4096 // 4
+def run_workload(workload: str, server: Running, image: Path, source: Path) -> tuple[float, float]:
+    """(seconds, server CPU seconds) of one run of ``workload`` against ``server``."""
+    uri = server.uri()
+    small = ["--connections=1", "--request-size=4096", "--requests=16"]
     argv = {
         "seqread": ["nbdcopy", uri, "null:"],
         "seqwrite": ["nbdcopy", "--flush", str(source), uri],
-        "read-4k-qd16": ["qemu-img", "bench", "-c", str(count), "-d", "16", "-s", "4k", *qemu],
-        "write-4k-qd16": [
-            "qemu-img",
-            "bench",
-            "-w",
-            "-c",
-            str(count),
-            "-d",
-            "16",
-            "-s",
-            "4k",
-            *qemu,
-        ],
+        "read-4k-qd16": ["nbdcopy", *small, uri, "null:"],
+        "write-4k-qd16": ["nbdcopy", "--flush", *small, str(source), uri],
     }[workload]
     if "write" in workload:
         drop_page_cache(image)
     else:
         warm_page_cache(image)
+    cpu = server.cpu_seconds()
     start = time.perf_counter()
     subprocess.run(argv, check=True, capture_output=True, timeout=600)
     took = time.perf_counter() - start
+    cpu = server.cpu_seconds() - cpu
     if "write" in workload:
         write_back(image)
-    return took
+    return took, cpu
 
 
-def bytes_moved(workload: str, size: int) -> int:
-    return size if workload.startswith("seq") else size // 4
+Key = tuple[str, str, bool]  # (server, workload, TLS)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rounds = 1 if args.quick else args.rounds
     size = QUICK_SIZE if args.quick else NORMAL_SIZE
+    runs: dict[Key, list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="tls-bench-") as tmp:
         work = Path(tmp)
         certs = work / "pki"
@@ -272,41 +268,53 @@ def main(argv: list[str] | None = None) -> int:
         image, source = work / "image.raw", work / "source.raw"
         make_raw_image(image, size)
         make_raw_image(source, size)
-        speeds: dict[tuple[str, str, bool], float] = {}
-        for peer in PEERS:
-            for tls in (False, True):
-                server = Running(peer, image, certs if tls else None, work / f"{peer.name}.log")
-                try:
-                    for workload in WORKLOADS:
-                        times = [
-                            run_workload(workload, image, source, certs if tls else None)
-                            for _ in range(rounds)
-                        ]
-                        mbs = bytes_moved(workload, size) / statistics.median(times) / 1e6
-                        speeds[peer.name, workload, tls] = mbs
+        servers: dict[tuple[str, bool], Running] = {}
+        try:
+            for peer in PEERS:
+                for tls in (False, True):
+                    log = work / f"{peer.name}-{tls}.log"
+                    port, tls_certs = PORT + len(servers), certs if tls else None
+                    servers[peer.name, tls] = Running(peer, port, image, tls_certs, log)
+            # Servers take turns within each round, so a busy moment hits them all alike.
+            for round_ in range(rounds):
+                for workload in WORKLOADS:
+                    for (name, tls), server in servers.items():
+                        took, cpu = run_workload(workload, server, image, source)
+                        runs.setdefault((name, workload, tls), []).append((took, cpu))
                         mode = "TLS" if tls else "plain"
-                        print(f"# {peer.name} {mode} {workload}: {mbs:.0f} MB/s", flush=True)
-                finally:
-                    server.stop()
-    print_table(speeds)
+                        print(
+                            f"# round {round_ + 1}: {name} {mode} {workload}: "
+                            f"{size / took / 1e6:.0f} MB/s, server CPU {cpu:.2f} s",
+                            flush=True,
+                        )
+        finally:
+            for server in servers.values():
+                server.stop()
+    speeds = {key: size / statistics.median(t for t, _ in each) / 1e6 for key, each in runs.items()}
+    cpu = {key: statistics.median(c for _, c in each) / size * 1e9 for key, each in runs.items()}
+    print_table(speeds, "MB/s (10^6 bytes) of nbdcopy copying the whole image, TCP on 127.0.0.1")
+    print()
+    print_table(cpu, "server CPU seconds per GB moved (lower is better)", higher_is_better=False)
     return 0
 
 
-def print_table(speeds: dict[tuple[str, str, bool], float]) -> None:
+def print_table(values: dict[Key, float], caption: str, higher_is_better: bool = True) -> None:
+    """Plain and TLS per server, TLS over plain, and tapdisk's TLS over each peer's."""
     names = [peer.name for peer in PEERS]
     head = ["workload"] + [f"{n} plain / TLS (TLS÷plain)" for n in names]
     head += [f"tapdisk TLS ÷ {n} TLS" for n in names[1:]]
+    print(caption)
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
+    shown = "{:.0f}" if higher_is_better else "{:.2f}"
     for workload in WORKLOADS:
         cells = [workload]
         for name in names:
-            plain, tls = speeds[name, workload, False], speeds[name, workload, True]
-            cells.append(f"{plain:.0f} / {tls:.0f} ({tls / plain:.2f})")
-        ours = speeds["tapdisk", workload, True]
-        cells += [f"{ours / speeds[n, workload, True]:.2f}x" for n in names[1:]]
+            plain, tls = values[name, workload, False], values[name, workload, True]
+            cells.append(f"{shown.format(plain)} / {shown.format(tls)} ({tls / plain:.2f})")
+        ours = values["tapdisk", workload, True]
+        cells += [f"{ours / values[n, workload, True]:.2f}x" for n in names[1:]]
         print("| " + " | ".join(cells) + " |")
-    print("MB/s; seq: nbdcopy of the whole image; 4k: qemu-img bench, 16 in flight")
 
 
 if __name__ == "__main__":

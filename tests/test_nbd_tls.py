@@ -4,6 +4,7 @@ by the openssl command-line tool."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -20,12 +21,13 @@ from helpers import TAPDISK, require, run
 from tapctl_helpers import TapCtl
 from tapdisk.drivers.raw import RawImage
 
+from tapdisk.config import ConfigError, parse
 from tapdisk.export import DirectAttach, Export
 from tapdisk.nbd.constants import TransmissionFlag
 from tapdisk.nbd.errors import ProtocolError
 from tapdisk.nbd.handshake import ExportInfo, Handshake, Negotiated, StartTLS, TLSMode
 from tapdisk.server import NBDServer
-from tapdisk.tls import TLSSettings, server_tls
+from tapdisk.tls import TLSSettings, add_arguments, configured, from_arguments, server_tls
 
 MiB = 1 << 20
 IHAVEOPT = 0x49484156454F5054
@@ -525,3 +527,26 @@ def test_codec_bytes_after_starttls_are_a_protocol_error():
     handshake = codec(TLSMode.REQUIRE)
     with pytest.raises(ProtocolError):
         handshake.receive(option(OPT_STARTTLS) + option(OPT_LIST))
+
+
+# --- configuration and flags --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "mode"), [("on", "on"), ("off", "off"), ("require", "require")])
+def test_yaml_tls_modes(text, mode):
+    config = parse(f"tls: {text}\ntls_certificates: /etc/tapdisk/pki\ntls_verify_peer: true\n")
+    assert configured(config) == TLSSettings(TLSMode(mode), "/etc/tapdisk/pki", True)
+
+
+def test_yaml_bad_tls_mode_names_key_and_line():
+    with pytest.raises(ConfigError, match=r"t.yaml: line 2: tls: expected off, on or require"):
+        parse("log_level: info\ntls: maybe\n", "t.yaml")
+
+
+def test_flags_override_the_configuration():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    base = TLSSettings(TLSMode.ON, "/etc/tapdisk/pki", True)
+    assert from_arguments(parser.parse_args([]), base) == base
+    flags = parser.parse_args(["--tls", "require", "--tls-certificates", "/srv/pki"])
+    assert from_arguments(flags, base) == TLSSettings(TLSMode.REQUIRE, "/srv/pki", True)
