@@ -25,6 +25,7 @@ Run from the checkout's venv: ``.venv/bin/python bench/tls_bench.py --quick``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -185,6 +186,9 @@ class Running:
 
     def __init__(self, peer: Peer, port: int, image: Path, certs: Path | None, log: Path) -> None:
         self.port, self.certs = port, certs
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            raise RuntimeError(f"bench: port {port} is already in use")
         self.argv = peer.argv(port, image, certs)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
