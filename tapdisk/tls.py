@@ -80,7 +80,68 @@ class ServerTLS:
         assert wrapped is not None
         wrapped.set_protocol(protocol)
         loop.call_soon(early.replay, protocol)  # before anything the loop reads next
-        return wrapped
+        return _Coalescing(wrapped)
+
+
+class _Coalescing(asyncio.Transport):
+    """A TLS transport whose ``writelines`` makes one TLS record of many replies.
+
+    The event loops' TLS transports encrypt each buffer handed to ``writelines`` on
+    its own: the 16-byte replies a connection batches would each cost a record (and
+    its encryption), which at 4 KiB requests doubled the server's CPU time per byte.
+    """
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__()
+        self._transport = transport
+
+    def writelines(self, list_of_data) -> None:  # type: ignore[no-untyped-def]
+        self._transport.write(b"".join(list_of_data))
+
+    def write(self, data) -> None:  # type: ignore[no-untyped-def]
+        self._transport.write(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    def get_extra_info(self, name, default=None):  # type: ignore[no-untyped-def]
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def write_eof(self) -> None:
+        self._transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
 
 
 class _Early(asyncio.Protocol):
