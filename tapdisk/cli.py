@@ -12,7 +12,7 @@ import sys
 from tapdisk.drivers.base import Image, ImageError
 from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
-from . import busypoll, exporter, logs, service
+from . import busypoll, exporter, logs, service, tls
 from . import config as configuration
 from .allocator import tune_allocator
 from .daemon import command as daemon_command
@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"about N x 160 MiB (default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit)",
     )
     configuration.add_busy_poll_argument(serve, busypoll.DEFAULT_MAX_US)
+    tls.add_arguments(serve)
     serve.add_argument(
         "images",
         nargs="+",
@@ -171,24 +172,29 @@ def open_exports(args: argparse.Namespace) -> list[Export]:
     return exports
 
 
-async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
+async def serve(
+    args: argparse.Namespace, exports: list[Export], server_tls: tls.ServerTLS | None
+) -> int:
     poller = busypoll.BusyPoller(args.busy_poll)
     server = NBDServer(
         exports,
         handshake_timeout=args.handshake_timeout,
         poller=poller,
         max_connections=args.max_connections or None,
+        tls=server_tls,
     )
     uris: list[str] = []
+    # libnbd's scheme for a server it must speak TLS to.
+    scheme = "nbds" if server_tls is not None and server_tls.mode == tls.TLSMode.REQUIRE else "nbd"
     try:
         for path in args.unix:
             await server.listen_unix(path)
-            uris.append(f"nbd+unix:///?socket={os.path.abspath(path)}")
+            uris.append(f"{scheme}+unix:///?socket={os.path.abspath(path)}")
         tcp = args.tcp or ([] if args.unix else [("127.0.0.1", 10809)])
         for host, port in tcp:
             bound = await server.listen_tcp(host, port)
             shown = f"[{host}]" if ":" in host else host
-            uris.append(f"nbd://{shown}:{bound}/")
+            uris.append(f"{scheme}://{shown}:{bound}/")
     except OSError as exc:
         print(f"tapdisk: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         await server.shutdown()
@@ -225,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         return spawner.serve(args.control_dir, args.ready_fd, main)
     if args.command == "serve":
         try:
+            server_tls = tls.server_tls(tls.from_arguments(args, tls.TLSSettings()))
+        except tls.TLSConfigError as exc:
+            print(f"tapdisk: {exc}", file=sys.stderr)
+            return 1
+        try:
             exports = open_exports(args)
         except ImageError as exc:
             print(f"tapdisk: {exc}", file=sys.stderr)
@@ -232,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"tapdisk: {exc}", file=sys.stderr)
             return 1
-        return run_loop(serve(args, exports))
+        return run_loop(serve(args, exports, server_tls))
     if args.command == "daemon":
         return daemon_command.main(args)
     return 2

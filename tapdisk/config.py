@@ -11,6 +11,9 @@ the devices to attach at boot::
     allowed_dirs: [/var/lib/tapdisk]
     metrics_listen: 127.0.0.1:9847
     log_level: info
+    tls: require                 # NBD listeners: off, on (offered) or require
+    tls_certificates: /etc/tapdisk/pki   # ca-cert.pem, server-cert.pem, server-key.pem
+    tls_verify_peer: true        # clients need a certificate signed by ca-cert.pem
     devices:
       - spec: vhd:/var/lib/tapdisk/vm1.vhd
         read_only: false
@@ -41,6 +44,7 @@ from tapdisk.drivers.registry import parse_spec
 from .busypoll import DEFAULT_MAX_US
 from .busypoll import MAX_US as BUSY_POLL_MAX_US
 from .ctl.protocol import DEFAULT_DIR, MAX_DEVICE_INDEX, MAX_SECONDS
+from .nbd.handshake import TLSMode
 
 DEFAULT_PATH = "/etc/tapdisk/tapdisk.yaml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -71,6 +75,9 @@ class Config:
     allowed_dirs: tuple[str, ...] = ()
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
     log_level: str = "info"
+    tls: TLSMode = TLSMode.OFF
+    tls_certificates: str | None = None
+    tls_verify_peer: bool = False
     devices: tuple[DeviceEntry, ...] = field(default_factory=tuple)
 
     def override(self, **values: Any) -> Config:
@@ -180,6 +187,15 @@ def _spec(value: object) -> str:
     return value
 
 
+def _tls_mode(value: object) -> TLSMode:
+    if isinstance(value, bool):  # YAML 1.1 reads a bare on or off as true or false
+        value = "on" if value else "off"
+    try:
+        return TLSMode(value)
+    except ValueError:
+        raise ValueError(f"expected off, on or require, got {value!r}") from None
+
+
 def _boolean(value: object) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {value!r}")
@@ -200,6 +216,9 @@ SCHEMA: dict[str, Callable[[object], Any]] = {
     "allowed_dirs": ListOf(_directory),
     "metrics_listen": parse_host_port,
     "log_level": _log_level,
+    "tls": _tls_mode,
+    "tls_certificates": _directory,
+    "tls_verify_peer": _boolean,
 }
 
 #: Key of an entry under ``devices`` -> parser of its value.

@@ -27,7 +27,7 @@ from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
 from .nbd.constants import SIMPLE_REPLY, Command, CommandFlag, Error, nbd_error
 from .nbd.errors import ClientAborted, ProtocolError
-from .nbd.handshake import ExportInfo, Handshake, Negotiated, connection_flags
+from .nbd.handshake import ExportInfo, Handshake, Negotiated, StartTLS, TLSMode, connection_flags
 from .nbd.transmission import (
     Request,
     RequestReader,
@@ -39,6 +39,7 @@ from .nbd.transmission import (
     hole_chunk,
     simple_reply,
 )
+from .tls import ServerTLS
 
 #: The server's logger: everything a client causes is logged as the server's.
 log = logging.getLogger("tapdisk.server")
@@ -66,6 +67,8 @@ _REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _DISC: Final = int(Command.DISC)
+#: TLS handshakes under way (the event loop keeps only weak references to tasks).
+_UPGRADES: Final[set[asyncio.Task[None]]] = set()
 
 
 class AcceptingServer(Protocol):
@@ -79,6 +82,7 @@ class AcceptingServer(Protocol):
     closing: bool
     connections: set[NBDConnection]
     poller: BusyPoller
+    tls: ServerTLS | None
 
     @property
     def export_infos(self) -> dict[str, ExportInfo]: ...
@@ -169,7 +173,8 @@ class NBDConnection(asyncio.BufferedProtocol):
             )
             transport.abort()
             return
-        self._handshake = Handshake(self.server.export_infos, self.server.default_export)
+        mode = self.server.tls.mode if self.server.tls is not None else TLSMode.OFF
+        self._handshake = Handshake(self.server.export_infos, self.server.default_export, mode)
         transport.write(self._handshake.take_output())
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)
@@ -233,10 +238,25 @@ class NBDConnection(asyncio.BufferedProtocol):
             output = self._handshake.take_output()
             if output:
                 self.transport.write(output)
-        if negotiated is not None:
+        if isinstance(negotiated, StartTLS):
+            task = asyncio.get_running_loop().create_task(self._start_tls())
+            _UPGRADES.add(task)
+            task.add_done_callback(_UPGRADES.discard)
+        elif negotiated is not None:
             leftover = self._handshake.leftover
             self._begin_transmission(negotiated)
             self._feed(leftover)
+
+    async def _start_tls(self) -> None:
+        """Switch to TLS (the STARTTLS ACK is queued); the handshake resumes inside it."""
+        tls, transport = self.server.tls, self.transport
+        assert tls is not None and transport is not None
+        self._fd = -1  # the socket now carries ciphertext: never busy-poll it
+        try:
+            self.transport = await tls.upgrade(transport, self)
+        except (OSError, TimeoutError) as exc:
+            log.warning("%s: TLS handshake failed, closing: %s", self.subject, exc)
+            self.connection_lost(exc)  # the event loop does not tell us
 
     def _subject(self, export: Export) -> str:
         """The export's label, and the client's address where it has one (TCP)."""

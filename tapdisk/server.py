@@ -25,6 +25,7 @@ from .busypoll import BusyPoller
 from .connection import NBDConnection
 from .export import DirectAttach, Export
 from .nbd.handshake import ExportInfo
+from .tls import ServerTLS
 
 log = logging.getLogger("tapdisk.server")
 
@@ -45,11 +46,13 @@ class NBDServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         poller: BusyPoller | None = None,
         max_connections: int | None = None,
+        tls: ServerTLS | None = None,
     ) -> None:
         """``poller`` is shared by every server on one event loop (see busypoll.py);
         without one, connections are not busy-polled.  ``max_connections`` caps the
         clients served at once (None: no cap); handed-in sockets count but are never
-        refused."""
+        refused.  ``tls`` (tls.py) is offered or required on every listener; handed-in
+        sockets that skip the handshake (the kernel's) stay plain."""
         self.exports = {export.name: export for export in exports}
         self.default_export = next(iter(self.exports)) if len(self.exports) == 1 else None
         if "" in self.exports:
@@ -61,6 +64,7 @@ class NBDServer:
         self._unix_paths: list[str] = []
         self.closing = False
         self.poller = poller if poller is not None else BusyPoller(0)
+        self.tls = tls
 
     @property
     def export_infos(self) -> dict[str, ExportInfo]:

@@ -21,7 +21,7 @@ from typing import Any
 from tapdisk.ctl import protocol
 
 from . import config as configuration
-from . import logs, sdnotify
+from . import logs, sdnotify, tls
 from .daemon.command import run
 from .daemon.operations import Daemon
 from .loop import run_loop
@@ -96,6 +96,11 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
         print(f"tapdisk service: {exc}", file=sys.stderr)
         return 1
     logs.setup(log_level or config.log_level)
+    try:
+        server_tls = tls.server_tls(tls.configured(config))
+    except tls.TLSConfigError as exc:
+        log.error("%s", exc)
+        return 1
     limits = SchedulerLimits(
         queue_depth=config.queue_depth, max_merge=config.merge_size, timeout=config.retry_deadline
     )
@@ -110,5 +115,6 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
             boot=boot,
             allowed_dirs=config.allowed_dirs,
             busy_poll=config.busy_poll,
+            server_tls=server_tls,
         )
     )

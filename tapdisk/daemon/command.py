@@ -18,10 +18,11 @@ from typing import Any
 
 from tapdisk.ctl import protocol
 
-from .. import busypoll, logs
+from .. import busypoll, logs, tls
 from .. import config as configuration
 from ..loop import run_loop
 from ..scheduler import SchedulerLimits
+from ..tls import ServerTLS
 from .operations import Daemon
 
 log = logging.getLogger("tapdisk.daemon")
@@ -90,6 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         help="log requests without progress for this long (default %(default)s)",
     )
     configuration.add_busy_poll_argument(parser, None)
+    tls.add_arguments(parser)
     parser.add_argument(
         "--ready-fd",
         type=int,
@@ -122,6 +124,11 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 2
     allowed_dirs = tuple(_given(args.allowed_dirs, settings.allowed_dirs))
+    try:
+        server_tls = tls.server_tls(tls.from_arguments(args, tls.configured(settings)))
+    except tls.TLSConfigError as exc:
+        log.error("%s", exc)
+        return 2
     return run_loop(
         run(
             args.control_dir,
@@ -130,6 +137,7 @@ def main(args: argparse.Namespace) -> int:
             allowed_dirs=allowed_dirs,
             busy_poll=_given(args.busy_poll, settings.busy_poll),
             exit_when_idle=True,
+            server_tls=server_tls,
         )
     )
 
@@ -142,6 +150,7 @@ async def run(
     allowed_dirs: tuple[str, ...] = (),
     busy_poll: int = busypoll.DEFAULT_MAX_US,
     exit_when_idle: bool = False,
+    server_tls: ServerTLS | None = None,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -151,7 +160,7 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, limits, allowed_dirs, busy_poll, exit_when_idle)
+    daemon = Daemon(directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls)
     try:
         await daemon.start()
     except OSError as exc:

@@ -31,6 +31,7 @@ from ..export import Export
 from ..migration import Migration
 from ..scheduler import SchedulerLimits
 from ..server import NBDServer
+from ..tls import ServerTLS
 from ..vbd import VBD, VBDError, open_stack
 from . import handoff
 from .device import Device
@@ -54,8 +55,11 @@ class Daemon:
         allowed_dirs: tuple[str, ...] = (),
         busy_poll: int = busypoll.DEFAULT_MAX_US,
         exit_when_idle: bool = False,
+        tls: ServerTLS | None = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
+        #: TLS offered or required on every device's NBD socket (never on the kernel's).
+        self.tls = tls
         self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
@@ -337,7 +341,7 @@ class Daemon:
         vbd = VBD(image, options=options, limits=limits, name=f"minor {number}")
         path = protocol.nbd_socket(self.directory, self.pid, number)
         export = Export("", vbd, label=vbd.name, changes=vbd)
-        server = NBDServer([export], poller=self.poller)
+        server = NBDServer([export], poller=self.poller, tls=self.tls)
         try:
             await server.listen_unix(path)
         except BaseException:

@@ -4,7 +4,10 @@ Feed it the bytes a client sends with ``receive``; collect the bytes to send
 back with ``take_output``.  When the client picks an export (GO or
 EXPORT_NAME) ``receive`` returns a ``Negotiated`` event and transmission
 begins; any bytes after the final option belong to the transmission phase and
-are left in ``leftover``.  Protocol violations raise ``ProtocolError``: the
+are left in ``leftover``.  A server offering TLS answers STARTTLS with an ACK
+and returns ``StartTLS``: the caller wraps the socket and keeps feeding the
+decrypted bytes to the same ``Handshake``, which has forgotten everything
+negotiated before.  Protocol violations raise ``ProtocolError``: the
 caller closes the connection.  There are no sockets or clocks in here.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Final
 
 from .constants import (
@@ -46,6 +50,22 @@ SERVER_HANDSHAKE_FLAGS: Final = HandshakeFlag.FIXED_NEWSTYLE | HandshakeFlag.NO_
 #: A plain int: ``~`` on an IntFlag only inverts within its defined members,
 #: which would make every unknown bit look known.
 KNOWN_CLIENT_FLAGS: Final = int(ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES)
+
+
+class TLSMode(StrEnum):
+    """Whether the server offers STARTTLS, and whether clients must use it."""
+
+    OFF = "off"  # STARTTLS is unsupported (and ERR_TLS_REQD never sent)
+    ON = "on"  # STARTTLS offered; plain clients are served too
+    REQUIRE = "require"  # every option but STARTTLS and ABORT refused before TLS
+
+
+#: Options a server requiring TLS answers before STARTTLS.
+_BEFORE_TLS: Final = frozenset({Option.STARTTLS, Option.ABORT})
+
+
+class StartTLS:
+    """STARTTLS acknowledged: the next bytes on the socket are a TLS handshake."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,9 +107,16 @@ def connection_flags(export: ExportInfo, structured: bool) -> TransmissionFlag:
 class Handshake:
     """Server side of the fixed-newstyle handshake for one connection."""
 
-    def __init__(self, exports: Mapping[str, ExportInfo], default_export: str | None) -> None:
+    def __init__(
+        self,
+        exports: Mapping[str, ExportInfo],
+        default_export: str | None,
+        tls: TLSMode = TLSMode.OFF,
+    ) -> None:
         self._exports = exports
         self._default = default_export
+        self._tls = tls
+        self._tls_active = False
         self._buffer = bytearray()
         self._out = bytearray(GREETING.pack(NBDMAGIC, IHAVEOPT, SERVER_HANDSHAKE_FLAGS))
         self._have_client_flags = False
@@ -105,8 +132,9 @@ class Handshake:
         self._out.clear()
         return out
 
-    def receive(self, data: bytes) -> Negotiated | None:
-        """Consume client bytes; return Negotiated once an export is chosen."""
+    def receive(self, data: bytes) -> Negotiated | StartTLS | None:
+        """Consume client bytes; return Negotiated once an export is chosen,
+        StartTLS when the socket must switch to TLS before the next byte."""
         self._buffer += data
         if not self._have_client_flags:
             if len(self._buffer) < CLIENT_FLAGS.size:
@@ -133,6 +161,10 @@ class Handshake:
             payload = bytes(self._buffer[OPTION_HEADER.size : end])
             del self._buffer[:end]
             result = self._handle_option(option, payload)
+            if isinstance(result, StartTLS):
+                if self._buffer:  # the client must wait for our ACK before its TLS hello
+                    raise ProtocolError("bytes sent after STARTTLS before its reply")
+                return result
             if result is not None:
                 self.leftover = bytes(self._buffer)
                 self._buffer.clear()
@@ -149,7 +181,14 @@ class Handshake:
 
     # -- options -----------------------------------------------------------------
 
-    def _handle_option(self, option: int, payload: bytes) -> Negotiated | None:
+    def _handle_option(self, option: int, payload: bytes) -> Negotiated | StartTLS | None:
+        if self._tls == TLSMode.REQUIRE and not self._tls_active and option not in _BEFORE_TLS:
+            if option == Option.EXPORT_NAME:  # it has no error reply: hang up
+                raise ProtocolError("EXPORT_NAME before STARTTLS; this server requires TLS")
+            self._error(option, Reply.ERR_TLS_REQD, "TLS is required: send STARTTLS first")
+            return None
+        if option == Option.STARTTLS and self._tls != TLSMode.OFF:
+            return self._start_tls(payload)
         if option == Option.EXPORT_NAME:
             return self._export_name(payload)
         if option == Option.ABORT:
@@ -170,6 +209,21 @@ class Handshake:
         else:
             self._error(option, Reply.ERR_UNSUP, f"option {option} not supported")
         return None
+
+    def _start_tls(self, payload: bytes) -> StartTLS | None:
+        if payload:
+            self._error(Option.STARTTLS, Reply.ERR_INVALID, "STARTTLS takes no data")
+            return None
+        if self._tls_active:
+            self._error(Option.STARTTLS, Reply.ERR_INVALID, "TLS is already active")
+            return None
+        self._reply(Option.STARTTLS, Reply.ACK)
+        # The spec: everything negotiated before TLS is discarded.
+        self._tls_active = True
+        self._structured = False
+        self._contexts = ()
+        self._context_export = None
+        return StartTLS()
 
     def _lookup(self, name: str) -> ExportInfo | None:
         if name == "" and self._default is not None:
