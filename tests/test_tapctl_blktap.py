@@ -130,7 +130,9 @@ def test_stats_prints_blktaps_json_then_this_projects_counters(tapctl, raw_image
     out = tapctl("stats", "-p", pid, "-m", str(minor)).stdout
     blktap = (
         f'{{ "name": "aio:{path}", "secs": [ 256, 128 ], '
-        f'"images": [ {{ "name": "{path}", "hits": [ 256, 128 ], "fail": [ 0, 0 ] }} ], '
+        f'"images": [ {{ "name": "{path}", "hits": [ 256, 128 ], "fail": [ 0, 0 ], '
+        '"driver": { "type": 0, "name": "aio", "status": { "reqs": { "max": 352, "pending": 0 } '
+        "} } } ], "
         '"FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0, "reqs_outstanding": 0, '
         '"read_caching": "true", "vbd": { '
     )
@@ -150,7 +152,8 @@ def test_stats_count_failed_sectors_at_the_leaf_as_blktap_does(tapctl, raw_image
     )
     stats = json.loads(tapctl.out("stats", "-p", pid, "-m", str(minor)))
     assert stats["secs"] == [8, 0]  # blktap counts a failed sector too
-    assert stats["images"] == [{"name": str(path), "hits": [8, 0], "fail": [8, 0]}]
+    [image] = stats["images"]
+    assert (image["name"], image["hits"], image["fail"]) == (str(path), [8, 0], [8, 0])
 
 
 def test_stats_of_a_paused_image_list_no_images(tapctl, raw_image):
