@@ -145,10 +145,11 @@ class _Device:
 def scan_volume(volume: Volume, fast: bool) -> ScanImage:
     """One volume's scan line, or its error as blktap words it."""
     image = ScanImage(volume.name)
-    step = "device too small"
+    step = "failure scanning target"  # blktap's words for a volume it cannot place
     try:
         if not volume.linear:
             raise OSError(errno.ENOSYS, "not a linear volume")
+        step = "device too small"
         if volume.length < MIN_VOLUME:
             raise OSError(errno.EINVAL, "device too small")
         step = "opening device"
