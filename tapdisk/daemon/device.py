@@ -82,8 +82,9 @@ class Device:
         itself (``hits``: read, written; failed or not) and those that failed (``fail``), and
         its ``driver``.  Writes all go to the leaf; a read goes to the image that holds the
         data, so each image's count is what the image above read from it (the VBD's, for the
-        leaf) less what it read from its own backing in turn.  A request that failed in a
-        backing after part of it was read from the image above counts as failed there too."""
+        leaf) less what it read from its own backing in turn.  A read that failed in a backing
+        counts as failed there; the part of it the image above held counts as failed in that
+        image too (blktap, which splits a request per image, would count it as a success)."""
         images = self.vbd.chain_images()
         result = []
         for depth, image in enumerate(images):
