@@ -79,6 +79,11 @@ class Image(abc.ABC):
     read_only: bool
     #: The image below this one in a chain (a backing file), opened read-only; None if none.
     backing: Image | None = None
+    #: Bytes the image above this one in a chain read from it, and those of such reads that
+    #: failed (counted by VHD, blktap's chain format): ``tap-ctl stats`` reports, per image,
+    #: what it served itself, as blktap does, by taking off what it read from its backing.
+    child_read_bytes: int = 0
+    child_failed_bytes: int = 0
     #: Smallest I/O granularity clients should use (power of two); 1 = any.
     block_size: int = 1
 

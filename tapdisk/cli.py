@@ -220,7 +220,8 @@ async def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "exporter":
         return exporter.run(args, args.log_level)
     tune_allocator()  # everything below serves I/O
@@ -228,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return service.main(args, args.log_level)
     logs.setup(args.log_level or "info")
     if args.command == "spawner":
-        return spawner.serve(args.control_dir, args.ready_fd, main)
+        daemon = (parser.parse_args, daemon_command.main)
+        return spawner.serve(args.control_dir, args.ready_fd, *daemon)
     if args.command == "serve":
         try:
             server_tls = tls.server_tls(tls.from_arguments(args, tls.TLSSettings()))

@@ -116,16 +116,21 @@ class VBD(Image):
 
     def chain(self) -> list[str]:
         """Paths of the open image and of its backing files, leaf first (none while paused)."""
-        paths = []
+        return [image.spec.partition(":")[2] for image in self.chain_images()]
+
+    def chain_images(self) -> list[Image]:
+        """The open image and its backing images, leaf first, under any layer (fault, cbt);
+        none while paused."""
+        images = []
         image = self.scheduler.image
         while image is not None:
             inner = getattr(image, "inner", None)  # a layer (fault, cbt) wraps the image
             if inner is not None:
                 image = inner
                 continue
-            paths.append(image.spec.partition(":")[2])
+            images.append(image)
             image = image.backing
-        return paths
+        return images
 
     @property
     def cbt_log(self) -> str | None:

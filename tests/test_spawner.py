@@ -58,3 +58,10 @@ def test_a_killed_spawner_leaves_its_tapdisks_running_and_is_replaced(tapctl):
     second = int(tapctl.out("spawn"))
     assert alive(first)
     assert parent_of(second) not in (spawner, 1)
+
+
+def test_the_spawner_warms_up_without_leaving_a_thread_to_fork(tapctl):
+    pid = int(tapctl.out("spawn"))
+    spawner = parent_of(pid)
+    assert os.listdir(f"/proc/{spawner}/task") == [str(spawner)]
+    assert "warm-up failed" not in (tapctl.dir / "tapdisk.log").read_text()

@@ -7,6 +7,7 @@ the state bits); test_tapctl_sm.py checks the same through SM's eyes.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -129,7 +130,9 @@ def test_stats_prints_blktaps_json_then_this_projects_counters(tapctl, raw_image
     out = tapctl("stats", "-p", pid, "-m", str(minor)).stdout
     blktap = (
         f'{{ "name": "aio:{path}", "secs": [ 256, 128 ], '
-        f'"images": [ {{ "name": "{path}", "hits": [ 256, 128 ], "fail": [ 0, 0 ] }} ], '
+        f'"images": [ {{ "name": "{path}", "hits": [ 256, 128 ], "fail": [ 0, 0 ], '
+        '"driver": { "type": 0, "name": "aio", "status": { "reqs": { "max": 352, "pending": 0 } '
+        "} } } ], "
         '"FIXME_enospc_redirect_count": 0, "nbd_mirror_failed": 0, "reqs_outstanding": 0, '
         '"read_caching": "true", "vbd": { '
     )
@@ -149,7 +152,8 @@ def test_stats_count_failed_sectors_at_the_leaf_as_blktap_does(tapctl, raw_image
     )
     stats = json.loads(tapctl.out("stats", "-p", pid, "-m", str(minor)))
     assert stats["secs"] == [8, 0]  # blktap counts a failed sector too
-    assert stats["images"] == [{"name": str(path), "hits": [8, 0], "fail": [8, 0]}]
+    [image] = stats["images"]
+    assert (image["name"], image["hits"], image["fail"]) == (str(path), [8, 0], [8, 0])
 
 
 def test_stats_of_a_paused_image_list_no_images(tapctl, raw_image):
@@ -291,12 +295,42 @@ def test_create_refuses_the_flags_it_does_not_do_in_one_line(tapctl, raw_image):
     assert tapctl.pids() == []
 
 
-def test_an_unknown_flag_is_a_one_line_usage_error(tapctl):
+def test_an_unknown_flag_is_a_one_line_usage_error_exiting_einval(tapctl):
     proc = tapctl("close", "-p", "1", "-m", "0", "-Z", check=False)
-    assert proc.returncode == 2
+    assert (proc.returncode, proc.stdout) == (errno.EINVAL, "")
     assert proc.stderr == "tap-ctl: unrecognized arguments: -Z\n"
     proc = tapctl("free", "-m", "x", check=False)
+    assert (proc.returncode, proc.stdout) == (errno.EINVAL, "")
     assert proc.stderr == "tap-ctl free: argument -m/--minor: invalid int value: 'x'\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["free"], "missing -m MINOR"),
+        (["attach", "-m", "0"], "missing -p PID (or -d DEVICE)"),
+        (["attach", "-p", "1"], "missing -m MINOR (or -d DEVICE)"),
+        (["detach", "-p", "1"], "missing -m MINOR (or -d DEVICE)"),
+        (["open", "-p", "1", "-m", "0"], "the following arguments are required: -a/--args"),
+        (["open", "-m", "0", "-a", "vhd:/x.vhd"], "missing -p PID (or -d DEVICE)"),
+        (["close", "-m", "0"], "missing -p PID (or -d DEVICE)"),
+        (["destroy", "-p", "1"], "missing -m MINOR (or -d DEVICE)"),
+        (["pause", "-p", "1"], "missing -m MINOR (or -d DEVICE)"),
+        (["unpause", "-m", "0"], "missing -p PID (or -d DEVICE)"),
+        (["stats", "-m", "0"], "missing -p PID (or -d DEVICE)"),
+        (["create"], "the following arguments are required: -a/--args"),
+        (["allocate", "-d", "/dev/sda"], "bad minor '/dev/sda'"),
+        (["bogus"], "argument COMMAND: invalid choice: 'bogus'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+)
+def test_a_usage_error_exits_einval_as_blktaps_tap_ctl(tapctl, argv, message):
+    """blktap's tap-ctl prints its usage and returns EINVAL when -p, -m or -a is missing.
+    (For an unknown command or none it prints its help and exits 0: here 22 too.)"""
+    proc = tapctl(*argv, check=False)
+    assert (proc.returncode, proc.stdout) == (errno.EINVAL, "")
+    assert message in proc.stderr and proc.stderr.count("\n") == 1
+    assert tapctl.pids() == []
 
 
 def test_a_timeout_bounds_the_wait_for_a_hung_tapdisk(tapctl, raw_image):

@@ -8,6 +8,8 @@ restarts a device under fio load.
 
 from __future__ import annotations
 
+import errno
+
 from tapctl_helpers import connect, receive
 
 from tapdisk.ctl.protocol import Request, encode
@@ -39,7 +41,7 @@ def test_restart_of_a_device_nobody_serves_is_an_error(tapctl):
 
 def test_restart_without_a_target_is_an_error(tapctl):
     proc = tapctl("restart", check=False)
-    assert proc.returncode == 1
+    assert proc.returncode == errno.EINVAL
     assert "missing -p PID" in proc.stderr
 
 

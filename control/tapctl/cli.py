@@ -38,7 +38,10 @@ migrates a running device (control/tapctl/mirror.py).  blktap's flags this proje
 does not do (``-e``, ``-r``, ``-E``) are accepted by the parser and refused with a
 one-line message naming them.
 Failures print ``tap-ctl: message`` to stderr and exit 1, or with the errno of the
-system call that failed in the tapdisk; usage errors print one line and exit 2.
+system call that failed in the tapdisk.  Usage errors (an unknown command or flag, a bad
+value, a missing ``-p``/``-m``) print one line and exit EINVAL (22), as blktap's tap-ctl
+does; blktap exits 0 after its help for an unknown command or none, this one 22 there too,
+so that a mistyped command in a script fails.
 ``create`` undoes what it did before failing, so no half-created device or orphan
 tapdisk stays behind.
 """
@@ -46,6 +49,7 @@ tapdisk stays behind.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from typing import Any, NoReturn
@@ -127,10 +131,11 @@ CBT_OPEN_HELP = "mark every written 64 KiB block in this CBT log (made by cbt-ut
 
 
 class Parser(argparse.ArgumentParser):
-    """A parser whose usage errors are one line naming the command: ``tap-ctl open: ...``."""
+    """A parser whose usage errors are one line naming the command (``tap-ctl open: ...``)
+    and exit EINVAL, as blktap's tap-ctl exits on a usage error."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: {message}\n")
+        self.exit(errno.EINVAL, f"{self.prog}: {message}\n")
 
 
 #: blktap's flags this project does not do: destination -> (flag, what it asks for).

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+from errno import EINVAL
 from typing import Any
 
 from tapdisk.ctl import minors
@@ -24,6 +25,12 @@ from .processes import abandon, shutdown, spawn, wait_exit
 
 class TapCtlError(Exception):
     """A failure to report and exit non-zero on."""
+
+
+class UsageError(TapCtlError):
+    """A command line that names no valid target: blktap's tap-ctl exits EINVAL on it."""
+
+    errno = EINVAL
 
 
 def client(args: argparse.Namespace, pid: int) -> Client:
@@ -46,16 +53,16 @@ def target(args: argparse.Namespace, *, need_minor: bool = True) -> tuple[int, i
     if getattr(args, "device", None):
         return find_device(args.control_dir, args.device)
     if args.pid is None:
-        raise TapCtlError("missing -p PID (or -d DEVICE)")
+        raise UsageError("missing -p PID (or -d DEVICE)")
     if need_minor and args.minor is None:
-        raise TapCtlError("missing -m MINOR (or -d DEVICE)")
+        raise UsageError("missing -m MINOR (or -d DEVICE)")
     return args.pid, args.minor
 
 
 def parse_device(text: str) -> int:
     match = re.fullmatch(r"(?:/dev/)?nbd(\d+)", text)
     if not match:
-        raise TapCtlError(f"bad device {text!r}: expected /dev/nbdN")
+        raise UsageError(f"bad device {text!r}: expected /dev/nbdN")
     return int(match.group(1))
 
 
@@ -63,7 +70,7 @@ def parse_minor(text: str) -> int:
     """The minor named by ``allocate -d``: N, or a path ending in tapdisk-N or tapdevN."""
     match = re.fullmatch(r"(?:(?:.*/)?(?:tapdisk-|tapdev))?(\d+)", text)
     if not match:
-        raise TapCtlError(f"bad minor {text!r}: expected N or a path ending in tapdisk-N")
+        raise UsageError(f"bad minor {text!r}: expected N or a path ending in tapdisk-N")
     return int(match.group(1))
 
 
@@ -81,7 +88,7 @@ def cmd_allocate(args: argparse.Namespace) -> None:
 
 def cmd_free(args: argparse.Namespace) -> None:
     if args.minor is None:
-        raise TapCtlError("missing -m MINOR")
+        raise UsageError("missing -m MINOR")
     free_minor(args.control_dir, args.minor)
 
 
@@ -225,7 +232,7 @@ def cmd_unpause(args: argparse.Namespace) -> None:
 def cmd_snapshot(args: argparse.Namespace) -> None:
     fmt, sep, path = args.args.partition(":")
     if not sep or not path:
-        raise TapCtlError(f"bad overlay {args.args!r}: expected FORMAT:PATH, e.g. qcow2:/x.qcow2")
+        raise UsageError(f"bad overlay {args.args!r}: expected FORMAT:PATH, e.g. qcow2:/x.qcow2")
     pid, minor = target(args)
     with client(args, pid) as daemon:
         info = daemon.call("snapshot", minor=minor, path=os.path.abspath(path), format=fmt)

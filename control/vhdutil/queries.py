@@ -9,6 +9,7 @@ import errno
 import glob
 import os
 import sys
+from collections.abc import Iterator
 
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.vhd import edit
@@ -16,8 +17,10 @@ from tapdisk.drivers.vhd.check import CheckOptions, ImageCheck, check_chain
 from tapdisk.drivers.vhd.format import FOOTER_SIZE
 from tapdisk.drivers.vhd.meta import Metadata
 
+from . import volumes
 from .args import UsageError, no_operands, parse_options, require
 from .chain import ANYWHERE, chain_depth, open_meta, parent_of
+from .scanline import ScanImage
 
 
 def cmd_query(argv: list[str]) -> int:
@@ -160,20 +163,17 @@ def cmd_scan(argv: list[str]) -> int:
     o, files = parse_options(argv, "m:fcl:pavMh", usage)
     if "m" not in o and not files:
         raise UsageError(usage)
-    if "l" in o:
-        raise ImageError("LVM volume scanning (-l) is not supported")
-    names = set(os.path.abspath(f) for f in files)
-    if "m" in o:
-        names.update(os.path.abspath(f) for f in glob.glob(o["m"]))
-    images = {n: _scan_one(n) for n in names}
-    if "a" in o:
-        todo = [i for i in images.values() if i.parent]
-        while todo:
-            img = todo.pop()
-            if img.parent and img.parent not in images:
-                images[img.parent] = _scan_one(img.parent)
-                todo.append(images[img.parent])
     verbose, markers = "v" in o, "M" in o
+    if "l" in o:
+        if markers:
+            raise ImageError("markers of LVM volumes (-M with -l) are not supported")
+        patterns = ([o["m"]] if "m" in o else []) + files
+        found = volumes.scan(o["l"], patterns, "f" in o and "p" not in o, "a" in o)
+        if "p" not in o:
+            return _print_in_order(found, verbose, "c" in o)
+        images = {img.path: img for img, _ in found}
+    else:
+        images = _scan_files(o, files)
     failed = False
     if "p" in o:
         children: dict[str, list[ScanImage]] = {}
@@ -201,36 +201,31 @@ def cmd_scan(argv: list[str]) -> int:
     return errno.EINVAL if failed and "c" not in o else 0
 
 
-class ScanImage:
-    """One line of ``vhd-util scan`` output."""
+def _scan_files(o: dict[str, str], files: list[str]) -> dict[str, ScanImage]:
+    """The files named and matched by ``-m``, and with ``-a`` their parents, by path."""
+    names = set(os.path.abspath(f) for f in files)
+    if "m" in o:
+        names.update(os.path.abspath(f) for f in glob.glob(o["m"]))
+    images = {n: _scan_one(n) for n in names}
+    if "a" in o:
+        todo = [i for i in images.values() if i.parent]
+        while todo:
+            img = todo.pop()
+            if img.parent and img.parent not in images:
+                images[img.parent] = _scan_one(img.parent)
+                todo.append(images[img.parent])
+    return images
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.error: tuple[int, str] | None = None
-        self.capacity = self.size = self.hidden = self.marker = 0
-        self.keyhash = ""
-        self.parent: str | None = None
 
-    def line(self, verbose: bool, markers: bool, tab: int, pretty_missing: bool) -> str:
-        pad = " " * tab
-        if self.error:
-            return (
-                f"{pad}vhd={self.path} scan-error={self.error[0]} error-message='{self.error[1]}'"
-            )
-        name = self.path if verbose else os.path.basename(self.path)
-        parent = "none"
-        if self.parent:
-            parent = self.parent if verbose else os.path.basename(self.parent)
-        note = " (not found in scan)" if pretty_missing and self.parent else ""
-        if markers:
-            return (
-                f"{pad}vhd={name} capacity={self.capacity} size={self.size} hidden={self.hidden} "
-                f"marker={self.marker} keyhash={self.keyhash} parent={parent}{note}"
-            )
-        return (
-            f"{pad}vhd={name} capacity={self.capacity} size={self.size} hidden={self.hidden} "
-            f"parent={parent}{note}"
-        )
+def _print_in_order(
+    found: Iterator[tuple[ScanImage, bool]], verbose: bool, keep_going: bool
+) -> int:
+    """Print volume lines as they are scanned; stop after a failure unless ``keep_going``."""
+    for img, failure in found:
+        print(img.line(verbose, False, 0, pretty_missing=False), flush=True)
+        if failure and not keep_going:
+            return errno.EINVAL
+    return 0
 
 
 def _scan_one(path: str) -> ScanImage:

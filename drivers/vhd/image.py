@@ -170,19 +170,33 @@ class VhdImage(Image):
         if backing is None:
             buf[:] = bytes(len(buf))
             return True
-        if offset + len(buf) <= backing.size:
-            return backing.read_nowait(offset, buf)
-        return False
+        if offset + len(buf) > backing.size:
+            return False
+        try:
+            done = backing.read_nowait(offset, buf)
+        except Exception:
+            backing.child_read_bytes += len(buf)
+            backing.child_failed_bytes += len(buf)
+            raise
+        if done:
+            backing.child_read_bytes += len(buf)
+        return done
 
     async def _read_below(self, offset: int, view: memoryview) -> None:
-        """Read what the backing image holds at ``offset`` (zeros without one or past its end)."""
+        """Read what the backing image holds at ``offset`` (zeros without one or past its end),
+        counted on the backing (``Image.child_read_bytes``)."""
         backing = self.backing
         n = 0 if backing is None else max(0, min(len(view), backing.size - offset))
         if n:
             assert backing is not None
             part = view[:n]
-            if not backing.read_nowait(offset, part):
-                await backing.read(offset, part)
+            backing.child_read_bytes += n
+            try:
+                if not backing.read_nowait(offset, part):
+                    await backing.read(offset, part)
+            except Exception:
+                backing.child_failed_bytes += n
+                raise
         if n < len(view):
             view[n:] = bytes(len(view) - n)
 

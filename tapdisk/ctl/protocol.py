@@ -116,10 +116,14 @@ STATS (one VBD): blktap's keys, then this project's counters under ``vbd``::
     {
       "name": "TYPE:PATH",      # the spec as listed
       "secs": [INT, INT],       # 512-byte sectors read, written (failed or not)
-      "images": [{"name": PATH, "hits": [INT, INT], "fail": [INT, INT]}, ...],
-                                # the chain, leaf first: sectors read, written (failed
-                                # or not) and failed; all are counted at the leaf (this
-                                # project does not count per layer)
+      "images": [{"name": PATH, "hits": [INT, INT], "fail": [INT, INT],
+                  "driver": {"type": INT or null, "name": TYPE, "status": {...} or null}}, ...],
+                                # the chain, leaf first: sectors each image served itself,
+                                # read and written (failed or not), and those that failed;
+                                # writes go to the leaf, a read to the image holding the
+                                # data (the root for data none holds).  ``driver``: blktap's
+                                # disk type number (aio 0, vhd 4, qcow 6; null for types
+                                # blktap lacks), and for aio ``{"reqs": {"max", "pending"}}``
       "FIXME_enospc_redirect_count": 0,
       "nbd_mirror_failed": 0 or 1,   # a secondary failed and was dropped
       "reqs_outstanding": INT,  # requests queued or in flight

@@ -13,6 +13,11 @@ from ..vbd import VBD
 
 #: blktap counts in sectors of this size.
 SECTOR = 512
+#: blktap's disk type numbers (``DISK_TYPE_*``) of the image types it shares with this
+#: project; others have none (null).
+BLKTAP_DISK_TYPES = {"aio": 0, "vhd": 4, "qcow": 6}
+#: Requests blktap's aio driver takes at once (``MAX_AIO_REQS``): its stats report it.
+BLKTAP_AIO_REQUESTS = 32 * 11
 
 
 @dataclass
@@ -58,20 +63,10 @@ class Device:
         failed = [counters.bytes_read_failed // SECTOR, counters.bytes_written_failed // SECTOR]
         read = counters.bytes_read // SECTOR + failed[0]
         written = counters.bytes_written // SECTOR + failed[1]
-        images = []
-        for depth, path in enumerate(vbd.chain()):
-            leaf = depth == 0
-            images.append(
-                {
-                    "name": path,
-                    "hits": [read, written] if leaf else [0, 0],
-                    "fail": failed if leaf else [0, 0],
-                }
-            )
         return {
             "name": self.spec,
             "secs": [read, written],
-            "images": images,
+            "images": self._image_stats(read, written, failed),
             "FIXME_enospc_redirect_count": 0,
             "nbd_mirror_failed": int(vbd.mirror_failed),
             "reqs_outstanding": vbd.scheduler.in_flight,
@@ -84,3 +79,49 @@ class Device:
                 **vbd.stats_dict(),
             },
         }
+
+    def _image_stats(self, read: int, written: int, failed: list[int]) -> list[dict[str, Any]]:
+        """blktap's ``images``: per image of the chain, leaf first, the sectors it served
+        itself (``hits``: read, written; failed or not) and those that failed (``fail``), and
+        its ``driver``.  Writes all go to the leaf; a read goes to the image that holds the
+        data, so each image's count is what the image above read from it (the VBD's, for the
+        leaf) less what it read from its own backing in turn.  A read that failed in a backing
+        counts as failed there; the part of it the image above held counts as failed in that
+        image too (blktap, which splits a request per image, would count it as a success)."""
+        images = self.vbd.chain_images()
+        result = []
+        for depth, image in enumerate(images):
+            leaf = depth == 0
+            if leaf:
+                reads, read_failures = read, failed[0]
+            else:
+                reads = image.child_read_bytes // SECTOR
+                read_failures = image.child_failed_bytes // SECTOR
+            below = image.backing
+            if below is not None:
+                reads -= below.child_read_bytes // SECTOR
+                read_failures -= below.child_failed_bytes // SECTOR
+            path = image.spec.partition(":")[2]
+            kind = image.format_name
+            if leaf and kind == "raw" and self.spec.endswith(f"aio:{path}"):
+                kind = "aio"  # the raw driver, given as blktap's aio
+            result.append(
+                {
+                    "name": path,
+                    "hits": [max(0, reads), written if leaf else 0],
+                    "fail": [max(0, read_failures), failed[1] if leaf else 0],
+                    "driver": {
+                        "type": BLKTAP_DISK_TYPES.get(kind),
+                        "name": kind,
+                        "status": self._driver_status(kind, leaf),
+                    },
+                }
+            )
+        return result
+
+    def _driver_status(self, kind: str, leaf: bool) -> dict[str, Any] | None:
+        """The driver's own stats: blktap's aio reports its requests, its vhd nothing."""
+        if kind != "aio":
+            return None
+        pending = self.vbd.scheduler.in_flight if leaf else 0
+        return {"reqs": {"max": BLKTAP_AIO_REQUESTS, "pending": pending}}

@@ -13,14 +13,23 @@ Lifecycle:
 2. It sends one request: the JSON object ``{"config": PATH or null}`` with two file
    descriptors (SCM_RIGHTS): the tapdisk's stderr (its log) and the write end of the
    pipe on which the tapdisk says it is listening.
-3. The spawner forks; the child starts a new session, takes those descriptors and runs
-   ``tapdisk daemon`` as the command line would.  The spawner answers ``PID\\n``.
+3. The spawner parses the ``tapdisk daemon`` command line and forks; the child starts a
+   new session, takes those descriptors and runs the daemon with those arguments.  The
+   spawner answers ``PID\\n``.
 4. The spawner reaps its children (a SIGCHLD wakes it) and lives as long as one runs;
    ``LINGER`` seconds after the last is gone it removes its socket and exits.  A client
    that connected in that instant reads EOF and starts a new spawner.
 
 Code changed on disk reaches new tapdisks once the spawner has exited: a running
 spawner forks the modules it imported.
+
+Every page a child writes after the fork becomes its own, so the child does as little
+as it can: the spawner builds the argument parser once and parses each child's command
+line itself (building and running argparse cost each child 1.1 MB of its own),
+imports beforehand the modules every child would import on the way (``PRELOAD``), and
+opens and reads a VHD of its own once (``_warm_up``): CPython 3.11 rewrites a function's
+bytecode in place during its first calls, so code first run after the fork is written
+into by every child.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import logging
 import os
@@ -35,12 +45,18 @@ import select
 import signal
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from typing import NoReturn
 
 from tapdisk.ctl import protocol
 from tapdisk.drivers import registry
+from tapdisk.drivers.base import Image, ImageError
+from tapdisk.drivers.imageops import create_image
+from tapdisk.drivers.registry import OpenOptions, open_image
+
+from ..loop import run_loop
 
 log = logging.getLogger("tapdisk.spawner")
 
@@ -48,6 +64,12 @@ log = logging.getLogger("tapdisk.spawner")
 LINGER = 5.0
 #: Largest request accepted, in bytes.
 MAX_REQUEST = 64 * 1024
+#: Modules a tapdisk imports on the way, not at the top of another module: imported by the
+#: spawner so that every child shares them.  The codecs decode a VHD header's parent name
+#: (every VHD) and its parent locators (every VHD with a parent).
+PRELOAD = ("encodings.utf_16_be", "encodings.utf_16_le")
+#: Size of the VHD the spawner reads once before forking (``_warm_up``).
+WARM_UP_SIZE = 64 * 1024
 
 
 def socket_path(directory: str) -> str:
@@ -55,14 +77,23 @@ def socket_path(directory: str) -> str:
     return os.path.join(directory, protocol.SPAWNER_SOCKET)
 
 
-def serve(directory: str, ready: int | None, start: Callable[[list[str]], int]) -> int:
-    """Fork tapdisks on request until idle; ``start(argv)`` runs a tapdisk command line.
+def serve(
+    directory: str,
+    ready: int | None,
+    parse: Callable[[list[str]], argparse.Namespace],
+    start: Callable[[argparse.Namespace], int],
+) -> int:
+    """Fork tapdisks on request until idle: ``parse(argv)`` (in the spawner) reads a
+    ``tapdisk daemon`` command line, ``start(args)`` (in the child) runs that daemon.
 
     Writes the socket path to ``ready`` (if given) once listening.  The caller must
     have imported the daemon; the drivers are imported here, so that every child
     shares them.
     """
     registry.import_openers()
+    for name in PRELOAD:
+        importlib.import_module(name)
+    _warm_up()
     path = socket_path(directory)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(path)
@@ -85,7 +116,9 @@ def serve(directory: str, ready: int | None, start: Callable[[list[str]], int]) 
         if listener in readable:
             connection, _ = listener.accept()
             with connection:
-                pid = _fork(connection, directory, start, (listener, connection), (wake_r, wake_w))
+                pid = _fork(
+                    connection, directory, (parse, start), (listener, connection), (wake_r, wake_w)
+                )
             if pid is not None:
                 children.add(pid)
         _reap(children)
@@ -94,6 +127,31 @@ def serve(directory: str, ready: int | None, start: Callable[[list[str]], int]) 
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener.close()
+    return 0
+
+
+def _warm_up() -> None:
+    """Open a small VHD read-only and read from it, as every tapdisk does first, so that
+    the specialized code is the spawner's and shared (measured: 0.1 MB less per tapdisk).
+
+    Read-only and through the non-blocking reads: no thread starts, so none is alive at
+    a fork.  A failure costs memory only, and is logged.
+    """
+    try:
+        with tempfile.TemporaryDirectory(prefix="tapdisk-spawner-") as tmp:
+            path = os.path.join(tmp, "warm-up.vhd")
+            create_image("vhd", path, WARM_UP_SIZE)
+            image = open_image(f"vhd:{path}", OpenOptions(read_only=True))
+            buf = memoryview(bytearray(4096))
+            for offset in range(0, WARM_UP_SIZE, len(buf)):
+                image.read_nowait(offset, buf)
+            run_loop(_close(image))
+    except (ImageError, OSError) as exc:
+        log.warning("spawner: warm-up failed, tapdisks will use more memory: %s", exc)
+
+
+async def _close(image: Image) -> int:
+    await image.close()
     return 0
 
 
@@ -109,7 +167,7 @@ def _reap(children: set[int]) -> None:
 def _fork(
     connection: socket.socket,
     directory: str,
-    start: Callable[[list[str]], int],
+    daemon: tuple[Callable[[list[str]], argparse.Namespace], Callable[[argparse.Namespace], int]],
     sockets: tuple[socket.socket, ...],
     fds: tuple[int, ...],
 ) -> int | None:
@@ -131,11 +189,13 @@ def _fork(
     log_fd, ready_fd = passed
     argv = ["daemon", "--control-dir", directory, "--ready-fd", str(ready_fd)]
     if config is not None:
-        argv += ["--config", config]
+        argv.append(f"--config={config}")  # one word: a path starting with - is no flag
+    parse, start = daemon
+    args = parse(argv)
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _child(argv, log_fd, ready_fd, sockets, fds, start)
+        _child(args, log_fd, ready_fd, sockets, fds, start)
     os.close(log_fd)
     os.close(ready_fd)
     with contextlib.suppress(OSError):
@@ -144,12 +204,12 @@ def _fork(
 
 
 def _child(
-    argv: list[str],
+    args: argparse.Namespace,
     log_fd: int,
     ready_fd: int,
     sockets: tuple[socket.socket, ...],
     fds: tuple[int, ...],
-    start: Callable[[list[str]], int],
+    start: Callable[[argparse.Namespace], int],
 ) -> NoReturn:
     """In the forked child: drop the spawner's sockets and descriptors, become a
     detached ``tapdisk daemon``; never returns."""
@@ -169,7 +229,7 @@ def _child(
         os.close(null)
         os.close(log_fd)
         os.set_inheritable(ready_fd, False)
-        code = start(argv)
+        code = start(args)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

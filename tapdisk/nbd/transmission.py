@@ -12,6 +12,7 @@ Nothing here touches a socket.
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
@@ -118,7 +119,10 @@ class RequestReader:
 
     def __init__(self, max_payload: int) -> None:
         self._max_payload = max_payload
-        self._buf = bytearray(HEADER_BUFFER_SIZE)
+        # Anonymous memory, not a bytearray: a bytearray is zeroed (written) whole at once,
+        # while pages of a mapping are taken only once a receive reaches them, so a
+        # connection with one small request at a time holds a page or two, not 256 KiB.
+        self._buf = mmap.mmap(-1, HEADER_BUFFER_SIZE)
         self._view = memoryview(self._buf)
         # Bytes [_start, _end) of the buffer are received and not yet decoded; those
         # before _start may still be read through borrowed payloads.
