@@ -36,6 +36,7 @@ from ..vbd import VBD, VBDError, open_stack
 from . import handoff
 from .device import Device
 from .errors import ControlError
+from .fdreceiver import FdReceiver
 from .minors import Minor
 
 log = logging.getLogger("tapdisk.daemon")
@@ -73,6 +74,7 @@ class Daemon:
         self.stopped = asyncio.Event()
         self._stopping = False
         self._server: asyncio.AbstractServer | None = None
+        self._fd_receiver: FdReceiver | None = None
         self._ops = {
             "pid": self._op_pid,
             "list": self._op_list,
@@ -108,6 +110,7 @@ class Daemon:
             os.umask(old_umask)
         os.chmod(self.control_path, 0o600)
         log.info("control socket %s", self.control_path)
+        self._fd_receiver = FdReceiver(self.directory, self.pid)
 
     async def shutdown(self) -> None:
         """Close every device and detach every minor (freeing those allocated here), stop
@@ -128,6 +131,9 @@ class Daemon:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
+        if self._fd_receiver is not None:
+            self._fd_receiver.close()
+            self._fd_receiver = None
         self.stopped.set()
 
     def _shutdown_soon(self) -> None:
