@@ -96,11 +96,13 @@ class OpenOptions:
 
     ``allowed_dirs``: directories a parent or backing file may live in; empty
     means only the child's own directory.  ``direct``: bypass the page cache.
+    ``remote_backing``: a backing file named by an NBD URI may be opened (``backing``).
     """
 
     read_only: bool = False
     direct: bool = False
     allowed_dirs: tuple[str, ...] = field(default_factory=tuple)
+    remote_backing: bool = False
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Daemon:
         busy_poll: int = busypoll.DEFAULT_MAX_US,
         exit_when_idle: bool = False,
         tls: ServerTLS | None = None,
+        remote_backing: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
@@ -64,6 +65,8 @@ class Daemon:
         self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
+        #: Backing files named by NBD URIs may be opened (``drivers.backing``).
+        self.remote_backing = remote_backing
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -332,7 +335,9 @@ class Daemon:
 
     async def _open_device(self, number: int, args: dict[str, Any], timeout: float) -> Device:
         options = OpenOptions(
-            read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
+            read_only=args.get("read_only", False),
+            allowed_dirs=self.allowed_dirs,
+            remote_backing=self.remote_backing,
         )
         cbt_log = args.get("cbt_log")
         image = await open_stack(
