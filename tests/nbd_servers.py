@@ -61,7 +61,8 @@ def qemu_nbd(socket: Path, image: Path, fmt: str = "raw") -> Upstream:
 
 
 def make_certificates(directory: Path) -> Path:
-    """A CA and a server certificate for localhost in nbdkit's layout (what libnbd reads too)."""
+    """A CA, a server certificate for localhost and a client certificate, in the layout nbdkit,
+    qemu's tls-creds-x509 and libnbd read."""
     openssl = require("openssl")
     directory.mkdir()
     d = directory
@@ -75,7 +76,14 @@ def make_certificates(directory: Path) -> Path:
     )
     sign = f"x509 -req -in {d}/server.csr -CA {d}/ca-cert.pem -CAkey {d}/ca-key.pem -CAcreateserial"
     run(openssl, *sign.split(), *f"-days 2 -out {d}/server-cert.pem -extfile {d}/ext.cnf".split())
+    # A client certificate too (libnbd presents it): qemu-nbd verifies its peer by default.
+    run(openssl, *f"req -keyout {d}/client-key.pem -out {d}/client.csr".split(), *key,
+        "-subj", "/CN=client")  # fmt: skip
+    (d / "ext.cnf").write_text("extendedKeyUsage=clientAuth\n")
+    sign = f"x509 -req -in {d}/client.csr -CA {d}/ca-cert.pem -CAkey {d}/ca-key.pem -CAcreateserial"
+    run(openssl, *sign.split(), *f"-days 2 -out {d}/client-cert.pem -extfile {d}/ext.cnf".split())
     os.chmod(directory / "server-key.pem", 0o600)
+    os.chmod(directory / "client-key.pem", 0o600)
     return directory
 
 

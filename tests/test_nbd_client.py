@@ -146,10 +146,19 @@ def test_blktap_socket_path_form(serve, tmp_path: Path) -> None:
         up.stop()
 
 
-def test_tls_to_nbdkit(serve, tmp_path: Path) -> None:
-    """``nbds+unix://…?tls-certificates=DIR`` reaches an nbdkit that requires TLS."""
+@pytest.mark.parametrize("server", ["nbdkit", "qemu-nbd"])
+def test_tls_upstream(server: str, serve, tmp_path: Path) -> None:
+    """``nbds+unix://…?tls-certificates=DIR`` reaches a server that requires TLS."""
     pki = make_certificates(tmp_path / "pki")
-    up = nbdkit(tmp_path / "up.sock", "memory", "4M", tls_dir=pki)
+    sock = tmp_path / "up.sock"
+    if server == "nbdkit":
+        up = nbdkit(sock, "memory", "4M", tls_dir=pki)
+    else:
+        disk = tmp_path / "up.raw"
+        disk.write_bytes(bytes(4 << 20))
+        creds = f"tls-creds-x509,id=tls0,dir={pki},endpoint=server"
+        argv = [require("qemu-nbd"), "-f", "raw", "-k", str(sock), "--persistent", "--shared=4"]
+        up = Upstream([*argv, "--object", creds, "--tls-creds", "tls0", str(disk)], sock).start()
     try:
         tls_uri = f"nbds+unix:///?socket={up.socket}&tls-certificates={pki}"
         ours = serve(f"nbd:{tls_uri}")
@@ -270,6 +279,32 @@ def test_descriptor_passed_over_nbdclient_socket(tapctl, tmp_path: Path) -> None
         bad = tapctl("open", "-p", str(pid), "-a", "nbd:nobody-sent-this", check=False)
         assert bad.returncode != 0 and "no descriptor was passed" in bad.stderr
         assert pid in tapctl.pids()
+    finally:
+        up.stop()
+
+
+def test_blktap_host_port_form(serve, tmp_path: Path) -> None:
+    """``nbd:HOST:PORT`` connects over TCP to the default export."""
+    disk = tmp_path / "up.raw"
+    disk.write_bytes(b"\x5c" * (1 << 20))
+    up: Served = serve("--tcp", "127.0.0.1:0", f"raw:{disk}")
+    assert up.proc.stdout is not None
+    tcp = up.proc.stdout.readline().strip()  # the unix URI came first, then this one
+    assert tcp.startswith("nbd://127.0.0.1:")
+    host_port = tcp.removeprefix("nbd://").rstrip("/")
+    ours = serve(f"nbd:{host_port}")
+    nbdcopy(ours.uri(), tmp_path / "copy.bin")
+    assert (tmp_path / "copy.bin").read_bytes() == disk.read_bytes()
+
+
+def test_server_without_block_status_reads_as_data(serve, tmp_path: Path) -> None:
+    """An upstream without base:allocation: everything is reported as data, reads still work."""
+    up = nbdkit(tmp_path / "up.sock", "--filter=noextents", "memory", "2M")
+    try:
+        ours = serve(f"nbd:{up.uri()}")
+        assert run(require("nbdinfo"), "--map", ours.uri()).split() == ["0", "2097152", "0", "data"]
+        out = run(require("qemu-io"), "-f", "raw", "-r", "-c", "read -P 0 0 2M", ours.uri())
+        assert "Pattern verification failed" not in out
     finally:
         up.stop()
 
