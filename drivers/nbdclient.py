@@ -136,32 +136,35 @@ class _Wire:
         self.update()
 
     def update(self) -> None:
-        """Watch for writability while libnbd has bytes to send; notice a dead connection."""
-        handle = self.handle
-        if handle.aio_is_dead() or handle.aio_is_closed():
-            self._on_dead(self)
-            return
-        want = bool(handle.aio_get_direction() & self._write_flag)
-        if want != self._writing:
-            if want:
+        """Watch for writability while libnbd has bytes to send (after a command is queued)."""
+        if self.handle.aio_get_direction() & self._write_flag:
+            if not self._writing:
                 self.loop.add_writer(self.fd, self._writable)
-            else:
-                self.loop.remove_writer(self.fd)
-            self._writing = want
+                self._writing = True
+        elif self._writing:
+            self.loop.remove_writer(self.fd)
+            self._writing = False
+
+    def check(self) -> None:
+        """``update``, or report the connection dead (after libnbd met an error)."""
+        if self.handle.aio_is_dead() or self.handle.aio_is_closed():
+            self._on_dead(self)
+        else:
+            self.update()
 
     def _readable(self) -> None:
         try:
             self.handle.aio_notify_read()
         except _nbd().Error:
-            pass  # the connection is dead; update() sees it
-        self.update()
+            pass  # the connection is dead; check() sees it
+        self.check()
 
     def _writable(self) -> None:
         try:
             self.handle.aio_notify_write()
         except _nbd().Error:
             pass
-        self.update()
+        self.check()
 
     def detach(self) -> None:
         self.loop.remove_reader(self.fd)
@@ -182,10 +185,17 @@ def _enlarge_buffers(fd: int) -> None:
         sock.close()
 
 
-def _nbd() -> Any:
-    import nbd
+_libnbd: Any = None
 
-    return nbd
+
+def _nbd() -> Any:
+    """The libnbd module, imported on first use."""
+    global _libnbd
+    if _libnbd is None:
+        import nbd
+
+        _libnbd = nbd
+    return _libnbd
 
 
 class NbdImage(Image):
@@ -298,9 +308,14 @@ class NbdImage(Image):
             await asyncio.sleep(delay)
             delay = min(delay * 2, BACKOFF_MAX)
 
-    async def _run(self, submit: Callable[[Any, Callable[[Any], int]], Any], what: str) -> None:
-        """Submit one aio command through ``submit(handle, completion)`` and await its end."""
-        wire = await self._wire_up()
+    async def _run(
+        self, submit: Callable[[Any, Callable[[Any], int]], Any], what: str, offset: int
+    ) -> None:
+        """Submit one aio command through ``submit(handle, completion)`` and await its end.
+
+        ``what`` and ``offset`` name the request in errors.
+        """
+        wire = self._wire or await self._wire_up()
         future: asyncio.Future[int] = wire.loop.create_future()
 
         def completion(error: Any) -> int:
@@ -313,20 +328,22 @@ class NbdImage(Image):
             submit(wire.handle, completion)
         except _nbd().Error as exc:
             self._in_flight.discard(future)
-            wire.update()
+            wire.check()
             code = exc.errno or errno.EIO
+            where = f"{self.spec}: {what} at {offset}"
             if wire is not self._wire or code in _CONNECTION_ERRNOS:
-                raise OSError(errno.EAGAIN, f"{self.spec}: {what}: connection lost") from None
-            raise OSError(code, f"{self.spec}: {what}: {_one_line(exc.string)}") from None
+                raise OSError(errno.EAGAIN, f"{where}: connection lost") from None
+            raise OSError(code, f"{where}: {_one_line(exc.string)}") from None
         wire.update()
         try:
             code = await future
         finally:
             self._in_flight.discard(future)
         if code:
+            where = f"{self.spec}: {what} at {offset}"
             if code in _CONNECTION_ERRNOS:
-                raise OSError(errno.EAGAIN, f"{self.spec}: {what}: connection lost")
-            raise OSError(code, f"{self.spec}: {what}: {os.strerror(code)}")
+                raise OSError(errno.EAGAIN, f"{where}: connection lost")
+            raise OSError(code, f"{where}: {os.strerror(code)}")
 
     # -- I/O ----------------------------------------------------------------------------
 
@@ -334,23 +351,13 @@ class NbdImage(Image):
         await self._split(offset, buf, self._read_one)
 
     async def _read_one(self, offset: int, buf: memoryview) -> None:
-        nbd = _nbd()
-        await self._run(
-            lambda h, done: h.aio_pread(nbd.Buffer.from_buffer(buf), offset, completion=done),
-            f"read at {offset}",
-        )
+        await self._run(lambda h, done: h.aio_pread(buf, offset, done), "read", offset)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         flags = _nbd().CMD_FLAG_FUA if fua and self._can["fua"] else 0
 
         async def write_one(at: int, part: memoryview) -> None:
-            nbd = _nbd()
-            await self._run(
-                lambda h, done: h.aio_pwrite(
-                    nbd.Buffer.from_buffer(part), at, completion=done, flags=flags
-                ),
-                f"write at {at}",
-            )
+            await self._run(lambda h, done: h.aio_pwrite(part, at, done, flags), "write", at)
 
         await self._split(offset, data, write_one)
         if fua and not flags:
@@ -368,7 +375,7 @@ class NbdImage(Image):
 
     async def flush(self) -> None:
         if self._can["flush"]:
-            await self._run(lambda h, done: h.aio_flush(completion=done), "flush")
+            await self._run(lambda h, done: h.aio_flush(completion=done), "flush", 0)
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         if not self._can["trim"]:
@@ -379,7 +386,8 @@ class NbdImage(Image):
                 lambda h, done, at=at, count=count: h.aio_trim(
                     count, at, completion=done, flags=flags
                 ),
-                f"trim at {at}",
+                "trim",
+                at,
             )
         if fua and not flags:
             await self.flush()
@@ -409,7 +417,8 @@ class NbdImage(Image):
                 lambda h, done, at=at, count=count: h.aio_zero(
                     count, at, completion=done, flags=flags
                 ),
-                f"write zeroes at {at}",
+                "write zeroes",
+                at,
             )
         if fua and not self._can["fua"]:
             await self.flush()
@@ -439,7 +448,8 @@ class NbdImage(Image):
 
         await self._run(
             lambda h, done: h.aio_block_status(count, offset, collect, completion=done),
-            f"block status at {offset}",
+            "block status",
+            offset,
         )
         return found or [Extent(length, ExtentFlags.DATA)]
 
@@ -448,7 +458,8 @@ class NbdImage(Image):
             for at, count in _ranges(offset, length):
                 await self._run(
                     lambda h, done, at=at, count=count: h.aio_cache(count, at, completion=done),
-                    f"cache at {at}",
+                    "cache",
+                    at,
                 )
 
     async def close(self) -> None:
