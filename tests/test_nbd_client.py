@@ -237,6 +237,35 @@ def test_reconnects_when_the_server_restarts_during_io(tapctl, tmp_path: Path) -
         up.stop()
 
 
+def test_server_gone_past_the_deadline_fails_the_request_and_recovers(
+    tapctl, tmp_path: Path
+) -> None:
+    """Past the VBD's retry deadline the error reaches the client; the tapdisk stays up, and
+    once the server is back the same export works again."""
+    up = nbdkit(tmp_path / "up.sock", "memory", "4M")
+    try:
+        pid, _minor, sock = tapctl.spawn_open(f"nbd:{up.uri()}", "-t", "2")
+        client = nbd.NBD()
+        client.connect_uri(f"nbd+unix:///?socket={sock}")
+        client.pwrite(b"\x01" * 4096, 0)
+        up.kill()
+        with pytest.raises(nbd.Error):
+            client.pwrite(b"\x02" * 4096, 0)
+        assert pid in tapctl.pids()
+        up.start()  # a new, empty memory export of the same size
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.pwrite(b"\x03" * 4096, 0)
+                break
+            except nbd.Error:
+                assert time.monotonic() < deadline, "never reconnected"
+                time.sleep(0.2)
+        assert client.pread(4096, 0) == b"\x03" * 4096
+    finally:
+        up.stop()
+
+
 def test_tapctl_opens_nbd_images(tapctl, tmp_path: Path) -> None:
     """``tap-ctl create -a nbd:URI`` serves the remote export on its minor's socket."""
     up = nbdkit(tmp_path / "up.sock", "memory", "8M")
