@@ -266,6 +266,26 @@ def test_server_gone_past_the_deadline_fails_the_request_and_recovers(
         up.stop()
 
 
+def test_nbd_export_as_mirror_secondary(tapctl, tmp_path: Path) -> None:
+    """blktap's ``-2 nbd:…``: every write reaches the remote export as well as the primary."""
+    import json
+
+    primary = tmp_path / "primary.raw"
+    primary.write_bytes(bytes(4 << 20))
+    up = nbdkit(tmp_path / "up.sock", "memory", "4M")
+    try:
+        pid, minor, sock = tapctl.spawn_open(f"raw:{primary}", "-2", f"nbd:{up.uri()}")
+        run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x4d 1M 1M",
+            f"nbd+unix:///?socket={sock}")  # fmt: skip
+        stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+        assert stats["nbd_mirror_failed"] == 0
+        out = run(require("qemu-io"), "-f", "raw", "-r", "-c", "read -P 0x4d 1M 1M", up.uri())
+        assert "Pattern verification failed" not in out
+        assert primary.read_bytes()[1 << 20 : 2 << 20] == b"\x4d" * (1 << 20)
+    finally:
+        up.stop()
+
+
 def test_tapctl_opens_nbd_images(tapctl, tmp_path: Path) -> None:
     """``tap-ctl create -a nbd:URI`` serves the remote export on its minor's socket."""
     up = nbdkit(tmp_path / "up.sock", "memory", "8M")
