@@ -10,18 +10,30 @@ opened read-only through the driver registry with the format the image names
 a file already in the chain being opened (compared by device and inode, so no
 symlink or hard link hides a loop) and a chain deeper than ``MAX_CHAIN_DEPTH``,
 whatever formats the chain mixes.
+
+A backing file named by an NBD URI (what qemu writes for an overlay of an NBD
+export: ``nbd://HOST:PORT/EXPORT``, ``nbd+unix:///EXPORT?socket=PATH``, and the
+``nbds`` forms) is refused unless ``OpenOptions.remote_backing`` allows it; then
+it opens as ``nbd:URI``, read-only.  Being untrusted, such a name may carry no
+query parameter but ``socket``, and the socket must lie inside the allowed
+directories like any backing file (an image must not make tapdisk talk to an
+arbitrary local socket, nor read local files through ``tls-psk-file``).
 """
 
 from __future__ import annotations
 
 import contextvars
 import os
+import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .base import Image, ImageError, ImageFormatError
 from .paths import is_inside, open_disk
 from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
+
+#: URI schemes of NBD exports that a backing file name may use.
+NBD_SCHEMES = frozenset({"nbd", "nbds", "nbd+unix", "nbds+unix"})
 
 #: Most images in one chain, the top one included; deeper chains are almost certainly hostile
 #: (and would exhaust Python's recursion limit long before any real chain needs more).
@@ -111,8 +123,47 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
+def remote_backing_spec(child: str, name: str, options: OpenOptions) -> str | None:
+    """``nbd:URI`` for a backing file named by an NBD URI (None for any other name).
+
+    Raises ImageFormatError when remote backing files are not allowed, or the URI
+    carries more than a socket inside the allowed directories.
+    """
+    scheme, sep, _ = name.partition("://")
+    if not sep or scheme not in NBD_SCHEMES:
+        return None
+    if not options.remote_backing:
+        raise ImageFormatError(
+            f"{child}: backing_file {name!r} is a remote NBD export, and remote backing files "
+            "are not allowed (remote_backing: true in the configuration allows them)"
+        )
+    query = urllib.parse.parse_qs(urllib.parse.urlsplit(name).query, keep_blank_values=True)
+    extra = sorted(set(query) - {"socket"})
+    if extra:
+        raise ImageFormatError(
+            f"{child}: backing_file {name!r}: parameter {extra[0]!r} is not allowed in a "
+            "backing file name (only socket=)"
+        )
+    base = os.path.dirname(child)
+    for socket in query.get("socket", []):
+        allowed = options.allowed_dirs or (base,)
+        if not is_inside(os.path.join(base, socket), allowed):
+            raise ImageFormatError(
+                f"{child}: backing_file {name!r}: socket {socket!r} is outside the allowed "
+                f"directories ({', '.join(allowed)})"
+            )
+    return f"nbd:{name}"
+
+
 def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
     """Open the backing file ``name`` of image ``child`` read-only."""
+    remote = remote_backing_spec(child, name, options)
+    if remote is not None:
+        if fmt not in (None, "raw"):
+            raise ImageFormatError(
+                f"{child}: backing file {name!r} of format {fmt!r}: an NBD export is raw"
+            )
+        return open_image(remote, OpenOptions(read_only=True))
     path = resolve_backing(child, name, options)
     if not os.path.exists(path):
         raise ImageError(f"{child}: backing file {path} does not exist")
@@ -122,5 +173,9 @@ def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -
     with chain_guard(child, path, f"backing_file {name!r}"):
         return open_image(
             f"{kind}:{path}",
-            OpenOptions(read_only=True, allowed_dirs=options.allowed_dirs),
+            OpenOptions(
+                read_only=True,
+                allowed_dirs=options.allowed_dirs,
+                remote_backing=options.remote_backing,
+            ),
         )

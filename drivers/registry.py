@@ -49,6 +49,9 @@ class Driver:
     flat: bool = False
     #: A converted image's size is rounded up to a multiple of this.
     size_unit: int = 1
+    #: The argument names a remote export (a URI, socket, HOST:PORT or passed descriptor),
+    #: not a local image file: it is not made absolute.
+    remote: bool = False
 
 
 #: Spec type -> its driver.  Creatable types come first, in the order error messages list them.
@@ -72,6 +75,7 @@ DRIVERS: dict[str, Driver] = {
     ),
     "aio": Driver("raw:open_raw", direct_io=True, flat=True),
     "fault": Driver("fault:open_fault", layer=True),
+    "nbd": Driver("nbdclient:open_nbd", remote=True),
 }
 
 #: Types ``create_image`` can make, for tools and their error messages.
@@ -92,11 +96,13 @@ class OpenOptions:
 
     ``allowed_dirs``: directories a parent or backing file may live in; empty
     means only the child's own directory.  ``direct``: bypass the page cache.
+    ``remote_backing``: a backing file named by an NBD URI may be opened (``backing``).
     """
 
     read_only: bool = False
     direct: bool = False
     allowed_dirs: tuple[str, ...] = field(default_factory=tuple)
+    remote_backing: bool = False
 
 
 @dataclass(frozen=True)
@@ -228,7 +234,7 @@ def open_image(spec: str, options: OpenOptions | None = None) -> Image:
             f"not sector aligned); only {', '.join(sorted(DIRECT_IO))} images can"
         )
     try:
-        target = path if kind in LAYERS else os.path.abspath(path)
+        target = path if kind in LAYERS or DRIVERS[kind].remote else os.path.abspath(path)
         return opener_for(kind)(target, options)
     except FileNotFoundError as exc:
         raise ImageError(f"{spec}: no such file {exc.filename or path!r}") from exc

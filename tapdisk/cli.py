@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--read-only", "-r", action="store_true", help="refuse all writes")
     serve.add_argument("--direct", action="store_true", help="bypass the page cache (O_DIRECT)")
     serve.add_argument(
+        "--remote-backing",
+        action="store_true",
+        help="let qcow2/qcow backing files be NBD URIs (nbd://, nbd+unix://...), opened read-only",
+    )
+    serve.add_argument(
         "--description",
         metavar="TEXT",
         default="",
@@ -149,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def open_exports(args: argparse.Namespace) -> list[Export]:
     """Open every image named on the command line; close them all on failure."""
-    options = OpenOptions(read_only=args.read_only, direct=args.direct)
+    options = OpenOptions(
+        read_only=args.read_only, direct=args.direct, remote_backing=args.remote_backing
+    )
     opened: list[Image] = []
     exports: list[Export] = []
     names: set[str] = set()

@@ -9,6 +9,7 @@ the devices to attach at boot::
     busy_poll: 50                # microseconds to spin for the next request; 0 = never
     control_dir: /run/blktap-control   # control and NBD sockets, minors (blktap's layout)
     allowed_dirs: [/var/lib/tapdisk]
+    remote_backing: false        # true: qcow2/qcow backing files may be NBD URIs
     metrics_listen: 127.0.0.1:9847
     log_level: info
     tls: require                 # NBD listeners: off, on (offered) or require
@@ -73,6 +74,7 @@ class Config:
     busy_poll: int = DEFAULT_MAX_US
     control_dir: str = DEFAULT_DIR
     allowed_dirs: tuple[str, ...] = ()
+    remote_backing: bool = False
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
     log_level: str = "info"
     tls: TLSMode = TLSMode.OFF
@@ -214,6 +216,7 @@ SCHEMA: dict[str, Callable[[object], Any]] = {
     "busy_poll": _integer(0, BUSY_POLL_MAX_US),
     "control_dir": _directory,
     "allowed_dirs": ListOf(_directory),
+    "remote_backing": _boolean,
     "metrics_listen": parse_host_port,
     "log_level": _log_level,
     "tls": _tls_mode,

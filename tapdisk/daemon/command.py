@@ -138,6 +138,7 @@ def main(args: argparse.Namespace) -> int:
             busy_poll=_given(args.busy_poll, settings.busy_poll),
             exit_when_idle=True,
             server_tls=server_tls,
+            remote_backing=settings.remote_backing,
         )
     )
 
@@ -151,6 +152,7 @@ async def run(
     busy_poll: int = busypoll.DEFAULT_MAX_US,
     exit_when_idle: bool = False,
     server_tls: ServerTLS | None = None,
+    remote_backing: bool = False,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -160,7 +162,15 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls)
+    daemon = Daemon(
+        directory,
+        limits,
+        allowed_dirs,
+        busy_poll,
+        exit_when_idle,
+        server_tls,
+        remote_backing=remote_backing,
+    )
     try:
         await daemon.start()
     except OSError as exc:

@@ -36,6 +36,7 @@ from ..vbd import VBD, VBDError, open_stack
 from . import handoff
 from .device import Device
 from .errors import ControlError
+from .fdreceiver import FdReceiver
 from .minors import Minor
 
 log = logging.getLogger("tapdisk.daemon")
@@ -56,6 +57,7 @@ class Daemon:
         busy_poll: int = busypoll.DEFAULT_MAX_US,
         exit_when_idle: bool = False,
         tls: ServerTLS | None = None,
+        remote_backing: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
@@ -63,6 +65,8 @@ class Daemon:
         self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
+        #: Backing files named by NBD URIs may be opened (``drivers.backing``).
+        self.remote_backing = remote_backing
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -73,6 +77,7 @@ class Daemon:
         self.stopped = asyncio.Event()
         self._stopping = False
         self._server: asyncio.AbstractServer | None = None
+        self._fd_receiver: FdReceiver | None = None
         self._ops = {
             "pid": self._op_pid,
             "list": self._op_list,
@@ -108,6 +113,7 @@ class Daemon:
             os.umask(old_umask)
         os.chmod(self.control_path, 0o600)
         log.info("control socket %s", self.control_path)
+        self._fd_receiver = FdReceiver(self.directory, self.pid)
 
     async def shutdown(self) -> None:
         """Close every device and detach every minor (freeing those allocated here), stop
@@ -128,6 +134,9 @@ class Daemon:
             self._server = None
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.control_path)
+        if self._fd_receiver is not None:
+            self._fd_receiver.close()
+            self._fd_receiver = None
         self.stopped.set()
 
     def _shutdown_soon(self) -> None:
@@ -326,7 +335,9 @@ class Daemon:
 
     async def _open_device(self, number: int, args: dict[str, Any], timeout: float) -> Device:
         options = OpenOptions(
-            read_only=args.get("read_only", False), allowed_dirs=self.allowed_dirs
+            read_only=args.get("read_only", False),
+            allowed_dirs=self.allowed_dirs,
+            remote_backing=self.remote_backing,
         )
         cbt_log = args.get("cbt_log")
         image = await open_stack(
