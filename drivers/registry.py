@@ -49,6 +49,9 @@ class Driver:
     flat: bool = False
     #: A converted image's size is rounded up to a multiple of this.
     size_unit: int = 1
+    #: Its argument names an image in a cluster, not a file: it is neither made absolute
+    #: nor subject to ``allowed_dirs`` (the cluster's own authentication governs it).
+    remote: bool = False
 
 
 #: Spec type -> its driver.  Creatable types come first, in the order error messages list them.
@@ -72,6 +75,7 @@ DRIVERS: dict[str, Driver] = {
     ),
     "aio": Driver("raw:open_raw", direct_io=True, flat=True),
     "fault": Driver("fault:open_fault", layer=True),
+    "rbd": Driver("rbd:open_rbd", remote=True),
 }
 
 #: Types ``create_image`` can make, for tools and their error messages.
@@ -82,6 +86,8 @@ LAYERS: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if d
 MAX_LAYERS = 8
 #: Types that can bypass the page cache (``OpenOptions.direct``).
 DIRECT_IO: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.direct_io)
+#: Types whose argument names an image in a cluster, not a file.
+REMOTE: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.remote)
 #: qemu format names -> our spec types.
 FORMAT_ALIASES = {"vpc": "vhd", "file": "raw", "host_device": "raw"}
 
@@ -92,11 +98,15 @@ class OpenOptions:
 
     ``allowed_dirs``: directories a parent or backing file may live in; empty
     means only the child's own directory.  ``direct``: bypass the page cache.
+    ``ceph_conf``/``ceph_id``: the Ceph cluster and identity of ``rbd:`` images
+    whose spec names none (None: Ceph's own defaults).
     """
 
     read_only: bool = False
     direct: bool = False
     allowed_dirs: tuple[str, ...] = field(default_factory=tuple)
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,7 +238,7 @@ def open_image(spec: str, options: OpenOptions | None = None) -> Image:
             f"not sector aligned); only {', '.join(sorted(DIRECT_IO))} images can"
         )
     try:
-        target = path if kind in LAYERS else os.path.abspath(path)
+        target = path if kind in LAYERS | REMOTE else os.path.abspath(path)
         return opener_for(kind)(target, options)
     except FileNotFoundError as exc:
         raise ImageError(f"{spec}: no such file {exc.filename or path!r}") from exc
