@@ -143,10 +143,10 @@ def _reason(exc: Exception) -> str:
 
 def open_rbd(path: str, options: OpenOptions) -> RbdImage:
     """Opener registered for ``rbd:``: connect, open the pool and the image."""
+    name = parse_name(path)
     import rados
     import rbd
 
-    name = parse_name(path)
     cluster = connect(name, options)
     try:
         try:
