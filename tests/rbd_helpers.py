@@ -8,7 +8,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,14 +47,19 @@ class Cluster:
         self.rbd("export", "--no-progress", name, dest)
         return dest.read_bytes()
 
-    def restart_osd(self, down: float = 1.0) -> None:
-        """Stop the OSD with SIGTERM (it saves its memstore), wait ``down`` s, start it again."""
+    def restart_osd(self, down: float = 1.0, during: Callable[[], None] | None = None) -> None:
+        """Stop the OSD with SIGTERM (it saves its memstore), wait ``down`` s, start it again.
+
+        ``during`` is called once the OSD is gone, before the wait.
+        """
         pid = int((self.directory / "run" / "osd.0.pid").read_text())
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while Path(f"/proc/{pid}").exists():
             assert time.monotonic() < deadline, "the OSD did not stop within 30 s"
             time.sleep(0.05)
+        if during is not None:
+            during()
         time.sleep(down)
         run("bash", CEPH_DEV, "start", self.directory, timeout=120)
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tapdisk.ctl import protocol
+from tapdisk.drivers.registry import OpenOptions
 
 from .. import busypoll, logs, tls
 from .. import config as configuration
@@ -138,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
             busy_poll=_given(args.busy_poll, settings.busy_poll),
             exit_when_idle=True,
             server_tls=server_tls,
+            open_defaults=configuration.open_defaults(settings),
         )
     )
 
@@ -151,6 +153,7 @@ async def run(
     busy_poll: int = busypoll.DEFAULT_MAX_US,
     exit_when_idle: bool = False,
     server_tls: ServerTLS | None = None,
+    open_defaults: OpenOptions | None = None,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -160,7 +163,9 @@ async def run(
     shuts down and returns 1), then writes ``<control socket path>\\n`` to file
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
-    daemon = Daemon(directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls)
+    daemon = Daemon(
+        directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls, open_defaults
+    )
     try:
         await daemon.start()
     except OSError as exc:

@@ -1,0 +1,80 @@
+"""rbd images as tap-ctl devices: the YAML's Ceph defaults, allowed_dirs, and the VBD's retry
+across an OSD outage longer than librbd's own operation timeout."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import nbd
+from rbd_helpers import Cluster
+from tapctl_helpers import TapCtl, nbd_uri
+
+MiB = 1 << 20
+
+
+def write_config(path: Path, ceph: Cluster, extra: str = "") -> Path:
+    """A tapdisk.yaml whose ceph_conf and ceph_id name the test cluster."""
+    path.write_text(f"ceph_conf: {ceph.conf}\nceph_id: admin\n{extra}")
+    return path
+
+
+def test_an_rbd_spec_without_conf_uses_the_configuration_s_cluster(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    name = ceph.create("8M")
+    config = write_config(tmp_path / "tapdisk.yaml", ceph, f"allowed_dirs: [{tmp_path}]\n")
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"rbd:{name}")
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x5a" * MiB, 2 * MiB)
+    handle.flush()
+    handle.shutdown()
+    assert ceph.export(name, tmp_path / "export.raw")[2 * MiB : 3 * MiB] == b"\x5a" * MiB
+
+
+def test_an_rbd_spec_with_no_cluster_configured_fails_in_one_line(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    # No ceph_conf and no /etc/ceph/ceph.conf on a test host: Ceph's default finds nothing.
+    pid = int(tapctl.out("spawn"))
+    proc = tapctl("open", "-p", str(pid), "-a", "rbd:rbd/disk:conf=/nonexistent.conf", check=False)
+    assert proc.returncode != 0
+    assert "cannot connect to the Ceph cluster" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    name = ceph.create("8M")
+    pid = int(tapctl.out("spawn"))
+    # librbd gives up on the OSD after 2 s: the request fails with ETIMEDOUT and the VBD
+    # retries it until the OSD is back (the device's deadline is the default 120 s).
+    spec = f"{ceph.spec(name)}:rados_osd_op_timeout=2"
+    sock = tapctl.out("open", "-p", str(pid), "-a", spec)
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x01" * MiB, 0)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write_while_down() -> None:
+        try:
+            handle.pwrite(b"\x02" * MiB, 0)
+            handle.flush()
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=write_while_down)
+    ceph.restart_osd(down=5.0, during=thread.start)
+    assert done.wait(120)
+    thread.join()
+    assert errors == []
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", sock.rsplit(".", 1)[1]))
+    assert stats["vbd"]["retries"] >= 1  # librbd did fail it: the retry is what saved it
+    handle.shutdown()
+    assert ceph.export(name, tmp_path / "export.raw")[:MiB] == b"\x02" * MiB
