@@ -170,6 +170,36 @@ def open_rbd(path: str, options: OpenOptions) -> RbdImage:
     return RbdImage(path, name, cluster, ioctx, handle, read_only=read_only)
 
 
+def create_snapshot(spec: str, name: str, options: OpenOptions) -> str:
+    """Snapshotter registered for ``rbd:``: RBD snapshot ``name`` of the image of ``spec``."""
+    kind, _, path = spec.partition(":")
+    image = parse_name(path)
+    if kind != "rbd" or image.snapshot is not None:
+        raise ImageError(f"{spec}: only an rbd image's head can be snapshotted")
+    if not _NAME.fullmatch(name):
+        raise ImageError(f"{spec}: bad snapshot name {name!r}")
+    opened = open_rbd(path, options)
+    try:
+        opened.snapshot(name)
+    finally:
+        opened._release()
+    cut = _location_end(path)
+    return f"rbd:{path[:cut]}@{name}{path[cut:]}"
+
+
+def _location_end(path: str) -> int:
+    """Index of the first unescaped ``:`` in ``path`` (where the options start), or its end."""
+    i = 0
+    while i < len(path):
+        if path[i] == "\\":
+            i += 2
+            continue
+        if path[i] == ":":
+            return i
+        i += 1
+    return len(path)
+
+
 class RbdImage(Image):
     """An RBD image (or snapshot) open through librbd."""
 
@@ -279,6 +309,17 @@ class RbdImage(Image):
         if pos < end:
             result.append(Extent(end - pos, ExtentFlags.HOLE | ExtentFlags.ZERO))
         return result
+
+    def snapshot(self, name: str) -> None:
+        """Create RBD snapshot ``name`` (blocking); ImageError naming it when librbd refuses."""
+        import rbd
+
+        try:
+            self._handle.create_snap(name)
+        except rbd.ImageExists:
+            raise ImageError(f"{self.spec}: snapshot {name!r} already exists") from None
+        except rbd.Error as exc:
+            raise ImageError(f"{self.spec}: cannot snapshot as {name!r}: {_reason(exc)}") from None
 
     async def close(self) -> None:
         await asyncio.to_thread(self._release)

@@ -49,6 +49,9 @@ class Driver:
     flat: bool = False
     #: A converted image's size is rounded up to a multiple of this.
     size_unit: int = 1
+    #: ``snapshot(spec, name, options) -> spec`` (``Snapshotter``): a snapshot kept inside the
+    #: image's own store (an RBD snapshot), returning the snapshot's read-only spec.
+    snapshot: str | None = None
     #: Its argument names an image in a cluster, not a file: it is neither made absolute
     #: nor subject to ``allowed_dirs`` (the cluster's own authentication governs it).
     remote: bool = False
@@ -75,7 +78,7 @@ DRIVERS: dict[str, Driver] = {
     ),
     "aio": Driver("raw:open_raw", direct_io=True, flat=True),
     "fault": Driver("fault:open_fault", layer=True),
-    "rbd": Driver("rbd:open_rbd", remote=True),
+    "rbd": Driver("rbd:open_rbd", snapshot="rbd:create_snapshot", remote=True),
 }
 
 #: Types ``create_image`` can make, for tools and their error messages.
@@ -142,6 +145,15 @@ class Committer(Protocol):
     ) -> str: ...
 
 
+class Snapshotter(Protocol):
+    """Snapshots the image ``spec`` as ``name`` in its own store; the snapshot's spec.
+
+    Blocking; the caller has paused any device on the image (it is flushed and closed).
+    """
+
+    def __call__(self, spec: str, name: str, options: OpenOptions) -> str: ...
+
+
 class BlockStatus(Protocol):
     """(kind, host offset, run) at guest ``offset`` of the image itself (``l2tables`` kinds).
 
@@ -199,6 +211,12 @@ def creator_for(kind: str) -> Creator:
 def committer_for(kind: str) -> Committer | None:
     """The commit function of a type whose images can have a backing file."""
     name = DRIVERS[kind].commit
+    return None if name is None else _function(name)
+
+
+def snapshotter_for(kind: str) -> Snapshotter | None:
+    """The internal-snapshot function of a type that keeps snapshots in its own store."""
+    name = DRIVERS[kind].snapshot
     return None if name is None else _function(name)
 
 

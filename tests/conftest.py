@@ -50,7 +50,6 @@ def tapctl() -> Iterator[TapCtl]:
     yield from private_tapctl()
 
 
-
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A one-node Ceph cluster shared by the rbd tests; they skip when Ceph is not installed."""

@@ -3,8 +3,10 @@ across an OSD outage longer than librbd's own operation timeout."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
@@ -78,3 +80,36 @@ def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
     assert stats["vbd"]["retries"] >= 1  # librbd did fail it: the retry is what saved it
     handle.shutdown()
     assert ceph.export(name, tmp_path / "export.raw")[:MiB] == b"\x02" * MiB
+
+
+def test_tapctl_snapshot_of_an_rbd_device_takes_an_rbd_snapshot_in_place(
+    ceph: Cluster, tapctl: TapCtl
+) -> None:
+    name = ceph.create("8M")
+    pid, minor, sock = tapctl.spawn_open(ceph.spec(name))
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x11" * MiB, 0)
+    snapshot = tapctl.out("snapshot", "-p", str(pid), "-m", str(minor), "-a", "rbd:before")
+    assert snapshot == f"rbd:{name}@before:conf={ceph.conf}"
+    handle.pwrite(b"\x22" * MiB, 0)  # the same connection, the same device, after the pause
+    handle.flush()
+    assert handle.pread(MiB, 0) == b"\x22" * MiB
+    assert "before" in ceph.rbd("snap", "ls", name)
+    with nbd_served_snapshot(tapctl, snapshot) as frozen:
+        assert frozen.pread(MiB, 0) == b"\x11" * MiB
+    again = tapctl("snapshot", "-p", str(pid), "-m", str(minor), "-a", "rbd:before", check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    [device] = [info for info in tapctl.listing() if info["minor"] == minor]
+    assert device["spec"] == ceph.spec(name)
+
+
+@contextlib.contextmanager
+def nbd_served_snapshot(tapctl: TapCtl, spec: str) -> Iterator[nbd.NBD]:
+    """The snapshot ``spec`` opened read-only in a tapdisk of its own, over NBD."""
+    _, _, sock = tapctl.spawn_open(spec)
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    assert handle.is_read_only()
+    yield handle
+    handle.shutdown()

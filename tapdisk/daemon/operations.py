@@ -449,6 +449,9 @@ class Daemon:
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
         _not_migrating(device)
+        if configuration.is_remote(request.args.get("format", "") + ":"):
+            snapshot = await device.vbd.snapshot_in_store(request.args["path"])
+            return {**self.info(minor), "snapshot": snapshot}
         path = os.path.abspath(request.args["path"])
         self._check_allowed(path, path)
         device.spec = await device.vbd.snapshot(
