@@ -10,18 +10,27 @@ opened read-only through the driver registry with the format the image names
 a file already in the chain being opened (compared by device and inode, so no
 symlink or hard link hides a loop) and a chain deeper than ``MAX_CHAIN_DEPTH``,
 whatever formats the chain mixes.
+
+A backing name that is an image in a cluster (``rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]``,
+a golden image in Ceph under a local qcow2 overlay) is no path: it is opened
+read-only through the registry with the daemon's own cluster and identity
+(``OpenOptions.ceph_conf``/``ceph_id``).  The cluster that identity may read plays
+the part of the allowed directories; a backing name carrying options (``:conf=``,
+``:id=``, monitor addresses...) is refused, so an image never chooses which file
+librados reads or whom it connects to.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .base import Image, ImageError, ImageFormatError
 from .paths import is_inside, open_disk
-from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
+from .registry import DRIVERS, FORMAT_ALIASES, REMOTE, OpenOptions, open_image
 
 #: Most images in one chain, the top one included; deeper chains are almost certainly hostile
 #: (and would exhaust Python's recursion limit long before any real chain needs more).
@@ -111,8 +120,28 @@ def probe_format(path: str) -> str:
     return "raw"
 
 
+def is_remote_backing(name: str) -> bool:
+    """Whether a backing name is an image in a cluster (``rbd:...``) rather than a path."""
+    return name.partition(":")[0] in REMOTE
+
+
+def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
+    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only."""
+    kind, _, rest = name.partition(":")
+    if ":" in rest or "\\" in rest:
+        raise ImageFormatError(
+            f"{child}: backing_file {name!r} carries options; a backing image in a cluster "
+            "is opened with the daemon's own ceph_conf and ceph_id"
+        )
+    if fmt not in (None, "raw", kind):
+        raise ImageFormatError(f"{child}: backing file format {fmt!r} of {name!r} is not raw")
+    return open_image(name, dataclasses.replace(options, read_only=True, direct=False))
+
+
 def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
     """Open the backing file ``name`` of image ``child`` read-only."""
+    if is_remote_backing(name):
+        return open_remote_backing(child, name, fmt, options)
     path = resolve_backing(child, name, options)
     if not os.path.exists(path):
         raise ImageError(f"{child}: backing file {path} does not exist")

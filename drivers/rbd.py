@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .base import Capabilities, Extent, ExtentFlags, Image, ImageError
-from .registry import OpenOptions
+from .registry import NewBacking, OpenOptions
 
 #: Seconds to reach the monitors and authenticate before an open fails.
 MOUNT_TIMEOUT = 10
@@ -141,6 +141,40 @@ def _reason(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
+def _open_pool(cluster: Any, name: RbdName) -> Any:
+    """The ``rados.Ioctx`` of the image's pool and namespace; ImageError if there is none."""
+    import rados
+
+    try:
+        ioctx = cluster.open_ioctx(name.pool)
+    except rados.ObjectNotFound:
+        raise ImageError(f"rbd:{name}: no pool {name.pool!r} in the cluster") from None
+    ioctx.set_namespace(name.namespace)
+    return ioctx
+
+
+def create_rbd(path: str, size: int, backing: NewBacking | None, options: dict[str, str]) -> None:
+    """Creator registered for ``rbd:``: a new image with Ceph's default features."""
+    if backing is not None:
+        raise ImageError(f"rbd:{path}: an rbd image has no backing file here (use rbd clone)")
+    name = parse_name(path)
+    if name.snapshot is not None:
+        raise ImageError(f"rbd:{name}: create the image, then snapshot it")
+    import rbd
+
+    cluster = connect(name, OpenOptions())
+    try:
+        ioctx = _open_pool(cluster, name)
+        try:
+            rbd.RBD().create(ioctx, name.image, size)
+        except rbd.ImageExists:
+            raise ImageError(f"rbd:{name}: the image already exists") from None
+        finally:
+            ioctx.close()
+    finally:
+        cluster.shutdown()
+
+
 def open_rbd(path: str, options: OpenOptions) -> RbdImage:
     """Opener registered for ``rbd:``: connect, open the pool and the image."""
     name = parse_name(path)
@@ -149,11 +183,7 @@ def open_rbd(path: str, options: OpenOptions) -> RbdImage:
 
     cluster = connect(name, options)
     try:
-        try:
-            ioctx = cluster.open_ioctx(name.pool)
-        except rados.ObjectNotFound:
-            raise ImageError(f"rbd:{name}: no pool {name.pool!r} in the cluster") from None
-        ioctx.set_namespace(name.namespace)
+        ioctx = _open_pool(cluster, name)
         read_only = options.read_only or name.snapshot is not None
         try:
             handle = rbd.Image(ioctx, name.image, snapshot=name.snapshot, read_only=read_only)

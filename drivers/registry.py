@@ -78,7 +78,9 @@ DRIVERS: dict[str, Driver] = {
     ),
     "aio": Driver("raw:open_raw", direct_io=True, flat=True),
     "fault": Driver("fault:open_fault", layer=True),
-    "rbd": Driver("rbd:open_rbd", snapshot="rbd:create_snapshot", remote=True),
+    "rbd": Driver(
+        "rbd:open_rbd", create="rbd:create_rbd", snapshot="rbd:create_snapshot", remote=True
+    ),
 }
 
 #: Types ``create_image`` can make, for tools and their error messages.
