@@ -22,9 +22,11 @@ and ``rbd`` are imported on first open: a tapdisk serving files never loads them
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import os
 import re
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -243,6 +245,7 @@ class RbdImage(Image):
         self._cluster = cluster
         self._ioctx = ioctx
         self._handle = handle
+        self._completions: Completions | None = None
         writable = not read_only
         self._caps = Capabilities(
             trim=writable, zero=writable, fast_zero=writable, extents=True, multi_conn=True
@@ -260,17 +263,15 @@ class RbdImage(Image):
         """Start one librbd aio call; the future gets its result on the event loop.
 
         ``start(oncomplete)`` submits the call.  librbd runs ``oncomplete`` on its own
-        thread, which only hands the completion to the loop.
+        thread, which only queues the completion for the loop (``Completions``).
         """
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
+        completions = self._completions
+        if completions is None:
+            completions = self._completions = Completions(asyncio.get_running_loop())
+        future: asyncio.Future[Any] = completions.loop.create_future()
 
         def oncomplete(completion: Any, data: Any = None) -> None:
-            # A plain try (no contextlib.suppress): this runs once per request.
-            try:  # noqa: SIM105
-                loop.call_soon_threadsafe(_settle, future, completion.get_return_value(), data)
-            except RuntimeError:  # the loop closed under a late completion
-                pass
+            completions.push(future, completion, data)
 
         start(oncomplete)
         return future
@@ -362,10 +363,53 @@ class RbdImage(Image):
             self._cluster.shutdown()
 
 
-def _settle(future: asyncio.Future[Any], result: int, data: Any) -> None:
-    """On the loop: finish ``future`` with librbd's result (a negative errno fails it)."""
+class Completions:
+    """librbd's completions, handed from its thread to the event loop in batches.
+
+    Every completion that arrives while a hand-over is pending joins it, so under load
+    one wake-up of the loop (one write to its self-pipe) settles many requests.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._done: collections.deque[tuple[asyncio.Future[Any], Any, Any]] = collections.deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def push(self, future: asyncio.Future[Any], completion: Any, data: Any) -> None:
+        """On librbd's thread: queue one completion, waking the loop if none is pending.
+
+        Nothing here calls into librbd: each such call drops and retakes the GIL, and
+        retaking it waits for the loop thread; the loop reads the result instead.
+        """
+        self._done.append((future, completion, data))
+        with self._lock:
+            if self._scheduled:
+                return
+            self._scheduled = True
+        # A plain try (no contextlib.suppress): this runs once per batch.
+        try:  # noqa: SIM105
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop closed under a late completion
+            pass
+
+    def _drain(self) -> None:
+        """On the loop: settle every queued completion."""
+        with self._lock:
+            self._scheduled = False
+        done = self._done
+        while done:
+            _settle(*done.popleft())
+
+
+def _settle(future: asyncio.Future[Any], completion: Any, data: Any) -> None:
+    """On the loop: finish ``future`` with librbd's result (a negative errno fails it).
+
+    A read's data is None only on failure, so a successful read asks librbd nothing.
+    """
     if future.done():
         return
+    result = 0 if data is not None else completion.get_return_value()
     if result < 0:
         future.set_exception(OSError(-result, f"rbd: {os.strerror(-result)}"))
     else:
