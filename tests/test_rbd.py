@@ -52,7 +52,7 @@ def test_writes_through_tapdisk_read_back_by_rbd_export_and_qemu(
     name = ceph.create("16M")
     data = pattern(3 * MiB, 1)
     served = serve(ceph.spec(name))
-    handle = nbd_client(served.uri())
+    handle = nbd_client(served.uri(name.split("/")[-1]))  # the export is named for the image
     handle.pwrite(data, 5 * MiB + 512)
     handle.flush()
     handle.shutdown()

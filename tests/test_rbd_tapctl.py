@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
+import pytest
 from rbd_helpers import Cluster
 from tapctl_helpers import TapCtl, nbd_uri
+
+from tapdisk.config import ConfigError, parse
 
 MiB = 1 << 20
 
@@ -113,3 +116,14 @@ def nbd_served_snapshot(tapctl: TapCtl, spec: str) -> Iterator[nbd.NBD]:
     assert handle.is_read_only()
     yield handle
     handle.shutdown()
+
+
+def test_the_configuration_takes_rbd_devices_whatever_allowed_dirs_says() -> None:
+    config = parse(
+        "ceph_conf: /etc/ceph/other.conf\nceph_id: tapdisk\nallowed_dirs: [/srv/images]\n"
+        "devices:\n  - spec: rbd:rbd/vm1\n  - spec: raw:/srv/images/a.img\n"
+    )
+    assert (config.ceph_conf, config.ceph_id) == ("/etc/ceph/other.conf", "tapdisk")
+    assert [d.spec for d in config.devices] == ["rbd:rbd/vm1", "raw:/srv/images/a.img"]
+    with pytest.raises(ConfigError, match="ceph_conf: expected an absolute file path"):
+        parse("ceph_conf: ceph.conf\n")
