@@ -4,6 +4,7 @@ status, an OSD restart under I/O, and bad input."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import threading
 from pathlib import Path
@@ -209,3 +210,21 @@ def test_a_wrong_key_or_an_absent_cluster_is_a_one_line_error(
 )
 def test_a_malformed_spec_is_refused(spec: str, tmp_path: Path) -> None:
     assert serve_fails(spec, tmp_path).startswith(f"tapdisk: bad rbd spec '{spec}'")
+
+
+def test_fua_and_flushed_writes_survive_kill_9_of_tapdisk(
+    ceph: Cluster, serve, tmp_path: Path
+) -> None:
+    name = ceph.create("8M")
+    # librbd's write-back cache holds acknowledged writes in tapdisk's memory (Ceph's default
+    # policy, write-around, sends them at once), and only after the first flush.
+    served = serve(f"{ceph.spec(name)}:rbd_cache_policy=writeback")
+    handle = nbd_client(served.uri())
+    handle.flush()
+    handle.pwrite(b"\xf0" * MiB, 2 * MiB)
+    handle.flush()
+    handle.pwrite(b"\x0f" * MiB, 0, nbd.CMD_FLAG_FUA)  # nothing after it: FUA alone
+    served.stop(signal.SIGKILL)
+    exported = ceph.export(name, tmp_path / "export.raw")
+    assert exported[:MiB] == b"\x0f" * MiB
+    assert exported[2 * MiB : 3 * MiB] == b"\xf0" * MiB
