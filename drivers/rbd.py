@@ -121,6 +121,11 @@ def connect(name: RbdName, options: OpenOptions) -> Any:
         cluster.conf_set("client_mount_timeout", str(MOUNT_TIMEOUT))
         cluster.conf_set("rados_mon_op_timeout", str(MON_OP_TIMEOUT))
         cluster.conf_set("rados_osd_op_timeout", str(OSD_OP_TIMEOUT))
+        # librbd's cache acknowledges a write before the OSD has it and reports a failure
+        # at the next flush; the VBD retries a failed flush, which then finds nothing to
+        # do: a write that timed out would be lost while acknowledged.  Without the cache
+        # every write's own completion says whether it is on the OSD.
+        cluster.conf_set("rbd_cache", "false")
         for key, value in name.options:
             cluster.conf_set(key, value)
         cluster.connect()

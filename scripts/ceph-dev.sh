@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # A throw-away single-node Ceph cluster for the rbd driver's tests and benchmark.
 #
-#   scripts/ceph-dev.sh start DIR   prints DIR/ceph.conf once pool "rbd" takes writes
+#   scripts/ceph-dev.sh start DIR [memstore|bluestore]
+#                                   prints DIR/ceph.conf once pool "rbd" takes writes
 #   scripts/ceph-dev.sh stop DIR    stops both daemons (SIGTERM, then SIGKILL after 30 s)
 #
-# One monitor on a free 127.0.0.1 port (msgr2 only) and one OSD on memstore, no manager,
-# cephx on (so a wrong key is an error a test can provoke), pool "rbd" of size 1.  The
-# OSD saves its memstore into DIR on a clean stop ("osd fast shutdown = false"), so a
-# SIGTERM and a start again keep the data.  Everything the cluster and its clients write
+# One monitor on a free 127.0.0.1 port (msgr2 only) and one OSD, no manager, cephx on (so
+# a wrong key is an error a test can provoke), pool "rbd" of size 1.  The OSD's store is
+# chosen at the first start: memstore (the default) keeps the data in memory and saves it
+# into DIR on a clean stop ("osd fast shutdown = false"), so a SIGTERM and a start again
+# keep the data; bluestore writes it to a sparse 8 GiB file in DIR as a real OSD does, so
+# even a kill -9 of the OSD loses nothing it acknowledged.  Everything the cluster and its clients write
 # (data, keyrings, logs, pid files, admin sockets) stays inside DIR.  Needs Debian 12's
 # ceph-mon, ceph-osd and ceph-common.
 set -euo pipefail
 
 die() { printf 'ceph-dev: error: %s\n' "$*" >&2; exit 1; }
 
-[ $# -eq 2 ] || die "usage: $0 start|stop DIR"
+[ $# -eq 2 ] || [ $# -eq 3 ] || die "usage: $0 start|stop DIR [memstore|bluestore]"
 ACTION=$1
+STORE=${3:-memstore}
+case $STORE in memstore | bluestore) ;; *) die "unknown store $STORE (memstore or bluestore)" ;; esac
 DIR=$(mkdir -p "$2" && cd "$2" && pwd)
 CONF=$DIR/ceph.conf
 # One long timeout for every CLI call: a mistake here fails instead of hanging.
@@ -55,9 +60,8 @@ mon data avail warn = 1
 mon data avail crit = 0
 mon data = $DIR/mon/\$name
 osd data = $DIR/osd/\$id
-osd objectstore = memstore
-memstore device bytes = 8589934592
 osd fast shutdown = false
+$(store_conf)
 osd max object name len = 256
 osd max object namespace len = 64
 
@@ -65,6 +69,18 @@ osd max object namespace len = 64
 log file =
 admin socket =
 EOF
+}
+
+store_conf() {
+  if [ "$STORE" = memstore ]; then
+    printf '%s\n' "osd objectstore = memstore" "memstore device bytes = 8589934592"
+  else
+    # A sparse file on DIR's file system; small caches, as the OSD shares a test machine.
+    printf '%s\n' "osd objectstore = bluestore" "bluestore block create = true" \
+      "bluestore block size = 8589934592" "bluestore fsck on mount = false" \
+      "bluestore cache autotune = false" "bluestore cache size = 134217728" \
+      "osd memory target = 939524096"
+  fi
 }
 
 start_daemon() {
@@ -138,5 +154,5 @@ stop_daemon() {
 case $ACTION in
   start) start ;;
   stop) stop ;;
-  *) die "usage: $0 start|stop DIR" ;;
+  *) die "usage: $0 start|stop DIR [memstore|bluestore]" ;;
 esac

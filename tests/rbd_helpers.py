@@ -47,13 +47,17 @@ class Cluster:
         self.rbd("export", "--no-progress", name, dest)
         return dest.read_bytes()
 
-    def restart_osd(self, down: float = 1.0, during: Callable[[], None] | None = None) -> None:
-        """Stop the OSD with SIGTERM (it saves its memstore), wait ``down`` s, start it again.
-
-        ``during`` is called once the OSD is gone, before the wait.
+    def restart_osd(
+        self,
+        down: float = 1.0,
+        during: Callable[[], None] | None = None,
+        sig: int = signal.SIGTERM,
+    ) -> None:
+        """Stop the OSD with ``sig`` (SIGTERM: memstore saves itself), wait ``down`` s, start
+        it again.  ``during`` is called once the OSD is gone, before the wait.
         """
         pid = int((self.directory / "run" / "osd.0.pid").read_text())
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, sig)
         deadline = time.monotonic() + 30
         while Path(f"/proc/{pid}").exists():
             assert time.monotonic() < deadline, "the OSD did not stop within 30 s"
@@ -76,13 +80,13 @@ def ceph_missing() -> str | None:
     return None
 
 
-def start_cluster(directory: Path) -> Iterator[Cluster]:
+def start_cluster(directory: Path, store: str = "memstore") -> Iterator[Cluster]:
     """Start a cluster in ``directory``, yield it, stop it (no daemon is left behind)."""
     reason = ceph_missing()
     if reason is not None:
         pytest.skip(reason)
     try:
-        conf = run("bash", CEPH_DEV, "start", directory, timeout=180).strip()
+        conf = run("bash", CEPH_DEV, "start", directory, store, timeout=180).strip()
         yield Cluster(directory, conf)
     finally:
         subprocess.run(["bash", str(CEPH_DEV), "stop", str(directory)], timeout=120, check=False)

@@ -216,9 +216,9 @@ def test_fua_and_flushed_writes_survive_kill_9_of_tapdisk(
     ceph: Cluster, serve, tmp_path: Path
 ) -> None:
     name = ceph.create("8M")
-    # librbd's write-back cache holds acknowledged writes in tapdisk's memory (Ceph's default
-    # policy, write-around, sends them at once), and only after the first flush.
-    served = serve(f"{ceph.spec(name)}:rbd_cache_policy=writeback")
+    # librbd's write-back cache (off by default here) holds acknowledged writes in tapdisk's
+    # memory, and only after the first flush.
+    served = serve(f"{ceph.spec(name)}:rbd_cache=true:rbd_cache_policy=writeback")
     handle = nbd_client(served.uri())
     handle.flush()
     handle.pwrite(b"\xf0" * MiB, 2 * MiB)
