@@ -251,6 +251,9 @@ class RbdImage(Image):
         self._ioctx = ioctx
         self._handle = handle
         self._completions: Completions | None = None
+        #: librbd caches writes (a spec turned rbd_cache back on): FUA needs a flush.
+        #: Without the cache a write completes once the OSDs have committed it.
+        self._cached = cluster.conf_get("rbd_cache") == "true"
         writable = not read_only
         self._caps = Capabilities(
             trim=writable, zero=writable, fast_zero=writable, extents=True, multi_conn=True
@@ -289,7 +292,7 @@ class RbdImage(Image):
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         payload = bytes(data)  # librbd's binding takes bytes only
         await self._submit(lambda done: self._handle.aio_write(payload, offset, done))
-        if fua:
+        if fua and self._cached:
             await self.flush()
 
     async def flush(self) -> None:
@@ -297,7 +300,7 @@ class RbdImage(Image):
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         await self._submit(lambda done: self._handle.aio_discard(offset, length, done))
-        if fua:
+        if fua and self._cached:
             await self.flush()
 
     async def write_zeroes(
@@ -311,7 +314,7 @@ class RbdImage(Image):
     ) -> None:
         # librbd zeroes by deallocating whole objects and zeroing partial ones: always fast.
         await self._submit(lambda done: self._handle.aio_write_zeroes(offset, length, done))
-        if fua:
+        if fua and self._cached:
             await self.flush()
 
     async def extents(self, offset: int, length: int) -> list[Extent]:

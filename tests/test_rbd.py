@@ -212,13 +212,21 @@ def test_a_malformed_spec_is_refused(spec: str, tmp_path: Path) -> None:
     assert serve_fails(spec, tmp_path).startswith(f"tapdisk: bad rbd spec '{spec}'")
 
 
+@pytest.mark.parametrize(
+    "cache",
+    [
+        "",  # the default: no librbd cache, a write completes once the OSD has it
+        # librbd's write-back cache holds acknowledged writes in tapdisk's memory (after
+        # the first flush): FUA must flush it
+        ":rbd_cache=true:rbd_cache_policy=writeback",
+    ],
+    ids=["no-cache", "writeback-cache"],
+)
 def test_fua_and_flushed_writes_survive_kill_9_of_tapdisk(
-    ceph: Cluster, serve, tmp_path: Path
+    ceph: Cluster, serve, tmp_path: Path, cache: str
 ) -> None:
     name = ceph.create("8M")
-    # librbd's write-back cache (off by default here) holds acknowledged writes in tapdisk's
-    # memory, and only after the first flush.
-    served = serve(f"{ceph.spec(name)}:rbd_cache=true:rbd_cache_policy=writeback")
+    served = serve(ceph.spec(name) + cache)
     handle = nbd_client(served.uri())
     handle.flush()
     handle.pwrite(b"\xf0" * MiB, 2 * MiB)
