@@ -47,6 +47,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ceph_target
+
 IMAGE_SIZE = 1 << 30
 CHUNK = 1 << 20
 #: Seconds per job (after the ramp) for --quick and for a normal run.
@@ -115,6 +117,12 @@ class Target:
     name: str
     make_image: Callable[[Path, Path], Path]
     servers: tuple[Server, ...]
+    #: The images are files, whose page cache is set before each job (not RBD images).
+    files: bool = True
+    #: Called with the work directory once the target is done (stops the rbd target's cluster).
+    stop: Callable[[Path], None] | None = None
+    #: (work directory, workload) -> a line saying what the storage alone does (``rbd bench``).
+    ceiling: Callable[[Path, Workload], str] | None = None
 
 
 def tapdisk_command() -> str:
@@ -275,6 +283,17 @@ TARGETS: tuple[Target, ...] = (
         (on_own_copy(tapdisk_server("qcow2")), on_own_copy(qemu_nbd_server("qcow2"))),
     ),
     Target("vhd", vhd_image, (tapdisk_server("vhd"), qemu_nbd_server("vpc"))),
+    Target(
+        "rbd",
+        lambda raw, workdir: ceph_target.make_images(raw, workdir, ("tapdisk", "qemu-nbd")),
+        (
+            on_own_copy(Server("tapdisk", ceph_target.tapdisk_argv(tapdisk_command))),
+            on_own_copy(Server("qemu-nbd", ceph_target.qemu_nbd_argv)),
+        ),
+        files=False,
+        stop=ceph_target.stop,
+        ceiling=lambda workdir, w: ceph_target.ceiling(workdir, w.rw, w.bs, w.iodepth, w.numjobs),
+    ),
     Target(
         "vhd-alloc",
         empty_vhd_images,
@@ -489,34 +508,16 @@ def bench_target(
 ) -> list[Result]:
     """Run every workload on every server of ``target``; with several rounds, the servers
     take turns in each round and each result is the round with the median IOPS."""
-    runtime, ramp, rounds = timing
     servers = selected_servers(target, only)
     if not servers:
         return []
     tdir = workdir / target.name
     tdir.mkdir()
-    image = target.make_image(raw, tdir)
-    measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    # Files written since their last read-through; each was just made, so all of them.
-    written = {each.image_for(image) for each in servers}
-    with running(servers, image, tdir) as live:
-        for round_no in range(1, rounds + 1):
-            for workload in workloads:
-                for each in live:
-                    served = each.server.image_for(image)
-                    if workload.writes or served in written:
-                        drop_page_cache(served)
-                    if workload.writes:
-                        written.add(served)
-                    else:
-                        warm_page_cache(served)
-                        written.discard(served)
-                    turn = f"round {round_no}/{rounds}"
-                    log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
-                    sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
-                    if workload.writes:
-                        write_back(served)
-                    measured.setdefault((workload.name, each.server.name), []).append(sample)
+    try:
+        measured = measure_target(target, raw, tdir, servers, workloads, timing)
+    finally:
+        if target.stop is not None:
+            target.stop(tdir)
     results: list[Result] = []
     for (workload_name, server_name), samples in measured.items():
         bandwidth, iops, latency = sorted(samples, key=lambda x: x[1])[len(samples) // 2]
@@ -532,6 +533,44 @@ def bench_target(
             )
         )
     return results
+
+
+def measure_target(
+    target: Target,
+    raw: Path,
+    tdir: Path,
+    servers: Sequence[Server],
+    workloads: Sequence[Workload],
+    timing: tuple[int, int, int],
+) -> dict[tuple[str, str], list[tuple[float, float, float]]]:
+    """(workload, server) -> one (bytes/s, IOPS, latency) sample per round."""
+    runtime, ramp, rounds = timing
+    image = target.make_image(raw, tdir)
+    if target.ceiling is not None:
+        for workload in workloads:
+            log(f"{target.name}: ceiling {workload.name}: {target.ceiling(tdir, workload)}")
+    measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    # Files written since their last read-through; each was just made, so all of them.
+    written = {each.image_for(image) for each in servers}
+    with running(servers, image, tdir) as live:
+        for round_no in range(1, rounds + 1):
+            for workload in workloads:
+                for each in live:
+                    served = each.server.image_for(image)
+                    if target.files and (workload.writes or served in written):
+                        drop_page_cache(served)
+                    if workload.writes:
+                        written.add(served)
+                    elif target.files:
+                        warm_page_cache(served)
+                        written.discard(served)
+                    turn = f"round {round_no}/{rounds}"
+                    log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
+                    sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
+                    if workload.writes and target.files:
+                        write_back(served)
+                    measured.setdefault((workload.name, each.server.name), []).append(sample)
+    return measured
 
 
 def ratios(results: Sequence[Result]) -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tapdisk.drivers import imageops
 from tapdisk.drivers.base import Image, ImageError
-from tapdisk.drivers.registry import OpenOptions, open_image
+from tapdisk.drivers.registry import REMOTE, OpenOptions, open_image
 from tapdisk.drivers.sizes import parse_size
 
 
@@ -39,7 +39,18 @@ def progress_bar(enabled: bool) -> Callable[[int, int], None] | None:
     return show
 
 
+def remote_spec(name: str) -> tuple[str, str] | None:
+    """(type, rest) of a name that is itself a spec of an image in a cluster (``rbd:...``).
+
+    qemu-img's rule: ``rbd:POOL/IMAGE`` says its type, whatever ``-f``/``-O`` say (raw).
+    """
+    kind, sep, rest = name.partition(":")
+    return (kind, rest) if sep and kind in REMOTE else None
+
+
 def spec_of(path: str, fmt: str | None) -> str:
+    if remote_spec(path) is not None:
+        return path
     fmt = imageops.normalise_format(fmt) if fmt else imageops.detect_format(path)
     return f"{fmt}:{path}"
 
@@ -64,8 +75,9 @@ def info_dict(image: Image, path: str) -> dict[str, Any]:
         "filename": path,
         "format": image.format_name,
         "virtual-size": image.size,
-        "actual-size": os.stat(path).st_blocks * 512,
     }
+    if remote_spec(path) is None:
+        out["actual-size"] = os.stat(path).st_blocks * 512
     backing = image.backing
     if isinstance(image, Qcow2Image):
         hdr = image.header
@@ -110,7 +122,8 @@ def print_info(d: dict[str, Any]) -> None:
     print(f"image: {d['filename']}")
     print(f"file format: {d['format']}")
     print(f"virtual size: {d['virtual-size']} bytes")
-    print(f"disk size: {d['actual-size']} bytes")
+    if "actual-size" in d:
+        print(f"disk size: {d['actual-size']} bytes")
     if "cluster-size" in d:
         print(f"cluster_size: {d['cluster-size']}")
     if "backing-filename" in d:
@@ -134,7 +147,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     image = open_ro(spec_of(args.filename, args.f), tuple(args.allowed_dir))
     try:
         current: Image | None = image
-        path = os.path.abspath(args.filename)
+        path = args.filename if remote_spec(args.filename) else os.path.abspath(args.filename)
         while current is not None:
             chain.append(info_dict(current, path))
             if not args.backing_chain:
@@ -156,9 +169,10 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_create(args: argparse.Namespace) -> int:
     size = parse_size(args.size) if args.size else None
+    fmt, path = remote_spec(args.filename) or (args.f, args.filename)
     imageops.create_image(
-        args.f,
-        args.filename,
+        fmt,
+        path,
         size,
         backing=args.b,
         backing_fmt=args.F,
@@ -239,10 +253,11 @@ def cmd_commit(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    fmt, target = remote_spec(args.target) or (args.O, args.target)
     imageops.convert(
         spec_of(args.source, args.f),
-        args.target,
-        imageops.normalise_format(args.O),
+        target,
+        imageops.normalise_format(fmt),
         progress=progress_bar(True),
         options=parse_options(args.o),
         allowed_dirs=tuple(args.allowed_dir),

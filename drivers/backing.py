@@ -18,11 +18,20 @@ it opens as ``nbd:URI``, read-only.  Being untrusted, such a name may carry no
 query parameter but ``socket``, and the socket must lie inside the allowed
 directories like any backing file (an image must not make tapdisk talk to an
 arbitrary local socket, nor read local files through ``tls-psk-file``).
+
+A backing name that is an image in a cluster (``rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]``,
+a golden image in Ceph under a local qcow2 overlay) is no path: it is opened
+read-only through the registry with the daemon's own cluster and identity
+(``OpenOptions.ceph_conf``/``ceph_id``).  The cluster that identity may read plays
+the part of the allowed directories; a backing name carrying options (``:conf=``,
+``:id=``, monitor addresses...) is refused, so an image never chooses which file
+librados reads or whom it connects to.
 """
 
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import os
 import urllib.parse
 from collections.abc import Iterator
@@ -31,6 +40,9 @@ from contextlib import contextmanager
 from .base import Image, ImageError, ImageFormatError
 from .paths import is_inside, open_disk
 from .registry import DRIVERS, FORMAT_ALIASES, OpenOptions, open_image
+
+#: Image types that live in a cluster, which a backing name may name (``rbd:POOL/IMAGE``).
+CLUSTER_KINDS = frozenset({"rbd"})
 
 #: URI schemes of NBD exports that a backing file name may use.
 NBD_SCHEMES = frozenset({"nbd", "nbds", "nbd+unix", "nbds+unix"})
@@ -155,6 +167,28 @@ def remote_backing_spec(child: str, name: str, options: OpenOptions) -> str | No
     return f"nbd:{name}"
 
 
+def is_remote_backing(name: str) -> bool:
+    """Whether a backing name is an image in a cluster (``rbd:...``) rather than a path.
+
+    Only cluster images: an NBD export as a backing goes through ``remote_backing_spec``'s
+    checks, and blktap's ``nbd:/path/to/socket`` is no backing name at all.
+    """
+    return name.partition(":")[0] in CLUSTER_KINDS
+
+
+def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
+    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only."""
+    kind, _, rest = name.partition(":")
+    if ":" in rest or "\\" in rest:
+        raise ImageFormatError(
+            f"{child}: backing_file {name!r} carries options; a backing image in a cluster "
+            "is opened with the daemon's own ceph_conf and ceph_id"
+        )
+    if fmt not in (None, "raw", kind):
+        raise ImageFormatError(f"{child}: backing file format {fmt!r} of {name!r} is not raw")
+    return open_image(name, dataclasses.replace(options, read_only=True, direct=False))
+
+
 def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
     """Open the backing file ``name`` of image ``child`` read-only."""
     remote = remote_backing_spec(child, name, options)
@@ -164,6 +198,8 @@ def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -
                 f"{child}: backing file {name!r} of format {fmt!r}: an NBD export is raw"
             )
         return open_image(remote, OpenOptions(read_only=True))
+    if is_remote_backing(name):
+        return open_remote_backing(child, name, fmt, options)
     path = resolve_backing(child, name, options)
     if not os.path.exists(path):
         raise ImageError(f"{child}: backing file {path} does not exist")
@@ -173,9 +209,5 @@ def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -
     with chain_guard(child, path, f"backing_file {name!r}"):
         return open_image(
             f"{kind}:{path}",
-            OpenOptions(
-                read_only=True,
-                allowed_dirs=options.allowed_dirs,
-                remote_backing=options.remote_backing,
-            ),
+            dataclasses.replace(options, read_only=True, direct=False),
         )

@@ -13,7 +13,7 @@ import asyncio
 import os
 from dataclasses import dataclass
 
-from .backing import probe_format
+from .backing import is_remote_backing, probe_format
 from .base import ExtentFlags, Image, ImageError
 from .commit import COPY_CHUNK
 from .l2tables import BACKING, COMPRESSED, DATA
@@ -58,7 +58,12 @@ def create_image(
     fmt = normalise_format(fmt)
     opts = dict(options or {})
     below = None
-    if backing is not None:
+    if backing is not None and is_remote_backing(backing):
+        # qemu's way: the overlay records the cluster image's spec, with format raw.
+        if size is None:
+            size = _image_size(backing)
+        below = NewBacking(backing, backing, "raw")
+    elif backing is not None:
         backing_path = os.path.join(os.path.dirname(os.path.abspath(path)), backing)
         backing_fmt = normalise_format(backing_fmt or detect_format(backing_path))
         if size is None:

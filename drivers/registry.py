@@ -49,8 +49,12 @@ class Driver:
     flat: bool = False
     #: A converted image's size is rounded up to a multiple of this.
     size_unit: int = 1
-    #: The argument names a remote export (a URI, socket, HOST:PORT or passed descriptor),
-    #: not a local image file: it is not made absolute.
+    #: ``snapshot(spec, name, options) -> spec`` (``Snapshotter``): a snapshot kept inside the
+    #: image's own store (an RBD snapshot), returning the snapshot's read-only spec.
+    snapshot: str | None = None
+    #: Its argument names no local image file but a remote export (a URI, socket, HOST:PORT or
+    #: passed descriptor) or an image in a cluster: it is neither made absolute nor subject to
+    #: ``allowed_dirs`` (the server's or the cluster's own authentication governs it).
     remote: bool = False
 
 
@@ -76,6 +80,9 @@ DRIVERS: dict[str, Driver] = {
     "aio": Driver("raw:open_raw", direct_io=True, flat=True),
     "fault": Driver("fault:open_fault", layer=True),
     "nbd": Driver("nbdclient:open_nbd", remote=True),
+    "rbd": Driver(
+        "rbd:open_rbd", create="rbd:create_rbd", snapshot="rbd:create_snapshot", remote=True
+    ),
 }
 
 #: Types ``create_image`` can make, for tools and their error messages.
@@ -86,6 +93,8 @@ LAYERS: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if d
 MAX_LAYERS = 8
 #: Types that can bypass the page cache (``OpenOptions.direct``).
 DIRECT_IO: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.direct_io)
+#: Types whose argument names an image in a cluster, not a file.
+REMOTE: frozenset[str] = frozenset(kind for kind, driver in DRIVERS.items() if driver.remote)
 #: qemu format names -> our spec types.
 FORMAT_ALIASES = {"vpc": "vhd", "file": "raw", "host_device": "raw"}
 
@@ -97,12 +106,16 @@ class OpenOptions:
     ``allowed_dirs``: directories a parent or backing file may live in; empty
     means only the child's own directory.  ``direct``: bypass the page cache.
     ``remote_backing``: a backing file named by an NBD URI may be opened (``backing``).
+    ``ceph_conf``/``ceph_id``: the Ceph cluster and identity of ``rbd:`` images
+    whose spec names none (None: Ceph's own defaults).
     """
 
     read_only: bool = False
     direct: bool = False
     allowed_dirs: tuple[str, ...] = field(default_factory=tuple)
     remote_backing: bool = False
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +149,15 @@ class Committer(Protocol):
     def __call__(
         self, spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]
     ) -> str: ...
+
+
+class Snapshotter(Protocol):
+    """Snapshots the image ``spec`` as ``name`` in its own store; the snapshot's spec.
+
+    Blocking; the caller has paused any device on the image (it is flushed and closed).
+    """
+
+    def __call__(self, spec: str, name: str, options: OpenOptions) -> str: ...
 
 
 class BlockStatus(Protocol):
@@ -198,6 +220,12 @@ def committer_for(kind: str) -> Committer | None:
     return None if name is None else _function(name)
 
 
+def snapshotter_for(kind: str) -> Snapshotter | None:
+    """The internal-snapshot function of a type that keeps snapshots in its own store."""
+    name = DRIVERS[kind].snapshot
+    return None if name is None else _function(name)
+
+
 def import_openers() -> None:
     """Import every driver that opens images now rather than at its first open.
 
@@ -234,7 +262,7 @@ def open_image(spec: str, options: OpenOptions | None = None) -> Image:
             f"not sector aligned); only {', '.join(sorted(DIRECT_IO))} images can"
         )
     try:
-        target = path if kind in LAYERS or DRIVERS[kind].remote else os.path.abspath(path)
+        target = path if kind in LAYERS | REMOTE else os.path.abspath(path)
         return opener_for(kind)(target, options)
     except FileNotFoundError as exc:
         raise ImageError(f"{spec}: no such file {exc.filename or path!r}") from exc

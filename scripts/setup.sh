@@ -4,7 +4,8 @@
 #   2. the virtualenv .venv made from Debian's /usr/bin/python3,
 #   3. the project installed editable with its test extras (pip install -e '.[test]'),
 #   4. Debian's python3-libnbd binding made importable in the venv (symlinks, so the venv
-#      keeps its own site-packages instead of --system-site-packages).
+#      keeps its own site-packages instead of --system-site-packages); likewise
+#      python3-rados and python3-rbd for the rbd driver.
 # Every step is skipped when already done, so running it again is cheap. .ci/run,
 # scripts/demo.sh and scripts/test.sh all start here, so the README and CI cannot drift.
 set -euo pipefail
@@ -80,7 +81,20 @@ link_libnbd() {
   say "libnbd: linked $linked files of python3-libnbd into the venv; 'import nbd' works"
 }
 
+link_ceph() {
+  local site file
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  for file in "$DIST_PACKAGES"/rados.cpython-*.so "$DIST_PACKAGES"/rbd.cpython-*.so; do
+    [ -e "$file" ] || die "$file is missing; are python3-rados and python3-rbd installed?"
+    ln -sfn "$file" "$site/$(basename "$file")"
+  done
+  "$VENV/bin/python" -c 'import rados, rbd' ||
+    die "librbd's Python binding does not import in $VENV"
+  say "ceph: linked python3-rados and python3-rbd into the venv; 'import rbd' works"
+}
+
 install_debian_packages
 create_venv
 install_project
 link_libnbd
+link_ceph

@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_export_name(spec: str) -> str:
+    """The file's name, or an rbd image's name (its options, such as conf=, left out)."""
+    kind, _, path = spec.partition(":")
+    if kind == "rbd":
+        path = path.partition(":")[0].partition("@")[0]
+    return os.path.basename(path)
+
+
 def open_exports(args: argparse.Namespace) -> list[Export]:
     """Open every image named on the command line; close them all on failure."""
     options = OpenOptions(
@@ -165,7 +173,7 @@ def open_exports(args: argparse.Namespace) -> list[Export]:
             name, spec = split_export(item)
             image = open_image(spec, options)
             opened.append(image)
-            name = name if name is not None else os.path.basename(spec.partition(":")[2])
+            name = name if name is not None else default_export_name(spec)
             if name in names:
                 raise ImageError(f"two exports named {name!r}; use NAME=TYPE:PATH")
             names.add(name)

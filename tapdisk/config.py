@@ -15,6 +15,8 @@ the devices to attach at boot::
     tls: require                 # NBD listeners: off, on (offered) or require
     tls_certificates: /etc/tapdisk/pki   # ca-cert.pem, server-cert.pem, server-key.pem
     tls_verify_peer: true        # clients need a certificate signed by ca-cert.pem
+    ceph_conf: /etc/ceph/ceph.conf   # cluster of rbd: specs that name none (Ceph's default)
+    ceph_id: admin               # their cephx identity, client.ID (Ceph's default)
     devices:
       - spec: vhd:/var/lib/tapdisk/vm1.vhd
         read_only: false
@@ -40,7 +42,7 @@ import yaml
 from tapdisk.drivers import sizes
 from tapdisk.drivers.base import ImageError
 from tapdisk.drivers.paths import is_inside
-from tapdisk.drivers.registry import parse_spec
+from tapdisk.drivers.registry import REMOTE, OpenOptions, parse_spec
 
 from .busypoll import DEFAULT_MAX_US
 from .busypoll import MAX_US as BUSY_POLL_MAX_US
@@ -80,6 +82,8 @@ class Config:
     tls: TLSMode = TLSMode.OFF
     tls_certificates: str | None = None
     tls_verify_peer: bool = False
+    ceph_conf: str | None = None
+    ceph_id: str | None = None
     devices: tuple[DeviceEntry, ...] = field(default_factory=tuple)
 
     def override(self, **values: Any) -> Config:
@@ -181,10 +185,10 @@ def _spec(value: object) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected an image spec TYPE:PATH, got {value!r}")
     try:
-        parse_spec(value)
+        kind, _ = parse_spec(value)
     except ImageError as exc:
         raise ValueError(str(exc)) from None
-    if image_path(value) is None:
+    if image_path(value) is None and kind not in REMOTE:
         raise ValueError(f"the image path must be absolute, got {value!r}")
     return value
 
@@ -208,6 +212,31 @@ def _device_index(value: object) -> int:
     return _integer(0, MAX_DEVICE_INDEX)(value)
 
 
+def _file(value: object) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise ValueError(f"expected an absolute file path, got {value!r}")
+    return os.path.normpath(value)
+
+
+def _ceph_id(value: object) -> str:
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
+        raise ValueError(f"expected a cephx client name such as admin, got {value!r}")
+    return value
+
+
+def open_defaults(config: Config) -> OpenOptions:
+    """What every image of a daemon is opened with before per-device flags."""
+    return OpenOptions(
+        ceph_conf=config.ceph_conf, ceph_id=config.ceph_id, remote_backing=config.remote_backing
+    )
+
+
+def is_remote(spec: str) -> bool:
+    """Whether ``spec`` names no local file (an NBD export, an image in a cluster), which no
+    allowed_dirs limits."""
+    return spec.partition(":")[0] in REMOTE
+
+
 #: Top-level key -> parser of its value.  ``devices`` is handled by ``_devices``.
 SCHEMA: dict[str, Callable[[object], Any]] = {
     "retry_deadline": _seconds,
@@ -222,6 +251,8 @@ SCHEMA: dict[str, Callable[[object], Any]] = {
     "tls": _tls_mode,
     "tls_certificates": _directory,
     "tls_verify_peer": _boolean,
+    "ceph_conf": _file,
+    "ceph_id": _ceph_id,
 }
 
 #: Key of an entry under ``devices`` -> parser of its value.
@@ -299,7 +330,11 @@ class _Reader:
             values: dict[str, Any] = {}
             for key, key_node, value_node in self.mapping(item, where):
                 values[key] = self.parse(DEVICE_SCHEMA, where + ".", key, key_node, value_node)
-                outside = key == "spec" and not is_inside(image_path(values[key]) or "", allowed)
+                outside = (
+                    key == "spec"
+                    and not is_remote(values[key])
+                    and not is_inside(image_path(values[key]) or "", allowed)
+                )
                 if allowed and outside:
                     raise self.error(
                         value_node, where + ".spec", "image is outside every allowed_dirs entry"

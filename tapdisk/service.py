@@ -116,6 +116,6 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
             allowed_dirs=config.allowed_dirs,
             busy_poll=config.busy_poll,
             server_tls=server_tls,
-            remote_backing=config.remote_backing,
+            open_defaults=configuration.open_defaults(config),
         )
     )

@@ -44,7 +44,13 @@ from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
 from tapdisk.drivers.cbtlayer import CbtImage
 from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.mirror import MirrorImage
-from tapdisk.drivers.registry import LAYERS, OpenOptions, open_image, parse_spec
+from tapdisk.drivers.registry import (
+    LAYERS,
+    OpenOptions,
+    open_image,
+    parse_spec,
+    snapshotter_for,
+)
 
 from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerLimits
 
@@ -365,6 +371,27 @@ class VBD(Image):
                 self._run_on(image)
             log.info("%s: snapshot taken, the leaf is now %s", self.name, new_spec)
             return new_spec
+
+    async def snapshot_in_store(self, name: str) -> str:
+        """Pause, snapshot the image inside its own store as ``name``, unpause.
+
+        For images that keep snapshots themselves (RBD): the device stays on its image,
+        and the snapshot's read-only spec is returned.  A paused device stays paused.
+        """
+        async with self._lock:
+            kind = parse_spec(self._spec)[0]
+            take = snapshotter_for(kind)
+            if take is None:
+                raise VBDError(f"cannot snapshot {self._spec} in place: {kind} images cannot")
+            was_paused = self._paused
+            await self._pause()
+            try:
+                snapshot = await asyncio.to_thread(take, self._spec, name, self.options)
+            finally:
+                if not was_paused:
+                    await self._unpause(None, self._cbt_log)
+            log.info("%s: snapshot %s taken", self.name, snapshot)
+            return snapshot
 
     async def _pause(self) -> None:
         if self._closed:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import Served, require, run, start_tapdisk
+from rbd_helpers import Cluster, start_cluster
 from tapctl_helpers import TapCtl, private_tapctl
 
 
@@ -48,3 +49,8 @@ def tapctl() -> Iterator[TapCtl]:
     """A tap-ctl over a fresh private control directory; its tapdisks are stopped afterwards."""
     yield from private_tapctl()
 
+
+@pytest.fixture(scope="session")
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A one-node Ceph cluster shared by the rbd tests; they skip when Ceph is not installed."""
+    yield from start_cluster(tmp_path_factory.mktemp("ceph"))

@@ -23,6 +23,7 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
     tap-ctl pause -p PID -m MINOR [-t SECS]
     tap-ctl unpause -p PID -m MINOR [-a TYPE:PATH] [-c LOG] [-2 SPEC [-s]]
     tap-ctl snapshot -p PID -m MINOR -a qcow2:/path/overlay.qcow2
+    tap-ctl snapshot -p PID -m MINOR -a rbd:NAME               an RBD snapshot, in place
     tap-ctl stats -p PID [-m MINOR]                            blktap's JSON
     tap-ctl restart -p PID -m MINOR
     tap-ctl mirror -p PID -m MINOR -a TYPE:PATH [--switch]    live migration, with progress
@@ -315,7 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_secondary(p)
     p = add("snapshot", cmd_snapshot, "overlay the current image and continue on the overlay")
     add_target(p)
-    p.add_argument("-a", "--args", metavar="FORMAT:PATH", required=True, help="overlay to create")
+    p.add_argument(
+        "-a",
+        "--args",
+        metavar="FORMAT:PATH",
+        required=True,
+        help="overlay to create; for an rbd device rbd:NAME takes RBD snapshot NAME and the "
+        "device stays on its image (prints the snapshot's spec)",
+    )
     p = add("stats", cmd_stats, "print device statistics as JSON")
     add_target(p)
     p = add("restart", cmd_restart, "hand a connected device to a new tapdisk; prints its pid")

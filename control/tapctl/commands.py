@@ -16,6 +16,8 @@ from collections.abc import Callable
 from errno import EINVAL
 from typing import Any
 
+from tapdisk.drivers.registry import REMOTE
+
 from tapdisk.ctl import minors
 from tapdisk.ctl.client import REQUEST_TIMEOUT, CallError, Client
 
@@ -234,9 +236,12 @@ def cmd_snapshot(args: argparse.Namespace) -> None:
     if not sep or not path:
         raise UsageError(f"bad overlay {args.args!r}: expected FORMAT:PATH, e.g. qcow2:/x.qcow2")
     pid, minor = target(args)
+    in_store = fmt in REMOTE  # rbd:NAME, a snapshot inside the cluster: NAME is no file
     with client(args, pid) as daemon:
-        info = daemon.call("snapshot", minor=minor, path=os.path.abspath(path), format=fmt)
-    print(info["spec"])
+        info = daemon.call(
+            "snapshot", minor=minor, path=path if in_store else os.path.abspath(path), format=fmt
+        )
+    print(info["snapshot"] if in_store else info["spec"])
 
 
 def cmd_stats(args: argparse.Namespace) -> None:

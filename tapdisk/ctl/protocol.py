@@ -45,7 +45,9 @@ release     minor                                           null
 pause       minor                                           VBD-INFO
 unpause     minor, [spec], [cbt_log], [secondary],          VBD-INFO
             [standby]
-snapshot    minor, path, [format]                           VBD-INFO (running on the overlay)
+snapshot    minor, path, [format]                           VBD-INFO (running on the overlay;
+                                                            format rbd: path is a snapshot
+                                                            name, "snapshot" its spec)
 stats       [minor]                                         STATS, or [STATS, ...] without minor
 mirror      minor, spec, [switch]                           MIRROR-STATUS (the copy started)
 mirror_status  minor                                        MIRROR-STATUS

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tapdisk.ctl import protocol
+from tapdisk.drivers.registry import OpenOptions
 
 from .. import busypoll, logs, tls
 from .. import config as configuration
@@ -138,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
             busy_poll=_given(args.busy_poll, settings.busy_poll),
             exit_when_idle=True,
             server_tls=server_tls,
-            remote_backing=settings.remote_backing,
+            open_defaults=configuration.open_defaults(settings),
         )
     )
 
@@ -152,7 +153,7 @@ async def run(
     busy_poll: int = busypoll.DEFAULT_MAX_US,
     exit_when_idle: bool = False,
     server_tls: ServerTLS | None = None,
-    remote_backing: bool = False,
+    open_defaults: OpenOptions | None = None,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -163,13 +164,7 @@ async def run(
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
     daemon = Daemon(
-        directory,
-        limits,
-        allowed_dirs,
-        busy_poll,
-        exit_when_idle,
-        server_tls,
-        remote_backing=remote_backing,
+        directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls, open_defaults
     )
     try:
         await daemon.start()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -57,16 +58,17 @@ class Daemon:
         busy_poll: int = busypoll.DEFAULT_MAX_US,
         exit_when_idle: bool = False,
         tls: ServerTLS | None = None,
-        remote_backing: bool = False,
+        open_defaults: OpenOptions | None = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
         self.tls = tls
+        #: What every image is opened with before per-device flags (the Ceph defaults, and
+        #: whether backing files named by NBD URIs may be opened).
+        self.open_defaults = open_defaults or OpenOptions()
         self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
-        #: Backing files named by NBD URIs may be opened (``drivers.backing``).
-        self.remote_backing = remote_backing
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -334,10 +336,10 @@ class Daemon:
         return self.info(minor)
 
     async def _open_device(self, number: int, args: dict[str, Any], timeout: float) -> Device:
-        options = OpenOptions(
+        options = dataclasses.replace(
+            self.open_defaults,
             read_only=args.get("read_only", False),
             allowed_dirs=self.allowed_dirs,
-            remote_backing=self.remote_backing,
         )
         cbt_log = args.get("cbt_log")
         image = await open_stack(
@@ -454,6 +456,9 @@ class Daemon:
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
         _not_migrating(device)
+        if configuration.is_remote(request.args.get("format", "") + ":"):
+            snapshot = await device.vbd.snapshot_in_store(request.args["path"])
+            return {**self.info(minor), "snapshot": snapshot}
         path = os.path.abspath(request.args["path"])
         self._check_allowed(path, path)
         device.spec = await device.vbd.snapshot(
@@ -504,9 +509,10 @@ class Daemon:
     def _check_allowed(self, what: str, path: str | None) -> None:
         """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
 
-        ``path`` is None for a spec whose path is relative: it cannot be checked.
+        ``path`` is None for a spec whose path is relative: it cannot be checked.  An image
+        in a cluster (``rbd:``) is no file: its cluster's authentication governs it.
         """
-        if not self.allowed_dirs:
+        if not self.allowed_dirs or configuration.is_remote(what):
             return
         if path is not None and is_inside(path, self.allowed_dirs):
             return

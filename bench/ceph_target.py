@@ -1,0 +1,115 @@
+"""The rbd target of bench.py: images in a one-node Ceph cluster (scripts/ceph-dev.sh).
+
+``tapdisk serve rbd:...`` and ``qemu-nbd -f raw --discard=unmap rbd:...`` each serve their own
+RBD image (a read-write librbd client takes the image's exclusive lock, so two servers on one
+image would measure the lock going back and forth), both imported from bench.py's raw image.
+The OSD keeps its data in memory (memstore): there is no page cache to set before a job, and
+the numbers are librbd's and the servers', not a disk's.  ``rbd bench`` on a third copy, with
+the workloads' pattern, size and depth, is printed as the ceiling: librbd with no NBD and no
+server in the way.
+
+The cluster lives in the target's work directory (``ceph/``) and is stopped by ``stop``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+CEPH_DEV = Path(__file__).resolve().parent.parent / "scripts" / "ceph-dev.sh"
+#: The RBD image of the target (bench.py's ``Server.image_for`` derives each server's from it).
+IMAGE = Path("rbd/image")
+
+
+def conf_of(workdir: Path) -> Path:
+    return workdir / "ceph" / "ceph.conf"
+
+
+def spec(image: Path, sock: Path) -> str:
+    """qemu's (and tapdisk's) spec of ``image`` in the cluster of the target beside ``sock``."""
+    return f"rbd:{image}:conf={conf_of(sock.parent)}"
+
+
+def tapdisk_argv(tapdisk: Callable[[], str]) -> Callable[[Path, Path], list[str]]:
+    """``tapdisk serve`` of the image; ``tapdisk()`` finds the command when a run starts."""
+
+    def argv(sock: Path, image: Path) -> list[str]:
+        return [
+            tapdisk(),
+            "--log-level",
+            "warning",
+            "serve",
+            "--unix",
+            str(sock),
+            spec(image, sock),
+        ]
+
+    return argv
+
+
+def qemu_nbd_argv(sock: Path, image: Path) -> list[str]:
+    """qemu-nbd as it serves RBD in production: format raw over the rbd protocol, discards
+    passed down, up to 4 clients for the two-connection job."""
+    return [
+        "qemu-nbd",
+        "-f",
+        "raw",
+        "--discard=unmap",
+        "-t",
+        "-e",
+        "4",
+        "-k",
+        str(sock),
+        spec(image, sock),
+    ]
+
+
+def make_images(raw: Path, workdir: Path, servers: tuple[str, ...]) -> Path:
+    """Start the cluster and import ``raw`` as ``rbd/image`` and ``rbd/SERVER-image`` each."""
+    subprocess.run(
+        ["bash", str(CEPH_DEV), "start", str(workdir / "ceph")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for name in ("", *(f"{server}-" for server in servers)):
+        rbd(workdir, "import", "--no-progress", str(raw), f"rbd/{name}image")
+    return IMAGE
+
+
+def rbd(workdir: Path, *args: str) -> str:
+    proc = subprocess.run(
+        ["rbd", "-c", str(conf_of(workdir)), *args], check=True, capture_output=True, text=True
+    )
+    return proc.stdout
+
+
+def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> str:
+    """``rbd bench`` with a fio workload's shape, on ``rbd/image``: 'N IOPS, M MB/s'."""
+    pattern = "rand" if rw.startswith("rand") else "seq"
+    io_type = "write" if "write" in rw else "read"
+    total = "256M" if bs == "4k" else "4G"
+    out = rbd(
+        workdir,
+        "bench",
+        "--io-type",
+        io_type,
+        "--io-pattern",
+        pattern,
+        "--io-size",
+        bs.upper(),
+        "--io-threads",
+        str(iodepth * numjobs),
+        "--io-total",
+        total,
+        str(IMAGE),
+    )
+    match = re.search(r"ops/sec:\s*(\S+)\s+bytes/sec:\s*(.+)", out)
+    if match is None:
+        return f"(rbd bench printed no summary: {out.strip().splitlines()[-1:]})"
+    return f"{float(match[1]):,.0f} IOPS, {match[2].strip()}"
+
+
+def stop(workdir: Path) -> None:
+    subprocess.run(["bash", str(CEPH_DEV), "stop", str(workdir / "ceph")], check=False)

@@ -1,0 +1,238 @@
+"""The rbd driver against a real Ceph cluster: data through every path, snapshots, block
+status, an OSD restart under I/O, and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import nbd
+import pytest
+from helpers import TAPDISK, require, run
+from rbd_helpers import Cluster
+
+MiB = 1 << 20
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """Bytes that differ at every offset and between seeds, so a misplaced block shows."""
+    block = bytes((seed + i * 7) % 251 for i in range(4096))
+    return (block * (size // 4096 + 1))[:size]
+
+
+def nbd_client(uri: str) -> nbd.NBD:
+    handle = nbd.NBD()
+    handle.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    handle.connect_uri(uri)
+    return handle
+
+
+def allocation(handle: nbd.NBD, length: int) -> list[tuple[int, int]]:
+    """(length, flags) runs of base:allocation over ``[0, length)``."""
+    runs: list[tuple[int, int]] = []
+
+    def collect(context: str, offset: int, entries: list[int], err: object) -> int:
+        if context == nbd.CONTEXT_BASE_ALLOCATION:
+            runs.extend(zip(entries[::2], entries[1::2], strict=True))
+        return 0
+
+    pos = 0
+    while pos < length:
+        before = sum(n for n, _ in runs)
+        handle.block_status(length - pos, pos, collect)
+        pos += sum(n for n, _ in runs) - before
+    return runs
+
+
+def test_writes_through_tapdisk_read_back_by_rbd_export_and_qemu(
+    ceph: Cluster, serve, tmp_path: Path
+) -> None:
+    name = ceph.create("16M")
+    data = pattern(3 * MiB, 1)
+    served = serve(ceph.spec(name))
+    handle = nbd_client(served.uri(name.split("/")[-1]))  # the export is named for the image
+    handle.pwrite(data, 5 * MiB + 512)
+    handle.flush()
+    handle.shutdown()
+    served.stop()
+    exported = ceph.export(name, tmp_path / "export.raw")
+    assert exported[5 * MiB + 512 : 8 * MiB + 512] == data
+    assert exported[: 5 * MiB + 512] == bytes(5 * MiB + 512)
+    copy = tmp_path / "qemu.raw"
+    run(require("qemu-img"), "convert", "-f", "raw", "-O", "raw", ceph.spec(name), copy)
+    assert copy.read_bytes() == exported
+
+
+def test_images_written_by_rbd_import_and_qemu_read_back_through_tapdisk(
+    ceph: Cluster, serve, tmp_path: Path
+) -> None:
+    source = tmp_path / "source.raw"
+    source.write_bytes(pattern(8 * MiB, 2))
+    imported = f"rbd/imported-{os.getpid()}"
+    ceph.rbd("import", "--no-progress", source, imported)
+    name = ceph.create("8M")
+    run(require("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", source, ceph.spec(name))
+    for image in (imported, name):
+        served = serve(ceph.spec(image), "--read-only")
+        handle = nbd_client(served.uri())
+        assert handle.get_size() == 8 * MiB
+        assert handle.pread(8 * MiB, 0) == source.read_bytes()
+        handle.shutdown()
+        served.stop()
+
+
+def test_fua_write_zeroes_and_discard_reach_the_cluster(
+    ceph: Cluster, serve, tmp_path: Path
+) -> None:
+    name = ceph.create("16M")
+    served = serve(ceph.spec(name))
+    handle = nbd_client(served.uri())
+    handle.pwrite(pattern(12 * MiB, 3), 0, nbd.CMD_FLAG_FUA)
+    handle.zero(2 * MiB, MiB)  # count, offset
+    handle.trim(4 * MiB, 4 * MiB)  # one whole 4 MiB object: librbd removes it
+    handle.flush()
+    handle.shutdown()
+    exported = ceph.export(name, tmp_path / "export.raw")
+    expected = bytearray(pattern(12 * MiB, 3) + bytes(4 * MiB))
+    expected[MiB : 3 * MiB] = bytes(2 * MiB)
+    expected[4 * MiB : 8 * MiB] = bytes(4 * MiB)
+    assert exported == expected
+
+
+def test_block_status_reports_allocated_extents_and_holes(ceph: Cluster, serve) -> None:
+    name = ceph.create("32M")
+    served = serve(ceph.spec(name))
+    handle = nbd_client(served.uri())
+    assert allocation(handle, 32 * MiB) == [(32 * MiB, 3)]  # a new image is all hole
+    handle.pwrite(pattern(64 << 10, 4), 8 * MiB)
+    handle.pwrite(pattern(4 * MiB, 5), 16 * MiB)
+    handle.trim(4 * MiB, 16 * MiB)
+    handle.flush()
+    assert allocation(handle, 32 * MiB) == [(8 * MiB, 3), (64 << 10, 0), (24 * MiB - (64 << 10), 3)]
+
+
+def test_a_snapshot_serves_its_own_data_read_only(ceph: Cluster, serve) -> None:
+    name = ceph.create("8M")
+    run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x11 0 1M", ceph.spec(name))
+    ceph.rbd("snap", "create", f"{name}@before")
+    run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x22 0 1M", ceph.spec(name))
+    served = serve(f"rbd:{name}@before:conf={ceph.conf}")
+    handle = nbd_client(served.uri())
+    assert handle.is_read_only()
+    assert handle.pread(MiB, 0) == b"\x11" * MiB
+    with pytest.raises(nbd.Error):
+        handle.pwrite(b"x" * 512, 0)
+    handle.shutdown()
+    assert b"\x22" * MiB == nbd_client(serve(ceph.spec(name)).uri()).pread(MiB, 0)
+
+
+def test_an_osd_restart_during_io_reaches_no_client(ceph: Cluster, serve, tmp_path: Path) -> None:
+    name = ceph.create("32M")
+    served = serve(ceph.spec(name))
+    handle = nbd_client(served.uri())
+    errors: list[BaseException] = []
+    written = threading.Event()
+    stop = threading.Event()
+
+    def writer() -> None:
+        # Whole-disk passes of 1 MiB writes, each pass a new pattern, until told to stop.
+        try:
+            seed = 10
+            while not stop.is_set():
+                for offset in range(0, 32 * MiB, MiB):
+                    handle.pwrite(pattern(MiB, seed), offset)
+                handle.flush()
+                written.set()
+                seed += 1
+            last.append(seed - 1)
+        except BaseException as exc:
+            errors.append(exc)
+
+    last: list[int] = []
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert written.wait(60)
+    ceph.restart_osd()
+    written.clear()
+    assert written.wait(120), "no whole pass completed after the OSD came back"
+    stop.set()
+    thread.join(120)
+    assert errors == []
+    handle.shutdown()
+    served.stop()
+    assert ceph.export(name, tmp_path / "export.raw") == pattern(MiB, last[0]) * 32
+
+
+def serve_fails(spec: str, tmp_path: Path) -> str:
+    """The stderr of ``tapdisk serve SPEC``, which must exit non-zero (a hang fails at 60 s)."""
+    proc = subprocess.run(
+        [TAPDISK, "serve", "--unix", str(tmp_path / "nbd.sock"), spec],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode != 0, proc.stdout
+    return proc.stderr.strip()
+
+
+def test_a_missing_pool_or_image_is_a_one_line_error(ceph: Cluster, tmp_path: Path) -> None:
+    assert serve_fails(f"rbd:nopool/disk:conf={ceph.conf}", tmp_path) == (
+        "tapdisk: rbd:nopool/disk: no pool 'nopool' in the cluster"
+    )
+    assert serve_fails(f"rbd:rbd/nothere:conf={ceph.conf}", tmp_path) == (
+        "tapdisk: rbd:rbd/nothere: no image 'rbd/nothere'"
+    )
+    name = ceph.create("1M")
+    assert serve_fails(f"rbd:{name}@nosnap:conf={ceph.conf}", tmp_path) == (
+        f"tapdisk: rbd:{name}@nosnap: no snapshot 'nosnap' of image '{name}'"
+    )
+
+
+def test_a_wrong_key_or_an_absent_cluster_is_a_one_line_error(
+    ceph: Cluster, tmp_path: Path
+) -> None:
+    wrong_key = "AQBVn01mAAAAABAAwjhVC+6gVbDvYcvEGJeANw=="
+    error = serve_fails(f"rbd:rbd/disk:conf={ceph.conf}:key={wrong_key}", tmp_path)
+    assert "permission denied" in error and len(error.splitlines()) == 1
+    # A monitor address where nothing listens: the bounded mount wait, not 300 s.
+    absent = serve_fails(rf"rbd:rbd/disk:conf={ceph.conf}:mon_host=127.0.0.1\:9", tmp_path)
+    assert "cannot connect" in absent and "no answer" in absent
+    assert len(absent.splitlines()) == 1
+    error = serve_fails(f"rbd:rbd/disk:conf={tmp_path}/none.conf", tmp_path)
+    assert "does not exist" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "spec", ["rbd:disk", "rbd:a/b/c/d", "rbd:rbd/disk@", "rbd:rbd/disk:conf", "rbd:/abs/path"]
+)
+def test_a_malformed_spec_is_refused(spec: str, tmp_path: Path) -> None:
+    assert serve_fails(spec, tmp_path).startswith(f"tapdisk: bad rbd spec '{spec}'")
+
+
+@pytest.mark.parametrize(
+    "cache",
+    [
+        "",  # the default: no librbd cache, a write completes once the OSD has it
+        # librbd's write-back cache holds acknowledged writes in tapdisk's memory (after
+        # the first flush): FUA must flush it
+        ":rbd_cache=true:rbd_cache_policy=writeback",
+    ],
+    ids=["no-cache", "writeback-cache"],
+)
+def test_fua_and_flushed_writes_survive_kill_9_of_tapdisk(
+    ceph: Cluster, serve, tmp_path: Path, cache: str
+) -> None:
+    name = ceph.create("8M")
+    served = serve(ceph.spec(name) + cache)
+    handle = nbd_client(served.uri())
+    handle.flush()
+    handle.pwrite(b"\xf0" * MiB, 2 * MiB)
+    handle.flush()
+    handle.pwrite(b"\x0f" * MiB, 0, nbd.CMD_FLAG_FUA)  # nothing after it: FUA alone
+    served.stop(signal.SIGKILL)
+    exported = ceph.export(name, tmp_path / "export.raw")
+    assert exported[:MiB] == b"\x0f" * MiB
+    assert exported[2 * MiB : 3 * MiB] == b"\xf0" * MiB

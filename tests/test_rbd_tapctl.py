@@ -1,0 +1,129 @@
+"""rbd images as tap-ctl devices: the YAML's Ceph defaults, allowed_dirs, and the VBD's retry
+across an OSD outage longer than librbd's own operation timeout."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import nbd
+import pytest
+from rbd_helpers import Cluster
+from tapctl_helpers import TapCtl, nbd_uri
+
+from tapdisk.config import ConfigError, parse
+
+MiB = 1 << 20
+
+
+def write_config(path: Path, ceph: Cluster, extra: str = "") -> Path:
+    """A tapdisk.yaml whose ceph_conf and ceph_id name the test cluster."""
+    path.write_text(f"ceph_conf: {ceph.conf}\nceph_id: admin\n{extra}")
+    return path
+
+
+def test_an_rbd_spec_without_conf_uses_the_configuration_s_cluster(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    name = ceph.create("8M")
+    config = write_config(tmp_path / "tapdisk.yaml", ceph, f"allowed_dirs: [{tmp_path}]\n")
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"rbd:{name}")
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x5a" * MiB, 2 * MiB)
+    handle.flush()
+    handle.shutdown()
+    assert ceph.export(name, tmp_path / "export.raw")[2 * MiB : 3 * MiB] == b"\x5a" * MiB
+
+
+def test_an_rbd_spec_with_no_cluster_configured_fails_in_one_line(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    # No ceph_conf and no /etc/ceph/ceph.conf on a test host: Ceph's default finds nothing.
+    pid = int(tapctl.out("spawn"))
+    proc = tapctl("open", "-p", str(pid), "-a", "rbd:rbd/disk:conf=/nonexistent.conf", check=False)
+    assert proc.returncode != 0
+    assert "cannot connect to the Ceph cluster" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    name = ceph.create("8M")
+    pid = int(tapctl.out("spawn"))
+    # librbd gives up on the OSD after 2 s: the request fails with ETIMEDOUT and the VBD
+    # retries it until the OSD is back (the device's deadline is the default 120 s).
+    spec = f"{ceph.spec(name)}:rados_osd_op_timeout=2"
+    sock = tapctl.out("open", "-p", str(pid), "-a", spec)
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x01" * MiB, 0)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def write_while_down() -> None:
+        try:
+            handle.pwrite(b"\x02" * MiB, 0)
+            handle.flush()
+        except BaseException as exc:
+            errors.append(exc)
+        done.set()
+
+    thread = threading.Thread(target=write_while_down)
+    ceph.restart_osd(down=5.0, during=thread.start)
+    assert done.wait(120)
+    thread.join()
+    assert errors == []
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", sock.rsplit(".", 1)[1]))
+    assert stats["vbd"]["retries"] >= 1  # librbd did fail it: the retry is what saved it
+    handle.shutdown()
+    assert ceph.export(name, tmp_path / "export.raw")[:MiB] == b"\x02" * MiB
+
+
+def test_tapctl_snapshot_of_an_rbd_device_takes_an_rbd_snapshot_in_place(
+    ceph: Cluster, tapctl: TapCtl
+) -> None:
+    name = ceph.create("8M")
+    pid, minor, sock = tapctl.spawn_open(ceph.spec(name))
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x11" * MiB, 0)
+    snapshot = tapctl.out("snapshot", "-p", str(pid), "-m", str(minor), "-a", "rbd:before")
+    assert snapshot == f"rbd:{name}@before:conf={ceph.conf}"
+    handle.pwrite(b"\x22" * MiB, 0)  # the same connection, the same device, after the pause
+    handle.flush()
+    assert handle.pread(MiB, 0) == b"\x22" * MiB
+    assert "before" in ceph.rbd("snap", "ls", name)
+    with nbd_served_snapshot(tapctl, snapshot) as frozen:
+        assert frozen.pread(MiB, 0) == b"\x11" * MiB
+    again = tapctl("snapshot", "-p", str(pid), "-m", str(minor), "-a", "rbd:before", check=False)
+    assert again.returncode != 0 and "already exists" in again.stderr
+    [device] = [info for info in tapctl.listing() if info["minor"] == minor]
+    assert device["spec"] == ceph.spec(name)
+
+
+@contextlib.contextmanager
+def nbd_served_snapshot(tapctl: TapCtl, spec: str) -> Iterator[nbd.NBD]:
+    """The snapshot ``spec`` opened read-only in a tapdisk of its own, over NBD."""
+    _, _, sock = tapctl.spawn_open(spec)
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    assert handle.is_read_only()
+    yield handle
+    handle.shutdown()
+
+
+def test_the_configuration_takes_rbd_devices_whatever_allowed_dirs_says() -> None:
+    config = parse(
+        "ceph_conf: /etc/ceph/other.conf\nceph_id: tapdisk\nallowed_dirs: [/srv/images]\n"
+        "devices:\n  - spec: rbd:rbd/vm1\n  - spec: raw:/srv/images/a.img\n"
+    )
+    assert (config.ceph_conf, config.ceph_id) == ("/etc/ceph/other.conf", "tapdisk")
+    assert [d.spec for d in config.devices] == ["rbd:rbd/vm1", "raw:/srv/images/a.img"]
+    with pytest.raises(ConfigError, match="ceph_conf: expected an absolute file path"):
+        parse("ceph_conf: ceph.conf\n")
