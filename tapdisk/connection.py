@@ -8,7 +8,8 @@ in completion order.
 
 Memory is bounded per connection: reading from the socket pauses while too many
 requests or too many payload bytes are in flight, or while the client is not
-reading its replies.
+reading its replies; and per process for WRITE payloads still arriving
+(writebudget.py).  An idle connection holds no receive buffer (idlesweep.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image, ImageError
 
+from .admission import Admission
 from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
+from .idlesweep import IdleSweeper
 from .nbd.constants import SIMPLE_REPLY, Command, CommandFlag, Error, nbd_error
 from .nbd.errors import ClientAborted, ProtocolError
 from .nbd.handshake import ExportInfo, Handshake, Negotiated, connection_flags
@@ -39,6 +42,7 @@ from .nbd.transmission import (
     hole_chunk,
     simple_reply,
 )
+from .writebudget import Reservation, WriteBudget
 
 #: The server's logger: everything a client causes is logged as the server's.
 log = logging.getLogger("tapdisk.server")
@@ -55,6 +59,9 @@ MAX_BYTES_IN_FLIGHT: Final = 128 * 1024 * 1024
 BATCH_BYTES: Final = 1024 * 1024
 #: Socket send buffer requested per connection (the kernel may cap it).
 SEND_BUFFER: Final = 4 * 1024 * 1024
+#: Every connection's handshake bytes land here and are copied out at once (one receive at a time).
+_HANDSHAKE_BUFFER: Final = bytearray(4096)
+_HANDSHAKE_VIEW: Final = memoryview(_HANDSHAKE_BUFFER)
 #: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us; 10% of
 #: the event loop's time at 120k writes/s), ``int & int`` does not.
 _FUA: Final = int(CommandFlag.FUA)
@@ -75,9 +82,11 @@ class AcceptingServer(Protocol):
     exports: dict[str, Export]
     default_export: str | None
     handshake_timeout: float
-    max_connections: int | None
+    admission: Admission
+    write_budget: WriteBudget
     closing: bool
     connections: set[NBDConnection]
+    sweeper: IdleSweeper
     poller: BusyPoller
 
     @property
@@ -109,7 +118,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.subject = "?"
         self._direct = direct
         self._handshake: Handshake | None = None
-        self._handshake_buf = bytearray(4096)
         self._timeout: asyncio.TimerHandle | None = None
         self._reader = RequestReader(MAX_PAYLOAD)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -122,6 +130,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._bytes_in_flight = 0
         self._read_paused = False
         self._write_paused = False
+        self._payload_hold = Reservation(server.write_budget)
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
@@ -141,6 +150,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self.server.sweeper.arrived()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
@@ -155,18 +165,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._direct is not None:
             export = self.server.exports[self._direct.export]
             flags = self._direct.flags or connection_flags(export.info, structured=False)
+            self.server.admission.handed_in(self)
             self._begin_transmission(Negotiated(export.info, flags, False))
             return
         if self.server.closing:
             transport.abort()
             return
-        limit = self.server.max_connections
-        if limit is not None and len(self.server.connections) > limit:
-            log.warning(
-                "%s: refusing a connection: %d clients are connected, the most allowed",
-                self.subject,
-                limit,
-            )
+        if not self.server.admission.admit(self):
             transport.abort()
             return
         self._handshake = Handshake(self.server.export_infos, self.server.default_export)
@@ -176,7 +181,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._handshake is not None:
-            return memoryview(self._handshake_buf)
+            return _HANDSHAKE_VIEW
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -191,9 +196,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _received(self, nbytes: int) -> None:
         try:
             if self._handshake is not None:
-                self._handshake_received(bytes(self._handshake_buf[:nbytes]))
+                self._handshake_received(bytes(_HANDSHAKE_BUFFER[:nbytes]))
                 return
             self._dispatch_all(self._reader.buffer_updated(nbytes))
+            if self._reader.payload_bytes != self._payload_hold.held:
+                self._hold_payload()
         except ProtocolError as exc:
             log.warning("%s: protocol error, closing connection: %s", self.subject, exc)
             self._abort()
@@ -205,6 +212,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.admission.gone(self)
+        self._payload_hold.close()
         self.server.poller.unregister(self)
         if self._timeout is not None:
             self._timeout.cancel()
@@ -234,6 +243,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             if output:
                 self.transport.write(output)
         if negotiated is not None:
+            if not self.server.admission.negotiated(self):
+                self._abort()
+                return
             leftover = self._handshake.leftover
             self._begin_transmission(negotiated)
             self._feed(leftover)
@@ -248,6 +260,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.subject,
             self.server.handshake_timeout,
         )
+        self._abort()
+
+    def evict(self) -> None:
+        """Closed by admission.py, still negotiating, to let a newer client in."""
         self._abort()
 
     def _begin_transmission(self, negotiated: Negotiated) -> None:
@@ -300,6 +316,16 @@ class NBDConnection(asyncio.BufferedProtocol):
             target[:n] = view[:n]
             view = view[n:]
             self._dispatch_all(self._reader.buffer_updated(n))
+            if self._reader.payload_bytes != self._payload_hold.held:
+                self._hold_payload()
+
+    def _hold_payload(self) -> None:
+        """Hold the write budget for the payload the reader awaits (writebudget.py)."""
+        if not self._payload_hold.hold(self._reader.payload_bytes, self._update_reading):
+            self._update_reading()  # paused until granted
+
+    def release_idle_buffers(self) -> int:
+        return self._reader.release_if_idle()
 
     # -- requests ----------------------------------------------------------------
 
@@ -539,7 +565,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._over_limits() or bool(self._backlog)
+        pause = self._over_limits() or bool(self._backlog) or bool(self._payload_hold.waiting)
         if pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True
