@@ -18,16 +18,20 @@ so neither kind can lock the other out:
 from __future__ import annotations
 
 import logging
+import resource
 from typing import Final, Protocol
 
 log = logging.getLogger("tapdisk.server")
 
-#: Clients past the handshake served at once unless told otherwise.  An idle one costs
-#: about 10 KiB; memory for requests in flight is bounded per connection (connection.py)
+#: Clients past the handshake served at once unless told otherwise.  An idle one costs a
+#: few KiB (bench/idle.py); memory for requests in flight is bounded per connection (connection.py)
 #: and, for writes still arriving, per process (writebudget.py).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
-#: Clients negotiating at once before the oldest is closed for a new one.
-DEFAULT_MAX_HANDSHAKES: Final = 128
+#: Clients negotiating at once before the oldest is closed for a new one (about 2 KiB each).
+#: The larger, the more connections a flood must open within one client's handshake.
+DEFAULT_MAX_HANDSHAKES: Final = 1024
+#: File descriptors kept for images, listeners and logs beside the clients'.
+SPARE_FILES: Final = 64
 
 
 class Client(Protocol):
@@ -100,3 +104,23 @@ class Admission:
             client.subject,
             self.max_connections,
         )
+
+
+def raise_file_limit(admission: Admission) -> None:
+    """Raise the soft limit on open files (often 1024) so that every client the limits let in
+    gets a socket: past it, accepting fails and nobody gets in.  Warns when the hard limit
+    is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    clients, negotiating = admission.max_connections, admission.max_handshakes
+    unlimited = clients is None or negotiating is None
+    wanted = hard if unlimited else (clients or 0) + (negotiating or 0) + SPARE_FILES
+    if wanted > hard:
+        log.warning(
+            "%d clients may be connected but only %d files may be open (ulimit -Hn); "
+            "lower --max-connections or --max-handshakes",
+            wanted - SPARE_FILES,
+            hard,
+        )
+        wanted = hard
+    if wanted > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))

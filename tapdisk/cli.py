@@ -14,7 +14,7 @@ from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
 from . import busypoll, exporter, logs, service
 from . import config as configuration
-from .admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES
+from .admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, raise_file_limit
 from .allocator import tune_allocator
 from .daemon import command as daemon_command
 from .daemon import spawner
@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=HANDSHAKE_TIMEOUT,
         metavar="SECS",
-        help="drop clients that take longer to negotiate",
+        help=f"drop clients that take longer to negotiate (default {HANDSHAKE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--max-connections",
@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
         help="clients past the handshake served at once; more are closed at connect "
-        f"(default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit). An idle one costs about 10 KiB",
+        f"(default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit). An idle one costs a few KiB",
     )
     serve.add_argument(
         "--max-handshakes",
@@ -212,6 +212,7 @@ async def serve(args: argparse.Namespace, exports: list[Export]) -> int:
         max_handshakes=args.max_handshakes or None,
         write_budget=WriteBudget(args.write_budget * MiB),
     )
+    raise_file_limit(server.admission)
     uris: list[str] = []
     try:
         for path in args.unix:

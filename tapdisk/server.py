@@ -32,8 +32,8 @@ from .writebudget import PROCESS_BUDGET, WriteBudget
 
 log = logging.getLogger("tapdisk.server")
 
-#: Seconds a client may take to finish the handshake.
-HANDSHAKE_TIMEOUT: Final = 30.0
+#: Seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit default).
+HANDSHAKE_TIMEOUT: Final = 10.0
 
 
 class NBDServer:

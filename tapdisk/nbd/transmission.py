@@ -201,6 +201,8 @@ class RequestReader:
         start, end = self._start, self._end
         payload[: end - start] = self._view[start:end]
         self._start = self._end = 0
+        if end == len(self._buf) < HEADER_BUFFER_SIZE:  # the receive filled it: grow
+            self._resize(HEADER_BUFFER_SIZE)
         self._payload = payload
         self._payload_view = memoryview(payload)
         self._payload_filled = end - start
