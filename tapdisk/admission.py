@@ -24,8 +24,8 @@ from typing import Final, Protocol
 log = logging.getLogger("tapdisk.server")
 
 #: Clients past the handshake served at once unless told otherwise.  An idle one costs a
-#: few KiB (bench/idle.py); memory for requests in flight is bounded per connection (connection.py)
-#: and, for writes still arriving, per process (writebudget.py).
+#: few KiB (bench/idle.py); memory for requests in flight is bounded per connection
+#: (connection.py) and, for writes still arriving, per process (writebudget.py).
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 #: Clients negotiating at once before the oldest is closed for a new one (about 2 KiB each).
 #: The larger, the more connections a flood must open within one client's handshake.

@@ -208,6 +208,21 @@ def test_clients_past_the_handshake_are_limited_apart_from_those_negotiating(tmp
     )
 
 
+def test_a_client_that_finishes_negotiating_once_the_limit_is_full_is_closed(tmp_path, image):
+    server = Server(tmp_path, image, "--max-connections", "1")
+    try:
+        late, early = connect(server.socket), connect(server.socket)
+        negotiate(early)
+        late.sendall(NEGOTIATE)
+        with pytest.raises((EOFError, ConnectionResetError)):
+            recv_exactly(late, EXPORT_NAME_REPLY_SIZE + 1)  # the reply, then nothing
+        late.close()
+        early.close()
+    finally:
+        server.stop()
+    assert "refusing a connection: 1 clients are connected" in server.log.read_text()
+
+
 def test_slow_writers_stay_within_the_write_budget_and_others_are_served(tmp_path, image):
     writers, size = 8, 32 * MiB  # 256 MiB of payloads if each got its buffer
     server = Server(tmp_path, image, "--write-budget", "64")
