@@ -32,3 +32,14 @@ def tune_allocator() -> bool:
     return bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) and mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     )
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the kernel (``malloc_trim``), which the trim threshold
+    above otherwise keeps; False where the C library has no malloc_trim (not glibc)."""
+    try:
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    malloc_trim.argtypes = [ctypes.c_size_t]
+    return bool(malloc_trim(0))

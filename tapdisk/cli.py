@@ -14,12 +14,14 @@ from tapdisk.drivers.registry import DRIVERS, OpenOptions, open_image
 
 from . import busypoll, exporter, logs, service, tls
 from . import config as configuration
+from .admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, raise_file_limit
 from .allocator import tune_allocator
 from .daemon import command as daemon_command
 from .daemon import spawner
 from .export import Export
 from .loop import run_loop
-from .server import DEFAULT_MAX_CONNECTIONS, HANDSHAKE_TIMEOUT, NBDServer
+from .server import HANDSHAKE_TIMEOUT, NBDServer
+from .writebudget import DEFAULT_WRITE_BUDGET, MiB, WriteBudget
 
 log = logging.getLogger("tapdisk")
 
@@ -53,13 +55,24 @@ def parse_tcp_address(text: str) -> tuple[str, int]:
 
 
 def parse_connection_limit(text: str) -> int:
-    """``--max-connections``: a whole number, 0 or more."""
+    """``--max-connections``, ``--max-handshakes``: a whole number, 0 or more."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 (no limit) or more, got {value}")
+    return value
+
+
+def parse_write_budget(text: str) -> int:
+    """``--write-budget``: MiB, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 MiB or more, got {value}")
     return value
 
 
@@ -127,15 +140,33 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=HANDSHAKE_TIMEOUT,
         metavar="SECS",
-        help="drop clients that take longer to negotiate",
+        help=f"drop clients that take longer to negotiate (default {HANDSHAKE_TIMEOUT:g})",
     )
     serve.add_argument(
         "--max-connections",
         type=parse_connection_limit,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help="clients served at once; more are closed at connect, which bounds memory to "
-        f"about N x 160 MiB (default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit)",
+        help="clients past the handshake served at once; more are closed at connect "
+        f"(default {DEFAULT_MAX_CONNECTIONS}, 0 = no limit). An idle one costs a few KiB",
+    )
+    serve.add_argument(
+        "--max-handshakes",
+        type=parse_connection_limit,
+        default=DEFAULT_MAX_HANDSHAKES,
+        metavar="N",
+        help="clients still negotiating at once; past it the oldest is closed to let a new "
+        "one in, so idle sockets cannot lock clients out "
+        f"(default {DEFAULT_MAX_HANDSHAKES}, 0 = no limit)",
+    )
+    serve.add_argument(
+        "--write-budget",
+        type=parse_write_budget,
+        default=DEFAULT_WRITE_BUDGET // MiB,
+        metavar="MIB",
+        help="memory for WRITE payloads still arriving, shared by all clients; a client "
+        "whose write does not fit waits, others are served "
+        f"(default {DEFAULT_WRITE_BUDGET // MiB})",
     )
     configuration.add_busy_poll_argument(serve, busypoll.DEFAULT_MAX_US)
     tls.add_arguments(serve)
@@ -196,8 +227,11 @@ async def serve(
         handshake_timeout=args.handshake_timeout,
         poller=poller,
         max_connections=args.max_connections or None,
+        max_handshakes=args.max_handshakes or None,
+        write_budget=WriteBudget(args.write_budget * MiB),
         tls=server_tls,
     )
+    raise_file_limit(server.admission)
     uris: list[str] = []
     # libnbd's scheme for a server it must speak TLS to.
     scheme = "nbds" if server_tls is not None and server_tls.mode == tls.TLSMode.REQUIRE else "nbd"

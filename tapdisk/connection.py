@@ -8,23 +8,24 @@ in completion order.
 
 Memory is bounded per connection: reading from the socket pauses while too many
 requests or too many payload bytes are in flight, or while the client is not
-reading its replies.
+reading its replies; and per process for WRITE payloads still arriving
+(writebudget.py).  An idle connection holds no receive buffer (idlesweep.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import os
-import socket
 from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image, ImageError
 
+from .admission import Admission
 from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
+from .idlesweep import IdleSweeper
 from .nbd.constants import SIMPLE_REPLY, Command, CommandFlag, Error, nbd_error
 from .nbd.errors import ClientAborted, ProtocolError
 from .nbd.handshake import ExportInfo, Handshake, Negotiated, StartTLS, TLSMode, connection_flags
@@ -39,7 +40,9 @@ from .nbd.transmission import (
     hole_chunk,
     simple_reply,
 )
+from .sockopts import tune_socket
 from .tls import ServerTLS
+from .writebudget import Reservation, WriteBudget
 
 #: The server's logger: everything a client causes is logged as the server's.
 log = logging.getLogger("tapdisk.server")
@@ -54,8 +57,9 @@ MAX_IN_FLIGHT: Final = 256
 MAX_BYTES_IN_FLIGHT: Final = 128 * 1024 * 1024
 #: Batched inline replies are handed to the transport once they reach this size.
 BATCH_BYTES: Final = 1024 * 1024
-#: Socket send buffer requested per connection (the kernel may cap it).
-SEND_BUFFER: Final = 4 * 1024 * 1024
+#: Every connection's handshake bytes land here and are copied out at once (one receive at a time).
+_HANDSHAKE_BUFFER: Final = bytearray(4096)
+_HANDSHAKE_VIEW: Final = memoryview(_HANDSHAKE_BUFFER)
 #: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us; 10% of
 #: the event loop's time at 120k writes/s), ``int & int`` does not.
 _FUA: Final = int(CommandFlag.FUA)
@@ -78,27 +82,16 @@ class AcceptingServer(Protocol):
     exports: dict[str, Export]
     default_export: str | None
     handshake_timeout: float
-    max_connections: int | None
+    admission: Admission
+    write_budget: WriteBudget
     closing: bool
     connections: set[NBDConnection]
+    sweeper: IdleSweeper
     poller: BusyPoller
     tls: ServerTLS | None
 
     @property
     def export_infos(self) -> dict[str, ExportInfo]: ...
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """Low latency on TCP; a send buffer that holds whole large replies.
-
-    With the default ~200 KiB buffer a 1 MiB read reply needs several trips
-    through the event loop; with a larger one it leaves in one system call.
-    """
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SEND_BUFFER)
 
 
 class NBDConnection(asyncio.BufferedProtocol):
@@ -113,7 +106,6 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.subject = "?"
         self._direct = direct
         self._handshake: Handshake | None = None
-        self._handshake_buf = bytearray(4096)
         self._timeout: asyncio.TimerHandle | None = None
         self._reader = RequestReader(MAX_PAYLOAD)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -126,6 +118,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._bytes_in_flight = 0
         self._read_paused = False
         self._write_paused = False
+        self._payload_hold = Reservation(server.write_budget)
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
@@ -145,6 +138,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server.connections.add(self)
+        self.server.sweeper.arrived()
         sock = transport.get_extra_info("socket")
         if sock is not None:
             tune_socket(sock)
@@ -159,18 +153,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self._direct is not None:
             export = self.server.exports[self._direct.export]
             flags = self._direct.flags or connection_flags(export.info, structured=False)
+            self.server.admission.handed_in(self)
             self._begin_transmission(Negotiated(export.info, flags, False))
             return
         if self.server.closing:
             transport.abort()
             return
-        limit = self.server.max_connections
-        if limit is not None and len(self.server.connections) > limit:
-            log.warning(
-                "%s: refusing a connection: %d clients are connected, the most allowed",
-                self.subject,
-                limit,
-            )
+        if not self.server.admission.admit(self):
             transport.abort()
             return
         mode = self.server.tls.mode if self.server.tls is not None else TLSMode.OFF
@@ -181,7 +170,7 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._handshake is not None:
-            return memoryview(self._handshake_buf)
+            return _HANDSHAKE_VIEW
         return self._reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -196,9 +185,11 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _received(self, nbytes: int) -> None:
         try:
             if self._handshake is not None:
-                self._handshake_received(bytes(self._handshake_buf[:nbytes]))
+                self._handshake_received(bytes(_HANDSHAKE_BUFFER[:nbytes]))
                 return
             self._dispatch_all(self._reader.buffer_updated(nbytes))
+            if self._reader.payload_bytes != self._payload_hold.held:
+                self._hold_payload()
         except ProtocolError as exc:
             log.warning("%s: protocol error, closing connection: %s", self.subject, exc)
             self._abort()
@@ -210,6 +201,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self.server.admission.gone(self)
+        self._payload_hold.close()
         self.server.poller.unregister(self)
         if self._timeout is not None:
             self._timeout.cancel()
@@ -243,6 +236,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             _UPGRADES.add(task)
             task.add_done_callback(_UPGRADES.discard)
         elif negotiated is not None:
+            if not self.server.admission.negotiated(self):
+                self._abort()
+                return
             leftover = self._handshake.leftover
             self._begin_transmission(negotiated)
             self._feed(leftover)
@@ -268,6 +264,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.subject,
             self.server.handshake_timeout,
         )
+        self._abort()
+
+    def evict(self) -> None:
+        """Closed by admission.py, still negotiating, to let a newer client in."""
         self._abort()
 
     def _begin_transmission(self, negotiated: Negotiated) -> None:
@@ -320,6 +320,16 @@ class NBDConnection(asyncio.BufferedProtocol):
             target[:n] = view[:n]
             view = view[n:]
             self._dispatch_all(self._reader.buffer_updated(n))
+            if self._reader.payload_bytes != self._payload_hold.held:
+                self._hold_payload()
+
+    def _hold_payload(self) -> None:
+        """Hold the write budget for the payload the reader awaits (writebudget.py)."""
+        if not self._payload_hold.hold(self._reader.payload_bytes, self._update_reading):
+            self._update_reading()  # paused until granted
+
+    def release_idle_buffers(self) -> int:
+        return self._reader.release_if_idle()
 
     # -- requests ----------------------------------------------------------------
 
@@ -559,7 +569,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._over_limits() or bool(self._backlog)
+        pause = self._over_limits() or bool(self._backlog) or bool(self._payload_hold.waiting)
         if pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True

@@ -5,8 +5,9 @@ listeners, and on connected sockets handed to it (the kernel's skip the
 handshake: ``DirectAttach``).  Every client socket gets one ``NBDConnection``
 (connection.py), which runs the protocol and the requests.
 All connections to an export share one ``Image``, so a FLUSH on any connection
-covers writes completed on every one (multi-conn).  A server may cap its number
-of connections (``max_connections``); past it, new clients are closed at once.
+covers writes completed on every one (multi-conn).  Clients are let in by the
+limits of admission.py, idle ones give their buffers back (idlesweep.py), and
+WRITE payloads still arriving share one per-process budget (writebudget.py).
 """
 
 from __future__ import annotations
@@ -21,19 +22,19 @@ import stat
 from collections.abc import Iterable
 from typing import Final
 
+from .admission import DEFAULT_MAX_HANDSHAKES, Admission
 from .busypoll import BusyPoller
 from .connection import NBDConnection
 from .export import DirectAttach, Export
+from .idlesweep import IdleSweeper
 from .nbd.handshake import ExportInfo
 from .tls import ServerTLS
+from .writebudget import PROCESS_BUDGET, WriteBudget
 
 log = logging.getLogger("tapdisk.server")
 
-#: Clients ``tapdisk serve`` serves at once unless told otherwise: with the per-connection
-#: limits of connection.py, about 2.5 GiB of buffers at most.  (nbdcopy opens 4 connections.)
-DEFAULT_MAX_CONNECTIONS: Final = 16
-#: Seconds a client may take to finish the handshake.
-HANDSHAKE_TIMEOUT: Final = 30.0
+#: Seconds a client may take to finish the handshake (qemu-nbd's --handshake-limit default).
+HANDSHAKE_TIMEOUT: Final = 10.0
 
 
 class NBDServer:
@@ -46,20 +47,25 @@ class NBDServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         poller: BusyPoller | None = None,
         max_connections: int | None = None,
+        max_handshakes: int | None = DEFAULT_MAX_HANDSHAKES,
+        write_budget: WriteBudget = PROCESS_BUDGET,
         tls: ServerTLS | None = None,
     ) -> None:
         """``poller`` is shared by every server on one event loop (see busypoll.py);
         without one, connections are not busy-polled.  ``max_connections`` caps the
-        clients served at once (None: no cap); handed-in sockets count but are never
-        refused.  ``tls`` (tls.py) is offered or required on every listener; handed-in
-        sockets that skip the handshake (the kernel's) stay plain."""
+        clients past the handshake, ``max_handshakes`` those still negotiating (None: no
+        cap; see admission.py); ``write_budget`` is shared by the process's servers.
+        ``tls`` (tls.py) is offered or required on every listener; handed-in sockets that
+        skip the handshake (the kernel's) stay plain."""
         self.exports = {export.name: export for export in exports}
         self.default_export = next(iter(self.exports)) if len(self.exports) == 1 else None
         if "" in self.exports:
             self.default_export = ""
         self.handshake_timeout = handshake_timeout
-        self.max_connections = max_connections
+        self.admission = Admission(max_connections, max_handshakes)
+        self.write_budget = write_budget
         self.connections: set[NBDConnection] = set()
+        self.sweeper = IdleSweeper(self.connections)
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_paths: list[str] = []
         self.closing = False
@@ -101,6 +107,7 @@ class NBDServer:
     async def shutdown(self) -> None:
         """Stop listening, let in-flight requests finish, close connections and images."""
         self.closing = True
+        self.sweeper.stop()
         for server in self._servers:
             server.close()
         for path in self._unix_paths:

@@ -6,6 +6,7 @@ mistake in the codec's own tables cannot hide in both places.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -484,7 +485,8 @@ def test_write_over_32_mib_disconnects_without_allocating_it(server):
     client = Client(server.socket)
     client.go()
     client.request(CMD_WRITE, 0, 2**32 - 1, cookie=81)
-    client.sock.sendall(b"x" * 65536)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may hang up at once
+        client.sock.sendall(b"x" * 65536)
     client.assert_closed()
     assert server_rss_peak(server.proc.pid) - before < 16 * MiB
     assert bystander.read(0, 4) == b"\x5a" * 4
