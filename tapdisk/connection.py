@@ -22,6 +22,7 @@ from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image, ImageError
 
+from . import tls
 from .admission import Admission
 from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
@@ -40,7 +41,7 @@ from .nbd.transmission import (
     hole_chunk,
     simple_reply,
 )
-from .sockopts import tune_socket
+from .sockets import peer_name, tune_socket
 from .tls import ServerTLS
 from .writebudget import Reservation, WriteBudget
 
@@ -71,8 +72,6 @@ _REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 _READ: Final = int(Command.READ)
 _WRITE: Final = int(Command.WRITE)
 _DISC: Final = int(Command.DISC)
-#: TLS handshakes under way (the event loop keeps only weak references to tasks).
-_UPGRADES: Final[set[asyncio.Task[None]]] = set()
 
 
 class AcceptingServer(Protocol):
@@ -143,11 +142,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if sock is not None:
             tune_socket(sock)
             self._fd = sock.fileno()
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):  # TCP: (host, port) or (host, port, flow, scope)
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        else:
-            self.peer = "unix"  # unix sockets (and the kernel's socketpairs) have no name
+        self.peer = peer_name(transport)
         exports = list(self.server.exports.values())
         self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
         if self._direct is not None:
@@ -232,9 +227,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             if output:
                 self.transport.write(output)
         if isinstance(negotiated, StartTLS):
-            task = asyncio.get_running_loop().create_task(self._start_tls())
-            _UPGRADES.add(task)
-            task.add_done_callback(_UPGRADES.discard)
+            tls.in_background(self._start_tls())
         elif negotiated is not None:
             if not self.server.admission.negotiated(self):
                 self._abort()
@@ -259,11 +252,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         return export.label if self.peer == "unix" else f"{export.label} (client {self.peer})"
 
     def _handshake_timed_out(self) -> None:
-        log.warning(
-            "%s: handshake not finished in %.0f s, closing",
-            self.subject,
-            self.server.handshake_timeout,
-        )
+        timeout = self.server.handshake_timeout
+        log.warning("%s: handshake not finished in %.0f s, closing", self.subject, timeout)
         self._abort()
 
     def evict(self) -> None:

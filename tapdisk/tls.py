@@ -22,8 +22,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from .nbd.handshake import TLSMode
 
@@ -50,6 +51,17 @@ class TLSSettings:
     mode: TLSMode = TLSMode.OFF
     certificates: str | None = None
     verify_peer: bool = False
+
+
+#: TLS handshakes under way (the event loop keeps only weak references to tasks).
+_UPGRADES: set[asyncio.Task[None]] = set()
+
+
+def in_background(upgrade: Coroutine[Any, Any, None]) -> None:
+    """Run a connection's TLS upgrade as a task kept alive until it ends."""
+    task = asyncio.get_running_loop().create_task(upgrade)
+    _UPGRADES.add(task)
+    task.add_done_callback(_UPGRADES.discard)
 
 
 @dataclass(frozen=True)

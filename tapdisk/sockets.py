@@ -1,7 +1,8 @@
-"""Socket options for NBD client connections: what every accepted socket is tuned with."""
+"""Accepted client sockets: the options each is tuned with, and how its peer is named."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from typing import Final
@@ -21,3 +22,12 @@ def tune_socket(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SEND_BUFFER)
+
+
+def peer_name(transport: asyncio.BaseTransport) -> str:
+    """``HOST:PORT`` (``[HOST]:PORT`` for IPv6) of a TCP peer; ``unix`` for unix sockets and
+    the kernel's socketpairs, which have no name."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple):  # (host, port) or (host, port, flow, scope)
+        return f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
+    return "unix"
