@@ -126,6 +126,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._bytes_in_flight = 0
         self._read_paused = False
         self._write_paused = False
+        #: Reading stopped for a hand-over (tapdisk/daemon/handover.py).
+        self._held = False
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
@@ -158,8 +160,13 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
         if self._direct is not None:
             export = self.server.exports[self._direct.export]
-            flags = self._direct.flags or connection_flags(export.info, structured=False)
-            self._begin_transmission(Negotiated(export.info, flags, False))
+            direct = self._direct
+            flags = direct.flags or connection_flags(export.info, structured=False)
+            self._begin_transmission(
+                Negotiated(export.info, flags, direct.structured, direct.contexts)
+            )
+            if direct.unread:
+                self._feed(direct.unread)
             return
         if self.server.closing:
             transport.abort()
@@ -559,7 +566,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._over_limits() or bool(self._backlog)
+        pause = self._held or self._over_limits() or bool(self._backlog)
         if pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True
@@ -584,6 +591,27 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._disconnecting = True
         if self.transport is not None:
             self.transport.abort()
+
+    # -- hand-over (tapdisk/daemon/handover.py) --------------------------------------
+
+    def hold(self, held: bool = True) -> None:
+        """Stop (or resume) reading from the socket; requests already read still run."""
+        self._held = held
+        self._update_reading()
+
+    @property
+    def settled(self) -> bool:
+        """Every request read is answered and every reply has left."""
+        transport = self.transport
+        return (
+            not self._in_flight
+            and not self._backlog
+            and (transport is None or not transport.get_write_buffer_size())
+        )
+
+    def unread(self) -> bytes:
+        """The bytes read from the socket and not yet decoded (see ``hold``)."""
+        return self._reader.unread()
 
     async def drain_and_close(self) -> None:
         """Server shutdown: stop taking requests, finish those in flight, close."""
