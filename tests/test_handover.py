@@ -126,7 +126,7 @@ def test_restart_carries_the_statistics_and_the_pause_over(tapctl, raw_image):
     assert (info["pid"], info["state"]) == (new, 0x2A)
     stats = tapctl.out("stats", "-p", str(new), "-m", str(minor))
     assert '"writes": 7' in stats and '"paused": true' in stats
-    cookie = h.aio_pread(4096, 0)  # waits, as on any paused device
+    cookie = h.aio_pread(nbd.Buffer(4096), 0)  # waits, as on any paused device
     tapctl("unpause", "-p", str(new), "-m", str(minor))
     while not h.aio_command_completed(cookie):
         h.poll(-1)
@@ -162,7 +162,7 @@ def test_a_new_tapdisk_that_cannot_open_the_image_leaves_the_old_one_serving(
     config = tmp_path / "tapdisk.yaml"
     config.write_text(f"allowed_dirs: [{elsewhere}]\n")
     try:
-        proc = tapctl("--config", str(config), "restart", "-p", str(pid), check=False)
+        proc = tapctl("restart", "--config", str(config), "-p", str(pid), check=False)
     finally:
         writer.finish()
     assert proc.returncode != 0

@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from tapdisk.ctl import protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
@@ -49,8 +49,22 @@ from .device import Device
 from .errors import ControlError
 from .minors import Minor
 
-if TYPE_CHECKING:
-    from .operations import Daemon
+
+class Daemon(Protocol):
+    """What the hand-over needs of ``operations.Daemon`` (which imports this module)."""
+
+    pid: int
+    directory: str
+    minors: dict[int, Minor]
+    handing_over: bool
+
+    def info(self, minor: Minor) -> dict[str, Any]: ...
+
+    def vacate(self) -> None: ...
+
+    async def open_adopted(
+        self, number: int, args: dict[str, Any], timeout: float, path: str
+    ) -> Device: ...
 
 log = logging.getLogger("tapdisk.daemon")
 
