@@ -592,10 +592,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         if self.transport is not None:
             self.transport.abort()
 
-    # -- hand-over (tapdisk/daemon/handover.py) --------------------------------------
-
     def hold(self, held: bool = True) -> None:
-        """Stop (or resume) reading from the socket; requests already read still run."""
+        """Stop (or resume) reading from the socket for a hand-over (daemon/handover.py);
+        requests already read still run."""
         self._held = held
         self._update_reading()
 

@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -261,7 +262,7 @@ async def give(
     except Exception as exc:
         why = "did not confirm in time" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("hand-over to tapdisk %d failed, serving on: %s", successor, why)
-        with contextlib.suppress(ConnectionError, ControlProtocolError):
+        with contextlib.suppress(OSError, ControlProtocolError):
             await _answer(writer, Response.failure(request.id, "state", why))
         await hold.release()
         daemon.handing_over = False
@@ -272,7 +273,9 @@ async def give(
     daemon.vacate()
 
 
-async def _answer(writer: asyncio.StreamWriter, response: Response, fds: list[int] = ()) -> None:
+async def _answer(
+    writer: asyncio.StreamWriter, response: Response, fds: Sequence[int] = ()
+) -> None:
     """Write one response; ``fds`` ride on its first bytes, ``FDS_PER_MESSAGE`` per byte."""
     frame = protocol.encode(response)
     await writer.drain()  # nothing of ours may be queued before the bytes sent below
@@ -375,6 +378,8 @@ def _call(
     fds: list[int] = []
     while True:
         data, received, flags, _ = socket.recv_fds(sock, 1 << 16, FDS_PER_MESSAGE)
+        for fd in received:
+            os.set_inheritable(fd, False)
         fds += received
         if flags & socket.MSG_CTRUNC:
             raise ControlProtocolError("descriptors were lost (MSG_CTRUNC)")

@@ -132,6 +132,9 @@ def test_restart_twice_under_ext4_and_fio_without_a_stall(
             pids.append(int(tapctl("restart", "-p", str(pids[-1])).strip()))
             took.append(time.monotonic() - start)
             time.sleep(3)
+        stats = json.loads(tapctl("stats", "-d", first["device"]))["vbd"]
+        assert stats["connections"] == (2 if vbds == 1 else 1) + 1  # the kernel's and libnbd's
+        assert stats["writes"] > writes_before > 0  # counted on across both restarts
         outputs = [fio.communicate(timeout=300)[0] for fio in fios]
     finally:
         for fio in fios:
@@ -156,9 +159,6 @@ def test_restart_twice_under_ext4_and_fio_without_a_stall(
             os.kill(pid, 0)
     rows_after = {row["minor"]: row for row in tapctl.listing()["tapdisks"]}
     assert rows_after == {minor: {**row, "pid": pids[-1]} for minor, row in rows_before.items()}
-    stats = json.loads(tapctl("stats", "-d", first["device"]))["vbd"]
-    assert stats["connections"] == (2 if vbds == 1 else 1) + 1  # the kernel's and libnbd's
-    assert stats["writes"] > writes_before > 0  # counted on across both restarts
     what = f"restart, {vbds} VBD(s) under ext4 + fio verify + a libnbd client"
     report(f"{what}: tap-ctl restart took", ", ".join(f"{t:.2f} s" for t in took))
     report(f"{what}: slowest fio request (default timeouts)", f"{slowest:.3f} s")
