@@ -126,8 +126,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._bytes_in_flight = 0
         self._read_paused = False
         self._write_paused = False
-        #: Reading stopped for a hand-over (tapdisk/daemon/handover.py).
-        self._held = False
+        self._held = False  # reading stopped for a hand-over (daemon/handover.py)
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
@@ -159,14 +158,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         exports = list(self.server.exports.values())
         self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
         if self._direct is not None:
-            export = self.server.exports[self._direct.export]
-            direct = self._direct
-            flags = direct.flags or connection_flags(export.info, structured=False)
-            self._begin_transmission(
-                Negotiated(export.info, flags, direct.structured, direct.contexts)
-            )
-            if direct.unread:
-                self._feed(direct.unread)
+            d = self._direct
+            export = self.server.exports[d.export]
+            flags = d.flags or connection_flags(export.info, structured=False)
+            self._begin_transmission(Negotiated(export.info, flags, d.structured, d.contexts))
+            self._feed(d.unread)  # what a predecessor read and did not decode (handover.py)
             return
         if self.server.closing:
             transport.abort()
@@ -593,24 +589,9 @@ class NBDConnection(asyncio.BufferedProtocol):
             self.transport.abort()
 
     def hold(self, held: bool = True) -> None:
-        """Stop (or resume) reading from the socket for a hand-over (daemon/handover.py);
-        requests already read still run."""
+        """Stop (or resume) reading for a hand-over (daemon/handover.py)."""
         self._held = held
         self._update_reading()
-
-    @property
-    def settled(self) -> bool:
-        """Every request read is answered and every reply has left."""
-        transport = self.transport
-        return (
-            not self._in_flight
-            and not self._backlog
-            and (transport is None or not transport.get_write_buffer_size())
-        )
-
-    def unread(self) -> bytes:
-        """The bytes read from the socket and not yet decoded (see ``hold``)."""
-        return self._reader.unread()
 
     async def drain_and_close(self) -> None:
         """Server shutdown: stop taking requests, finish those in flight, close."""

@@ -233,3 +233,19 @@ def test_unread_bytes_decode_to_the_same_requests_in_a_new_reader(cut: int) -> N
     buf[: len(rest)] = rest
     decoded += [(r.cookie, bytes(r.payload or b"")) for r in second.buffer_updated(len(rest))]
     assert decoded == [(7, payload), (8, b"")]
+
+
+def test_restart_keeps_mirroring_to_the_secondary(tapctl, raw_image):
+    secondary = raw_image("16M", name="secondary.raw")
+    pid = int(tapctl.out("spawn"))
+    path = tapctl.out(
+        "open", "-p", str(pid), "-a", f"raw:{raw_image('16M')}", "-2", f"raw:{secondary}"
+    )
+    h = connect(path)
+    restart(tapctl, pid)
+    h.pwrite(b"m" * 4096, 8192)
+    h.flush()
+    with open(secondary, "rb") as f:
+        f.seek(8192)
+        assert f.read(4096) == b"m" * 4096
+    h.shutdown()

@@ -87,6 +87,8 @@ class _Hold:
     devices: list[Device]
     listeners: dict[int, list[tuple[socket.socket, str | None]]] = field(default_factory=dict)
     paused_here: list[Device] = field(default_factory=list)
+    #: Per minor: the secondary (spec, standby) it mirrored to before the pause closed it.
+    secondaries: dict[int, tuple[str, bool]] = field(default_factory=dict)
 
     def connections(self, device: Device) -> list[NBDConnection]:
         return list(device.server.connections)  # type: ignore[arg-type]
@@ -100,22 +102,27 @@ class _Hold:
             for device in self.devices:
                 for connection in self.connections(device):
                     connection.hold()  # again for one accepted as the listener closed
-                    busy = busy or not connection.settled
+                    busy = busy or not _settled(connection)
             if not busy:
                 return
             await asyncio.sleep(0.001)
 
     async def pause(self) -> None:
         for device in self.devices:
-            if not device.vbd.paused:
-                await device.vbd.pause()
+            vbd = device.vbd
+            if not vbd.paused:
+                mirror = vbd.mirror
+                if vbd.secondary is not None and mirror is not None:
+                    self.secondaries[device.minor] = (vbd.secondary, mirror.standby)
+                await vbd.pause()
                 self.paused_here.append(device)
 
     async def release(self) -> None:
         """Serve again as before the hold (the hand-over failed)."""
         for device in self.paused_here:
+            secondary, standby = self.secondaries.get(device.minor, (None, False))
             try:
-                await device.vbd.unpause(None, device.vbd.cbt_log)
+                await device.vbd.unpause(None, device.vbd.cbt_log, secondary, standby)
             except Exception as exc:
                 device.resume_failed = True
                 log.error("minor %d: not resumed after a failed hand-over: %s", device.minor, exc)
@@ -124,6 +131,34 @@ class _Hold:
                 await device.server.listen_socket(sock, path)
             for connection in self.connections(device):
                 connection.hold(False)
+
+
+# connection.py is the hot path, kept small: its state is read here.
+
+
+def _settled(connection: NBDConnection) -> bool:
+    """Every request the connection read is answered and every reply has left."""
+    transport = connection.transport
+    return (
+        not connection._in_flight
+        and not connection._backlog
+        and (transport is None or not transport.get_write_buffer_size())
+    )
+
+
+def _handed_over(connection: NBDConnection) -> bool:
+    """In transmission without TLS: a connection the successor can serve on.
+
+    A TLS session cannot leave the process, and a handshake under way is not
+    carried: those are closed when the predecessor exits (their clients reconnect).
+    """
+    transport = connection.transport
+    return (
+        connection.export is not None
+        and transport is not None
+        and not transport.is_closing()
+        and transport.get_extra_info("ssl_object") is None
+    )
 
 
 class _Outgoing:
@@ -160,7 +195,10 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
         device = minor.device
         if device is not None:
             vbd = device.vbd
+            secondary, standby = hold.secondaries.get(device.minor, (None, False))
             entry["device"] = {
+                "secondary": secondary,
+                "standby": standby,
                 "spec": device.spec,
                 "read_only": vbd.read_only,
                 "timeout": vbd.limits.timeout,
@@ -177,7 +215,7 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
                 "connections": [
                     _connection_state(connection, out)
                     for connection in hold.connections(device)
-                    if connection.export is not None and connection.transport is not None
+                    if _handed_over(connection)
                 ],
             }
         minors.append(entry)
@@ -187,7 +225,7 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
 def _connection_state(connection: NBDConnection, out: _Outgoing) -> dict[str, Any]:
     assert connection.export is not None and connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
-    unread = connection.unread()
+    unread = connection._reader.unread()
     unread_fd = None
     if unread:
         memfd = os.memfd_create("tapdisk-unread", os.MFD_CLOEXEC)
@@ -234,9 +272,14 @@ async def give(
         await _answer(writer, Response.failure(0, "invalid", str(exc)))
         return
     successor = request.args["pid"]
-    busy = [m.number for m in daemon.minors.values() if m.device is not None and m.device.closing]
+    busy = [
+        f"minor {m.number} is {'closing' if m.device.closing else 'migrating'}"
+        for m in daemon.minors.values()
+        if m.device is not None
+        and (m.device.closing or (m.device.migration is not None and m.device.migration.running))
+    ]
     if busy or daemon.handing_over:
-        why = f"minor {busy[0]} is closing" if busy else "a hand-over is under way"
+        why = busy[0] if busy else "a hand-over is under way"
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
         return
     daemon.handing_over = True
@@ -402,7 +445,13 @@ async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
         spec = entry["device"]
         if spec is None:
             continue
-        args = {"spec": spec["spec"], "read_only": spec["read_only"], "cbt_log": spec["cbt_log"]}
+        args = {
+            "spec": spec["spec"],
+            "read_only": spec["read_only"],
+            "cbt_log": spec["cbt_log"],
+            "secondary": spec["secondary"],
+            "standby": spec["standby"],
+        }
         device = await daemon.open_adopted(minor.number, args, spec["timeout"], spec["nbd_socket"])
         minor.device = device
         device.kernel_index = spec["kernel_index"]

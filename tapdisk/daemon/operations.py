@@ -381,6 +381,7 @@ class Daemon:
         self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
         if args.get("cbt_log") is not None:
             self._check_log_allowed(args["cbt_log"])
+        self._check_secondary_allowed(args.get("secondary"))
         return await self._open_device(number, args, timeout, path)
 
     async def _op_close(self, request: Request) -> None:
