@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -283,6 +284,7 @@ async def give(
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
         return
     daemon.handing_over = True
+    held_at = time.monotonic()
     devices = [m.device for m in daemon.minors.values() if m.device is not None]
     hold = _Hold(devices)
     out = _Outgoing()
@@ -312,7 +314,11 @@ async def give(
         return
     finally:
         out.close()
-    log.info("tapdisk %d took over every minor: exiting", successor)
+    log.info(
+        "tapdisk %d took over every minor after a %.0f ms hold: exiting",
+        successor,
+        (time.monotonic() - held_at) * 1000,
+    )
     daemon.vacate()
 
 
