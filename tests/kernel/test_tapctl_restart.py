@@ -151,7 +151,8 @@ def test_restart_twice_under_ext4_and_fio_without_a_stall(
             windows.append((start, time.time() + 1))
             time.sleep(3)
         stats = json.loads(tapctl("stats", "-d", first["device"]))["vbd"]
-        assert stats["connections"] == (2 if vbds == 1 else 1) + 1  # the kernel's and libnbd's
+        log = (tapctl.directory / "tapdisk.log").read_text()
+        assert stats["connections"] == (2 if vbds == 1 else 1) + 1, log  # kernel's + libnbd's
         assert stats["writes"] > writes_before > 0  # counted on across both restarts
         outputs = [fio.communicate(timeout=300)[0] for fio in fios]
     finally:
