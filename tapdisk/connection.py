@@ -118,6 +118,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._read_paused = False
         self._write_paused = False
         self._payload_hold = Reservation(server.write_budget)
+        self._held = False  # reading stopped for a hand-over (daemon/handover.py)
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
@@ -146,10 +147,12 @@ class NBDConnection(asyncio.BufferedProtocol):
         exports = list(self.server.exports.values())
         self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
         if self._direct is not None:
-            export = self.server.exports[self._direct.export]
-            flags = self._direct.flags or connection_flags(export.info, structured=False)
+            d = self._direct
+            export = self.server.exports[d.export]
+            flags = d.flags or connection_flags(export.info, structured=False)
             self.server.admission.handed_in(self)
-            self._begin_transmission(Negotiated(export.info, flags, False))
+            self._begin_transmission(Negotiated(export.info, flags, d.structured, d.contexts))
+            self._feed(d.unread)  # what a predecessor read and did not decode (handover.py)
             return
         if self.server.closing:
             transport.abort()
@@ -559,7 +562,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        pause = self._over_limits() or bool(self._backlog) or bool(self._payload_hold.waiting)
+        pause = self._held or self._over_limits() or self._backlog or self._payload_hold.waiting
         if pause and not self._read_paused:
             transport.pause_reading()
             self._read_paused = True
@@ -584,6 +587,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._disconnecting = True
         if self.transport is not None:
             self.transport.abort()
+
+    def hold(self, held: bool = True) -> None:
+        """Stop (or resume) reading for a hand-over (daemon/handover.py)."""
+        self._held = held
+        self._update_reading()
 
     async def drain_and_close(self) -> None:
         """Server shutdown: stop taking requests, finish those in flight, close."""

@@ -138,7 +138,13 @@ def _clip(runs: list[tuple[int, int]], length: int, one: bool) -> list[tuple[int
 
 @dataclass(frozen=True, slots=True)
 class DirectAttach:
-    """Settings for a socket that skips the handshake (the kernel's nbd driver)."""
+    """Settings for a socket that skips the handshake: the kernel's nbd driver, or a
+    connection handed over by a predecessor process with what it had negotiated."""
 
     export: str
     flags: TransmissionFlag | None = None  # None: the export's own flags
+    structured: bool = False
+    #: The (id, name) of each metadata context the client selected.
+    contexts: tuple[tuple[int, str], ...] = ()
+    #: Bytes the predecessor read from the socket and did not decode: decoded first.
+    unread: bytes = b""

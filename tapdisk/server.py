@@ -99,6 +99,31 @@ class NBDServer:
         self._servers.append(server)
         return server.sockets[0].getsockname()[1]
 
+    async def listen_socket(self, sock: socket.socket, path: str | None = None) -> None:
+        """Accept on a socket already listening (handed over by a predecessor, or given
+        back after a hand-over failed); ``path``: its unix path, removed at shutdown."""
+        loop = asyncio.get_running_loop()
+        if sock.family == socket.AF_UNIX:
+            server = await loop.create_unix_server(lambda: NBDConnection(self), sock=sock)
+        else:
+            server = await loop.create_server(lambda: NBDConnection(self), sock=sock)
+        self._servers.append(server)
+        if path is not None and path not in self._unix_paths:
+            self._unix_paths.append(path)
+
+    def take_listeners(self) -> list[tuple[socket.socket, str | None]]:
+        """Stop accepting and hand the listening sockets out, open: clients that connect
+        meanwhile wait in their backlog.  (socket, unix path or None) each."""
+        taken: list[tuple[socket.socket, str | None]] = []
+        paths = iter(self._unix_paths)
+        for server in self._servers:
+            for listener in server.sockets:
+                sock = socket.socket(fileno=os.dup(listener.fileno()))
+                taken.append((sock, next(paths, None) if sock.family == socket.AF_UNIX else None))
+            server.close()
+        self._servers = []
+        return taken
+
     async def serve_socket(self, sock: socket.socket, direct: DirectAttach | None = None) -> None:
         """Serve an already-connected socket, with or without a handshake."""
         loop = asyncio.get_running_loop()

@@ -25,7 +25,7 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
     tap-ctl snapshot -p PID -m MINOR -a qcow2:/path/overlay.qcow2
     tap-ctl snapshot -p PID -m MINOR -a rbd:NAME               an RBD snapshot, in place
     tap-ctl stats -p PID [-m MINOR]                            blktap's JSON
-    tap-ctl restart -p PID -m MINOR
+    tap-ctl restart -p PID                                     every VBD moves, live
     tap-ctl mirror -p PID -m MINOR -a TYPE:PATH [--switch]    live migration, with progress
     tap-ctl shutdown -p PID
 
@@ -124,7 +124,7 @@ COMMAND_EXAMPLES = {
     "mirror": "  tap-ctl mirror -d /dev/nbd0 -a qcow2:/images/moved.qcow2 --switch\n"
     "  tap-ctl mirror -p 1234 -m 0 -a raw:/images/copy.img     copy, then keep mirroring\n",
     "restart": "  tap-ctl restart -d /dev/nbd0                  prints the new tapdisk's pid\n"
-    "  tap-ctl restart -p 1234 -m 0\n",
+    "  tap-ctl restart -p 1234                       every VBD of tapdisk 1234\n",
 }
 
 
@@ -250,8 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--kernel-timeout",
             type=int,
             metavar="SECS",
-            help="the kernel's request timeout: a request lost with a restarted tapdisk is "
-            "resent after it (default: the retry deadline plus 60)",
+            help="the kernel's request timeout: a request lost with a dead tapdisk (or in "
+            "a restart by RECONFIGURE) is resent after it (default: the retry deadline plus 60)",
         )
 
     p = add("allocate", cmd_allocate, "allocate a minor; prints its marker file")
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add("stats", cmd_stats, "print device statistics as JSON")
     add_target(p)
-    p = add("restart", cmd_restart, "hand a connected device to a new tapdisk; prints its pid")
+    p = add("restart", cmd_restart, "move a tapdisk's VBDs to a new one, live; prints its pid")
     add_target(p)
     p = add("mirror", cmd_mirror, "migrate a running device to another image, live")
     add_target(p)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from errno import EINVAL
 from typing import Any
@@ -269,16 +270,48 @@ def cmd_shutdown(args: argparse.Namespace) -> None:
 
 
 def cmd_restart(args: argparse.Namespace) -> None:
+    """Move every VBD of a tapdisk to a new one with its live sockets; print the new pid.
+
+    The new tapdisk adopts them (``tapdisk/daemon/handover.py``): the old one stops
+    reading, answers what it read, pauses, and passes its sockets over; it exits once
+    the new one has confirmed.  On any failure the old tapdisk serves on and the new
+    one is stopped.  An old tapdisk without the hand-over (an older version) is
+    restarted the former way, for a named connected minor: ``restart_by_reconfigure``.
+    """
+    pid, minor = target(args, need_minor=False)
+    with client(args, pid) as old:
+        rows = old.call("list")
+    if minor is not None and not any(row["minor"] == minor for row in rows):
+        raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
+    new_pid = spawn(args.control_dir, args.config)
+    try:
+        with Client.connect(args.control_dir, new_pid) as new:
+            new.call("adopt", pid=pid)
+    except CallError as exc:
+        abandon(args.control_dir, new_pid)  # it closes what it took, touching no socket
+        if exc.kind == "unsupported" and minor is not None:
+            row = next(row for row in rows if row["minor"] == minor)
+            if row["device"] is not None:
+                print(f"tap-ctl: live hand-over failed ({exc}); restarting by RECONFIGURE",
+                      file=sys.stderr)
+                restart_by_reconfigure(args, pid, minor)
+                return
+        raise TapCtlError(f"tapdisk {pid} serves on; the restart failed: {exc}") from None
+    wait_exit(pid)
+    print(new_pid)
+
+
+def restart_by_reconfigure(args: argparse.Namespace, pid: int, minor: int) -> None:
     """Hand a connected device to a new tapdisk without disconnecting it; print the new pid.
 
     The new tapdisk is started first; the old VBD is then paused (image flushed
     and closed) before the new one opens the image, so the two never have it
     open at once.  Until the old tapdisk releases the device every failure
     stops the new one and unpauses the old.  The old minor is then detached
-    and freed; the old tapdisk exits once it has no minor left.
+    and freed; the old tapdisk exits once it has no minor left.  The kernel
+    resends the requests it had sent the old tapdisk once its request timeout
+    fires: I/O stalls that long.
     """
-    pid, minor = target(args)
-    assert minor is not None
     with client(args, pid) as old:
         info = next((row for row in old.call("list") if row["minor"] == minor), None)
         if info is None:

@@ -30,12 +30,14 @@ _CONTROL_SOCKET = re.compile(r"ctl([0-9]+)")
 class CallError(Exception):
     """A request to a tapdisk failed; the message names the tapdisk and says why.
 
-    ``errno`` is the error of the system call that failed in the daemon, if one did.
+    ``errno`` is the error of the system call that failed in the daemon, if one did;
+    ``kind`` the daemon's error kind (``protocol.ERROR_KINDS``), if it answered.
     """
 
-    def __init__(self, message: str, errno: int | None = None) -> None:
+    def __init__(self, message: str, errno: int | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.errno = errno
+        self.kind = kind
 
 
 class DaemonGone(CallError):
@@ -109,7 +111,7 @@ class Client:
         except protocol.ControlProtocolError as exc:
             raise CallError(f"tapdisk {self.pid} sent a bad response: {exc}") from None
         if not response.ok:
-            raise CallError(response.message, response.errno)
+            raise CallError(response.message, response.errno, response.kind)
         return response.result
 
     def close(self) -> None:

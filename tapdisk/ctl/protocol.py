@@ -42,6 +42,9 @@ connect     minor, [index], [connections], [timeout]        VBD-INFO (with "devi
 disconnect  minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
+adopt       pid                                             [VBD-INFO, ...] (taken over)
+handover    pid                                             HANDOVER-STATE, descriptors
+                                                            attached; then ``confirm``
 pause       minor                                           VBD-INFO
 unpause     minor, [spec], [cbt_log], [secondary],          VBD-INFO
             [standby]
@@ -102,6 +105,16 @@ opened the same image, then ``takeover``s ``/dev/nbd<index>`` with fresh
 sockets (nbd RECONFIGURE, presenting the device's backend identifier), by
 default as many as the device has connections.  Requests the kernel had sent
 to the old daemon are resent once the kernel's request timeout fires.
+
+``adopt`` and ``handover`` move every VBD of a tapdisk to a successor with its live
+sockets (tap-ctl restart; ``tapdisk/daemon/handover.py`` has the whole conversation):
+tap-ctl sends ``adopt`` with the predecessor's pid to a freshly spawned tapdisk, which
+sends ``handover`` with its own pid to the predecessor.  The predecessor stops reading
+new requests, answers those it read, pauses its VBDs and answers with
+HANDOVER-STATE, its descriptors attached (SCM_RIGHTS) to the first bytes of that
+answer; it then waits on the same connection for a request ``confirm`` (no args),
+answers it and exits.  Until it has answered ``confirm`` it serves on if anything
+fails.  HANDOVER-STATE is private to the two tapdisks (same version on both sides).
 
 VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
 "size": INT, "read_only": BOOL, "cbt_log": PATH or null, "timeout": NUM,
@@ -243,6 +256,8 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "disconnect": {"minor": (_INT, True)},
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
+    "adopt": {"pid": (_INT, True)},
+    "handover": {"pid": (_INT, True)},
     "pause": {"minor": (_INT, True)},
     "unpause": {
         "minor": (_INT, True),

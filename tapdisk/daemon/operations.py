@@ -6,7 +6,8 @@ protocol names.  Minors follow blktap (``minors.py``): attach binds an allocated
 minor to the daemon, open opens an image on it as a VBD served over NBD on
 ``<dir>/nbd<pid>.<minor>``, close closes the image, detach unbinds the minor, and a
 spawned daemon left without minors exits.  Connect, disconnect, takeover and release
-go through the kernel hand-off (handoff.py).
+go through the kernel hand-off (handoff.py); handover and adopt move every VBD to a
+successor process with its live sockets (handover.py).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from ..scheduler import SchedulerLimits
 from ..server import NBDServer
 from ..tls import ServerTLS
 from ..vbd import VBD, VBDError, open_stack
-from . import handoff
+from . import handoff, handover
 from .device import Device
 from .errors import ControlError
 from .fdreceiver import FdReceiver
@@ -78,6 +79,8 @@ class Daemon:
         self.minors: dict[int, Minor] = {}
         self.stopped = asyncio.Event()
         self._stopping = False
+        #: A successor is taking the minors over (handover.py).
+        self.handing_over = False
         self._server: asyncio.AbstractServer | None = None
         self._fd_receiver: FdReceiver | None = None
         self._ops = {
@@ -90,6 +93,7 @@ class Daemon:
             "connect": self._op_connect,
             "disconnect": self._op_disconnect,
             "takeover": self._op_takeover,
+            "adopt": self._op_adopt,
             "release": self._op_release,
             "pause": self._op_pause,
             "unpause": self._op_unpause,
@@ -141,6 +145,20 @@ class Daemon:
             self._fd_receiver = None
         self.stopped.set()
 
+    def vacate(self) -> None:
+        """Stop as a predecessor whose minors a successor now holds: remove the control
+        socket and exit, touching no minor, image or socket (they are the successor's)."""
+        self._stopping = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._fd_receiver is not None:
+            self._fd_receiver.close()
+            self._fd_receiver = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path)
+        self.stopped.set()
+
     def _shutdown_soon(self) -> None:
         """Shut down once the current answer has been written."""
         asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.shutdown()))
@@ -157,6 +175,9 @@ class Daemon:
                 if not data:
                     break
                 for message in decoder.feed(data):
+                    if message.get("op") == "handover":  # takes the connection over
+                        await handover.give(self, message, reader, writer, decoder)
+                        return
                     response = await self.handle_message(message)
                     writer.write(protocol.encode(response))
                     await writer.drain()
@@ -335,7 +356,10 @@ class Daemon:
                 log.warning("minor %d: not connected to the kernel: %s", minor.number, exc)
         return self.info(minor)
 
-    async def _open_device(self, number: int, args: dict[str, Any], timeout: float) -> Device:
+    async def _open_device(
+        self, number: int, args: dict[str, Any], timeout: float, adopted: str | None = None
+    ) -> Device:
+        """``adopted``: the NBD path of a VBD handed over, whose listener comes with it."""
         options = dataclasses.replace(
             self.open_defaults,
             read_only=args.get("read_only", False),
@@ -352,17 +376,29 @@ class Daemon:
             watchdog=self.limits.watchdog,
         )
         vbd = VBD(image, options=options, limits=limits, name=f"minor {number}")
-        path = protocol.nbd_socket(self.directory, self.pid, number)
+        path = adopted or protocol.nbd_socket(self.directory, self.pid, number)
         export = Export("", vbd, label=vbd.name, changes=vbd)
         server = NBDServer([export], poller=self.poller, tls=self.tls)
         try:
-            await server.listen_unix(path)
+            if adopted is None:
+                await server.listen_unix(path)
         except BaseException:
             await server.shutdown()
             raise
         tracking = f", changed blocks marked in {cbt_log}" if cbt_log else ""
         log.info("minor %d: opened %s%s, NBD on %s", number, vbd.spec, tracking, path)
         return Device(number, args["spec"], vbd, server, path)
+
+    async def open_adopted(
+        self, number: int, args: dict[str, Any], timeout: float, path: str
+    ) -> Device:
+        """Open a predecessor's VBD for a hand-over: its checks as open's, its NBD path
+        kept (the listener comes handed over)."""
+        self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
+        if args.get("cbt_log") is not None:
+            self._check_log_allowed(args["cbt_log"])
+        self._check_secondary_allowed(args.get("secondary"))
+        return await self._open_device(number, args, timeout, path)
 
     async def _op_close(self, request: Request) -> None:
         minor = self._minor(request)
@@ -423,6 +459,9 @@ class Daemon:
         await handoff.takeover(device, args["index"], args.get("connections"))
         minors.record_device(minor.lock_fd, device.device)
         return self.info(minor)
+
+    async def _op_adopt(self, request: Request) -> list[dict[str, Any]]:
+        return await handover.adopt(self, request.args["pid"])
 
     async def _op_release(self, request: Request) -> None:
         minor, device = self._device(request)

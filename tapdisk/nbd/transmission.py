@@ -158,6 +158,19 @@ class RequestReader:
         """Bytes of receive buffer held (payload buffers not counted)."""
         return len(self._buf)
 
+    def unread(self) -> bytes:
+        """The bytes received and not yet decoded, as they came off the wire.
+
+        A successor process fed these before reading the same socket decodes exactly
+        the requests this reader would have (a live hand-over, tapdisk/daemon/handover.py).
+        """
+        if self._payload is None:
+            return bytes(self._view[self._start : self._end])
+        assert self._header is not None
+        flags, command, cookie, offset, length = self._header
+        header = REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+        return header + bytes(self._payload[: self._payload_filled])
+
     def get_buffer(self) -> memoryview:
         """Where the next received bytes should go; ends the loan of borrowed payloads."""
         if self._payload_view is not None:
