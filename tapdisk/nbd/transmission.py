@@ -164,11 +164,13 @@ class RequestReader:
         A successor process fed these before reading the same socket decodes exactly
         the requests this reader would have (a live hand-over, tapdisk/daemon/handover.py).
         """
-        if self._payload is None:
-            return bytes(self._view[self._start : self._end])
-        assert self._header is not None
+        waiting = bytes(self._view[self._start : self._end])
+        if self._header is None:
+            return waiting
         flags, command, cookie, offset, length = self._header
         header = REQUEST.pack(REQUEST_MAGIC, flags, command, cookie, offset, length)
+        if self._payload is None:  # its buffer comes at the next get_buffer: all is in ours
+            return header + waiting
         return header + bytes(self._payload[: self._payload_filled])
 
     def get_buffer(self) -> memoryview:
