@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tapctl_helpers import alive, wait_gone
 
+from tapdisk.daemon import spawner as spawner_module
 from tapdisk.daemon.spawner import LINGER
 
 
@@ -65,3 +66,20 @@ def test_the_spawner_warms_up_without_leaving_a_thread_to_fork(tapctl):
     spawner = parent_of(pid)
     assert os.listdir(f"/proc/{spawner}/task") == [str(spawner)]
     assert "warm-up failed" not in (tapctl.dir / "tapdisk.log").read_text()
+
+
+def test_a_spawner_whose_code_changed_on_disk_hands_over_to_a_new_one(tapctl):
+    """An upgrade reaches the next tapdisk (and so ``tap-ctl restart``): the spawner
+    forks no tapdisk from code that is no longer what is installed."""
+    first = int(tapctl.out("spawn"))
+    spawner = parent_of(first)
+    module = Path(spawner_module.__file__)
+    before = module.stat()
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
+    try:
+        second = int(tapctl.out("spawn"))
+    finally:
+        os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert parent_of(second) not in (spawner, 1)
+    assert wait_gone(spawner)
+    assert alive(first)

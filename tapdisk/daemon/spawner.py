@@ -20,8 +20,10 @@ Lifecycle:
    ``LINGER`` seconds after the last is gone it removes its socket and exits.  A client
    that connected in that instant reads EOF and starts a new spawner.
 
-Code changed on disk reaches new tapdisks once the spawner has exited: a running
-spawner forks the modules it imported.
+A running spawner forks the modules it imported, so it checks before each fork that
+the daemon's code on disk is still what it imported (``code_stamp``); after an upgrade it
+removes its socket and exits unanswered instead, and the client starts a new spawner:
+``tap-ctl restart`` then runs the new code.  Its tapdisks go on running.
 
 Every page a child writes after the fork becomes its own, so the child does as little
 as it can: the spawner builds the argument parser once and parses each child's command
@@ -50,6 +52,8 @@ import time
 from collections.abc import Callable
 from typing import NoReturn
 
+import tapdisk
+import tapdisk.drivers
 from tapdisk.ctl import protocol
 from tapdisk.drivers import registry
 from tapdisk.drivers.base import Image, ImageError
@@ -91,6 +95,7 @@ def serve(
     shares them.
     """
     registry.import_openers()
+    stamp = code_stamp()
     for name in PRELOAD:
         importlib.import_module(name)
     _warm_up()
@@ -114,6 +119,9 @@ def serve(
             with contextlib.suppress(BlockingIOError):
                 os.read(wake_r, 4096)
         if listener in readable:
+            if code_stamp() != stamp:
+                log.info("spawner: the daemon's code changed on disk; a new spawner takes over")
+                break
             connection, _ = listener.accept()
             with connection:
                 pid = _fork(
@@ -128,6 +136,21 @@ def serve(
         os.unlink(path)
     listener.close()
     return 0
+
+
+def code_stamp() -> int:
+    """A fingerprint of the daemon's Python files as they are on disk (names, sizes,
+    modification times, inodes): it changes when an upgrade replaces or edits one."""
+    files = []
+    for package in (tapdisk, tapdisk.drivers):
+        for root in package.__path__:
+            for dirpath, _, names in os.walk(root):
+                for name in names:
+                    if name.endswith(".py"):
+                        path = os.path.join(dirpath, name)
+                        st = os.stat(path)
+                        files.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
+    return hash(tuple(sorted(files)))
 
 
 def _warm_up() -> None:
