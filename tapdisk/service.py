@@ -117,5 +117,6 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
             busy_poll=config.busy_poll,
             server_tls=server_tls,
             remote_backing=config.remote_backing,
+            remote_images=config.remote_images,
         )
     )

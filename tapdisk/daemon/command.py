@@ -139,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
             exit_when_idle=True,
             server_tls=server_tls,
             remote_backing=settings.remote_backing,
+            remote_images=settings.remote_images,
         )
     )
 
@@ -153,6 +154,7 @@ async def run(
     exit_when_idle: bool = False,
     server_tls: ServerTLS | None = None,
     remote_backing: bool = False,
+    remote_images: bool = False,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -170,6 +172,7 @@ async def run(
         exit_when_idle,
         server_tls,
         remote_backing=remote_backing,
+        remote_images=remote_images,
     )
     try:
         await daemon.start()

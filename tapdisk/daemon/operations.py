@@ -38,6 +38,7 @@ from .device import Device
 from .errors import ControlError
 from .fdreceiver import FdReceiver
 from .minors import Minor
+from .remotes import remote_refusal
 
 log = logging.getLogger("tapdisk.daemon")
 
@@ -58,6 +59,7 @@ class Daemon:
         exit_when_idle: bool = False,
         tls: ServerTLS | None = None,
         remote_backing: bool = False,
+        remote_images: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
@@ -67,6 +69,8 @@ class Daemon:
         self.allowed_dirs = allowed_dirs
         #: Backing files named by NBD URIs may be opened (``drivers.backing``).
         self.remote_backing = remote_backing
+        #: With ``allowed_dirs`` set, ``nbd:`` specs may name exports over TCP (``remotes``).
+        self.remote_images = remote_images
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -507,6 +511,11 @@ class Daemon:
         ``path`` is None for a spec whose path is relative: it cannot be checked.
         """
         if not self.allowed_dirs:
+            return
+        if what.startswith("nbd:"):
+            refusal = remote_refusal(what, self.allowed_dirs, self.remote_images)
+            if refusal is not None:
+                raise ControlError("image", f"{what}: {refusal}")
             return
         if path is not None and is_inside(path, self.allowed_dirs):
             return
