@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -47,6 +48,8 @@ def host_b(request) -> Iterator[Host]:
     name = f"tdb{os.getpid() % 100000}"
     veth = f"tdv{os.getpid() % 100000}"
     subnet = f"10.{200 + os.getpid() % 50}.{os.getpid() % 250}"
+    if shutil.which("ip") is None:
+        pytest.skip("no ip command (iproute2) to make a network namespace")
     made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
     if made.returncode != 0:
         pytest.skip(f"cannot make a network namespace: {made.stderr.strip()}")
