@@ -3,7 +3,9 @@
 
 Starts a tapdisk on a raw source of ``--size`` MiB filled with data, keeps one libnbd
 writer doing 64 KiB writes at queue depth 1 at random offsets, and times each write
-before, during and after ``tap-ctl mirror --switch`` to a raw target; prints the
+before, during and after ``tap-ctl mirror --switch`` to a raw target (with ``--nbds``, the
+target served by ``tapdisk serve`` over TCP with TLS and client certificates, as another
+host would, reached as ``nbd:nbds://127.0.0.1:PORT/``); prints the
 migration's time and rate and the writes' latency (p50, p99, max) in each phase, the
 switch included in "during".  Everything runs in a private control directory and temporary
 directory, removed at the end.
@@ -64,6 +66,44 @@ class Writer(threading.Thread):
         h.shutdown()
 
 
+def certificates(work: Path) -> tuple[Path, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate: (server's directory,
+    client's directory), as ``tapdisk serve --tls-certificates`` and libnbd read them."""
+    pki = work / "pki"
+    pki.mkdir()
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"]
+    ca = ["-CA", str(pki / "ca-cert.pem"), "-CAkey", str(pki / "ca-key.pem"), "-CAcreateserial"]
+    openssl = ["openssl", "req", *key, "-x509", "-subj", "/CN=CA", "-keyout"]
+    ca_files = [pki / "ca-key.pem", "-out", pki / "ca-cert.pem"]
+    subprocess.run([*openssl, *ca_files], check=True, capture_output=True)
+    dirs = []
+    for role, ext in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        req = ["openssl", "req", *key, "-subj", f"/CN={role}", "-keyout", pki / f"{role}-key.pem"]
+        subprocess.run([*req, "-out", pki / f"{role}.csr"], check=True, capture_output=True)
+        (pki / "ext.cnf").write_text(f"{ext}\nextendedKeyUsage={role}Auth\n")
+        sign = ["openssl", "x509", "-req", "-in", pki / f"{role}.csr", *ca, "-days", "2"]
+        sign += ["-out", pki / f"{role}-cert.pem", "-extfile", pki / "ext.cnf"]
+        subprocess.run(sign, check=True, capture_output=True)
+        directory = work / role
+        directory.mkdir()
+        for name in ("ca-cert.pem", f"{role}-cert.pem", f"{role}-key.pem"):
+            shutil.copy(pki / name, directory / name)
+        dirs.append(directory)
+    return dirs[0], dirs[1]
+
+
+def serve_nbds(work: Path, target: Path) -> tuple[subprocess.Popen[str], str]:
+    """``tapdisk serve`` of ``target`` over TCP, TLS required, client certificates checked;
+    the process and the ``nbd:`` spec that reaches it."""
+    server_dir, client_dir = certificates(work)
+    argv = [str(BIN / "tapdisk"), "serve", "--tcp", "127.0.0.1:0", "--tls", "require"]
+    argv += ["--tls-certificates", str(server_dir), "--tls-verify-peer", f"raw:{target}"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    port = proc.stdout.readline().strip().rsplit(":", 1)[1].split("/")[0]
+    return proc, f"nbd:nbds://127.0.0.1:{port}/?tls-certificates={client_dir}"
+
+
 def summary(latencies: list[float]) -> str:
     if not latencies:
         return "no writes"
@@ -79,6 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="source size in MiB (all data)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds before and after")
+    parser.add_argument("--nbds", action="store_true", help="migrate to a TLS NBD server")
     args = parser.parse_args()
     size = args.size << 20
     work = Path(tempfile.mkdtemp(prefix="tdmig", dir="/var/tmp"))
@@ -89,6 +130,7 @@ def main() -> None:
         for _ in range(args.size):
             f.write(chunk)
     subprocess.run(["qemu-img", "create", "-q", "-f", "raw", target, str(size)], check=True)
+    server, spec = serve_nbds(work, target) if args.nbds else (None, f"raw:{target}")
     pid = tool("tap-ctl", "spawn", env=env)
     try:
         sock = tool("tap-ctl", "open", "-p", pid, "-a", f"raw:{source}", env=env)
@@ -97,9 +139,7 @@ def main() -> None:
         time.sleep(args.settle)
         writer.phase = "during"
         started = time.perf_counter()
-        out = tool(
-            "tap-ctl", "mirror", "-p", pid, "-m", "0", "-a", f"raw:{target}", "--switch", env=env
-        )
+        out = tool("tap-ctl", "mirror", "-p", pid, "-m", "0", "-a", spec, "--switch", env=env)
         elapsed = time.perf_counter() - started
         writer.phase = "after"
         time.sleep(args.settle)
@@ -115,6 +155,9 @@ def main() -> None:
             print(f"  writes {phase:6s} {summary(latencies)}")
     finally:
         subprocess.run([str(BIN / "tap-ctl"), "shutdown", "-p", pid], env=env, check=False)
+        if server is not None:
+            server.terminate()
+            server.wait(20)
         shutil.rmtree(work, ignore_errors=True)
 
 

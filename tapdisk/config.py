@@ -10,6 +10,7 @@ the devices to attach at boot::
     control_dir: /run/blktap-control   # control and NBD sockets, minors (blktap's layout)
     allowed_dirs: [/var/lib/tapdisk]
     remote_backing: false        # true: qcow2/qcow backing files may be NBD URIs
+    remote_images: false         # true: with allowed_dirs, nbd: specs may name TCP exports
     metrics_listen: 127.0.0.1:9847
     log_level: info
     tls: require                 # NBD listeners: off, on (offered) or require
@@ -77,6 +78,7 @@ class Config:
     control_dir: str = DEFAULT_DIR
     allowed_dirs: tuple[str, ...] = ()
     remote_backing: bool = False
+    remote_images: bool = False
     metrics_listen: tuple[str, int] = ("127.0.0.1", 9847)
     log_level: str = "info"
     tls: TLSMode = TLSMode.OFF
@@ -246,6 +248,7 @@ SCHEMA: dict[str, Callable[[object], Any]] = {
     "control_dir": _directory,
     "allowed_dirs": ListOf(_directory),
     "remote_backing": _boolean,
+    "remote_images": _boolean,
     "metrics_listen": parse_host_port,
     "log_level": _log_level,
     "tls": _tls_mode,

@@ -117,5 +117,6 @@ def main(args: argparse.Namespace, log_level: str | None) -> int:
             busy_poll=config.busy_poll,
             server_tls=server_tls,
             open_defaults=configuration.open_defaults(config),
+            remote_images=config.remote_images,
         )
     )

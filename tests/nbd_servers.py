@@ -60,9 +60,9 @@ def qemu_nbd(socket: Path, image: Path, fmt: str = "raw") -> Upstream:
     return Upstream([*argv, "--cache=writeback", str(image)], socket).start()
 
 
-def make_certificates(directory: Path) -> Path:
-    """A CA, a server certificate for localhost and a client certificate, in the layout nbdkit,
-    qemu's tls-creds-x509 and libnbd read."""
+def make_certificates(directory: Path, address: str = "127.0.0.1") -> Path:
+    """A CA, a server certificate for localhost and ``address`` and a client certificate, in
+    the layout nbdkit, qemu's tls-creds-x509 and libnbd read."""
     openssl = require("openssl")
     directory.mkdir()
     d = directory
@@ -72,7 +72,7 @@ def make_certificates(directory: Path) -> Path:
     run(openssl, *f"req -keyout {d}/server-key.pem -out {d}/server.csr".split(), *key,
         "-subj", "/CN=localhost")  # fmt: skip
     (d / "ext.cnf").write_text(
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"
+        f"subjectAltName=DNS:localhost,IP:{address}\nextendedKeyUsage=serverAuth\n"
     )
     sign = f"x509 -req -in {d}/server.csr -CA {d}/ca-cert.pem -CAkey {d}/ca-key.pem -CAcreateserial"
     run(openssl, *sign.split(), *f"-days 2 -out {d}/server-cert.pem -extfile {d}/ext.cnf".split())

@@ -140,6 +140,7 @@ def main(args: argparse.Namespace) -> int:
             exit_when_idle=True,
             server_tls=server_tls,
             open_defaults=configuration.open_defaults(settings),
+            remote_images=settings.remote_images,
         )
     )
 
@@ -154,6 +155,7 @@ async def run(
     exit_when_idle: bool = False,
     server_tls: ServerTLS | None = None,
     open_defaults: OpenOptions | None = None,
+    remote_images: bool = False,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -164,7 +166,14 @@ async def run(
     descriptor ``ready`` (if given) and closes it, so a spawner knows it can connect.
     """
     daemon = Daemon(
-        directory, limits, allowed_dirs, busy_poll, exit_when_idle, server_tls, open_defaults
+        directory,
+        limits,
+        allowed_dirs,
+        busy_poll,
+        exit_when_idle,
+        server_tls,
+        open_defaults,
+        remote_images=remote_images,
     )
     try:
         await daemon.start()

@@ -40,6 +40,7 @@ from .device import Device
 from .errors import ControlError
 from .fdreceiver import FdReceiver
 from .minors import Minor
+from .remotes import remote_refusal
 
 log = logging.getLogger("tapdisk.daemon")
 
@@ -60,6 +61,7 @@ class Daemon:
         exit_when_idle: bool = False,
         tls: ServerTLS | None = None,
         open_defaults: OpenOptions | None = None,
+        remote_images: bool = False,
     ) -> None:
         self.directory = os.path.abspath(directory)
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
@@ -70,6 +72,8 @@ class Daemon:
         self.limits = limits or SchedulerLimits()
         #: When set, images, their parents and snapshot overlays must lie inside these.
         self.allowed_dirs = allowed_dirs
+        #: With ``allowed_dirs`` set, ``nbd:`` specs may name exports over TCP (``remotes``).
+        self.remote_images = remote_images
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -548,10 +552,18 @@ class Daemon:
     def _check_allowed(self, what: str, path: str | None) -> None:
         """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
 
-        ``path`` is None for a spec whose path is relative: it cannot be checked.  An image
-        in a cluster (``rbd:``) is no file: its cluster's authentication governs it.
+        ``path`` is None for a spec whose path is relative: it cannot be checked.  An ``nbd:``
+        export has its own rule (``remotes``); an image in a cluster (``rbd:``) is no file:
+        its cluster's authentication governs it.
         """
-        if not self.allowed_dirs or configuration.is_remote(what):
+        if not self.allowed_dirs:
+            return
+        if what.startswith("nbd:"):
+            refusal = remote_refusal(what, self.allowed_dirs, self.remote_images)
+            if refusal is not None:
+                raise ControlError("image", f"{what}: {refusal}")
+            return
+        if configuration.is_remote(what):
             return
         if path is not None and is_inside(path, self.allowed_dirs):
             return
