@@ -45,8 +45,11 @@ fi
 say "VM ready to boot after $((SECONDS - start)) s of preparation"
 
 rc=0
+# The guest's /tmp is a tmpfs in its RAM: a passed test's files are removed as it ends (each
+# test fills images with fio and ext4; kept, they ran the guest out of space).
 "$HERE/kvm-nbd.sh" run --timeout "$TIMEOUT" --rw "$OUT" -- \
-  "$PYTHON" -m pytest -p no:cacheprovider tests/kernel --junitxml="$OUT/kernel.xml" "$@" || rc=$?
+  "$PYTHON" -m pytest -p no:cacheprovider -o tmp_path_retention_policy=failed tests/kernel \
+  --junitxml="$OUT/kernel.xml" "$@" || rc=$?
 
 took=$((SECONDS - start))
 case $rc in
