@@ -13,6 +13,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 from tapdisk.ctl.client import CallError, Client
@@ -36,7 +37,7 @@ def cmd_mirror(args: argparse.Namespace) -> None:
         except CallError as exc:
             raise TapCtlError(f"mirror to {args.args} refused: {exc}") from None
         try:
-            status = follow(daemon, minor, status, tty)
+            status = follow(daemon, minor, status, tty, lambda: client(args, pid))
         except KeyboardInterrupt:
             # A new connection: the interrupted call's answer may still be on its way.
             with client(args, pid) as again:
@@ -52,8 +53,18 @@ def cmd_mirror(args: argparse.Namespace) -> None:
         )
 
 
-def follow(daemon: Client, minor: int | None, status: dict[str, Any], tty: bool) -> dict[str, Any]:
-    """Report ``status`` periodically until the migration ends; its last status."""
+def follow(
+    daemon: Client,
+    minor: int | None,
+    status: dict[str, Any],
+    tty: bool,
+    reconnect: Callable[[], Client],
+) -> dict[str, Any]:
+    """Report ``status`` periodically until the migration ends; its last status.
+
+    A control connection that breaks is opened again once per poll (the job runs in the
+    tapdisk whatever happens to this connection); a tapdisk that cannot be reached fails.
+    """
     period = BAR_PERIOD if tty else LINE_PERIOD
     next_report = time.monotonic()
     while status["state"] in _RUNNING:
@@ -62,7 +73,14 @@ def follow(daemon: Client, minor: int | None, status: dict[str, Any], tty: bool)
             report(status, tty)
             next_report = now + period
         time.sleep(min(BAR_PERIOD, max(0.0, next_report - now)))
-        status = daemon.call("mirror_status", minor=minor)
+        try:
+            status = daemon.call("mirror_status", minor=minor)
+        except CallError as exc:
+            if exc.kind is not None:  # the tapdisk answered: an error of the job, not the wire
+                raise
+            daemon.close()
+            daemon = reconnect()
+            status = daemon.call("mirror_status", minor=minor)
     report(status, tty, final=True)
     return status
 
