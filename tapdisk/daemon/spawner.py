@@ -61,6 +61,7 @@ from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 from ..loop import run_loop
+from .rehearsal import rehearse
 
 log = logging.getLogger("tapdisk.spawner")
 
@@ -99,6 +100,7 @@ def serve(
     for name in PRELOAD:
         importlib.import_module(name)
     _warm_up()
+    rehearse()
     path = socket_path(directory)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(path)
