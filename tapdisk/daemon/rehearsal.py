@@ -64,7 +64,10 @@ STEP_TIMEOUT = 10.0
 
 
 def rehearse() -> None:
-    """Run one tapdisk life in this process; a failure costs memory only, and is logged."""
+    """Run one tapdisk life in this process; a failure costs memory only, and is logged.
+
+    Raises RuntimeError if a thread is alive afterwards: a fork would then be unsafe.
+    """
     try:
         with tempfile.TemporaryDirectory(prefix="tapdisk-rehearsal-") as tmp:
             image = os.path.join(tmp, "rehearsal.vhd")
