@@ -52,6 +52,15 @@ def io_pool() -> ThreadPoolExecutor:
     return _pool
 
 
+def shutdown_io_pool() -> None:
+    """Join the pool's threads and forget it (the spawner forks no process with threads);
+    the next ``io_pool()`` starts a new one."""
+    global _pool
+    if _pool is not None:
+        _pool.shutdown(wait=True)
+        _pool = None
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_void_p]

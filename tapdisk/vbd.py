@@ -42,6 +42,7 @@ from typing import Any, Final
 
 from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
 from tapdisk.drivers.cbtlayer import CbtImage
+from tapdisk.drivers.fileio import io_pool
 from tapdisk.drivers.imageops import create_image
 from tapdisk.drivers.mirror import MirrorImage
 from tapdisk.drivers.registry import (
@@ -521,7 +522,8 @@ async def open_stack(
 
     Raises ImageError naming the image, the secondary or the log; nothing stays open then.
     """
-    image = await asyncio.to_thread(open_image, spec, options)
+    # In the I/O pool, whose thread then serves the image's requests: no second thread.
+    image = await asyncio.get_running_loop().run_in_executor(io_pool(), open_image, spec, options)
     if secondary is not None and secondary != "null":
         try:
             image = await with_secondary(image, secondary, options, standby)

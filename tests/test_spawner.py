@@ -61,11 +61,13 @@ def test_a_killed_spawner_leaves_its_tapdisks_running_and_is_replaced(tapctl):
     assert parent_of(second) not in (spawner, 1)
 
 
-def test_the_spawner_warms_up_without_leaving_a_thread_to_fork(tapctl):
+def test_the_spawner_rehearses_without_leaving_a_thread_to_fork(tapctl):
+    """The rehearsal (a daemon, open, NBD requests) succeeds, logs none of its own lines
+    (they name its private directory), and no thread of it is alive at a fork."""
     pid = int(tapctl.out("spawn"))
     spawner = parent_of(pid)
     assert os.listdir(f"/proc/{spawner}/task") == [str(spawner)]
-    assert "warm-up failed" not in (tapctl.dir / "tapdisk.log").read_text()
+    assert "rehearsal" not in (tapctl.dir / "tapdisk.log").read_text()
 
 
 def test_a_spawner_whose_code_changed_on_disk_hands_over_to_a_new_one(tapctl):

@@ -29,9 +29,9 @@ Every page a child writes after the fork becomes its own, so the child does as l
 as it can: the spawner builds the argument parser once and parses each child's command
 line itself (building and running argparse cost each child 1.1 MB of its own),
 imports beforehand the modules every child would import on the way (``PRELOAD``), and
-opens and reads a VHD of its own once (``_warm_up``): CPython 3.11 rewrites a function's
-bytecode in place during its first calls, so code first run after the fork is written
-into by every child.
+plays one whole tapdisk life itself first (``rehearsal.py``): CPython 3.11 rewrites a
+function's bytecode in place during its first calls, so code first run after the fork
+is written into by every child.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import select
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -56,11 +55,8 @@ import tapdisk
 import tapdisk.drivers
 from tapdisk.ctl import protocol
 from tapdisk.drivers import registry
-from tapdisk.drivers.base import Image, ImageError
-from tapdisk.drivers.imageops import create_image
-from tapdisk.drivers.registry import OpenOptions, open_image
 
-from ..loop import run_loop
+from .rehearsal import rehearse
 
 log = logging.getLogger("tapdisk.spawner")
 
@@ -72,8 +68,6 @@ MAX_REQUEST = 64 * 1024
 #: spawner so that every child shares them.  The codecs decode a VHD header's parent name
 #: (every VHD) and its parent locators (every VHD with a parent).
 PRELOAD = ("encodings.utf_16_be", "encodings.utf_16_le")
-#: Size of the VHD the spawner reads once before forking (``_warm_up``).
-WARM_UP_SIZE = 64 * 1024
 
 
 def socket_path(directory: str) -> str:
@@ -98,7 +92,7 @@ def serve(
     stamp = code_stamp()
     for name in PRELOAD:
         importlib.import_module(name)
-    _warm_up()
+    rehearse()
     path = socket_path(directory)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     listener.bind(path)
@@ -151,31 +145,6 @@ def code_stamp() -> int:
                         st = os.stat(path)
                         files.append((path, st.st_size, st.st_mtime_ns, st.st_ino))
     return hash(tuple(sorted(files)))
-
-
-def _warm_up() -> None:
-    """Open a small VHD read-only and read from it, as every tapdisk does first, so that
-    the specialized code is the spawner's and shared (measured: 0.1 MB less per tapdisk).
-
-    Read-only and through the non-blocking reads: no thread starts, so none is alive at
-    a fork.  A failure costs memory only, and is logged.
-    """
-    try:
-        with tempfile.TemporaryDirectory(prefix="tapdisk-spawner-") as tmp:
-            path = os.path.join(tmp, "warm-up.vhd")
-            create_image("vhd", path, WARM_UP_SIZE)
-            image = open_image(f"vhd:{path}", OpenOptions(read_only=True))
-            buf = memoryview(bytearray(4096))
-            for offset in range(0, WARM_UP_SIZE, len(buf)):
-                image.read_nowait(offset, buf)
-            run_loop(_close(image))
-    except (ImageError, OSError) as exc:
-        log.warning("spawner: warm-up failed, tapdisks will use more memory: %s", exc)
-
-
-async def _close(image: Image) -> int:
-    await image.close()
-    return 0
 
 
 def _reap(children: set[int]) -> None:
