@@ -54,3 +54,13 @@ def tapctl() -> Iterator[TapCtl]:
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A one-node Ceph cluster shared by the rbd tests; they skip when Ceph is not installed."""
     yield from start_cluster(tmp_path_factory.mktemp("ceph"))
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs: images on it run out of space."""
+    path = tmp_path / "tiny"
+    path.mkdir()
+    run("mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", path)
+    yield path
+    run("umount", "-l", path)

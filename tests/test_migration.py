@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
-from pathlib import Path
 
 import nbd
 import pytest
@@ -28,16 +26,6 @@ from migration_helpers import (
     source_qcow2,
 )
 from tapctl_helpers import TAP_CTL, nbd_uri
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: images on it run out of space."""
-    path = tmp_path / "tiny"
-    path.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", path)
-    yield path
-    run("umount", "-l", path)
 
 
 def test_a_migration_under_a_verified_writer_switches_to_an_identical_target(tapctl, tmp_path):

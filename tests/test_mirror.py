@@ -9,26 +9,14 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
-import pytest
 from helpers import require, run
 from tapctl_helpers import nbd_uri
 
 SIZE = 16 << 20
 MiB = 1 << 20
-
-
-@pytest.fixture
-def tiny_fs(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs: images on it run out of space."""
-    path = tmp_path / "tiny"
-    path.mkdir()
-    run("mount", "-t", "tmpfs", "-o", "size=4M", "tmpfs", path)
-    yield path
-    run("umount", "-l", path)
 
 
 def raw(path: Path, size: int = SIZE) -> Path:

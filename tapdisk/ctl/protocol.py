@@ -182,7 +182,9 @@ paused, like the kernel's io_ticks.
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -195,6 +197,7 @@ MAX_MESSAGE: Final = 1 << 20
 #: environment override.
 DEFAULT_DIR: Final = "/run/blktap-control"
 DIR_ENV: Final = "TAPDISK_CONTROL_DIR"
+
 #: Longest retry deadline (and kernel request timeout) anyone may ask for, here or in
 #: the configuration: one day.
 MAX_SECONDS: Final = 86400
@@ -273,6 +276,17 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "mirror_cancel": {"minor": (_INT, True)},
     "shutdown": {},
 }
+
+
+def add_control_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """``--control-dir``, defaulting to ``$TAPDISK_CONTROL_DIR``, then ``DEFAULT_DIR``
+    (the daemon and the spawner; tap-ctl also reads the configuration's)."""
+    parser.add_argument(
+        "--control-dir",
+        metavar="DIR",
+        default=os.environ.get(DIR_ENV, DEFAULT_DIR),
+        help=f"socket directory (default ${DIR_ENV} or {DEFAULT_DIR})",
+    )
 
 
 class ControlProtocolError(Exception):

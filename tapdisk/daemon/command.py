@@ -48,12 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         epilog=DAEMON_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--control-dir",
-        metavar="DIR",
-        default=os.environ.get(protocol.DIR_ENV, protocol.DEFAULT_DIR),
-        help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
-    )
+    protocol.add_control_dir_argument(parser)
     parser.add_argument(
         "--config",
         metavar="PATH",

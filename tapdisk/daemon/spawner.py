@@ -239,12 +239,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
         description="Listen on <dir>/spawner and fork a tapdisk daemon per request; exit "
         f"{LINGER:g} s after the last of them exited.",
     )
-    parser.add_argument(
-        "--control-dir",
-        metavar="DIR",
-        default=os.environ.get(protocol.DIR_ENV, protocol.DEFAULT_DIR),
-        help=f"socket directory (default ${protocol.DIR_ENV} or {protocol.DEFAULT_DIR})",
-    )
+    protocol.add_control_dir_argument(parser)
     parser.add_argument(
         "--ready-fd",
         type=int,
