@@ -13,10 +13,11 @@ from the predecessor O over O's control socket:
    sent, then pauses every running VBD (flushed, image closed).
 3. O answers with its state: the minors, and for each VBD its spec, options,
    statistics, pause state, kernel index, NBD socket path, listeners and
-   connections with what they negotiated.  The descriptors ride on the first bytes
-   of that answer (SCM_RIGHTS): the minors' markers (their ``flock`` goes along),
-   the listening sockets, the connections, and a memfd of each connection's
-   undecoded bytes.
+   connections with what they negotiated (or, still in their handshake, with
+   what they negotiated so far: the successor continues the handshake).  The
+   descriptors ride on the first bytes of that answer (SCM_RIGHTS): the minors'
+   markers (their ``flock`` goes along), the listening sockets, the connections,
+   and a memfd of each connection's undecoded bytes.
 4. N opens every image (a VBD paused in O is paused again) and sends ``confirm``.
 5. O answers ``confirm`` and from then on touches nothing: it removes its control
    socket and exits.  N, once it has that answer, serves the listeners and
@@ -46,6 +47,7 @@ from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from ..connection import NBDConnection
 from ..export import DirectAttach
 from ..nbd.constants import TransmissionFlag
+from ..nbd.handshake import Handshake
 from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
@@ -148,14 +150,15 @@ def _settled(connection: NBDConnection) -> bool:
 
 
 def _handed_over(connection: NBDConnection) -> bool:
-    """In transmission without TLS: a connection the successor can serve on.
+    """Without TLS, in transmission or in a handshake: a connection the successor can serve.
 
-    A TLS session cannot leave the process, and a handshake under way is not
-    carried: those are closed when the predecessor exits (their clients reconnect).
+    A TLS session cannot leave the process: those connections are closed when the
+    predecessor exits (their clients reconnect).
     """
     transport = connection.transport
+    handshake = connection._handshake
     return (
-        connection.export is not None
+        (connection.export is not None or (handshake is not None and handshake.state() is not None))
         and transport is not None
         and not transport.is_closing()
         and transport.get_extra_info("ssl_object") is None
@@ -224,22 +227,30 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
 
 
 def _connection_state(connection: NBDConnection, out: _Outgoing) -> dict[str, Any]:
-    assert connection.export is not None and connection.transport is not None
+    """What the connection negotiated, or, in a handshake, where the handshake stopped."""
+    assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
-    unread = connection._reader.unread()
+    handshake = connection._handshake
+    unread = connection._reader.unread() if handshake is None else handshake.unread()
     unread_fd = None
     if unread:
         memfd = os.memfd_create("tapdisk-unread", os.MFD_CLOEXEC)
         os.write(memfd, unread)
         unread_fd = out.add(memfd, owned=True)
-    return {
+    state: dict[str, Any] = {
         "fd": out.add(os.dup(sock.fileno()), owned=True),
+        "unread": unread_fd,
+        "unread_size": len(unread),
+    }
+    if handshake is not None:
+        return {**state, "handshake": handshake.state()}
+    assert connection.export is not None
+    return {
+        **state,
         "export": connection.export.name,
         "flags": connection.flags,
         "structured": connection.structured,
         "contexts": [list(context) for context in connection.contexts],
-        "unread": unread_fd,
-        "unread_size": len(unread),
     }
 
 
@@ -485,11 +496,16 @@ async def _serve(daemon: Daemon, taken: _Taken) -> None:
             if entry["unread"] is not None:
                 unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
                 os.close(fds[entry["unread"]])
-            direct = DirectAttach(
-                entry["export"],
-                TransmissionFlag(entry["flags"]),
-                entry["structured"],
-                tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
-                unread,
-            )
+            direct: DirectAttach | Handshake
+            if "handshake" in entry:
+                direct = device.server.handshake()
+                direct.restore(entry["handshake"], unread)
+            else:
+                direct = DirectAttach(
+                    entry["export"],
+                    TransmissionFlag(entry["flags"]),
+                    entry["structured"],
+                    tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
+                    unread,
+                )
             await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)
