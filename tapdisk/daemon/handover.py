@@ -203,7 +203,8 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
             entry["device"] = {
                 "secondary": secondary,
                 "standby": standby,
-                "spec": device.spec,
+                "spec": device.served,
+                "mirror_failed": vbd.mirror_failed,
                 "read_only": vbd.read_only,
                 "timeout": vbd.limits.timeout,
                 "cbt_log": vbd.cbt_log,
@@ -473,6 +474,7 @@ async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
         minor.device = device
         device.kernel_index = spec["kernel_index"]
         device.resume_failed = spec["resume_failed"]
+        device.vbd.mirror_failed = spec["mirror_failed"]
         restore_stats(device.vbd.stats, spec["stats"])
         if spec["paused"]:
             await device.vbd.pause()
