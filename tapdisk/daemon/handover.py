@@ -165,6 +165,25 @@ def _handed_over(connection: NBDConnection) -> bool:
     )
 
 
+def _passed_sockets(daemon: Daemon) -> list[str]:
+    """Why each VBD whose image or secondary is a socket passed to this process cannot move:
+    libnbd connects a socket only by negotiating on it, and the server negotiates once."""
+    from tapdisk.drivers.nbdclient import opens_passed_socket  # rarely needed: not at startup
+
+    why = []
+    for minor in daemon.minors.values():
+        device = minor.device
+        if device is None:
+            continue
+        for spec in (device.served, device.vbd.secondary):
+            if spec is not None and opens_passed_socket(spec):
+                why.append(
+                    f"minor {minor.number} uses {spec}, a socket passed to tapdisk "
+                    f"{daemon.pid} that no other process can open"
+                )
+    return why
+
+
 class _Outgoing:
     """The descriptors of O's answer, numbered in the order they are sent."""
 
@@ -290,7 +309,7 @@ async def give(
         for m in daemon.minors.values()
         if m.device is not None
         and (m.device.closing or (m.device.migration is not None and m.device.migration.running))
-    ]
+    ] + _passed_sockets(daemon)
     if busy or daemon.handing_over:
         why = busy[0] if busy else "a hand-over is under way"
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
