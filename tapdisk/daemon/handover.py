@@ -19,9 +19,11 @@ from the predecessor O over O's control socket:
    markers (their ``flock`` goes along), the listening sockets, the connections,
    and a memfd of each connection's undecoded bytes.
 4. N opens every image (a VBD paused in O is paused again) and sends ``confirm``.
-5. O answers ``confirm`` and from then on touches nothing: it removes its control
-   socket and exits.  N, once it has that answer, serves the listeners and
-   connections, feeding each connection its undecoded bytes first.
+5. O answers ``confirm`` and from then on touches nothing but the connections it
+   could not hand over (TLS), which it closes cleanly (close_notify, every reply
+   sent); it removes its control socket and exits.  N, once it has that answer,
+   serves the listeners and connections, feeding each connection its undecoded
+   bytes first.
 
 A failure before step 5 (N cannot open an image, dies, or is silent for
 ``CONFIRM_TIMEOUT``; O's requests do not settle within ``QUIESCE_TIMEOUT``) leaves O
@@ -76,6 +78,8 @@ log = logging.getLogger("tapdisk.daemon")
 QUIESCE_TIMEOUT = 10.0
 #: Seconds O waits for N's ``confirm`` after handing its state over.
 CONFIRM_TIMEOUT = 30.0
+#: Seconds O gives the connections it did not hand over (TLS) to close once N confirmed.
+CLOSE_TIMEOUT = 1.0
 #: Descriptors per SCM_RIGHTS message (the kernel's limit is 253).
 FDS_PER_MESSAGE = 250
 
@@ -328,13 +332,16 @@ async def give(
             ) from None
         await hold.pause()
         state = _state(daemon, hold, out)
+        left_behind = [c for d in devices for c in hold.connections(d) if not _handed_over(c)]
         await _answer(writer, Response.success(request.id, state), out.fds)
         log.info("handed the state of %d minor(s) to tapdisk %d", len(state["minors"]), successor)
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
         if confirm is None or confirm.get("op") != "confirm":
             raise ControlError("state", f"tapdisk {successor} did not confirm")
-        # Once this answer is out the successor serves: nothing here may touch a socket.
+        # Once this answer is out the successor serves: nothing here may touch a socket
+        # but those of the connections left behind.
         await _answer(writer, Response.success(confirm.get("id", 0), None))
+        await _close_cleanly(left_behind)
     except Exception as exc:
         why = "did not confirm in time" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("hand-over to tapdisk %d failed, serving on: %s", successor, why)
@@ -351,6 +358,16 @@ async def give(
         (time.monotonic() - held_at) * 1000,
     )
     daemon.vacate()
+
+
+async def _close_cleanly(connections: list[NBDConnection]) -> None:
+    """Close the connections not handed over (TLS), every reply sent: a TLS close_notify
+    rather than an end of stream, so their clients see a clean close and reconnect."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(connection.drain_and_close() for connection in connections)),
+            CLOSE_TIMEOUT,
+        )
 
 
 async def _answer(
