@@ -363,7 +363,7 @@ class VBD(Image):
         if fmt not in OVERLAY_FORMATS:
             raise VBDError(f"snapshot format {fmt!r} not supported (use qcow2 or vhd)")
         async with self._lock:
-            kind, leaf = parse_spec(self._spec)
+            kind, leaf = parse_spec(self.spec)  # the standby's, if it took over
             if kind in LAYERS or kind not in LEAF_FORMATS:
                 raise VBDError(f"cannot snapshot {self._spec}: leaf type {kind!r} has no overlay")
             if os.path.exists(path):
@@ -395,7 +395,7 @@ class VBD(Image):
         and the snapshot's read-only spec is returned.  A paused device stays paused.
         """
         async with self._lock:
-            kind = parse_spec(self._spec)[0]
+            kind = parse_spec(self.spec)[0]
             take = snapshotter_for(kind)
             if take is None:
                 raise VBDError(f"cannot snapshot {self._spec} in place: {kind} images cannot")

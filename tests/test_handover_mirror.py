@@ -87,3 +87,20 @@ def test_after_a_standby_takeover_list_stats_and_restart_follow_the_standby(
     expected.write_bytes(content + bytes(SIZE - len(content)))
     result = run(require("qemu-img"), "compare", "-F", "raw", overlay, expected, check=False)
     assert result.startswith("Images are identical"), result
+
+
+def test_a_snapshot_after_a_standby_takeover_overlays_the_standby(tapctl, tmp_path, tiny_fs):
+    primary = raw(tiny_fs / "p.img")
+    standby = tmp_path / "standby.qcow2"
+    run(require("qemu-img"), "create", "-q", "-f", "qcow2", "-b", primary, "-F", "raw", standby)
+    pid, minor, sock = tapctl.spawn_open(f"raw:{primary}", "-2", f"qcow2:{standby}", "-s")
+    h = connect(sock)
+    data = b"".join(bytes([i + 1]) * MiB for i in range(8))
+    h.pwrite(data, 0)  # the standby takes over at about 4 MiB
+    h.flush()
+    overlay = tmp_path / "snap.qcow2"
+    tapctl("snapshot", "-p", str(pid), "-m", str(minor), "-a", f"qcow2:{overlay}")
+    info = json.loads(run(require("qemu-img"), "info", "--output=json", overlay))
+    assert info["backing-filename"] == str(standby)
+    assert h.pread(8 * MiB, 0) == data
+    h.shutdown()
