@@ -156,8 +156,8 @@ def _settled(connection: NBDConnection) -> bool:
 def _handed_over(connection: NBDConnection) -> bool:
     """Without TLS, in transmission or in a handshake: a connection the successor can serve.
 
-    A TLS session cannot leave the process: those connections are closed when the
-    predecessor exits (their clients reconnect).
+    A TLS session cannot leave the process: those connections are closed cleanly once
+    the successor confirmed (``_close_cleanly``), and their clients reconnect.
     """
     transport = connection.transport
     handshake = connection._handshake
