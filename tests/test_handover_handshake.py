@@ -158,3 +158,29 @@ def test_restart_mid_handshake_lets_the_client_finish_it_and_do_io(tapctl, raw_i
     assert (kind, cookie) == (BLOCK_STATUS_CHUNK, 3)
     assert struct.unpack_from(">I", recv_exactly(sock, length))[0] == context_id
     sock.close()
+
+
+def test_restart_carries_hundreds_of_silent_clients_and_each_can_still_negotiate(
+    tapctl, raw_image
+):
+    """Clients that connect and say nothing hold no restart up; 300 of them need two
+    SCM_RIGHTS messages.  Any of them may negotiate later, with the new tapdisk."""
+    pid, _, path = tapctl.spawn_open(f"raw:{raw_image('4M')}")
+    silent = []
+    for _ in range(300):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(30)
+        sock.connect(path)
+        recv_exactly(sock, GREETING.size)  # accepted (the listen backlog is 128)
+        silent.append(sock)
+    new = restart(tapctl, pid)
+    for sock in (silent[0], silent[-1]):
+        sock.sendall(STREAM)
+        replies = option_replies(sock, len(OPTIONS))
+        assert [kind for _, kind, _ in replies if kind == Reply.ACK] == [Reply.ACK] * 3
+        request(sock, READ, 1, 0, 4096)
+        _, _, _, cookie, _ = CHUNK.unpack(recv_exactly(sock, CHUNK.size))
+        assert cookie == 1
+    assert tapctl.pids() == [new]
+    for sock in silent:
+        sock.close()
