@@ -90,6 +90,11 @@ class MirrorImage(Image):
         return self.inner.format_name
 
     @property
+    def taken_over(self) -> bool:
+        """The standby took over: ``inner`` (and ``spec``) is the former secondary."""
+        return bool(self._retired)
+
+    @property
     def mirroring(self) -> bool:
         """True while writes go to a secondary too."""
         return self.secondary is not None and not self.standby

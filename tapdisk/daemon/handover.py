@@ -13,14 +13,17 @@ from the predecessor O over O's control socket:
    sent, then pauses every running VBD (flushed, image closed).
 3. O answers with its state: the minors, and for each VBD its spec, options,
    statistics, pause state, kernel index, NBD socket path, listeners and
-   connections with what they negotiated.  The descriptors ride on the first bytes
-   of that answer (SCM_RIGHTS): the minors' markers (their ``flock`` goes along),
-   the listening sockets, the connections, and a memfd of each connection's
-   undecoded bytes.
+   connections with what they negotiated (or, still in their handshake, with
+   what they negotiated so far: the successor continues the handshake).  The
+   descriptors ride on the first bytes of that answer (SCM_RIGHTS): the minors'
+   markers (their ``flock`` goes along), the listening sockets, the connections,
+   and a memfd of each connection's undecoded bytes.
 4. N opens every image (a VBD paused in O is paused again) and sends ``confirm``.
-5. O answers ``confirm`` and from then on touches nothing: it removes its control
-   socket and exits.  N, once it has that answer, serves the listeners and
-   connections, feeding each connection its undecoded bytes first.
+5. O answers ``confirm`` and from then on touches nothing but the connections it
+   could not hand over (TLS), which it closes cleanly (close_notify, every reply
+   sent); it removes its control socket and exits.  N, once it has that answer,
+   serves the listeners and connections, feeding each connection its undecoded
+   bytes first.
 
 A failure before step 5 (N cannot open an image, dies, or is silent for
 ``CONFIRM_TIMEOUT``; O's requests do not settle within ``QUIESCE_TIMEOUT``) leaves O
@@ -46,6 +49,7 @@ from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from ..connection import NBDConnection
 from ..export import DirectAttach
 from ..nbd.constants import TransmissionFlag
+from ..nbd.handshake import Handshake
 from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
@@ -74,6 +78,8 @@ log = logging.getLogger("tapdisk.daemon")
 QUIESCE_TIMEOUT = 10.0
 #: Seconds O waits for N's ``confirm`` after handing its state over.
 CONFIRM_TIMEOUT = 30.0
+#: Seconds O gives the connections it did not hand over (TLS) to close once N confirmed.
+CLOSE_TIMEOUT = 1.0
 #: Descriptors per SCM_RIGHTS message (the kernel's limit is 253).
 FDS_PER_MESSAGE = 250
 
@@ -148,18 +154,38 @@ def _settled(connection: NBDConnection) -> bool:
 
 
 def _handed_over(connection: NBDConnection) -> bool:
-    """In transmission without TLS: a connection the successor can serve on.
+    """Without TLS, in transmission or in a handshake: a connection the successor can serve.
 
-    A TLS session cannot leave the process, and a handshake under way is not
-    carried: those are closed when the predecessor exits (their clients reconnect).
+    A TLS session cannot leave the process: those connections are closed cleanly once
+    the successor confirmed (``_close_cleanly``), and their clients reconnect.
     """
     transport = connection.transport
+    handshake = connection._handshake
     return (
-        connection.export is not None
+        (connection.export is not None or (handshake is not None and handshake.state() is not None))
         and transport is not None
         and not transport.is_closing()
         and transport.get_extra_info("ssl_object") is None
     )
+
+
+def _passed_sockets(daemon: Daemon) -> list[str]:
+    """Why each VBD whose image or secondary is a socket passed to this process cannot move:
+    libnbd connects a socket only by negotiating on it, and the server negotiates once."""
+    from tapdisk.drivers.nbdclient import opens_passed_socket  # rarely needed: not at startup
+
+    why = []
+    for minor in daemon.minors.values():
+        device = minor.device
+        if device is None:
+            continue
+        for spec in (device.served, device.vbd.secondary):
+            if spec is not None and opens_passed_socket(spec):
+                why.append(
+                    f"minor {minor.number} uses {spec}, a socket passed to tapdisk "
+                    f"{daemon.pid} that no other process can open"
+                )
+    return why
 
 
 class _Outgoing:
@@ -200,7 +226,8 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
             entry["device"] = {
                 "secondary": secondary,
                 "standby": standby,
-                "spec": device.spec,
+                "spec": device.served,
+                "mirror_failed": vbd.mirror_failed,
                 "read_only": vbd.read_only,
                 "timeout": vbd.limits.timeout,
                 "cbt_log": vbd.cbt_log,
@@ -224,22 +251,30 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
 
 
 def _connection_state(connection: NBDConnection, out: _Outgoing) -> dict[str, Any]:
-    assert connection.export is not None and connection.transport is not None
+    """What the connection negotiated, or, in a handshake, where the handshake stopped."""
+    assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
-    unread = connection._reader.unread()
+    handshake = connection._handshake
+    unread = connection._reader.unread() if handshake is None else handshake.unread()
     unread_fd = None
     if unread:
         memfd = os.memfd_create("tapdisk-unread", os.MFD_CLOEXEC)
         os.write(memfd, unread)
         unread_fd = out.add(memfd, owned=True)
-    return {
+    state: dict[str, Any] = {
         "fd": out.add(os.dup(sock.fileno()), owned=True),
+        "unread": unread_fd,
+        "unread_size": len(unread),
+    }
+    if handshake is not None:
+        return {**state, "handshake": handshake.state()}
+    assert connection.export is not None
+    return {
+        **state,
         "export": connection.export.name,
         "flags": connection.flags,
         "structured": connection.structured,
         "contexts": [list(context) for context in connection.contexts],
-        "unread": unread_fd,
-        "unread_size": len(unread),
     }
 
 
@@ -278,7 +313,7 @@ async def give(
         for m in daemon.minors.values()
         if m.device is not None
         and (m.device.closing or (m.device.migration is not None and m.device.migration.running))
-    ]
+    ] + _passed_sockets(daemon)
     if busy or daemon.handing_over:
         why = busy[0] if busy else "a hand-over is under way"
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
@@ -297,13 +332,16 @@ async def give(
             ) from None
         await hold.pause()
         state = _state(daemon, hold, out)
+        left_behind = [c for d in devices for c in hold.connections(d) if not _handed_over(c)]
         await _answer(writer, Response.success(request.id, state), out.fds)
         log.info("handed the state of %d minor(s) to tapdisk %d", len(state["minors"]), successor)
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
         if confirm is None or confirm.get("op") != "confirm":
             raise ControlError("state", f"tapdisk {successor} did not confirm")
-        # Once this answer is out the successor serves: nothing here may touch a socket.
+        # Once this answer is out the successor serves: nothing here may touch a socket
+        # but those of the connections left behind.
         await _answer(writer, Response.success(confirm.get("id", 0), None))
+        await _close_cleanly(left_behind)
     except Exception as exc:
         why = "did not confirm in time" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("hand-over to tapdisk %d failed, serving on: %s", successor, why)
@@ -320,6 +358,16 @@ async def give(
         (time.monotonic() - held_at) * 1000,
     )
     daemon.vacate()
+
+
+async def _close_cleanly(connections: list[NBDConnection]) -> None:
+    """Close the connections not handed over (TLS), every reply sent: a TLS close_notify
+    rather than an end of stream, so their clients see a clean close and reconnect."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(connection.drain_and_close() for connection in connections)),
+            CLOSE_TIMEOUT,
+        )
 
 
 async def _answer(
@@ -462,6 +510,7 @@ async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
         minor.device = device
         device.kernel_index = spec["kernel_index"]
         device.resume_failed = spec["resume_failed"]
+        device.vbd.mirror_failed = spec["mirror_failed"]
         restore_stats(device.vbd.stats, spec["stats"])
         if spec["paused"]:
             await device.vbd.pause()
@@ -485,11 +534,16 @@ async def _serve(daemon: Daemon, taken: _Taken) -> None:
             if entry["unread"] is not None:
                 unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
                 os.close(fds[entry["unread"]])
-            direct = DirectAttach(
-                entry["export"],
-                TransmissionFlag(entry["flags"]),
-                entry["structured"],
-                tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
-                unread,
-            )
+            direct: DirectAttach | Handshake
+            if "handshake" in entry:
+                direct = device.server.handshake()
+                direct.restore(entry["handshake"], unread)
+            else:
+                direct = DirectAttach(
+                    entry["export"],
+                    TransmissionFlag(entry["flags"]),
+                    entry["structured"],
+                    tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
+                    unread,
+                )
             await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)

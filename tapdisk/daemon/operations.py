@@ -290,7 +290,7 @@ class Daemon:
             "pid": self.pid,
             "minor": minor.number,
             "state": minor.state,
-            "spec": device.spec,
+            "spec": device.served,
             "size": vbd.size,
             "read_only": vbd.read_only,
             "cbt_log": vbd.cbt_log,
