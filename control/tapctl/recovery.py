@@ -23,6 +23,7 @@ serves on (``commands.cmd_restart``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import socket
@@ -107,6 +108,8 @@ def recover(args: argparse.Namespace, pid: int, minor: int | None, why: str) -> 
     except BaseException:
         abandon(args.control_dir, new_pid)
         raise
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(protocol.control_socket(args.control_dir, pid))  # left by the dead one
     return new_pid
 
 
