@@ -49,12 +49,12 @@ class RecoveryError(Exception):
 
 def recorded_target(directory: str, device: str) -> tuple[int, int] | None:
     """(pid, minor) of the VBD recorded as connected to ``device``, without asking any
-    tapdisk (a wedged one would not answer); None if no record names it."""
+    tapdisk (a wedged one would not answer); None if no record names it.  A record of a
+    running tapdisk comes before one left by a dead tapdisk."""
     wanted = device if device.startswith("/") else f"/dev/{device}"
-    for record in records.read_all(directory):
-        if record.device == wanted:
-            return record.pid, record.minor
-    return None
+    named = [record for record in records.read_all(directory) if record.device == wanted]
+    named.sort(key=lambda record: not records.marker_locked(directory, record.minor))
+    return (named[0].pid, named[0].minor) if named else None
 
 
 def reach(directory: str, pid: int) -> list[dict[str, Any]] | str:

@@ -10,6 +10,7 @@ timeout fires.  The guest sees a stall of about that timeout and no I/O error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -63,6 +64,8 @@ def test_restart_of_a_dead_or_wedged_tapdisk_under_ext4_and_fio(
         if fio.poll() is None:
             fio.kill()
             fio.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)  # a stopped one left by a failed restart
         sh("umount", mnt)
     with pytest.raises(ProcessLookupError):
         os.kill(old, 0)
