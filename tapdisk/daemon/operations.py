@@ -184,7 +184,7 @@ class Daemon:
                         await handover.give(self, message, reader, writer, decoder)
                         return
                     response = await self.handle_message(message)
-                    recovery.sync(self)
+                    recovery.sync(self, stopping=self._stopping)
                     writer.write(protocol.encode(response))
                     await writer.drain()
                     if self.stopped.is_set():
@@ -525,7 +525,7 @@ class Daemon:
 
         def switched(target: str) -> None:
             device.spec = target
-            recovery.sync(self)
+            recovery.sync(self, stopping=self._stopping)
 
         migration = Migration(
             device.vbd, spec, device.vbd.options, request.args.get("switch", False), switched

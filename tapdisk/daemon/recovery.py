@@ -56,10 +56,11 @@ def record_of(daemon: handover.Daemon, minor: Minor, device: Device) -> Record:
     )
 
 
-def sync(daemon: handover.Daemon) -> None:
-    """Bring the records of the daemon's minors up to date (not while they are handed
-    over: the successor writes them then)."""
-    if daemon.handing_over:
+def sync(daemon: handover.Daemon, stopping: bool = False) -> None:
+    """Bring the records of the daemon's minors up to date; not while they are handed
+    over (the successor writes them then), nor once the daemon is ``stopping`` (its
+    shutdown has removed them)."""
+    if daemon.handing_over or stopping:
         return
     for minor in list(daemon.minors.values()):
         device = minor.device
