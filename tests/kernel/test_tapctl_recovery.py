@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +30,30 @@ KERNEL_TIMEOUT = 5
 #: The kernel gives up on a device without a server after this (handoff.py's
 #: KERNEL_DEAD_CONN_TIMEOUT): a request slower than this would have failed.
 DEAD_CONN_TIMEOUT = 60
+
+
+class Prober(threading.Thread):
+    """O_DIRECT reads of one block past the file system, one every 20 ms, until stopped:
+    the longest one is the stall the device showed, whatever fio was doing then."""
+
+    def __init__(self, dev: str) -> None:
+        super().__init__(name="prober")
+        self.dev = dev
+        self.stop = threading.Event()
+        self.slowest = 0.0
+        self.reads = 0
+
+    def run(self) -> None:
+        fd = os.open(self.dev, os.O_RDONLY | os.O_DIRECT)
+        buf = mmap.mmap(-1, 4096)
+        try:
+            while not self.stop.wait(0.02):
+                start = time.monotonic()
+                os.preadv(fd, [buf], 60 * MiB)
+                self.slowest = max(self.slowest, time.monotonic() - start)
+                self.reads += 1
+        finally:
+            os.close(fd)
 
 
 @pytest.fixture
@@ -52,6 +78,8 @@ def test_restart_of_a_dead_or_wedged_tapdisk_under_ext4_and_fio(
     before = sh("dmesg")
     log = tmp_path / "fio"
     fio = fio_in(mnt, log)
+    prober = Prober(dev)
+    prober.start()
     try:
         time.sleep(3)
         assert fio.poll() is None, "fio finished before the restart"
@@ -61,6 +89,8 @@ def test_restart_of_a_dead_or_wedged_tapdisk_under_ext4_and_fio(
         took = time.time() - start
         output = fio.communicate(timeout=300)[0]
     finally:
+        prober.stop.set()
+        prober.join(120)
         if fio.poll() is None:
             fio.kill()
             fio.wait()
@@ -73,6 +103,8 @@ def test_restart_of_a_dead_or_wedged_tapdisk_under_ext4_and_fio(
     (job,) = json.loads(output[output.index("{") :])["jobs"]
     assert job["error"] == 0, job
     stall = slowest_during(log, [(start, start + DEAD_CONN_TIMEOUT)])
+    whole_run = max(job[rw]["lat_ns"]["max"] / 1e9 for rw in ("read", "write"))
+    assert prober.reads > 10
     assert dmesg_io_errors(dev, before) == []
     sh("e2fsck", "-fn", dev)
     (row_after,) = tapctl.listing()["tapdisks"]
@@ -80,5 +112,7 @@ def test_restart_of_a_dead_or_wedged_tapdisk_under_ext4_and_fio(
     what = f"restart of a {old_tapdisk} tapdisk under ext4 + fio verify"
     report(f"{what}: tap-ctl restart took", f"{took:.2f} s")
     report(f"{what} (kernel timeout {KERNEL_TIMEOUT} s): slowest fio request", f"{stall:.3f} s")
+    report(f"{what}: slowest fio request of the whole run", f"{whole_run:.3f} s")
+    report(f"{what}: slowest O_DIRECT read of a prober, every 20 ms", f"{prober.slowest:.3f} s")
     assert stall < DEAD_CONN_TIMEOUT
     tapctl.destroy(dev)
