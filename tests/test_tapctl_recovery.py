@@ -160,3 +160,14 @@ def test_restart_of_a_pid_that_never_ran_is_an_error_and_starts_nothing(tapctl):
     assert proc.returncode == 1
     assert proc.stderr == f"tap-ctl: no tapdisk with pid {pid}, and none of its VBDs on record\n"
     assert tapctl.pids() == []
+
+
+def test_restart_of_a_dead_tapdisk_with_a_minor_it_had_not_is_an_error(tapctl, raw_image):
+    pid, minor, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    kill(pid)
+    proc = tapctl("restart", "-p", str(pid), "-m", str(minor + 5), check=False)
+    assert proc.returncode == 1
+    assert proc.stderr == f"tap-ctl: tapdisk {pid} has no minor {minor + 5} on record\n"
+    assert [dead["minor"] for dead in listing(tapctl)["dead"]] == [minor]
+    new = int(tapctl.out("restart", "-p", str(pid), "-m", str(minor)))
+    assert [info["pid"] for info in tapctl.listing()] == [new]
