@@ -80,6 +80,9 @@ class MirrorImage(Image):
         self._copy_idle = asyncio.Event()
         self._copy_idle.set()
         self._writes_done: asyncio.Event | None = None
+        #: Called once the secondary is dropped or has taken over: whoever keeps a record
+        #: of what the device serves (the daemon's VBD records) brings it up to date.
+        self.on_change: Callable[[], None] | None = None
 
     @property
     def capabilities(self) -> Capabilities:
@@ -114,6 +117,7 @@ class MirrorImage(Image):
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         self._release_waiters()
+        self._changed()
 
     def detach(self) -> Image:
         """Take the secondary out of the layer, open, for the caller to use (the switch)."""
@@ -192,6 +196,11 @@ class MirrorImage(Image):
         self.secondary = None
         self.standby = False
         self.spec = secondary.spec
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- copy jobs ---------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import signal
 
 import nbd
 import pytest
+from helpers import require, run
 from tapctl_helpers import alive, wait_gone
 
 MiB = 1 << 20
@@ -171,3 +172,24 @@ def test_restart_of_a_dead_tapdisk_with_a_minor_it_had_not_is_an_error(tapctl, r
     assert [dead["minor"] for dead in listing(tapctl)["dead"]] == [minor]
     new = int(tapctl.out("restart", "-p", str(pid), "-m", str(minor)))
     assert [info["pid"] for info in tapctl.listing()] == [new]
+
+
+def test_a_killed_tapdisk_whose_standby_took_over_comes_back_on_the_standby(
+    tapctl, tmp_path, tiny_fs
+):
+    """The record follows a takeover at once: recovering the full primary would lose
+    every write made since."""
+    qemu_img = require("qemu-img")
+    primary = tiny_fs / "p.img"
+    run(qemu_img, "create", "-q", "-f", "raw", primary, str(16 * MiB))
+    standby = tmp_path / "standby.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", primary, "-F", "raw", standby)
+    pid, _, path = tapctl.spawn_open(f"raw:{primary}", "-2", f"qcow2:{standby}", "-s")
+    data = write_flushed(path, 0, 8 * MiB)  # the primary fills up at about 4 MiB
+    kill(pid)
+    new = restarted(tapctl, pid, "is not running")
+    [row] = tapctl.listing()
+    assert (row["pid"], row["spec"]) == (new, f"qcow2:{standby}")
+    h = connect(path)
+    assert h.pread(8 * MiB, 0) == data
+    h.shutdown()

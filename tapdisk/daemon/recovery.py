@@ -44,7 +44,7 @@ def record_of(daemon: handover.Daemon, minor: Minor, device: Device) -> Record:
         pid=daemon.pid,
         minor=minor.number,
         owned=minor.owned,
-        spec=device.spec,
+        spec=device.served,  # the standby's, once it took over
         read_only=vbd.read_only,
         timeout=vbd.limits.timeout,
         cbt_log=vbd.cbt_log,
@@ -69,8 +69,18 @@ def sync(daemon: handover.Daemon, stopping: bool = False) -> None:
                 records.remove(daemon.directory, minor.number)
             else:
                 records.write(daemon.directory, record_of(daemon, minor, device))
+                _watch_mirror(daemon, device)
         except OSError as exc:
             log.warning("minor %d: record not updated: %s", minor.number, exc)
+
+
+def _watch_mirror(daemon: handover.Daemon, device: Device) -> None:
+    """Sync again when the device's secondary is dropped or takes over: these change the
+    record outside any control operation, and a standby that took over must never be
+    recovered as its full primary, which lacks every write since."""
+    mirror = device.vbd.mirror
+    if mirror is not None:
+        mirror.on_change = lambda: sync(daemon)
 
 
 def forget(daemon: handover.Daemon) -> None:
