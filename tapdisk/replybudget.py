@@ -13,9 +13,11 @@ replies' bytes in a ``ReplyAccount``, from dispatch until the transport is empty
    waits in line, is not admitted: the READ waits at the head of its backlog,
    the connection is not read, and ``reply_room`` is called once it may try again;
 2. ``replied`` is told once the reply is handed to the transport (or collected
-   for it): its bytes come back when the transport's buffer is empty, at once or
-   at ``drained`` (resume_writing, whose low-water mark is 0, and the idle sweep),
-   which a client that does not read never lets happen;
+   for it): its bytes come back once the transport holds no more than its
+   high-water mark, at once or at ``drained`` (resume_writing), which a client
+   that does not read never lets happen.  A plain socket's transport holds the
+   reply buffers themselves, so its marks are 0: paused while it holds anything,
+   resumed once empty; a TLS transport holds an encrypted copy, and keeps its own;
 3. ``close`` gives everything back.
 
 So a client that never reads holds ``max(CONNECTION_LIMIT, one request)`` at most,
