@@ -188,6 +188,8 @@ def slow_writers(args: argparse.Namespace, path: str, pid: int, base: int) -> No
 
 
 def slow_readers(args: argparse.Namespace, path: str, pid: int, base: int) -> None:
+    if not args.readers:
+        return
     length = args.read_mib * MiB
     readers = []
     for i in range(args.readers):
@@ -218,6 +220,7 @@ def slow_readers(args: argparse.Namespace, path: str, pid: int, base: int) -> No
 def take_replies(sock: socket.socket, count: int, length: int) -> bool:
     """Receive ``count`` simple READ replies of ``length`` bytes; False if the server closed
     the connection first."""
+    sock.settimeout(300)  # a READ may wait for the reply budget while others are taken
     try:
         for _ in range(count):
             header = recv_exactly(sock, 16)
