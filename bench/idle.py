@@ -7,13 +7,15 @@ Starts one ``tapdisk serve`` of a sparse raw image with no connection limit, the
 2. finishes the handshake on each (``NBD_OPT_EXPORT_NAME``) and sends nothing more;
 3. closes them all;
 4. opens S connections that each send the header of one large WRITE and then a byte
-   of it now and then (slow writers), then closes them.
+   of it now and then (slow writers), then closes them;
+5. opens R connections that each send K large READs and receive nothing (slow readers),
+   then receive every reply and close.
 
 After each step it prints the server's RSS, its growth per connection, and how long
 ``nbdinfo`` took to be served meanwhile.  The wire is spelled out here (fixed newstyle,
 EXPORT_NAME, one request header) so that a thousand clients cost the bench only sockets.
 
-Run it from the checkout's venv: ``.venv/bin/python bench/idle.py -n 1000 -s 15``.
+Run it from the checkout's venv: ``.venv/bin/python bench/idle.py -n 1000 -s 15 -r 50``.
 A measuring tool, not a test: the times from a busy machine are noise.
 """
 
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 TAPDISK = str(Path(sys.executable).with_name("tapdisk"))
@@ -38,7 +41,7 @@ SETTLE = 3.0
 
 FIXED_NEWSTYLE_NO_ZEROES = struct.pack(">I", 3)
 OPT_EXPORT_NAME = struct.pack(">QII", 0x49484156454F5054, 1, 0)
-WRITE_HEADER = struct.Struct(">IHHQQI")
+WRITE_HEADER = READ_HEADER = struct.Struct(">IHHQQI")
 
 
 def rss_kib(pid: int) -> int:
@@ -50,13 +53,14 @@ def rss_kib(pid: int) -> int:
 
 
 def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        part = sock.recv(n - len(data))
-        if not part:
+    data = bytearray(n)
+    view = memoryview(data)
+    while view:
+        got = sock.recv_into(view)
+        if not got:
             raise ConnectionError("server closed the connection")
-        data += part
-    return data
+        view = view[got:]
+    return bytes(data)
 
 
 def connect(path: str) -> socket.socket:
@@ -102,6 +106,16 @@ def main() -> None:
     parser.add_argument(
         "--write-mib", type=int, default=32, help="size of each slow writer's WRITE (MiB)"
     )
+    parser.add_argument("-r", "--readers", type=int, default=50, help="slow readers")
+    parser.add_argument("--reads", type=int, default=4, help="READs each slow reader sends")
+    parser.add_argument(
+        "--read-mib", type=int, default=32, help="size of each slow reader's READs (MiB)"
+    )
+    parser.add_argument(
+        "--direct",
+        action="store_true",
+        help="serve with O_DIRECT: every read goes to the disk, none is answered inline",
+    )
     parser.add_argument("--tapdisk", default=TAPDISK, help="the tapdisk command to measure")
     args = parser.parse_args()
     if shutil.which("nbdinfo") is None:
@@ -113,6 +127,8 @@ def main() -> None:
         os_truncate(image, IMAGE_SIZE)
         path = str(Path(tmp, "s.sock"))
         limits = ["--max-connections", "0", "--handshake-timeout", "600"]
+        if args.direct:
+            limits.append("--direct")
         if (
             "--max-handshakes"
             in subprocess.run(
@@ -145,6 +161,7 @@ def main() -> None:
             time.sleep(SETTLE)
             report("all closed", server.pid, base, 0, path)
             slow_writers(args, path, server.pid, base)
+            slow_readers(args, path, server.pid, base)
         finally:
             server.terminate()
             server.wait(30)
@@ -168,6 +185,52 @@ def slow_writers(args: argparse.Namespace, path: str, pid: int, base: int) -> No
         sock.close()
     time.sleep(SETTLE)
     report("slow writers closed", pid, base, 0, path)
+
+
+def slow_readers(args: argparse.Namespace, path: str, pid: int, base: int) -> None:
+    if not args.readers:
+        return
+    length = args.read_mib * MiB
+    readers = []
+    for i in range(args.readers):
+        sock = connect(path)
+        negotiate(sock)
+        sock.sendall(
+            b"".join(
+                READ_HEADER.pack(0x25609513, 0, 0, n, (i + n) * length % IMAGE_SIZE, length)
+                for n in range(args.reads)
+            )
+        )
+        readers.append(sock)
+    time.sleep(SETTLE)  # the server reads what it takes and answers into full sockets
+    step = f"{args.readers} slow readers ({args.reads}x{args.read_mib} MiB)"
+    report(step, pid, base, args.readers, path)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(readers)) as pool:  # all start reading at once
+        served = sum(pool.map(lambda sock: take_replies(sock, args.reads, length), readers))
+    print(
+        f"{'':<34} {served} of {args.readers} took all their replies in "
+        f"{time.perf_counter() - start:.1f} s, {args.readers - served} were closed",
+        flush=True,
+    )
+    time.sleep(SETTLE)
+    report("slow readers read, closed", pid, base, 0, path)
+
+
+def take_replies(sock: socket.socket, count: int, length: int) -> bool:
+    """Receive ``count`` simple READ replies of ``length`` bytes; False if the server closed
+    the connection first."""
+    sock.settimeout(300)  # a READ may wait for the reply budget while others are taken
+    try:
+        for _ in range(count):
+            header = recv_exactly(sock, 16)
+            assert header[:8] == b"\x67\x44\x66\x98\x00\x00\x00\x00", header
+            recv_exactly(sock, length)
+        return True
+    except (ConnectionError, OSError):
+        return False
+    finally:
+        sock.close()
 
 
 def raise_file_limit(wanted: int) -> None:

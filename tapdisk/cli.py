@@ -16,12 +16,14 @@ from . import busypoll, exporter, logs, service, tls
 from . import config as configuration
 from .admission import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_HANDSHAKES, raise_file_limit
 from .allocator import tune_allocator
+from .budget import MiB, PayloadBudget
 from .daemon import command as daemon_command
 from .daemon import spawner
 from .export import Export
 from .loop import run_loop
+from .replybudget import DEFAULT_REPLY_BUDGET, ReplyBudget
 from .server import HANDSHAKE_TIMEOUT, NBDServer
-from .writebudget import DEFAULT_WRITE_BUDGET, MiB, WriteBudget
+from .writebudget import DEFAULT_WRITE_BUDGET
 
 log = logging.getLogger("tapdisk")
 
@@ -65,8 +67,8 @@ def parse_connection_limit(text: str) -> int:
     return value
 
 
-def parse_write_budget(text: str) -> int:
-    """``--write-budget``: MiB, 1 or more."""
+def parse_budget(text: str) -> int:
+    """``--write-budget``, ``--reply-budget``: MiB, 1 or more."""
     try:
         value = int(text)
     except ValueError:
@@ -161,12 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--write-budget",
-        type=parse_write_budget,
+        type=parse_budget,
         default=DEFAULT_WRITE_BUDGET // MiB,
         metavar="MIB",
         help="memory for WRITE payloads still arriving, shared by all clients; a client "
         "whose write does not fit waits, others are served "
         f"(default {DEFAULT_WRITE_BUDGET // MiB})",
+    )
+    serve.add_argument(
+        "--reply-budget",
+        type=parse_budget,
+        default=DEFAULT_REPLY_BUDGET // MiB,
+        metavar="MIB",
+        help="memory for READ replies clients have not taken yet, shared by all clients "
+        "beyond 128 KiB each; a client whose read does not fit waits, small reads are served "
+        f"(default {DEFAULT_REPLY_BUDGET // MiB})",
     )
     configuration.add_busy_poll_argument(serve, busypoll.DEFAULT_MAX_US)
     tls.add_arguments(serve)
@@ -228,7 +239,8 @@ async def serve(
         poller=poller,
         max_connections=args.max_connections or None,
         max_handshakes=args.max_handshakes or None,
-        write_budget=WriteBudget(args.write_budget * MiB),
+        write_budget=PayloadBudget(args.write_budget * MiB),
+        reply_budget=ReplyBudget(args.reply_budget * MiB),
         tls=server_tls,
     )
     raise_file_limit(server.admission)

@@ -7,9 +7,9 @@ run as tasks, so many requests are in flight per connection and replies go out
 in completion order.
 
 Memory is bounded per connection: reading from the socket pauses while too many
-requests or too many payload bytes are in flight, or while the client is not
-reading its replies; and per process for WRITE payloads still arriving
-(writebudget.py).  An idle connection holds no receive buffer (idlesweep.py).
+requests or payload bytes are in flight, or replies wait for the client; and per
+process for WRITE payloads still arriving and read replies not taken yet
+(writebudget.py, replybudget.py).  An idle connection holds no receive buffer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from tapdisk.drivers.base import Image, ImageError
 
 from . import tls
 from .admission import Admission
+from .budget import PayloadBudget
 from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
 from .idlesweep import IdleSweeper
@@ -33,7 +34,6 @@ from .nbd.handshake import Handshake, Negotiated, StartTLS, connection_flags
 from .nbd.transmission import (
     Request,
     RequestReader,
-    block_status_chunk,
     check_request,
     data_chunk_header,
     done_chunk,
@@ -41,9 +41,10 @@ from .nbd.transmission import (
     hole_chunk,
     simple_reply,
 )
+from .replybudget import WRITE_BUFFER_LIMITS, ReplyAccount, ReplyBudget
 from .sockets import peer_name, tune_socket
 from .tls import ServerTLS
-from .writebudget import Reservation, WriteBudget
+from .writebudget import Reservation
 
 #: The server's logger: everything a client causes is logged as the server's.
 log = logging.getLogger("tapdisk.server")
@@ -66,7 +67,6 @@ _HANDSHAKE_VIEW: Final = memoryview(_HANDSHAKE_BUFFER)
 _FUA: Final = int(CommandFlag.FUA)
 _NO_HOLE: Final = int(CommandFlag.NO_HOLE)
 _FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
-_REQ_ONE: Final = int(CommandFlag.REQ_ONE)
 #: The commands ``_dispatch`` tests for on every request, as plain ints (an enum member is
 #: an attribute lookup on its class).
 _READ: Final = int(Command.READ)
@@ -82,7 +82,8 @@ class AcceptingServer(Protocol):
     default_export: str | None
     handshake_timeout: float
     admission: Admission
-    write_budget: WriteBudget
+    write_budget: PayloadBudget
+    reply_budget: ReplyBudget
     closing: bool
     connections: set[NBDConnection]
     sweeper: IdleSweeper
@@ -119,6 +120,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._read_paused = False
         self._write_paused = False
         self._payload_hold = Reservation(server.write_budget)
+        self._replies = ReplyAccount(server.reply_budget, self)
         self._held = False  # reading stopped for a hand-over (daemon/handover.py)
         self._disconnecting = False
         self._closed = asyncio.get_running_loop().create_future()
@@ -201,6 +203,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.server.connections.discard(self)
         self.server.admission.gone(self)
         self._payload_hold.close()
+        self._replies.close()
         self.server.poller.unregister(self)
         if self._timeout is not None:
             self._timeout.cancel()
@@ -214,9 +217,8 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._backlog:
-            self._drain_backlog()
-        self._update_reading()
+        self._replies.drained()
+        self.reply_room()
 
     # -- handshake ---------------------------------------------------------------
 
@@ -260,7 +262,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._abort()
 
     def evict(self) -> None:
-        """Closed by admission.py, still negotiating, to let a newer client in."""
+        """Closed to let others in (admission.py) or let their replies fit (replybudget.py)."""
         self._abort()
 
     def _begin_transmission(self, negotiated: Negotiated) -> None:
@@ -276,7 +278,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.structured = negotiated.structured
         self.contexts = negotiated.contexts
         self._block_status_ok = bool(negotiated.contexts)
-        if self._fd >= 0:
+        if self._fd >= 0:  # a plain socket (TLS copies replies: its usual marks do)
+            self.transport.set_write_buffer_limits(*WRITE_BUFFER_LIMITS)  # type: ignore[union-attr]
             self.server.poller.register(self)
 
     # -- busy-polling (see busypoll.py) --------------------------------------------
@@ -312,9 +315,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             n = min(len(target), len(view))
             target[:n] = view[:n]
             view = view[n:]
-            self._dispatch_all(self._reader.buffer_updated(n))
-            if self._reader.payload_bytes != self._payload_hold.held:
-                self._hold_payload()
+            self._received(n)
 
     def _hold_payload(self) -> None:
         """Hold the write budget for the payload the reader awaits (writebudget.py)."""
@@ -380,6 +381,10 @@ class NBDConnection(asyncio.BufferedProtocol):
             # The task runs after the receive buffer the payload may be borrowed from is reused.
             self._start(self._run(request.owned()), request.length)
         elif command == _READ:
+            if not self._replies.admit(request.length):
+                self._backlog.appendleft(request.owned())  # first when there is room
+                self._update_reading()
+                return
             buf = bytearray(request.length)
             try:
                 done = image.read_nowait(request.offset, memoryview(buf))
@@ -455,29 +460,13 @@ class NBDConnection(asyncio.BufferedProtocol):
                 if length:
                     await image.cache(offset, length)
             elif command == Command.BLOCK_STATUS:
-                await self._block_status(request)
+                assert self.export is not None
+                self._send(*await self.export.block_status(self.contexts, request))
                 return
         except Exception as exc:
             self._fail(request, exc)
             return
         self._ack(request.cookie)
-
-    async def _block_status(self, request: Request) -> None:
-        """One BLOCK_STATUS chunk per selected context, the last one DONE."""
-        assert self.export is not None
-        if request.length == 0:
-            self._send_error(request, Error.EINVAL, "zero-length block status")
-            return
-        answers = await self.export.block_status(
-            self.contexts, request.offset, request.length, bool(request.flags & _REQ_ONE)
-        )
-        last = len(answers) - 1
-        self._send(
-            *(
-                block_status_chunk(request.cookie, context_id, extents, done=index == last)
-                for index, (context_id, extents) in enumerate(answers)
-            )
-        )
 
     # -- replies -----------------------------------------------------------------
 
@@ -506,13 +495,13 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _flush_batch(self) -> None:
         """Hand the batched replies to the transport (which may pause us)."""
         batch = self._batch
-        if not batch:
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(batch)
-        batch.clear()
-        self._batch_bytes = 0
+        if batch:
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.writelines(batch)
+            batch.clear()
+            self._batch_bytes = 0
+        self._replies.flushed()  # also read replies batched after a flush in _send
 
     def _send_read(self, request: Request, buf: bytearray) -> None:
         if not request.length:
@@ -526,6 +515,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._send(data_chunk_header(request.cookie, request.offset, request.length), buf)
         else:
             self._send(simple_reply(request.cookie), buf)
+        self._replies.replied(request.length, self._batch is not None)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         """Answer a request whose I/O raised: every request gets a reply, even after a bug.
@@ -533,6 +523,8 @@ class NBDConnection(asyncio.BufferedProtocol):
         OSError keeps its errno (mapped to NBD's set); metadata errors and
         anything unexpected become EIO and are logged.
         """
+        if request.command == _READ:
+            self._replies.dropped(request.length)
         if isinstance(exc, OSError):
             self._send_error(request, nbd_error(exc.errno), exc.strerror or str(exc))
             return
@@ -555,6 +547,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._write_paused
             or self._in_flight >= MAX_IN_FLIGHT
             or self._bytes_in_flight >= MAX_BYTES_IN_FLIGHT
+            or self._replies.blocked
             or self._disconnecting
         )
 
@@ -569,6 +562,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         elif not pause and self._read_paused:
             transport.resume_reading()
             self._read_paused = False
+
+    def reply_room(self) -> None:
+        """A READ waiting for room for its reply may go now (replybudget.py)."""
+        self._drain_backlog()
+        self._update_reading()
 
     def _close_when_drained(self) -> None:
         self._disconnecting = True

@@ -11,14 +11,15 @@ driver) is served.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, replace
 from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image
 
-from .nbd.constants import BASE_ALLOCATION, TransmissionFlag
+from .nbd.constants import BASE_ALLOCATION, CommandFlag, TransmissionFlag
 from .nbd.handshake import ExportInfo
-from .nbd.transmission import MAX_EXTENTS
+from .nbd.transmission import MAX_EXTENTS, Request, block_status_chunk
 
 #: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
@@ -97,15 +98,20 @@ class Export:
         return replace(self._info, contexts=(*self._info.contexts, CBT_CONTEXT))
 
     async def block_status(
-        self, contexts: tuple[tuple[int, str], ...], offset: int, length: int, one: bool
-    ) -> list[tuple[int, list[tuple[int, int]]]]:
-        """(context id, extents) for each selected context, the extents being (length, flags).
+        self, contexts: tuple[tuple[int, str], ...], request: Request
+    ) -> list[bytes]:
+        """The reply to a BLOCK_STATUS: one chunk per selected context, the last one DONE.
 
-        The extents of a context run on from ``offset``, equal neighbours merged,
-        until they cover ``length`` or number MAX_EXTENTS; ``one`` (REQ_ONE)
-        keeps the first only.
+        The extents of a context run on from the request's offset, equal neighbours
+        merged, until they cover its length or number MAX_EXTENTS; REQ_ONE keeps the
+        first only.  A zero-length request raises OSError (EINVAL).
         """
-        answers = []
+        offset, length = request.offset, request.length
+        if not length:
+            raise OSError(errno.EINVAL, "zero-length block status")
+        one = bool(request.flags & CommandFlag.REQ_ONE)
+        chunks = []
+        last = len(contexts) - 1
         for context_id, name in contexts:
             if name == CBT_CONTEXT:
                 assert self.changes is not None  # offered only with a source
@@ -114,8 +120,9 @@ class Export:
             else:
                 extents = await self.image.extents(offset, length)
                 runs = [(extent.length, int(extent.flags)) for extent in extents]
-            answers.append((context_id, _clip(runs, length, one)))
-        return answers
+            pairs, done = _clip(runs, length, one), len(chunks) == last
+            chunks.append(block_status_chunk(request.cookie, context_id, pairs, done=done))
+        return chunks
 
 
 def _clip(runs: list[tuple[int, int]], length: int, one: bool) -> list[tuple[int, int]]:

@@ -7,7 +7,8 @@ handshake: ``DirectAttach``).  Every client socket gets one ``NBDConnection``
 All connections to an export share one ``Image``, so a FLUSH on any connection
 covers writes completed on every one (multi-conn).  Clients are let in by the
 limits of admission.py, idle ones give their buffers back (idlesweep.py), and
-WRITE payloads still arriving share one per-process budget (writebudget.py).
+WRITE payloads still arriving and read replies not taken yet share per-process
+budgets (writebudget.py, replybudget.py).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from collections.abc import Iterable
 from typing import Final
 
 from .admission import DEFAULT_MAX_HANDSHAKES, Admission
+from .budget import PayloadBudget
 from .busypoll import BusyPoller
 from .connection import NBDConnection
 from .export import DirectAttach, Export
 from .idlesweep import IdleSweeper
 from .nbd.handshake import ExportInfo, Handshake, TLSMode
+from .replybudget import PROCESS_REPLY_BUDGET, ReplyBudget
 from .tls import ServerTLS
-from .writebudget import PROCESS_BUDGET, WriteBudget
+from .writebudget import PROCESS_BUDGET
 
 log = logging.getLogger("tapdisk.server")
 
@@ -48,13 +51,15 @@ class NBDServer:
         poller: BusyPoller | None = None,
         max_connections: int | None = None,
         max_handshakes: int | None = DEFAULT_MAX_HANDSHAKES,
-        write_budget: WriteBudget = PROCESS_BUDGET,
+        write_budget: PayloadBudget = PROCESS_BUDGET,
+        reply_budget: ReplyBudget = PROCESS_REPLY_BUDGET,
         tls: ServerTLS | None = None,
     ) -> None:
         """``poller`` is shared by every server on one event loop (see busypoll.py);
         without one, connections are not busy-polled.  ``max_connections`` caps the
         clients past the handshake, ``max_handshakes`` those still negotiating (None: no
-        cap; see admission.py); ``write_budget`` is shared by the process's servers.
+        cap; see admission.py); ``write_budget`` and ``reply_budget`` are shared by the
+        process's servers.
         ``tls`` (tls.py) is offered or required on every listener; handed-in sockets that
         skip the handshake (the kernel's) stay plain."""
         self.exports = {export.name: export for export in exports}
@@ -64,6 +69,7 @@ class NBDServer:
         self.handshake_timeout = handshake_timeout
         self.admission = Admission(max_connections, max_handshakes)
         self.write_budget = write_budget
+        self.reply_budget = reply_budget
         self.connections: set[NBDConnection] = set()
         self.sweeper = IdleSweeper(self.connections)
         self._servers: list[asyncio.AbstractServer] = []
