@@ -24,7 +24,6 @@ from tapdisk.ctl import directory as control_directory
 from tapdisk.ctl import minors, protocol
 from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from tapdisk.drivers.base import ImageError
-from tapdisk.drivers.paths import is_inside
 from tapdisk.drivers.registry import OpenOptions
 
 from .. import busypoll, kernel
@@ -36,11 +35,11 @@ from ..server import NBDServer
 from ..tls import ServerTLS
 from ..vbd import VBD, VBDError, open_stack
 from . import handoff, handover, recovery
+from .confinement import Confinement
 from .device import Device
 from .errors import ControlError
 from .fdreceiver import FdReceiver
 from .minors import Minor
-from .remotes import remote_refusal
 
 log = logging.getLogger("tapdisk.daemon")
 
@@ -70,10 +69,9 @@ class Daemon:
         #: whether backing files named by NBD URIs may be opened).
         self.open_defaults = open_defaults or OpenOptions()
         self.limits = limits or SchedulerLimits()
-        #: When set, images, their parents and snapshot overlays must lie inside these.
-        self.allowed_dirs = allowed_dirs
-        #: With ``allowed_dirs`` set, ``nbd:`` specs may name exports over TCP (``remotes``).
-        self.remote_images = remote_images
+        #: When ``allowed_dirs`` is set, images, their parents and snapshot overlays must
+        #: lie inside them.
+        self.confinement = Confinement(allowed_dirs, remote_images)
         #: Shared by the NBD servers of every device: one event loop, one spin.
         self.poller = busypoll.BusyPoller(busy_poll)
         self.exit_when_idle = exit_when_idle
@@ -330,10 +328,10 @@ class Daemon:
     async def _op_open(self, request: Request) -> dict[str, Any]:
         args = request.args
         timeout = args.get("timeout", self.limits.timeout)
-        self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
+        self.confinement.check_spec(args["spec"])
         if args.get("cbt_log") is not None:
-            self._check_log_allowed(args["cbt_log"])
-        self._check_secondary_allowed(args.get("secondary"))
+            self.confinement.check_log(args["cbt_log"])
+        self.confinement.check_secondary(args.get("secondary"))
         if "minor" not in args:
             minor = self._attach_new()
         else:
@@ -369,7 +367,7 @@ class Daemon:
         options = dataclasses.replace(
             self.open_defaults,
             read_only=args.get("read_only", False),
-            allowed_dirs=self.allowed_dirs,
+            allowed_dirs=self.confinement.allowed_dirs,
         )
         cbt_log = args.get("cbt_log")
         image = await open_stack(
@@ -400,10 +398,10 @@ class Daemon:
     ) -> Device:
         """Open a predecessor's VBD for a hand-over: its checks as open's, its NBD path
         kept (the listener comes handed over)."""
-        self._check_allowed(args["spec"], configuration.image_path(args["spec"]))
+        self.confinement.check_spec(args["spec"])
         if args.get("cbt_log") is not None:
-            self._check_log_allowed(args["cbt_log"])
-        self._check_secondary_allowed(args.get("secondary"))
+            self.confinement.check_log(args["cbt_log"])
+        self.confinement.check_secondary(args.get("secondary"))
         return await self._open_device(number, args, timeout, path)
 
     async def _op_close(self, request: Request) -> None:
@@ -484,12 +482,12 @@ class Daemon:
         minor, device = self._device(request)
         spec = request.args.get("spec")
         if spec is not None:
-            self._check_allowed(spec, configuration.image_path(spec))
+            self.confinement.check_spec(spec)
         cbt_log = request.args.get("cbt_log")
         if cbt_log is not None:
-            self._check_log_allowed(cbt_log)
+            self.confinement.check_log(cbt_log)
         secondary = request.args.get("secondary")
-        self._check_secondary_allowed(secondary)
+        self.confinement.check_secondary(secondary)
         try:
             await device.vbd.unpause(spec, cbt_log, secondary, request.args.get("standby", False))
         finally:
@@ -505,7 +503,7 @@ class Daemon:
             snapshot = await device.vbd.snapshot_in_store(request.args["path"])
             return {**self.info(minor), "snapshot": snapshot}
         path = os.path.abspath(request.args["path"])
-        self._check_allowed(path, path)
+        self.confinement.check_image(path, path)
         device.spec = await device.vbd.snapshot(
             request.args["path"], request.args.get("format", "qcow2")
         )
@@ -519,7 +517,7 @@ class Daemon:
     async def _op_mirror(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
         spec = request.args["spec"]
-        self._check_allowed(spec, configuration.image_path(spec))
+        self.confinement.check_spec(spec)
         if device.migration is not None and device.migration.running:
             raise ControlError("state", f"minor {minor.number} is already migrating")
 
@@ -547,44 +545,6 @@ class Daemon:
         migration = self._migration(request)
         await migration.cancel()
         return migration.status()
-
-    def _check_secondary_allowed(self, spec: str | None) -> None:
-        if spec is not None and spec != "null":
-            self._check_allowed(spec, configuration.image_path(spec))
-
-    def _check_allowed(self, what: str, path: str | None) -> None:
-        """Refuse an image file outside ``allowed_dirs``; the drivers check the parents.
-
-        ``path`` is None for a spec whose path is relative: it cannot be checked.  An ``nbd:``
-        export has its own rule (``remotes``); an image in a cluster (``rbd:``) is no file:
-        its cluster's authentication governs it.
-        """
-        if not self.allowed_dirs:
-            return
-        if what.startswith("nbd:"):
-            refusal = remote_refusal(what, self.allowed_dirs, self.remote_images)
-            if refusal is not None:
-                raise ControlError("image", f"{what}: {refusal}")
-            return
-        if configuration.is_remote(what):
-            return
-        if path is not None and is_inside(path, self.allowed_dirs):
-            return
-        raise ControlError(
-            "image",
-            f"{what}: the image is outside the allowed directories "
-            f"({', '.join(self.allowed_dirs)}); give an absolute path inside one of them",
-        )
-
-    def _check_log_allowed(self, path: str) -> None:
-        """A CBT log must be named by an absolute path (and lie inside ``allowed_dirs``)."""
-        if not os.path.isabs(path):
-            raise ControlError("invalid", f"CBT log {path!r}: give an absolute path")
-        if self.allowed_dirs and not is_inside(path, self.allowed_dirs):
-            raise ControlError(
-                "image",
-                f"CBT log {path}: outside the allowed directories ({', '.join(self.allowed_dirs)})",
-            )
 
     async def _op_shutdown(self, request: Request) -> None:
         self._shutdown_soon()
