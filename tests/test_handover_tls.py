@@ -10,6 +10,8 @@ on the same socket path.  A Python ssl client that reports a ragged EOF as an er
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import ssl
 import struct
@@ -93,3 +95,28 @@ def test_restart_closes_a_tls_client_cleanly_after_its_replies(tapctl, raw_image
     assert SIMPLE_REPLY.unpack(recv_exactly(again, SIMPLE_REPLY.size)) == (0x67446698, 0, 9)
     assert tapctl.pids() == [new]
     again.close()
+
+
+@pytest.mark.parametrize("killed", [False, True], ids=["live", "killed"])
+def test_a_restart_without_config_keeps_the_old_tapdisks_configuration(
+    tapctl, raw_image, tls_config, killed
+):
+    """The successor reads the file its predecessor was started with: TLS stays required."""
+    config, certificates = tls_config
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    path = tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('4M')}")
+    if killed:
+        os.kill(pid, signal.SIGKILL)  # restarted from its records (test_tapctl_recovery.py)
+    new = int(tapctl.out("restart", "-p", str(pid)))
+    assert wait_gone(pid)
+    plain = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    plain.settimeout(30)
+    plain.connect(path)
+    recv_exactly(plain, 18)
+    plain.sendall(struct.pack(">I", 3))
+    plain.sendall(struct.pack(">QII", IHAVEOPT, Option.GO, 6) + struct.pack(">IH", 0, 0))
+    _, _, kind, _ = struct.unpack(">QIII", recv_exactly(plain, 20))
+    assert kind == Reply.ERR_TLS_REQD
+    plain.close()
+    connect_tls(path, certificates).close()
+    assert tapctl.pids() == [new]

@@ -290,7 +290,9 @@ def cmd_restart(args: argparse.Namespace) -> None:
         return
     if minor is not None and not any(row["minor"] == minor for row in rows):
         raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
-    new_pid = spawn(args.control_dir, args.config)
+    with client(args, pid) as old:
+        config = args.config or old.call("pid").get("config")  # the same, unless told
+    new_pid = spawn(args.control_dir, config)
     try:
         with Client.connect(args.control_dir, new_pid) as new:
             new.call("adopt", pid=pid)

@@ -101,7 +101,7 @@ def recover(args: argparse.Namespace, pid: int, minor: int | None, why: str) -> 
     if minor is not None and all(record.minor != minor for record in found):
         raise RecoveryError(f"tapdisk {pid} has no minor {minor} on record")
     say(f"tapdisk {pid} {why}; restarting its VBDs by RECONFIGURE")
-    new_pid = spawn(args.control_dir, args.config)
+    new_pid = spawn(args.control_dir, args.config or found[0].config)
     try:
         with Client.connect(args.control_dir, new_pid) as new:
             new.call("adopt", pid=pid, recover=True)

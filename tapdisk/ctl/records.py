@@ -47,6 +47,8 @@ class Record:
     #: ``/dev/nbdN`` while connected to the kernel.
     device: str | None
     paused: bool
+    #: The tapdisk's configuration file (None: the default one), for its successor.
+    config: str | None = None
 
     def encode(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode() + b"\n"

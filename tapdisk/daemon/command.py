@@ -136,6 +136,7 @@ def main(args: argparse.Namespace) -> int:
             server_tls=server_tls,
             open_defaults=configuration.open_defaults(settings),
             remote_images=settings.remote_images,
+            config=args.config and os.path.abspath(args.config),
         )
     )
 
@@ -151,6 +152,7 @@ async def run(
     server_tls: ServerTLS | None = None,
     open_defaults: OpenOptions | None = None,
     remote_images: bool = False,
+    config: str | None = None,
 ) -> int:
     """Run a daemon until shutdown or SIGTERM/SIGINT (or, with ``exit_when_idle``, until
     its last minor is detached).
@@ -169,6 +171,7 @@ async def run(
         server_tls,
         open_defaults,
         remote_images=remote_images,
+        config=config,
     )
     try:
         await daemon.start()

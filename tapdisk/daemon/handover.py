@@ -61,6 +61,7 @@ class Daemon(Protocol):
 
     pid: int
     directory: str
+    config: str | None
     minors: dict[int, Minor]
     handing_over: bool
 

@@ -61,8 +61,12 @@ class Daemon:
         tls: ServerTLS | None = None,
         open_defaults: OpenOptions | None = None,
         remote_images: bool = False,
+        config: str | None = None,
     ) -> None:
         self.directory = os.path.abspath(directory)
+        #: The configuration file it was started with (None: the default one): a restart
+        #: starts its successor with the same, TLS and allowed directories included.
+        self.config = config
         #: TLS offered or required on every device's NBD socket (never on the kernel's).
         self.tls = tls
         #: What every image is opened with before per-device flags (the Ceph defaults, and
@@ -301,8 +305,8 @@ class Daemon:
 
     # -- operations --------------------------------------------------------------
 
-    async def _op_pid(self, request: Request) -> dict[str, int]:
-        return {"pid": self.pid}
+    async def _op_pid(self, request: Request) -> dict[str, Any]:
+        return {"pid": self.pid, "config": self.config}
 
     async def _op_list(self, request: Request) -> list[dict[str, Any]]:
         return [self.info(minor) for minor in self.minors.values()]

@@ -53,6 +53,7 @@ def record_of(daemon: handover.Daemon, minor: Minor, device: Device) -> Record:
         nbd_socket=device.nbd_socket,
         device=device.device,
         paused=vbd.paused,
+        config=daemon.config,
     )
 
 
