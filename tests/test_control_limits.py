@@ -31,7 +31,7 @@ def still_serves(tapctl, pid: int) -> bool:
     with connect(tapctl, pid) as sock:
         sock.sendall(encode(Request(1, "pid")))
         [response] = receive(sock, 1)
-    return response.ok and response.result == {"pid": pid}
+    return response.ok and response.result == {"pid": pid, "config": None}
 
 
 def no_traceback_logged(tapctl) -> bool:

@@ -27,7 +27,7 @@ def test_pipelined_requests_are_answered_in_order(tapctl, raw_image):
         responses = receive(sock, 4)
     assert [r.id for r in responses] == [1, 2, 3, 4]
     assert all(r.ok for r in responses)
-    assert responses[0].result == {"pid": pid}
+    assert responses[0].result == {"pid": pid, "config": None}
     assert responses[3].result[0]["state"] == 0x2A  # blktap's PAUSED | QUIESCED | CLOSED
 
 
@@ -37,7 +37,7 @@ def test_a_request_sent_byte_by_byte_is_understood(tapctl):
         for byte in encode(Request(9, "pid")):
             sock.send(bytes([byte]))
         [response] = receive(sock, 1)
-    assert response.ok and response.result == {"pid": pid}
+    assert response.ok and response.result == {"pid": pid, "config": None}
 
 
 def test_an_invalid_request_gets_an_error_and_the_connection_stays_usable(tapctl):

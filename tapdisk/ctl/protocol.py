@@ -31,7 +31,7 @@ system call that failed (tap-ctl exits with it, as blktap's does).  Operations
 ==========  ==============================================  ==============================
 op          args                                            result
 ==========  ==============================================  ==============================
-pid         --                                              {"pid": INT}
+pid         --                                              {"pid": INT, "config": PATH}
 list        --                                              [VBD-INFO, ...] (attach order)
 attach      minor                                           VBD-INFO (nothing open yet)
 detach      minor                                           {"attached": INT}
