@@ -50,6 +50,7 @@ from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
 from .minors import Minor
+from .phases import Phases
 
 
 class Daemon(Protocol):
@@ -284,7 +285,7 @@ async def give(
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
         return
     daemon.handing_over = True
-    held_at = time.monotonic()
+    phases = Phases()
     devices = [m.device for m in daemon.minors.values() if m.device is not None]
     hold = _Hold(devices)
     out = _Outgoing()
@@ -295,8 +296,11 @@ async def give(
             raise ControlError(
                 "state", f"requests still unanswered after {QUIESCE_TIMEOUT:g} s"
             ) from None
+        phases.mark("quiesce")
         await hold.pause()
+        phases.mark("pause")
         state = _state(daemon, hold, out)
+        state["phases"] = phases.to_json()
         await _answer(writer, Response.success(request.id, state), out.fds)
         log.info("handed the state of %d minor(s) to tapdisk %d", len(state["minors"]), successor)
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
@@ -317,7 +321,7 @@ async def give(
     log.info(
         "tapdisk %d took over every minor after a %.0f ms hold: exiting",
         successor,
-        (time.monotonic() - held_at) * 1000,
+        (time.monotonic() - phases.start) * 1000,
     )
     daemon.vacate()
 
@@ -401,12 +405,16 @@ async def adopt(daemon: Daemon, predecessor: int) -> list[dict[str, Any]]:
             kind = "unsupported" if response.kind == "invalid" else response.kind
             message = f"tapdisk {predecessor} did not hand over: {response.message}"
             raise ControlError(kind, message)
+        phases = Phases.from_json(response.result["phases"])
+        phases.mark("state")
         taken = _Taken(fds)
         try:
             await _take(daemon, response.result, taken)
+            phases.mark("open")
             confirmed, _ = await asyncio.to_thread(_call, sock, decoder, Request(2, "confirm"))
             if not confirmed.ok:
                 raise ControlError("state", f"tapdisk {predecessor}: {confirmed.message}")
+            phases.mark("confirm")
         except BaseException as exc:
             await taken.discard()
             if isinstance(exc, OSError | ControlProtocolError):
@@ -415,7 +423,14 @@ async def adopt(daemon: Daemon, predecessor: int) -> list[dict[str, Any]]:
     finally:
         sock.close()
     await _serve(daemon, taken)
-    log.info("took %d minor(s) over from tapdisk %d", len(taken.minors), predecessor)
+    phases.mark("serve")
+    log.info(
+        "took %d minor(s) over from tapdisk %d: its sockets were held %.0f ms (%s)",
+        len(taken.minors),
+        predecessor,
+        phases.total_ms,
+        phases,
+    )
     return [daemon.info(minor) for minor in taken.minors]
 
 
