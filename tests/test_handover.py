@@ -182,6 +182,36 @@ def test_a_new_tapdisk_that_cannot_open_the_image_leaves_the_old_one_serving(
     h.shutdown()
 
 
+def test_a_new_tapdisk_that_opens_one_vbd_of_two_leaves_the_old_one_serving_both(
+    tapctl, raw_image, tmp_path
+):
+    """The images open concurrently in the new tapdisk: the one it could open is closed
+    again, and the old tapdisk serves both VBDs on."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    pid = int(tapctl.out("spawn"))
+    paths = [
+        tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('8M', name=name)}")
+        for name in ("elsewhere/d0.raw", "allowed/d1.raw")
+    ]
+    handles = [connect(path) for path in paths]
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"allowed_dirs: [{allowed}]\n")
+    proc = tapctl("restart", "--config", str(config), "-p", str(pid), check=False)
+    assert proc.returncode != 0 and "outside the allowed directories" in proc.stderr
+    assert tapctl.pids() == [pid]
+    assert [(row["pid"], row["state"]) for row in tapctl.listing()] == [(pid, 0), (pid, 0)]
+    for i, h in enumerate(handles):
+        h.pwrite(bytes([65 + i]) * 4096, 0)
+        assert h.pread(4096, 0) == bytes([65 + i]) * 4096
+    new = restart(tapctl, pid)
+    for i, h in enumerate(handles):
+        assert h.pread(4096, 0) == bytes([65 + i]) * 4096
+        h.shutdown()
+    assert tapctl.pids() == [new]
+
+
 @pytest.mark.parametrize("successor_says", [b"", b"garbage"])
 def test_a_successor_that_vanishes_before_it_confirms_leaves_the_old_one_serving(
     tapctl, raw_image, successor_says

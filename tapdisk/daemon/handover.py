@@ -36,7 +36,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -110,14 +110,18 @@ class _Hold:
             await asyncio.sleep(0.001)
 
     async def pause(self) -> None:
-        for device in self.devices:
-            vbd = device.vbd
-            if not vbd.paused:
-                mirror = vbd.mirror
-                if vbd.secondary is not None and mirror is not None:
-                    self.secondaries[device.minor] = (vbd.secondary, mirror.standby)
-                await vbd.pause()
-                self.paused_here.append(device)
+        """Pause every running VBD, all at once: the hold lasts the slowest flush, not
+        their sum.  Raises the first failure once every pause has ended."""
+        await _all(self._pause(device) for device in self.devices)
+
+    async def _pause(self, device: Device) -> None:
+        vbd = device.vbd
+        if not vbd.paused:
+            mirror = vbd.mirror
+            if vbd.secondary is not None and mirror is not None:
+                self.secondaries[device.minor] = (vbd.secondary, mirror.standby)
+            await vbd.pause()
+            self.paused_here.append(device)
 
     async def release(self) -> None:
         """Serve again as before the hold (the hand-over failed)."""
@@ -133,6 +137,15 @@ class _Hold:
                 await device.server.listen_socket(sock, path)
             for connection in self.connections(device):
                 connection.hold(False)
+
+
+async def _all(steps: Iterable[Awaitable[None]]) -> None:
+    """Run ``steps`` concurrently and wait for every one, even after one failed (what
+    the others opened or paused must be known before undoing); then raise the first error."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 # connection.py is the hot path, kept small: its state is read here.
@@ -459,28 +472,33 @@ def _call(
 async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
     """Open every image of the predecessor's ``state``; serve nothing yet."""
     fds = taken.fds
+    opening = []
     for entry in state["minors"]:
         minor = Minor(entry["minor"], fds[entry["lock"]], owned=entry["owned"])
         minor.closed = entry["closed"]
         taken.minors.append(minor)
-        spec = entry["device"]
-        if spec is None:
-            continue
-        args = {
-            "spec": spec["spec"],
-            "read_only": spec["read_only"],
-            "cbt_log": spec["cbt_log"],
-            "secondary": spec["secondary"],
-            "standby": spec["standby"],
-        }
-        device = await daemon.open_adopted(minor.number, args, spec["timeout"], spec["nbd_socket"])
-        minor.device = device
-        device.kernel_index = spec["kernel_index"]
-        device.resume_failed = spec["resume_failed"]
-        restore_stats(device.vbd.stats, spec["stats"])
-        if spec["paused"]:
-            await device.vbd.pause()
-        taken.sockets[minor.number] = (spec["listeners"], spec["connections"])
+        if entry["device"] is not None:
+            opening.append(_take_device(daemon, minor, entry["device"], taken))
+    await _all(opening)  # the images open concurrently: the hold lasts the slowest
+
+
+async def _take_device(daemon: Daemon, minor: Minor, spec: dict[str, Any], taken: _Taken) -> None:
+    """Open one VBD of the predecessor's state as ``minor``'s device; serve nothing yet."""
+    args = {
+        "spec": spec["spec"],
+        "read_only": spec["read_only"],
+        "cbt_log": spec["cbt_log"],
+        "secondary": spec["secondary"],
+        "standby": spec["standby"],
+    }
+    device = await daemon.open_adopted(minor.number, args, spec["timeout"], spec["nbd_socket"])
+    minor.device = device
+    device.kernel_index = spec["kernel_index"]
+    device.resume_failed = spec["resume_failed"]
+    restore_stats(device.vbd.stats, spec["stats"])
+    if spec["paused"]:
+        await device.vbd.pause()
+    taken.sockets[minor.number] = (spec["listeners"], spec["connections"])
 
 
 async def _serve(daemon: Daemon, taken: _Taken) -> None:
