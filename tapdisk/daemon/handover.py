@@ -315,7 +315,14 @@ async def give(
         state = _state(daemon, hold, out)
         state["phases"] = phases.to_json()
         await _answer(writer, Response.success(request.id, state), out.fds)
-        log.info("handed the state of %d minor(s) to tapdisk %d", len(state["minors"]), successor)
+        handed = sum(len(m["device"]["connections"]) for m in state["minors"] if m["device"])
+        log.info(
+            "handed the state of %d minor(s) to tapdisk %d, with %d of %d connection(s)",
+            len(state["minors"]),
+            successor,
+            handed,
+            sum(len(hold.connections(device)) for device in hold.devices),
+        )
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
         if confirm is None or confirm.get("op") != "confirm":
             raise ControlError("state", f"tapdisk {successor} did not confirm")
