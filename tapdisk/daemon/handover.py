@@ -534,27 +534,34 @@ async def _take_device(daemon: Daemon, minor: Minor, spec: dict[str, Any], taken
 
 
 async def _serve(daemon: Daemon, taken: _Taken) -> None:
-    """Register the minors and serve the listeners and connections received."""
+    """Register the minors and serve the connections received, all at once (the requests
+    sent during the hold wait in them), then the listeners."""
     fds = taken.fds
+    connections = []
     for minor in taken.minors:
         daemon.minors[minor.number] = minor
-        device = minor.device
-        if device is None:
-            continue
-        listeners, connections = taken.sockets[minor.number]
-        for listener in listeners:
-            sock = socket.socket(fileno=fds[listener["fd"]])
-            await device.server.listen_socket(sock, listener["path"])
-        for entry in connections:
-            unread = b""
-            if entry["unread"] is not None:
-                unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
-                os.close(fds[entry["unread"]])
-            direct = DirectAttach(
-                entry["export"],
-                TransmissionFlag(entry["flags"]),
-                entry["structured"],
-                tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
-                unread,
-            )
-            await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)
+        if minor.device is not None:
+            for entry in taken.sockets[minor.number][1]:
+                connections.append(_serve_connection(minor.device, entry, fds))
+    await _all(connections)
+    for minor in taken.minors:
+        if minor.device is not None:
+            for listener in taken.sockets[minor.number][0]:
+                sock = socket.socket(fileno=fds[listener["fd"]])
+                await minor.device.server.listen_socket(sock, listener["path"])
+
+
+async def _serve_connection(device: Device, entry: dict[str, Any], fds: list[int]) -> None:
+    """Read on from a connection received, its undecoded bytes first."""
+    unread = b""
+    if entry["unread"] is not None:
+        unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
+        os.close(fds[entry["unread"]])
+    direct = DirectAttach(
+        entry["export"],
+        TransmissionFlag(entry["flags"]),
+        entry["structured"],
+        tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
+        unread,
+    )
+    await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)
