@@ -143,7 +143,7 @@ class _Hold:
 
 async def _flush_ahead(devices: list[Device]) -> None:
     """Flush every running writable VBD while still serving, so that the flush inside the
-    hold has only what was written since (166 -> 18 ms of pause, two VHDs under writes).
+    hold has only what was written since (bench/restart.py measures the difference).
 
     Best effort, for at most ``FLUSH_AHEAD_TIMEOUT``: a flush still queued then (a VBD
     pausing for SM) is left to run whenever its VBD runs again, and a failure shows again
@@ -450,7 +450,7 @@ async def adopt(daemon: Daemon, predecessor: int) -> list[dict[str, Any]]:
             kind = "unsupported" if response.kind == "invalid" else response.kind
             message = f"tapdisk {predecessor} did not hand over: {response.message}"
             raise ControlError(kind, message)
-        phases = Phases.from_json(response.result["phases"])
+        phases = Phases.from_json(response.result.get("phases"))
         phases.mark("state")
         taken = _Taken(fds)
         try:

@@ -37,8 +37,11 @@ class Phases:
         return {"start": self.start, "last": self._last, "steps": self.steps}
 
     @classmethod
-    def from_json(cls, state: dict[str, Any]) -> Phases:
-        """The steps a predecessor sent, to be continued here."""
+    def from_json(cls, state: dict[str, Any] | None) -> Phases:
+        """The steps a predecessor sent, to be continued here; None (a predecessor of a
+        version that does not time its steps): steps from now on."""
+        if state is None:
+            return cls()
         phases = cls(float(state["start"]))
         phases._last = float(state["last"])
         phases.steps = {str(step): float(ms) for step, ms in state["steps"].items()}
