@@ -3,8 +3,9 @@
 Shaped after nbdkit's plugin/filter table: a small set of async callbacks over
 byte offsets.  Nothing here knows about NBD or sockets; the server maps these
 calls onto protocol commands and maps raised ``OSError`` errnos onto NBD error
-codes.  A layer (fault injector, cache, rate limiter) is an ``Image`` that
-holds another ``Image`` and forwards to it, so stacks compose without change.
+codes.  A layer (fault injector, changed-block tracking, mirror) is an ``Image``
+that holds another ``Image`` and forwards to it (``layer.Layer``), so stacks
+compose without change.
 
 Buffers are caller-owned ``memoryview`` objects: a driver reads into them or
 writes from them and never keeps a reference after the call returns.

@@ -30,8 +30,9 @@ import mmap
 import os
 
 from . import cbt
-from .base import Capabilities, Extent, Image, ImageError
+from .base import Image, ImageError
 from .fileio import io_pool
+from .layer import Layer
 from .paths import open_disk
 
 _SHIFT = cbt.BLOCK_SHIFT
@@ -40,15 +41,11 @@ _BASE = cbt.HEADER.size
 QUERY_BLOCKS = 1 << 16
 
 
-class CbtImage(Image):
+class CbtImage(Layer):
     """Forwards to ``inner`` after marking, in the log at ``log_path``, what each write touches."""
 
     def __init__(self, inner: Image, log_path: str) -> None:
-        self.inner = inner
-        self.spec = inner.spec
-        self.size = inner.size
-        self.read_only = inner.read_only
-        self.block_size = inner.block_size
+        super().__init__(inner)
         #: The log being marked, None while released.
         self.log_path: str | None = None
         self._map: mmap.mmap | None = None
@@ -173,20 +170,6 @@ class CbtImage(Image):
 
     # -- the Image interface ---------------------------------------------------
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @property
-    def format_name(self) -> str:
-        return self.inner.format_name
-
-    def read_nowait(self, offset: int, buf: memoryview) -> bool:
-        return self.inner.read_nowait(offset, buf)
-
-    async def read(self, offset: int, buf: memoryview) -> None:
-        await self.inner.read(offset, buf)
-
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         self._mark(offset, len(data))
         return self.inner.write_nowait(offset, data)
@@ -222,12 +205,6 @@ class CbtImage(Image):
         await self.inner.write_zeroes(
             offset, length, may_unmap=may_unmap, fast_only=fast_only, fua=fua
         )
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self.inner.extents(offset, length)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.inner.cache(offset, length)
 
     async def close(self) -> None:
         self.release_log()

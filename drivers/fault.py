@@ -41,7 +41,8 @@ import random
 import time
 from dataclasses import dataclass
 
-from .base import Capabilities, Extent, Image, ImageError
+from .base import Image, ImageError
+from .layer import Layer
 from .registry import OpenOptions, open_image
 
 OPERATIONS = ("read", "write", "flush", "zero", "discard")
@@ -118,16 +119,13 @@ def open_fault(arg: str, options: OpenOptions) -> FaultImage:
     return FaultImage(open_image(inner_spec, options), plan, text)
 
 
-class FaultImage(Image):
+class FaultImage(Layer):
     """Forwards to ``inner``, failing operations during fault episodes."""
 
     def __init__(self, inner: Image, plan: FaultPlan, options_text: str = "-") -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
         self.spec = f"fault:{options_text or '-'}:{inner.spec}"
-        self.size = inner.size
-        self.read_only = inner.read_only
-        self.block_size = inner.block_size
         self.opened_at = time.monotonic()
         self.episodes = 0
         #: Operations failed so far, for tests and logs.
@@ -135,14 +133,6 @@ class FaultImage(Image):
         self._random = random.Random(plan.seed)
         self._episode_started: float | None = None
         self._episode_failures = 0
-
-    @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @property
-    def format_name(self) -> str:
-        return self.inner.format_name
 
     @property
     def exhausted(self) -> bool:
@@ -231,12 +221,3 @@ class FaultImage(Image):
         await self.inner.write_zeroes(
             offset, length, may_unmap=may_unmap, fast_only=fast_only, fua=fua
         )
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self.inner.extents(offset, length)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.inner.cache(offset, length)
-
-    async def close(self) -> None:
-        await self.inner.close()

@@ -33,7 +33,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from .base import Capabilities, Extent, ExtentFlags, Image, ImageError
+from .base import ExtentFlags, Image, ImageError
+from .layer import Layer
 
 log = logging.getLogger("tapdisk.mirror")
 
@@ -43,7 +44,7 @@ SECONDARY_TIMEOUT: Final = 5.0
 MATCH_CHUNK: Final = 1 << 20
 
 
-class MirrorImage(Image):
+class MirrorImage(Layer):
     """``inner`` (the primary) with a ``secondary``; see the module docstring."""
 
     def __init__(
@@ -57,14 +58,10 @@ class MirrorImage(Image):
     ) -> None:
         """``secondary`` None: it could not be opened (``failure`` says why); the layer
         then only carries ``failed`` for the device's statistics."""
-        self.inner = inner
+        super().__init__(inner)
         self.secondary: Image | None = secondary
         self.standby = standby
         self.timeout = timeout
-        self.spec = inner.spec
-        self.size = inner.size
-        self.read_only = inner.read_only
-        self.block_size = inner.block_size
         #: The secondary was dropped after a failure (blktap's ``nbd_mirror_failed``).
         self.failed = secondary is None
         #: Why it was dropped, for the copy job and the log.
@@ -80,14 +77,14 @@ class MirrorImage(Image):
         self._copy_idle = asyncio.Event()
         self._copy_idle.set()
         self._writes_done: asyncio.Event | None = None
+        #: Called once the secondary is dropped or has taken over: whoever keeps a record
+        #: of what the device serves (the daemon's VBD records) brings it up to date.
+        self.on_change: Callable[[], None] | None = None
 
     @property
-    def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
-
-    @property
-    def format_name(self) -> str:
-        return self.inner.format_name
+    def taken_over(self) -> bool:
+        """The standby took over: ``inner`` (and ``spec``) is the former secondary."""
+        return bool(self._retired)
 
     @property
     def mirroring(self) -> bool:
@@ -109,6 +106,7 @@ class MirrorImage(Image):
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
         self._release_waiters()
+        self._changed()
 
     def detach(self) -> Image:
         """Take the secondary out of the layer, open, for the caller to use (the switch)."""
@@ -187,6 +185,11 @@ class MirrorImage(Image):
         self.secondary = None
         self.standby = False
         self.spec = secondary.spec
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # -- copy jobs ---------------------------------------------------------------
 
@@ -230,12 +233,6 @@ class MirrorImage(Image):
             self._writes_done.set()
 
     # -- the Image interface -----------------------------------------------------
-
-    def read_nowait(self, offset: int, buf: memoryview) -> bool:
-        return self.inner.read_nowait(offset, buf)
-
-    async def read(self, offset: int, buf: memoryview) -> None:
-        await self.inner.read(offset, buf)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         if self.mirroring:
@@ -295,12 +292,6 @@ class MirrorImage(Image):
             await image.write_zeroes(offset, length, may_unmap=may_unmap, fast_only=fast, fua=fua)
 
         await self._both(offset, length, "write-zeroes", zero)
-
-    async def extents(self, offset: int, length: int) -> list[Extent]:
-        return await self.inner.extents(offset, length)
-
-    async def cache(self, offset: int, length: int) -> None:
-        await self.inner.cache(offset, length)
 
     async def release(self) -> None:
         """Close the secondary, and wait a while for those dropped to close, but not the

@@ -67,6 +67,18 @@ def open_nbd(path: str, options: OpenOptions) -> NbdImage:
     return NbdImage(path, read_only=options.read_only)
 
 
+def opens_passed_socket(spec: str) -> bool:
+    """``spec`` (or the image under its layers) is ``nbd:NAME``, a socket passed to this
+    process: once negotiated it cannot be opened again, here or in another process."""
+    if spec.startswith("nbd:"):
+        target = spec[4:]
+    else:
+        _, found, target = spec.rpartition(":nbd:")
+        if not found:
+            return False
+    return not ("://" in target or target.startswith("/") or _HOST_PORT.match(target))
+
+
 def _connector(target: str) -> Callable[[Any], None]:
     """How to connect a fresh libnbd handle to ``target`` (see the module docstring)."""
     if "://" in target:

@@ -29,7 +29,7 @@ from .export import MAX_PAYLOAD, DirectAttach, Export
 from .idlesweep import IdleSweeper
 from .nbd.constants import SIMPLE_REPLY, Command, CommandFlag, Error, nbd_error
 from .nbd.errors import ClientAborted, ProtocolError
-from .nbd.handshake import ExportInfo, Handshake, Negotiated, StartTLS, TLSMode, connection_flags
+from .nbd.handshake import Handshake, Negotiated, StartTLS, connection_flags
 from .nbd.transmission import (
     Request,
     RequestReader,
@@ -89,21 +89,22 @@ class AcceptingServer(Protocol):
     poller: BusyPoller
     tls: ServerTLS | None
 
-    @property
-    def export_infos(self) -> dict[str, ExportInfo]: ...
+    def handshake(self) -> Handshake: ...
 
 
 class NBDConnection(asyncio.BufferedProtocol):
     """One client connection: handshake, then requests until disconnect."""
 
-    def __init__(self, server: AcceptingServer, direct: DirectAttach | None = None) -> None:
+    def __init__(
+        self, server: AcceptingServer, direct: DirectAttach | Handshake | None = None
+    ) -> None:
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
         #: Subject of log messages: the export once known (at once when the server has
         #: only one), else the peer.
         self.subject = "?"
-        self._direct = direct
+        self._direct = direct  # no handshake, or one a predecessor began (handover.py)
         self._handshake: Handshake | None = None
         self._timeout: asyncio.TimerHandle | None = None
         self._reader = RequestReader(MAX_PAYLOAD)
@@ -146,7 +147,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         self.peer = peer_name(transport)
         exports = list(self.server.exports.values())
         self.subject = self._subject(exports[0]) if len(exports) == 1 else self.peer
-        if self._direct is not None:
+        if isinstance(self._direct, DirectAttach):
             d = self._direct
             export = self.server.exports[d.export]
             flags = d.flags or connection_flags(export.info, structured=False)
@@ -160,8 +161,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         if not self.server.admission.admit(self):
             transport.abort()
             return
-        mode = self.server.tls.mode if self.server.tls is not None else TLSMode.OFF
-        self._handshake = Handshake(self.server.export_infos, self.server.default_export, mode)
+        self._handshake = self._direct or self.server.handshake()
         transport.write(self._handshake.take_output())
         loop = asyncio.get_running_loop()
         self._timeout = loop.call_later(self.server.handshake_timeout, self._handshake_timed_out)

@@ -27,7 +27,7 @@ from .busypoll import BusyPoller
 from .connection import NBDConnection
 from .export import DirectAttach, Export
 from .idlesweep import IdleSweeper
-from .nbd.handshake import ExportInfo
+from .nbd.handshake import ExportInfo, Handshake, TLSMode
 from .tls import ServerTLS
 from .writebudget import PROCESS_BUDGET, WriteBudget
 
@@ -75,6 +75,11 @@ class NBDServer:
     @property
     def export_infos(self) -> dict[str, ExportInfo]:
         return {name: export.info for name, export in self.exports.items()}
+
+    def handshake(self) -> Handshake:
+        """A new client's handshake, offering TLS as the listeners do."""
+        mode = self.tls.mode if self.tls is not None else TLSMode.OFF
+        return Handshake(self.export_infos, self.default_export, mode)
 
     async def listen_unix(self, path: str) -> None:
         """Listen on a unix socket; refuse to steal a path another server uses."""
@@ -124,8 +129,11 @@ class NBDServer:
         self._servers = []
         return taken
 
-    async def serve_socket(self, sock: socket.socket, direct: DirectAttach | None = None) -> None:
-        """Serve an already-connected socket, with or without a handshake."""
+    async def serve_socket(
+        self, sock: socket.socket, direct: DirectAttach | Handshake | None = None
+    ) -> None:
+        """Serve an already-connected socket, with or without a handshake (or continuing
+        one a predecessor began)."""
         loop = asyncio.get_running_loop()
         await loop.connect_accepted_socket(lambda: NBDConnection(self, direct), sock)
 

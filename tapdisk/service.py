@@ -22,6 +22,7 @@ from tapdisk.ctl import protocol
 
 from . import config as configuration
 from . import logs, sdnotify, tls
+from .daemon import recovery
 from .daemon.command import run
 from .daemon.operations import Daemon
 from .loop import run_loop
@@ -53,6 +54,7 @@ class ServiceError(Exception):
 
 async def _call(daemon: Daemon, op: str, **args: Any) -> Any:
     response = await daemon.handle_message(protocol.Request(0, op, args).to_message())
+    recovery.sync(daemon)
     if not response.ok:
         raise ServiceError(response.message)
     return response.result

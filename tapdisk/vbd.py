@@ -94,6 +94,7 @@ class VBD(Image):
         self._paused = False
         self._closed = False
         self._mirror_failed = False
+        self._taken_over = False
 
     @classmethod
     def open(
@@ -110,8 +111,10 @@ class VBD(Image):
 
     @property
     def spec(self) -> str:  # type: ignore[override]
-        """Spec of the image currently behind the device (changes on unpause/snapshot)."""
-        return self._spec
+        """Spec of the image currently behind the device (changes on unpause/snapshot, and
+        when a standby takes over)."""
+        mirror = self.mirror
+        return mirror.spec if mirror is not None and mirror.taken_over else self._spec
 
     @property
     def format_name(self) -> str:
@@ -167,6 +170,18 @@ class VBD(Image):
         """A secondary failed and was dropped (blktap's ``nbd_mirror_failed``)."""
         mirror = self.mirror
         return self._mirror_failed or (mirror is not None and mirror.failed)
+
+    @mirror_failed.setter
+    def mirror_failed(self, failed: bool) -> None:
+        """Carried over from a predecessor process (daemon/handover.py)."""
+        self._mirror_failed = failed
+
+    @property
+    def taken_over(self) -> bool:
+        """A standby took over (``-s``): ``spec`` is the former standby's, until an unpause
+        names another image."""
+        mirror = self.mirror
+        return self._taken_over or (mirror is not None and mirror.taken_over)
 
     @property
     def pausing(self) -> bool:
@@ -348,7 +363,7 @@ class VBD(Image):
         if fmt not in OVERLAY_FORMATS:
             raise VBDError(f"snapshot format {fmt!r} not supported (use qcow2 or vhd)")
         async with self._lock:
-            kind, leaf = parse_spec(self._spec)
+            kind, leaf = parse_spec(self.spec)  # the standby's, if it took over
             if kind in LAYERS or kind not in LEAF_FORMATS:
                 raise VBDError(f"cannot snapshot {self._spec}: leaf type {kind!r} has no overlay")
             if os.path.exists(path):
@@ -380,7 +395,7 @@ class VBD(Image):
         and the snapshot's read-only spec is returned.  A paused device stays paused.
         """
         async with self._lock:
-            kind = parse_spec(self._spec)[0]
+            kind = parse_spec(self.spec)[0]
             take = snapshotter_for(kind)
             if take is None:
                 raise VBDError(f"cannot snapshot {self._spec} in place: {kind} images cannot")
@@ -410,6 +425,8 @@ class VBD(Image):
                 scheduler.unpause()
                 raise
         self._mirror_failed = self.mirror_failed
+        self._taken_over = self.taken_over
+        self._spec = self.spec  # the standby's, if it took over: unpause reopens that
         await image.close()
         scheduler.image = None
         self._paused = True
@@ -430,6 +447,7 @@ class VBD(Image):
             secondary = None
             self._mirror_failed = False
         image = await self._open_same_size(spec or self._spec, cbt_log, secondary, standby)
+        self._taken_over = self._taken_over and spec is None
         self._run_on(image)
 
     async def _open_same_size(

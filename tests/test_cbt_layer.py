@@ -193,6 +193,53 @@ def test_the_mapping_is_the_file(disk, tmp_path):
     assert logged(log) == {1, 2, 9, 100}
 
 
+def mapping_of(path: Path) -> dict[str, int] | None:
+    """This process's mapping of ``path`` as /proc/self/smaps counts it (KiB), if mapped."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    name = os.path.realpath(path)
+    for i, line in enumerate(lines):
+        if line.endswith(" " + name):
+            fields = {}
+            for row in lines[i + 1 :]:
+                key, _, value = row.partition(":")
+                if not value.strip().endswith("kB"):
+                    break
+                fields[key] = int(value.split()[0])
+            return fields
+    return None
+
+
+def dirty_kib(path: Path) -> int:
+    """KiB of the mapping of ``path`` that are changed in memory and not yet on disk."""
+    fields = mapping_of(path)
+    assert fields is not None, f"{path} is not mapped"
+    return fields["Shared_Dirty"] + fields["Private_Dirty"]
+
+
+@pytest.mark.parametrize("op", ["flush", "write-fua"])
+def test_flush_and_fua_write_the_marks_to_disk(disk, tmp_path, op):
+    log = write_log(tmp_path / "d.cbtlog", SIZE)
+    img = layer(disk, log)
+
+    async def go() -> None:
+        await img.write(3 * BLOCK, memoryview(b"a" * 512))
+        assert dirty_kib(log) > 0  # marked in the page cache only
+        await request(img, op, 40 * BLOCK, 512)
+        assert dirty_kib(log) == 0
+        await img.close()
+
+    run(go())
+    assert logged(log) == ({3, 40} if op == "write-fua" else {3})
+
+
+def test_closing_the_layer_unmaps_the_log(disk, tmp_path):
+    log = write_log(tmp_path / "d.cbtlog", SIZE)
+    img = layer(disk, log)
+    assert mapping_of(log) is not None
+    run(img.close())
+    assert mapping_of(log) is None and img.log_path is None
+
+
 def test_a_missing_log_fails_the_open_and_is_not_created(disk, tmp_path):
     missing = tmp_path / "missing.cbtlog"
     with pytest.raises(ImageError, match=re.escape(str(missing))):

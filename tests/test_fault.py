@@ -10,7 +10,7 @@ import nbd
 import pytest
 from helpers import require, run
 from tapdisk.drivers.base import ImageError
-from tapdisk.drivers.fault import FaultImage, FaultPlan
+from tapdisk.drivers.fault import OPERATIONS, FaultImage, FaultPlan
 from tapdisk.drivers.registry import open_image
 
 
@@ -90,6 +90,32 @@ def test_ops_option_spares_other_operations(raw_image):
     assert attempt(image, "read") == 0
     assert attempt(image, "flush") == 0
     assert attempt(image, "write") == errno.EIO
+
+
+@pytest.mark.parametrize("op", OPERATIONS)
+def test_ops_option_fails_exactly_the_operation_it_names(raw_image, op):
+    image = open_fault(f"ops={op},rate=1,burst=100", raw_image("1M"))
+    buf = memoryview(bytearray(512))
+    calls = {
+        "read": lambda: image.read(0, buf),
+        "write": lambda: image.write(0, buf),
+        "flush": image.flush,
+        "zero": lambda: image.write_zeroes(0, 512),
+        "discard": lambda: image.discard(0, 512),
+    }
+
+    async def go() -> dict[str, int]:
+        results = {}
+        for name, call in calls.items():
+            try:
+                await call()
+                results[name] = 0
+            except OSError as exc:
+                results[name] = exc.errno or -1
+        await image.close()
+        return results
+
+    assert asyncio.run(go()) == {name: errno.EIO if name == op else 0 for name in OPERATIONS}
 
 
 def test_start_delays_the_first_episode(raw_image):

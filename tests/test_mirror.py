@@ -161,9 +161,7 @@ def test_standby_without_a_secondary_is_a_usage_error(tapctl, tmp_path):
     assert result.stderr == "tap-ctl: create: -s needs a secondary image (-2 TYPE:PATH)\n"
 
 
-def test_an_nbd_secondary_that_cannot_be_reached_leaves_the_device_running_alone(
-    tapctl, tmp_path
-):
+def test_an_nbd_secondary_that_cannot_be_reached_leaves_the_device_running_alone(tapctl, tmp_path):
     primary = raw(tmp_path / "p.img")
     pid, minor, sock = tapctl.spawn_open(f"raw:{primary}", "-2", f"nbd:{tmp_path}/nobody.sock")
     h = connect(sock)

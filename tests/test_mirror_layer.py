@@ -1,9 +1,11 @@
 """The mirror layer in one event loop, over real raw images: the ordering of a copy
-chunk against guest writes, and a secondary that hangs."""
+chunk against guest writes, a secondary that hangs or fails a flush, and closing."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 from pathlib import Path
 
 from helpers import require, run
@@ -113,3 +115,37 @@ def test_a_secondary_that_hangs_is_dropped_after_the_timeout(tmp_path):
     assert mirror.failed and mirror.secondary is None
     assert mirror.failure == "write took more than 0.2 s"
     assert (tmp_path / "p.img").read_bytes()[:4096] == b"\x22" * 4096
+
+
+def open_files() -> set[str]:
+    """The files this process holds open."""
+    paths = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the directory's own descriptor is gone by now
+            paths.add(os.readlink(f"/proc/self/fd/{fd}"))
+    return paths
+
+
+def test_a_flush_goes_to_the_secondary_too(tmp_path):
+    primary = open_image(f"raw:{raw(tmp_path / 'p.img', 0x11)}")
+    secondary = FaultImage(
+        open_image(f"raw:{raw(tmp_path / 's.img', 0x99)}"), FaultPlan(ops=frozenset({"flush"}))
+    )
+    mirror = MirrorImage(primary, secondary)
+
+    async def go() -> None:
+        await mirror.write(0, memoryview(b"\x22" * 4096))
+        assert not mirror.failed
+        await mirror.flush()  # the primary's flush succeeds; the secondary's fails
+        await mirror.close()
+
+    asyncio.run(go())
+    assert mirror.failed and mirror.failure == "flush failed: Input/output error (injected)"
+
+
+def test_closing_the_layer_closes_the_primary_and_the_secondary(tmp_path):
+    mirror = mirror_of(tmp_path)
+    images = {os.path.realpath(tmp_path / name) for name in ("p.img", "s.img")}
+    assert images <= open_files()
+    asyncio.run(mirror.close())
+    assert not images & open_files()

@@ -81,6 +81,7 @@ from .commands import (
 from .listing import cmd_list
 from .mirror import cmd_mirror
 from .processes import SpawnError
+from .recovery import RecoveryError
 
 EXAMPLES = """\
 examples:
@@ -366,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         refuse_unsupported(args)
         resolve_control_dir(args)
         args.func(args)
-    except (TapCtlError, CallError, SpawnError) as exc:
+    except (TapCtlError, CallError, SpawnError, RecoveryError) as exc:
         print(f"tap-ctl: {exc}", file=sys.stderr)
         # A system call failed in the tapdisk: its errno, as blktap's tap-ctl exits (SM
         # reads ENOMEDIUM from open as an empty CD drive).

@@ -24,6 +24,7 @@ from tapdisk.ctl.client import REQUEST_TIMEOUT, CallError, Client
 
 from .listing import gather
 from .processes import abandon, shutdown, spawn, wait_exit
+from .recovery import reach, recorded_target, recover
 
 
 class TapCtlError(Exception):
@@ -277,10 +278,16 @@ def cmd_restart(args: argparse.Namespace) -> None:
     the new one has confirmed.  On any failure the old tapdisk serves on and the new
     one is stopped.  An old tapdisk without the hand-over (an older version) is
     restarted the former way, for a named connected minor: ``restart_by_reconfigure``.
+    An old tapdisk that is dead, or silent and then killed, has its VBDs restarted from
+    their records (``recovery``).
     """
-    pid, minor = target(args, need_minor=False)
-    with client(args, pid) as old:
-        rows = old.call("list")
+    device = getattr(args, "device", None)
+    recorded = recorded_target(args.control_dir, device) if device else None
+    pid, minor = recorded or target(args, need_minor=False)
+    rows = reach(args.control_dir, pid)
+    if isinstance(rows, str):
+        print(recover(args, pid, minor, rows))
+        return
     if minor is not None and not any(row["minor"] == minor for row in rows):
         raise TapCtlError(f"tapdisk {pid} has no minor {minor}")
     new_pid = spawn(args.control_dir, args.config)
@@ -289,6 +296,10 @@ def cmd_restart(args: argparse.Namespace) -> None:
             new.call("adopt", pid=pid)
     except CallError as exc:
         abandon(args.control_dir, new_pid)  # it closes what it took, touching no socket
+        why = reach(args.control_dir, pid)  # it died, or went silent, during the hand-over
+        if isinstance(why, str):
+            print(recover(args, pid, minor, why))
+            return
         if exc.kind == "unsupported" and minor is not None:
             row = next(row for row in rows if row["minor"] == minor)
             if row["device"] is not None:

@@ -5,7 +5,10 @@ of their control sockets' names, each with its minors, most recently attached fi
 or alone (``pid=N``) when it has none; then the minors allocated but attached to no
 tapdisk (``minor=N``), in the order of their markers' names.  Off a terminal each row
 is printed as blktap prints it (``pid=1 minor=0 state=0 args=vhd:/x``), which XCP-ng's
-storage manager parses; on a terminal as a table; with ``--json`` as JSON.
+storage manager parses; on a terminal as a table; with ``--json`` as JSON.  A minor whose
+tapdisk died keeps its record (``tapdisk/ctl/records.py``) until ``tap-ctl restart``
+brings it back: the table says ``dead`` with what the record holds, JSON lists it
+under ``dead``, and blktap's row stays ``minor=N``, which the storage manager skips.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from tapdisk.ctl import minors, protocol
+from tapdisk.ctl import minors, protocol, records
 from tapdisk.ctl.client import CallError, Client, daemon_pids
 
 
@@ -75,6 +78,8 @@ def selected(row: Row, args: argparse.Namespace) -> bool:
 
 def cmd_list(args: argparse.Namespace) -> None:
     rows = [row for row in gather(args.control_dir, args.pid) if selected(row, args)]
+    unattached = {row.minor for row in rows if row.pid is None}
+    dead = [r for r in records.orphans(args.control_dir) if r.minor in unattached]
     if args.json:
         print(
             json.dumps(
@@ -82,12 +87,13 @@ def cmd_list(args: argparse.Namespace) -> None:
                     "tapdisks": [row.info for row in rows if row.info is not None],
                     "idle": [row.pid for row in rows if row.minor is None],
                     "unattached": [row.minor for row in rows if row.pid is None],
+                    "dead": [asdict(record) for record in dead],
                 },
                 indent=2,
             )
         )
     elif sys.stdout.isatty():
-        print_table(rows)
+        print_table(rows, {record.minor: record for record in dead})
     else:
         for row in rows:
             print(blktap_line(row))
@@ -108,10 +114,25 @@ def blktap_line(row: Row) -> str:
     return " ".join(fields)
 
 
-def print_table(rows: list[Row]) -> None:
+def print_table(rows: list[Row], dead: dict[int, records.Record]) -> None:
     header = ("PID", "MINOR", "STATE", "DEVICE", "SIZE", "IMAGE", "NBD SOCKET")
     lines = [header]
     for row in rows:
+        record = dead.get(row.minor) if row.pid is None and row.minor is not None else None
+        if record is not None:
+            image = record.spec + (" (ro)" if record.read_only else "")
+            lines.append(
+                (
+                    str(record.pid),
+                    str(record.minor),
+                    "dead",
+                    record.device or "-",
+                    "-",
+                    image,
+                    record.nbd_socket,
+                )
+            )
+            continue
         info = row.info or {}
         spec = info.get("spec")
         lines.append(

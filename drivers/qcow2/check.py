@@ -334,4 +334,3 @@ def repair(path: str) -> None:
         rebuild_refcounts(target)
     finally:
         target.file.close()
-

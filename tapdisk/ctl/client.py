@@ -44,6 +44,10 @@ class DaemonGone(CallError):
     """The tapdisk's control socket does not exist: it has exited (or never ran)."""
 
 
+class CallTimeout(CallError):
+    """The tapdisk accepted the request but did not answer it in time."""
+
+
 def daemon_pids(directory: str) -> list[int]:
     """Pids of the tapdisks with a control socket in ``directory``, in increasing order."""
     pids = []
@@ -105,7 +109,7 @@ class Client:
                 messages = decoder.feed(data)
             response = protocol.parse_response(messages[0])
         except TimeoutError:
-            raise CallError(f"tapdisk {self.pid} did not answer {op} in time") from None
+            raise CallTimeout(f"tapdisk {self.pid} did not answer {op} in time") from None
         except OSError as exc:
             raise CallError(f"tapdisk {self.pid}: {op}: {exc}") from None
         except protocol.ControlProtocolError as exc:

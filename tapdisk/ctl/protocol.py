@@ -42,7 +42,7 @@ connect     minor, [index], [connections], [timeout]        VBD-INFO (with "devi
 disconnect  minor                                           VBD-INFO
 takeover    minor, index, [connections]                     VBD-INFO (serving /dev/nbd<index>)
 release     minor                                           null
-adopt       pid                                             [VBD-INFO, ...] (taken over)
+adopt       pid, [recover]                                  [VBD-INFO, ...] (taken over)
 handover    pid                                             HANDOVER-STATE, descriptors
                                                             attached; then ``confirm``
 pause       minor                                           VBD-INFO
@@ -115,6 +115,10 @@ HANDOVER-STATE, its descriptors attached (SCM_RIGHTS) to the first bytes of that
 answer; it then waits on the same connection for a request ``confirm`` (no args),
 answers it and exits.  Until it has answered ``confirm`` it serves on if anything
 fails.  HANDOVER-STATE is private to the two tapdisks (same version on both sides).
+``adopt`` with ``recover`` takes the VBDs of a tapdisk that is gone from their records
+(``records.py``): it opens each recorded image on its minor, listens on its recorded
+NBD socket path and takes its recorded ``/dev/nbdN`` over with RECONFIGURE (the
+fallback of tap-ctl restart, ``tapdisk/daemon/recovery.py``).
 
 VBD-INFO: ``{"pid": INT, "minor": INT, "state": INT, "spec": "TYPE:PATH",
 "size": INT, "read_only": BOOL, "cbt_log": PATH or null, "timeout": NUM,
@@ -259,7 +263,7 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "disconnect": {"minor": (_INT, True)},
     "takeover": {"minor": (_INT, True), "index": (_INT, True), "connections": (_INT, False)},
     "release": {"minor": (_INT, True)},
-    "adopt": {"pid": (_INT, True)},
+    "adopt": {"pid": (_INT, True), "recover": (_BOOL, False)},
     "handover": {"pid": (_INT, True)},
     "pause": {"minor": (_INT, True)},
     "unpause": {

@@ -14,6 +14,8 @@ The pieces, each importing only those below it:
   until shutdown or a signal); ``tapdisk service`` calls ``run`` too.
 - ``operations``: ``Daemon``, the control socket and one handler per operation.
 - ``handoff``: connect, takeover, release and disconnect of ``/dev/nbdN``.
+- ``recovery``: the VBD records (``tapdisk.ctl.records``), and ``adopt`` from the
+  records of a tapdisk that died.
 - ``minors``: ``Minor``, a minor attached to the daemon.
 - ``device``: ``Device``, the VBD opened on a minor; ``errors``: ``ControlError``.
 """

@@ -38,6 +38,11 @@ class Device:
     migration: Migration | None = None
 
     @property
+    def served(self) -> str:
+        """Spec of the image served: ``spec``, or the standby's once it took over (``-s``)."""
+        return self.vbd.spec if self.vbd.taken_over else self.spec
+
+    @property
     def state(self) -> int:
         """blktap's state bits (``protocol.STATE_*``)."""
         state = 0
@@ -64,7 +69,7 @@ class Device:
         read = counters.bytes_read // SECTOR + failed[0]
         written = counters.bytes_written // SECTOR + failed[1]
         return {
-            "name": self.spec,
+            "name": self.served,
             "secs": [read, written],
             "images": self._image_stats(read, written, failed),
             "FIXME_enospc_redirect_count": 0,

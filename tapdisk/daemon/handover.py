@@ -13,14 +13,17 @@ from the predecessor O over O's control socket:
    sent, then pauses every running VBD (flushed, image closed).
 3. O answers with its state: the minors, and for each VBD its spec, options,
    statistics, pause state, kernel index, NBD socket path, listeners and
-   connections with what they negotiated.  The descriptors ride on the first bytes
-   of that answer (SCM_RIGHTS): the minors' markers (their ``flock`` goes along),
-   the listening sockets, the connections, and a memfd of each connection's
-   undecoded bytes.
+   connections with what they negotiated (or, still in their handshake, with
+   what they negotiated so far: the successor continues the handshake).  The
+   descriptors ride on the first bytes of that answer (SCM_RIGHTS): the minors'
+   markers (their ``flock`` goes along), the listening sockets, the connections,
+   and a memfd of each connection's undecoded bytes.
 4. N opens every image (a VBD paused in O is paused again) and sends ``confirm``.
-5. O answers ``confirm`` and from then on touches nothing: it removes its control
-   socket and exits.  N, once it has that answer, serves the listeners and
-   connections, feeding each connection its undecoded bytes first.
+5. O answers ``confirm`` and from then on touches nothing but the connections it
+   could not hand over (TLS), which it closes cleanly (close_notify, every reply
+   sent); it removes its control socket and exits.  N, once it has that answer,
+   serves the listeners and connections, feeding each connection its undecoded
+   bytes first.
 
 A failure before step 5 (N cannot open an image, dies, or is silent for
 ``CONFIRM_TIMEOUT``; O's requests do not settle within ``QUIESCE_TIMEOUT``) leaves O
@@ -36,7 +39,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,11 +49,12 @@ from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 from ..connection import NBDConnection
 from ..export import DirectAttach
 from ..nbd.constants import TransmissionFlag
+from ..nbd.handshake import Handshake
 from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
+from .holdtime import Phases, all_of, flush_ahead
 from .minors import Minor
-from .phases import Phases
 
 
 class Daemon(Protocol):
@@ -75,8 +79,8 @@ log = logging.getLogger("tapdisk.daemon")
 QUIESCE_TIMEOUT = 10.0
 #: Seconds O waits for N's ``confirm`` after handing its state over.
 CONFIRM_TIMEOUT = 30.0
-#: Seconds O flushes its VBDs at most before the hold (see ``_flush_ahead``).
-FLUSH_AHEAD_TIMEOUT = 5.0
+#: Seconds O gives the connections it did not hand over (TLS) to close once N confirmed.
+CLOSE_TIMEOUT = 1.0
 #: Descriptors per SCM_RIGHTS message (the kernel's limit is 253).
 FDS_PER_MESSAGE = 250
 
@@ -114,7 +118,7 @@ class _Hold:
     async def pause(self) -> None:
         """Pause every running VBD, all at once: the hold lasts the slowest flush, not
         their sum.  Raises the first failure once every pause has ended."""
-        await _all(self._pause(device) for device in self.devices)
+        await all_of(self._pause(device) for device in self.devices)
 
     async def _pause(self, device: Device) -> None:
         vbd = device.vbd
@@ -141,37 +145,6 @@ class _Hold:
                 connection.hold(False)
 
 
-async def _flush_ahead(devices: list[Device]) -> None:
-    """Flush every running writable VBD while still serving, so that the flush inside the
-    hold has only what was written since (bench/restart.py measures the difference).
-
-    Best effort, for at most ``FLUSH_AHEAD_TIMEOUT``: a flush still queued then (a VBD
-    pausing for SM) is left to run whenever its VBD runs again, and a failure shows again
-    in the pause's own flush.
-    """
-
-    async def flush(device: Device) -> None:
-        with contextlib.suppress(Exception):
-            await device.vbd.flush()
-
-    tasks = [
-        asyncio.ensure_future(flush(device))
-        for device in devices
-        if not (device.vbd.read_only or device.vbd.paused or device.vbd.pausing)
-    ]
-    if tasks:
-        await asyncio.wait(tasks, timeout=FLUSH_AHEAD_TIMEOUT)
-
-
-async def _all(steps: Iterable[Awaitable[None]]) -> None:
-    """Run ``steps`` concurrently and wait for every one, even after one failed (what
-    the others opened or paused must be known before undoing); then raise the first error."""
-    results = await asyncio.gather(*steps, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException):
-            raise result
-
-
 # connection.py is the hot path, kept small: its state is read here.
 
 
@@ -186,18 +159,38 @@ def _settled(connection: NBDConnection) -> bool:
 
 
 def _handed_over(connection: NBDConnection) -> bool:
-    """In transmission without TLS: a connection the successor can serve on.
+    """Without TLS, in transmission or in a handshake: a connection the successor can serve.
 
-    A TLS session cannot leave the process, and a handshake under way is not
-    carried: those are closed when the predecessor exits (their clients reconnect).
+    A TLS session cannot leave the process: those connections are closed cleanly once
+    the successor confirmed (``_close_cleanly``), and their clients reconnect.
     """
     transport = connection.transport
+    handshake = connection._handshake
     return (
-        connection.export is not None
+        (connection.export is not None or (handshake is not None and handshake.state() is not None))
         and transport is not None
         and not transport.is_closing()
         and transport.get_extra_info("ssl_object") is None
     )
+
+
+def _passed_sockets(daemon: Daemon) -> list[str]:
+    """Why each VBD whose image or secondary is a socket passed to this process cannot move:
+    libnbd connects a socket only by negotiating on it, and the server negotiates once."""
+    from tapdisk.drivers.nbdclient import opens_passed_socket  # rarely needed: not at startup
+
+    why = []
+    for minor in daemon.minors.values():
+        device = minor.device
+        if device is None:
+            continue
+        for spec in (device.served, device.vbd.secondary):
+            if spec is not None and opens_passed_socket(spec):
+                why.append(
+                    f"minor {minor.number} uses {spec}, a socket passed to tapdisk "
+                    f"{daemon.pid} that no other process can open"
+                )
+    return why
 
 
 class _Outgoing:
@@ -238,7 +231,8 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
             entry["device"] = {
                 "secondary": secondary,
                 "standby": standby,
-                "spec": device.spec,
+                "spec": device.served,
+                "mirror_failed": vbd.mirror_failed,
                 "read_only": vbd.read_only,
                 "timeout": vbd.limits.timeout,
                 "cbt_log": vbd.cbt_log,
@@ -262,22 +256,30 @@ def _state(daemon: Daemon, hold: _Hold, out: _Outgoing) -> dict[str, Any]:
 
 
 def _connection_state(connection: NBDConnection, out: _Outgoing) -> dict[str, Any]:
-    assert connection.export is not None and connection.transport is not None
+    """What the connection negotiated, or, in a handshake, where the handshake stopped."""
+    assert connection.transport is not None
     sock = connection.transport.get_extra_info("socket")
-    unread = connection._reader.unread()
+    handshake = connection._handshake
+    unread = connection._reader.unread() if handshake is None else handshake.unread()
     unread_fd = None
     if unread:
         memfd = os.memfd_create("tapdisk-unread", os.MFD_CLOEXEC)
         os.write(memfd, unread)
         unread_fd = out.add(memfd, owned=True)
-    return {
+    state: dict[str, Any] = {
         "fd": out.add(os.dup(sock.fileno()), owned=True),
+        "unread": unread_fd,
+        "unread_size": len(unread),
+    }
+    if handshake is not None:
+        return {**state, "handshake": handshake.state()}
+    assert connection.export is not None
+    return {
+        **state,
         "export": connection.export.name,
         "flags": connection.flags,
         "structured": connection.structured,
         "contexts": [list(context) for context in connection.contexts],
-        "unread": unread_fd,
-        "unread_size": len(unread),
     }
 
 
@@ -316,7 +318,7 @@ async def give(
         for m in daemon.minors.values()
         if m.device is not None
         and (m.device.closing or (m.device.migration is not None and m.device.migration.running))
-    ]
+    ] + _passed_sockets(daemon)
     if busy or daemon.handing_over:
         why = busy[0] if busy else "a hand-over is under way"
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
@@ -326,7 +328,7 @@ async def give(
     hold = _Hold(devices)
     out = _Outgoing()
     try:
-        await _flush_ahead(devices)
+        await flush_ahead(devices)
         phases = Phases()
         try:
             await asyncio.wait_for(hold.quiesce(), QUIESCE_TIMEOUT)
@@ -339,20 +341,21 @@ async def give(
         phases.mark("pause")
         state = _state(daemon, hold, out)
         state["phases"] = phases.to_json()
+        left_behind = [c for d in devices for c in hold.connections(d) if not _handed_over(c)]
         await _answer(writer, Response.success(request.id, state), out.fds)
-        handed = sum(len(m["device"]["connections"]) for m in state["minors"] if m["device"])
         log.info(
-            "handed the state of %d minor(s) to tapdisk %d, with %d of %d connection(s)",
+            "handed the state of %d minor(s) to tapdisk %d, %d connection(s) left behind",
             len(state["minors"]),
             successor,
-            handed,
-            sum(len(hold.connections(device)) for device in hold.devices),
+            len(left_behind),
         )
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
         if confirm is None or confirm.get("op") != "confirm":
             raise ControlError("state", f"tapdisk {successor} did not confirm")
-        # Once this answer is out the successor serves: nothing here may touch a socket.
+        # Once this answer is out the successor serves: nothing here may touch a socket
+        # but those of the connections left behind.
         await _answer(writer, Response.success(confirm.get("id", 0), None))
+        await _close_cleanly(left_behind)
     except Exception as exc:
         why = "did not confirm in time" if isinstance(exc, TimeoutError) else str(exc)
         log.warning("hand-over to tapdisk %d failed, serving on: %s", successor, why)
@@ -369,6 +372,16 @@ async def give(
         (time.monotonic() - phases.start) * 1000,
     )
     daemon.vacate()
+
+
+async def _close_cleanly(connections: list[NBDConnection]) -> None:
+    """Close the connections not handed over (TLS), every reply sent: a TLS close_notify
+    rather than an end of stream, so their clients see a clean close and reconnect."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(
+            asyncio.gather(*(connection.drain_and_close() for connection in connections)),
+            CLOSE_TIMEOUT,
+        )
 
 
 async def _answer(
@@ -511,7 +524,7 @@ async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
         taken.minors.append(minor)
         if entry["device"] is not None:
             opening.append(_take_device(daemon, minor, entry["device"], taken))
-    await _all(opening)  # the images open concurrently: the hold lasts the slowest
+    await all_of(opening)  # the images open concurrently: the hold lasts the slowest
 
 
 async def _take_device(daemon: Daemon, minor: Minor, spec: dict[str, Any], taken: _Taken) -> None:
@@ -527,6 +540,7 @@ async def _take_device(daemon: Daemon, minor: Minor, spec: dict[str, Any], taken
     minor.device = device
     device.kernel_index = spec["kernel_index"]
     device.resume_failed = spec["resume_failed"]
+    device.vbd.mirror_failed = spec["mirror_failed"]
     restore_stats(device.vbd.stats, spec["stats"])
     if spec["paused"]:
         await device.vbd.pause()
@@ -543,7 +557,7 @@ async def _serve(daemon: Daemon, taken: _Taken) -> None:
         if minor.device is not None:
             for entry in taken.sockets[minor.number][1]:
                 connections.append(_serve_connection(minor.device, entry, fds))
-    await _all(connections)
+    await all_of(connections)
     for minor in taken.minors:
         if minor.device is not None:
             for listener in taken.sockets[minor.number][0]:
@@ -552,16 +566,22 @@ async def _serve(daemon: Daemon, taken: _Taken) -> None:
 
 
 async def _serve_connection(device: Device, entry: dict[str, Any], fds: list[int]) -> None:
-    """Read on from a connection received, its undecoded bytes first."""
+    """Read on from a connection received, its undecoded bytes first (or continue its
+    handshake)."""
     unread = b""
     if entry["unread"] is not None:
         unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
         os.close(fds[entry["unread"]])
-    direct = DirectAttach(
-        entry["export"],
-        TransmissionFlag(entry["flags"]),
-        entry["structured"],
-        tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
-        unread,
-    )
+    direct: DirectAttach | Handshake
+    if "handshake" in entry:
+        direct = device.server.handshake()
+        direct.restore(entry["handshake"], unread)
+    else:
+        direct = DirectAttach(
+            entry["export"],
+            TransmissionFlag(entry["flags"]),
+            entry["structured"],
+            tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
+            unread,
+        )
     await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)

@@ -35,7 +35,7 @@ from ..scheduler import SchedulerLimits
 from ..server import NBDServer
 from ..tls import ServerTLS
 from ..vbd import VBD, VBDError, open_stack
-from . import handoff, handover
+from . import handoff, handover, recovery
 from .device import Device
 from .errors import ControlError
 from .fdreceiver import FdReceiver
@@ -132,6 +132,7 @@ class Daemon:
             return
         self._stopping = True
         log.info("shutting down; %s", self.poller.summary())
+        recovery.forget(self)
         for minor in list(self.minors.values()):
             try:
                 if minor.device is not None:
@@ -183,6 +184,7 @@ class Daemon:
                         await handover.give(self, message, reader, writer, decoder)
                         return
                     response = await self.handle_message(message)
+                    recovery.sync(self, stopping=self._stopping)
                     writer.write(protocol.encode(response))
                     await writer.drain()
                     if self.stopped.is_set():
@@ -290,7 +292,7 @@ class Daemon:
             "pid": self.pid,
             "minor": minor.number,
             "state": minor.state,
-            "spec": device.spec,
+            "spec": device.served,
             "size": vbd.size,
             "read_only": vbd.read_only,
             "cbt_log": vbd.cbt_log,
@@ -465,7 +467,7 @@ class Daemon:
         return self.info(minor)
 
     async def _op_adopt(self, request: Request) -> list[dict[str, Any]]:
-        return await handover.adopt(self, request.args["pid"])
+        return await recovery.adopt(self, request.args)
 
     async def _op_release(self, request: Request) -> None:
         minor, device = self._device(request)
@@ -523,6 +525,7 @@ class Daemon:
 
         def switched(target: str) -> None:
             device.spec = target
+            recovery.sync(self, stopping=self._stopping)
 
         migration = Migration(
             device.vbd, spec, device.vbd.options, request.args.get("switch", False), switched

@@ -9,6 +9,10 @@ and returns ``StartTLS``: the caller wraps the socket and keeps feeding the
 decrypted bytes to the same ``Handshake``, which has forgotten everything
 negotiated before.  Protocol violations raise ``ProtocolError``: the
 caller closes the connection.  There are no sockets or clocks in here.
+
+A plain handshake under way can move to another process (a live restart):
+``state`` and ``unread`` say where it stopped, and ``restore`` makes a new
+``Handshake`` over the same exports continue from there, its greeting not sent again.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Final
+from typing import Any, Final
 
 from .constants import (
     BASE_ALLOCATION,
@@ -131,6 +135,36 @@ class Handshake:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    def state(self) -> dict[str, Any] | None:
+        """What was negotiated so far, as JSON for ``restore``; None once STARTTLS was
+        acknowledged (a TLS session cannot leave the process)."""
+        if self._tls_active:
+            return None
+        context_export = self._context_export
+        return {
+            "client_flags": self._have_client_flags,
+            "no_zeroes": self._no_zeroes,
+            "structured": self._structured,
+            "contexts": [list(context) for context in self._contexts],
+            "context_export": None if context_export is None else context_export.name,
+        }
+
+    def unread(self) -> bytes:
+        """Bytes received and not yet decoded: the start of an option (or of the client flags)."""
+        return bytes(self._buffer)
+
+    def restore(self, state: dict[str, Any], unread: bytes) -> None:
+        """Continue a handshake another process began: ``state()`` and ``unread()`` of its
+        ``Handshake``.  The greeting and every reply have been sent by that one."""
+        self._out.clear()
+        self._have_client_flags = bool(state["client_flags"])
+        self._no_zeroes = bool(state["no_zeroes"])
+        self._structured = bool(state["structured"])
+        self._contexts = tuple((int(cid), str(name)) for cid, name in state["contexts"])
+        name = state["context_export"]
+        self._context_export = None if name is None else self._exports.get(name)
+        self._buffer = bytearray(unread)
 
     def receive(self, data: bytes) -> Negotiated | StartTLS | None:
         """Consume client bytes; return Negotiated once an export is chosen,

@@ -225,7 +225,7 @@ def test_destroy_detaches_the_device_and_stops_tapdisk(tapctl: TapCtl, tmp_path:
     assert kernel.status(index) == {index: False}
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
-    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": []}
+    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": [], "dead": []}
 
 
 def test_pause_stalls_io_without_errors_and_unpause_resumes_it(
@@ -321,4 +321,4 @@ def test_a_minor_opened_in_sms_order_is_connected_at_open(tapctl: TapCtl, tmp_pa
     while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
         time.sleep(0.05)
     assert not Path(f"/proc/{pid}").exists(), "the tapdisk outlived its last minor"
-    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": []}
+    assert tapctl.listing() == {"tapdisks": [], "idle": [], "unattached": [], "dead": []}

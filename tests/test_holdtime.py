@@ -1,4 +1,4 @@
-"""The hand-over's phase timings (tapdisk/daemon/phases.py): carried from the predecessor to
+"""The hand-over's phase timings (tapdisk/daemon/holdtime.py): carried from the predecessor to
 the successor as JSON, continued there, and written as one log line."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from tapdisk.daemon.phases import Phases
+from tapdisk.daemon.holdtime import Phases
 
 
 def test_the_successor_continues_the_predecessors_steps_on_the_same_clock() -> None:
