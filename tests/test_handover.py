@@ -9,10 +9,13 @@ serving.  The kernel path is tested in tests/kernel/test_tapctl_restart.py.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import socket
+import struct
 import threading
+import time
 
 import nbd
 import pytest
@@ -20,7 +23,17 @@ from tapctl_helpers import connect as tapctl_connect
 from tapctl_helpers import receive, wait_gone
 
 from tapdisk.ctl.protocol import Decoder, Request, encode
-from tapdisk.nbd.constants import REQUEST, REQUEST_MAGIC, Command
+from tapdisk.nbd.constants import (
+    GREETING,
+    IHAVEOPT,
+    REQUEST,
+    REQUEST_MAGIC,
+    SIMPLE_REPLY,
+    SIMPLE_REPLY_MAGIC,
+    ClientFlag,
+    Command,
+    Option,
+)
 from tapdisk.nbd.transmission import RequestReader
 
 MiB = 1 << 20
@@ -182,6 +195,36 @@ def test_a_new_tapdisk_that_cannot_open_the_image_leaves_the_old_one_serving(
     h.shutdown()
 
 
+def test_a_new_tapdisk_that_opens_one_vbd_of_two_leaves_the_old_one_serving_both(
+    tapctl, raw_image, tmp_path
+):
+    """The images open concurrently in the new tapdisk: the one it could open is closed
+    again, and the old tapdisk serves both VBDs on."""
+    allowed, elsewhere = tmp_path / "allowed", tmp_path / "elsewhere"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    pid = int(tapctl.out("spawn"))
+    paths = [
+        tapctl.out("open", "-p", str(pid), "-a", f"raw:{raw_image('8M', name=name)}")
+        for name in ("elsewhere/d0.raw", "allowed/d1.raw")
+    ]
+    handles = [connect(path) for path in paths]
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"allowed_dirs: [{allowed}]\n")
+    proc = tapctl("restart", "--config", str(config), "-p", str(pid), check=False)
+    assert proc.returncode != 0 and "outside the allowed directories" in proc.stderr
+    assert tapctl.pids() == [pid]
+    assert [(row["pid"], row["state"]) for row in tapctl.listing()] == [(pid, 0), (pid, 0)]
+    for i, h in enumerate(handles):
+        h.pwrite(bytes([65 + i]) * 4096, 0)
+        assert h.pread(4096, 0) == bytes([65 + i]) * 4096
+    new = restart(tapctl, pid)
+    for i, h in enumerate(handles):
+        assert h.pread(4096, 0) == bytes([65 + i]) * 4096
+        h.shutdown()
+    assert tapctl.pids() == [new]
+
+
 @pytest.mark.parametrize("successor_says", [b"", b"garbage"])
 def test_a_successor_that_vanishes_before_it_confirms_leaves_the_old_one_serving(
     tapctl, raw_image, successor_says
@@ -215,6 +258,48 @@ def test_a_successor_that_vanishes_before_it_confirms_leaves_the_old_one_serving
     assert (info["pid"], info["state"]) == (pid, 0)
     connect(path).shutdown()  # it accepts again
     h.shutdown()
+
+
+def raw_client(path: str) -> socket.socket:
+    """A client in transmission the way the kernel's is: no structured replies, and
+    requests written in pieces (a WRITE's header, then its payload page by page)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(30)
+    sock.connect(path)
+    sock.recv(GREETING.size, socket.MSG_WAITALL)
+    flags = ClientFlag.FIXED_NEWSTYLE | ClientFlag.NO_ZEROES
+    sock.sendall(struct.pack(">IQII", flags, IHAVEOPT, Option.EXPORT_NAME, 0))
+    sock.recv(10, socket.MSG_WAITALL)  # size and transmission flags
+    return sock
+
+
+def reply(sock: socket.socket, cookie: int, length: int = 0) -> bytes:
+    magic, error, got = SIMPLE_REPLY.unpack(sock.recv(SIMPLE_REPLY.size, socket.MSG_WAITALL))
+    assert (magic, error, got) == (SIMPLE_REPLY_MAGIC, 0, cookie)
+    return sock.recv(length, socket.MSG_WAITALL) if length else b""
+
+
+def test_restarts_in_the_middle_of_requests_lose_no_byte(tapctl, raw_image):
+    """Each restart comes while the old tapdisk has read part of a request (a WRITE's
+    payload, then a header): the new one decodes the rest from the same socket, answers
+    each request once, and the connection stays open and counted."""
+    pid, minor, path = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    sock = raw_client(path)
+    payload = os.urandom(BLOCK)
+    sock.sendall(REQUEST.pack(REQUEST_MAGIC, 0, Command.WRITE, 1, 0, BLOCK) + payload[:10000])
+    time.sleep(0.2)  # read by the old tapdisk: a WRITE waiting for its payload
+    pid = restart(tapctl, pid)
+    sock.sendall(payload[10000:])
+    reply(sock, 1)
+    read = REQUEST.pack(REQUEST_MAGIC, 0, Command.READ, 2, 0, BLOCK)
+    sock.sendall(read[:10])
+    time.sleep(0.2)  # read by the old tapdisk: a header cut short
+    pid = restart(tapctl, pid)
+    sock.sendall(read[10:])
+    assert reply(sock, 2, BLOCK) == payload
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))["vbd"]
+    assert (stats["connections"], stats["writes"], stats["reads"]) == (1, 1, 1)
+    sock.close()
 
 
 @pytest.mark.parametrize("cut", [0, 5, 28, 28 + 1000, 28 + 4096])

@@ -272,9 +272,16 @@ class VhdImage(Image):
             await store.mark_written(b, first, first + len(data) // SECTOR)
 
     async def flush(self) -> None:
-        if self.store is not None:
-            await self.store.write_batmap()
-        await self.file.sync()
+        # Cleared first: a write during the flush marks it again.  ``close`` flushes only
+        # when dirty, so a VBD's pause (flush, then close) syncs once, not twice.
+        self._dirty = False
+        try:
+            if self.store is not None:
+                await self.store.write_batmap()
+            await self.file.sync()
+        except BaseException:
+            self._dirty = True
+            raise
 
     async def write_zeroes(
         self,

@@ -53,6 +53,7 @@ from ..nbd.handshake import Handshake
 from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
+from .holdtime import Phases, all_of, flush_ahead
 from .minors import Minor
 
 
@@ -116,14 +117,18 @@ class _Hold:
             await asyncio.sleep(0.001)
 
     async def pause(self) -> None:
-        for device in self.devices:
-            vbd = device.vbd
-            if not vbd.paused:
-                mirror = vbd.mirror
-                if vbd.secondary is not None and mirror is not None:
-                    self.secondaries[device.minor] = (vbd.secondary, mirror.standby)
-                await vbd.pause()
-                self.paused_here.append(device)
+        """Pause every running VBD, all at once: the hold lasts the slowest flush, not
+        their sum.  Raises the first failure once every pause has ended."""
+        await all_of(self._pause(device) for device in self.devices)
+
+    async def _pause(self, device: Device) -> None:
+        vbd = device.vbd
+        if not vbd.paused:
+            mirror = vbd.mirror
+            if vbd.secondary is not None and mirror is not None:
+                self.secondaries[device.minor] = (vbd.secondary, mirror.standby)
+            await vbd.pause()
+            self.paused_here.append(device)
 
     async def release(self) -> None:
         """Serve again as before the hold (the hand-over failed)."""
@@ -320,22 +325,31 @@ async def give(
         await _answer(writer, Response.failure(request.id, "state", f"cannot hand over: {why}"))
         return
     daemon.handing_over = True
-    held_at = time.monotonic()
     devices = [m.device for m in daemon.minors.values() if m.device is not None]
     hold = _Hold(devices)
     out = _Outgoing()
     try:
+        await flush_ahead(devices)
+        phases = Phases()
         try:
             await asyncio.wait_for(hold.quiesce(), QUIESCE_TIMEOUT)
         except TimeoutError:
             raise ControlError(
                 "state", f"requests still unanswered after {QUIESCE_TIMEOUT:g} s"
             ) from None
+        phases.mark("quiesce")
         await hold.pause()
+        phases.mark("pause")
         state = _state(daemon, hold, out)
+        state["phases"] = phases.to_json()
         left_behind = [c for d in devices for c in hold.connections(d) if not _handed_over(c)]
         await _answer(writer, Response.success(request.id, state), out.fds)
-        log.info("handed the state of %d minor(s) to tapdisk %d", len(state["minors"]), successor)
+        log.info(
+            "handed the state of %d minor(s) to tapdisk %d, %d connection(s) left behind",
+            len(state["minors"]),
+            successor,
+            len(left_behind),
+        )
         confirm = await asyncio.wait_for(_next_message(reader, decoder), CONFIRM_TIMEOUT)
         if confirm is None or confirm.get("op") != "confirm":
             raise ControlError("state", f"tapdisk {successor} did not confirm")
@@ -356,7 +370,7 @@ async def give(
     log.info(
         "tapdisk %d took over every minor after a %.0f ms hold: exiting",
         successor,
-        (time.monotonic() - held_at) * 1000,
+        (time.monotonic() - phases.start) * 1000,
     )
     daemon.vacate()
 
@@ -450,12 +464,16 @@ async def adopt(daemon: Daemon, predecessor: int) -> list[dict[str, Any]]:
             kind = "unsupported" if response.kind == "invalid" else response.kind
             message = f"tapdisk {predecessor} did not hand over: {response.message}"
             raise ControlError(kind, message)
+        phases = Phases.from_json(response.result.get("phases"))
+        phases.mark("state")
         taken = _Taken(fds)
         try:
             await _take(daemon, response.result, taken)
+            phases.mark("open")
             confirmed, _ = await asyncio.to_thread(_call, sock, decoder, Request(2, "confirm"))
             if not confirmed.ok:
                 raise ControlError("state", f"tapdisk {predecessor}: {confirmed.message}")
+            phases.mark("confirm")
         except BaseException as exc:
             await taken.discard()
             if isinstance(exc, OSError | ControlProtocolError):
@@ -464,7 +482,14 @@ async def adopt(daemon: Daemon, predecessor: int) -> list[dict[str, Any]]:
     finally:
         sock.close()
     await _serve(daemon, taken)
-    log.info("took %d minor(s) over from tapdisk %d", len(taken.minors), predecessor)
+    phases.mark("serve")
+    log.info(
+        "took %d minor(s) over from tapdisk %d: its sockets were held %.0f ms (%s)",
+        len(taken.minors),
+        predecessor,
+        phases.total_ms,
+        phases,
+    )
     return [daemon.info(minor) for minor in taken.minors]
 
 
@@ -493,58 +518,71 @@ def _call(
 async def _take(daemon: Daemon, state: dict[str, Any], taken: _Taken) -> None:
     """Open every image of the predecessor's ``state``; serve nothing yet."""
     fds = taken.fds
+    opening = []
     for entry in state["minors"]:
         minor = Minor(entry["minor"], fds[entry["lock"]], owned=entry["owned"])
         minor.closed = entry["closed"]
         taken.minors.append(minor)
-        spec = entry["device"]
-        if spec is None:
-            continue
-        args = {
-            "spec": spec["spec"],
-            "read_only": spec["read_only"],
-            "cbt_log": spec["cbt_log"],
-            "secondary": spec["secondary"],
-            "standby": spec["standby"],
-        }
-        device = await daemon.open_adopted(minor.number, args, spec["timeout"], spec["nbd_socket"])
-        minor.device = device
-        device.kernel_index = spec["kernel_index"]
-        device.resume_failed = spec["resume_failed"]
-        device.vbd.mirror_failed = spec["mirror_failed"]
-        restore_stats(device.vbd.stats, spec["stats"])
-        if spec["paused"]:
-            await device.vbd.pause()
-        taken.sockets[minor.number] = (spec["listeners"], spec["connections"])
+        if entry["device"] is not None:
+            opening.append(_take_device(daemon, minor, entry["device"], taken))
+    await all_of(opening)  # the images open concurrently: the hold lasts the slowest
+
+
+async def _take_device(daemon: Daemon, minor: Minor, spec: dict[str, Any], taken: _Taken) -> None:
+    """Open one VBD of the predecessor's state as ``minor``'s device; serve nothing yet."""
+    args = {
+        "spec": spec["spec"],
+        "read_only": spec["read_only"],
+        "cbt_log": spec["cbt_log"],
+        "secondary": spec["secondary"],
+        "standby": spec["standby"],
+    }
+    device = await daemon.open_adopted(minor.number, args, spec["timeout"], spec["nbd_socket"])
+    minor.device = device
+    device.kernel_index = spec["kernel_index"]
+    device.resume_failed = spec["resume_failed"]
+    device.vbd.mirror_failed = spec["mirror_failed"]
+    restore_stats(device.vbd.stats, spec["stats"])
+    if spec["paused"]:
+        await device.vbd.pause()
+    taken.sockets[minor.number] = (spec["listeners"], spec["connections"])
 
 
 async def _serve(daemon: Daemon, taken: _Taken) -> None:
-    """Register the minors and serve the listeners and connections received."""
+    """Register the minors and serve the connections received, all at once (the requests
+    sent during the hold wait in them), then the listeners."""
     fds = taken.fds
+    connections = []
     for minor in taken.minors:
         daemon.minors[minor.number] = minor
-        device = minor.device
-        if device is None:
-            continue
-        listeners, connections = taken.sockets[minor.number]
-        for listener in listeners:
-            sock = socket.socket(fileno=fds[listener["fd"]])
-            await device.server.listen_socket(sock, listener["path"])
-        for entry in connections:
-            unread = b""
-            if entry["unread"] is not None:
-                unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
-                os.close(fds[entry["unread"]])
-            direct: DirectAttach | Handshake
-            if "handshake" in entry:
-                direct = device.server.handshake()
-                direct.restore(entry["handshake"], unread)
-            else:
-                direct = DirectAttach(
-                    entry["export"],
-                    TransmissionFlag(entry["flags"]),
-                    entry["structured"],
-                    tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
-                    unread,
-                )
-            await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)
+        if minor.device is not None:
+            for entry in taken.sockets[minor.number][1]:
+                connections.append(_serve_connection(minor.device, entry, fds))
+    await all_of(connections)
+    for minor in taken.minors:
+        if minor.device is not None:
+            for listener in taken.sockets[minor.number][0]:
+                sock = socket.socket(fileno=fds[listener["fd"]])
+                await minor.device.server.listen_socket(sock, listener["path"])
+
+
+async def _serve_connection(device: Device, entry: dict[str, Any], fds: list[int]) -> None:
+    """Read on from a connection received, its undecoded bytes first (or continue its
+    handshake)."""
+    unread = b""
+    if entry["unread"] is not None:
+        unread = os.pread(fds[entry["unread"]], entry["unread_size"], 0)
+        os.close(fds[entry["unread"]])
+    direct: DirectAttach | Handshake
+    if "handshake" in entry:
+        direct = device.server.handshake()
+        direct.restore(entry["handshake"], unread)
+    else:
+        direct = DirectAttach(
+            entry["export"],
+            TransmissionFlag(entry["flags"]),
+            entry["structured"],
+            tuple((int(cid), str(name)) for cid, name in entry["contexts"]),
+            unread,
+        )
+    await device.server.serve_socket(socket.socket(fileno=fds[entry["fd"]]), direct)
