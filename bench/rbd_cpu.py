@@ -11,7 +11,9 @@ sums.  Numbers are per GB moved (MB = 10^6 bytes) and per 100k requests.
 
 Run it from the checkout's venv: ``.venv/bin/python bench/rbd_cpu.py``.  It is a measuring
 tool, not a test; on a shared machine other processes' load changes the throughput, less so
-the CPU per GB.
+the CPU per GB.  The server's CPU is split into its main thread (the event loop: for
+tapdisk its Python and, with ``rbd_non_blocking_aio`` off, librbd's dispatch) and its
+other threads (librbd's and librados's, and qemu-nbd's own).
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ Job = Callable[[], tuple[float, float]]
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` (all its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def cpu_seconds(pid: int, task: int | None = None) -> float:
+    """User plus system CPU seconds so far of process ``pid`` (all its threads), or of its
+    thread ``task`` alone."""
+    where = f"/proc/{pid}" + (f"/task/{task}" if task is not None else "")
+    fields = Path(f"{where}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
@@ -66,6 +70,9 @@ def measure(workdir: Path, server_pid: int | None, job: Job) -> dict[str, float]
     daemons = ceph_pids(workdir)
     before_ceph = sum(cpu_seconds(p) for p in daemons)
     before_server = cpu_seconds(server_pid) if server_pid else 0.0
+    # The main thread runs the event loop (tapdisk's Python, and librbd's dispatch on it);
+    # the others are librbd's and librados's own.
+    before_main = cpu_seconds(server_pid, server_pid) if server_pid else 0.0
     before_client = children_seconds()
     started = time.monotonic()
     moved, requests = job()
@@ -75,6 +82,7 @@ def measure(workdir: Path, server_pid: int | None, job: Job) -> dict[str, float]
         "requests": requests,
         "elapsed": elapsed,
         "server": (cpu_seconds(server_pid) - before_server) if server_pid else 0.0,
+        "main": (cpu_seconds(server_pid, server_pid) - before_main) if server_pid else 0.0,
         "client": children_seconds() - before_client,
         "ceph": sum(cpu_seconds(p) for p in daemons) - before_ceph,
     }
@@ -107,7 +115,8 @@ def row(name: str, m: dict[str, float]) -> str:
     per_gb = "".join(f"{c / gb:>9.1f}" for c in cells)
     per_req = "".join(f"{c / per_100k:>9.2f}" for c in cells)
     rate = m["requests"] / m["elapsed"]
-    return f"  {name:<10}{rate:>9.0f}{per_gb}  {per_req}"
+    split = f"{m['main'] / per_100k:>9.2f}{(m['server'] - m['main']) / per_100k:>9.2f}"
+    return f"  {name:<10}{rate:>9.0f}{per_gb}  {per_req}  {split}"
 
 
 def main() -> int:
@@ -134,9 +143,13 @@ def main() -> int:
         try:
             for each in live:
                 each.wait_ready()
-            print("CPU seconds per GB (server, client, Ceph, sum) and per 100k requests")
+            print(
+                "CPU seconds per GB (server, client, Ceph, sum), the same per 100k requests, "
+                "and the server's per 100k split into its main thread and the others"
+            )
             head = "".join(f"{h:>9}" for h in ("server", "client", "ceph", "sum"))
-            print(f"  {'':<10}{'req/s':>9}{head}  {head}")
+            threads = "".join(f"{h:>9}" for h in ("main", "others"))
+            print(f"  {'':<10}{'req/s':>9}{head}  {head}  {threads}")
             for w in chosen:
                 print(w.name)
                 for each in live:

@@ -397,8 +397,10 @@ class RbdImage(Image):
             raise ImageError(f"{self.spec}: cannot snapshot as {name!r}: {reason}")
 
     async def close(self) -> None:
-        if self._completions is not None:
-            self._completions.detach()
+        completions = self._completions
+        if completions is not None and not completions.loop.is_closed():
+            await completions.settled()
+            completions.detach()
         await asyncio.to_thread(self._release)
 
     def _release(self) -> None:
@@ -471,6 +473,11 @@ class Completions:
                     future.set_result(None)
             if count < self.BATCH:
                 return
+
+    async def settled(self) -> None:
+        """Wait until every request submitted so far has completed (before a close)."""
+        if self._pending:
+            await asyncio.wait([future for future, _ in self._pending.values()])
 
     def move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Collect on ``loop`` from now on (the image outlived the loop it was used on)."""
