@@ -120,7 +120,10 @@ def connect(name: RbdName, options: OpenOptions) -> Any:
     conf = name.conf or options.ceph_conf
     user = name.user or options.ceph_id
     cluster = handle()
-    check(calls.rados_create(byref(cluster), encode(user)), "rados_create")
+    result = calls.rados_create(byref(cluster), encode(user))
+    if result < 0:
+        who = f"client.{user or 'admin'}"
+        raise ImageError(f"rbd:{name}: cannot set up {who}: {os.strerror(-result)}")
     # Ceph's defaults wait 300 s for a cluster that is not there, and forever for an OSD;
     # ours are bounded, and a value the spec gives wins.
     settings = [
