@@ -5,7 +5,7 @@
 #   3. the project installed editable with its test extras (pip install -e '.[test]'),
 #   4. Debian's python3-libnbd binding made importable in the venv (symlinks, so the venv
 #      keeps its own site-packages instead of --system-site-packages); likewise
-#      python3-rados and python3-rbd for the rbd driver.
+#      python3-rados and python3-rbd, through which the rbd tests check for librbd.
 # Every step is skipped when already done, so running it again is cheap. .ci/run,
 # scripts/demo.sh and scripts/test.sh all start here, so the README and CI cannot drift.
 set -euo pipefail

@@ -3,6 +3,7 @@ status, an OSD restart under I/O, and bad input."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import nbd
 import pytest
 from helpers import TAPDISK, require, run
 from rbd_helpers import Cluster
+from tapdisk.drivers.registry import OpenOptions, open_image
 
 MiB = 1 << 20
 
@@ -236,3 +238,22 @@ def test_fua_and_flushed_writes_survive_kill_9_of_tapdisk(
     exported = ceph.export(name, tmp_path / "export.raw")
     assert exported[:MiB] == b"\x0f" * MiB
     assert exported[2 * MiB : 3 * MiB] == b"\xf0" * MiB
+
+
+def test_an_image_outliving_its_event_loop_serves_the_next_one(ceph: Cluster) -> None:
+    """librbd's completions are collected on the loop that used the image; a second loop
+    (tap-img's steps each run their own) takes them over, and reads land in the caller's
+    buffer."""
+    name = ceph.create("8M")
+    ceph.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-total", "8M", name)
+    expected = ceph.export(name, Path(ceph.directory) / "outlive.raw")
+    image = open_image(ceph.spec(name), OpenOptions())
+
+    async def read(offset: int) -> bytes:
+        buf = bytearray(MiB)
+        await asyncio.wait_for(image.read(offset, memoryview(buf)), 30)  # a lost completion
+        return bytes(buf)
+
+    assert asyncio.run(read(0)) == expected[:MiB]
+    assert asyncio.run(read(3 * MiB)) == expected[3 * MiB : 4 * MiB]
+    asyncio.run(image.close())
