@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -31,6 +32,16 @@ def proc_status(pid: int, field: str) -> int:
             if line.startswith(f"{field}:"):
                 return int(line.split()[1])
     raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from ``sock``; fails the test if the peer closes first."""
+    data = b""
+    while len(data) < size:
+        more = sock.recv(size - len(data))
+        assert more, f"the connection ended after {len(data)} of {size} bytes"
+        data += more
+    return data
 
 
 def run(*argv: str | os.PathLike[str], check: bool = True, timeout: float = 120) -> str:

@@ -14,6 +14,7 @@ import struct
 import time
 
 import pytest
+from helpers import recv_exactly
 from test_handover import restart
 
 from tapdisk.nbd.constants import IHAVEOPT, Option, Reply, TransmissionFlag
@@ -53,15 +54,6 @@ def complete_options(cut: int) -> int:
         end += len(opt)
         count += end <= cut
     return count
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        more = sock.recv(size - len(data))
-        assert more, f"the server closed the connection after {len(data)} of {size} bytes"
-        data += more
-    return data
 
 
 def option_replies(sock: socket.socket, options: int) -> list[tuple[int, int, bytes]]:
@@ -160,9 +152,7 @@ def test_restart_mid_handshake_lets_the_client_finish_it_and_do_io(tapctl, raw_i
     sock.close()
 
 
-def test_restart_carries_hundreds_of_silent_clients_and_each_can_still_negotiate(
-    tapctl, raw_image
-):
+def test_restart_carries_hundreds_of_silent_clients_and_each_can_still_negotiate(tapctl, raw_image):
     """Clients that connect and say nothing hold no restart up; 300 of them need two
     SCM_RIGHTS messages.  Any of them may negotiate later, with the new tapdisk."""
     pid, _, path = tapctl.spawn_open(f"raw:{raw_image('4M')}")

@@ -10,28 +10,9 @@ from __future__ import annotations
 
 import json
 
-import nbd
 from helpers import require, run
-from tapctl_helpers import nbd_uri
 from test_handover import restart
-
-SIZE = 16 << 20
-MiB = 1 << 20
-
-
-def raw(path, size: int = SIZE):
-    run(require("qemu-img"), "create", "-q", "-f", "raw", path, str(size))
-    return path
-
-
-def connect(sock: str) -> nbd.NBD:
-    h = nbd.NBD()
-    h.connect_uri(nbd_uri(sock))
-    return h
-
-
-def stats(tapctl, pid: int, minor: int) -> dict:
-    return json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
+from test_mirror import SIZE, MiB, connect, raw, stats
 
 
 def test_restart_keeps_a_failed_secondary_dropped_and_reported(tapctl, tmp_path):

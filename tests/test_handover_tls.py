@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import recv_exactly
 from nbd_servers import make_certificates
 from tapctl_helpers import wait_gone
 
@@ -27,15 +28,6 @@ from tapdisk.nbd.constants import IHAVEOPT, Option, Reply
 REQUEST = struct.Struct(">IHHQQI")
 SIMPLE_REPLY = struct.Struct(">IIQ")
 WRITE, BLOCK = 1, 64 * 1024
-
-
-def recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        more = sock.recv(size - len(data))
-        assert more, f"the connection ended after {len(data)} of {size} bytes"
-        data += more
-    return data
 
 
 def option(sock: socket.socket, code: int, payload: bytes = b"") -> None:

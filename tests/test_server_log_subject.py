@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import TAPDISK, run, start_tapdisk
+from helpers import TAPDISK, recv_exactly, run, start_tapdisk
 
 TAPCTL = str(Path(sys.executable).with_name("tap-ctl"))
 
@@ -29,15 +29,6 @@ OPTION = struct.Struct(">QII")
 EXPORT_REPLY = 10
 #: A request whose magic is wrong: 28 bytes, like a real request header.
 BAD_REQUEST = b"\xde\xad\xbe\xef" + bytes(24)
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        assert chunk, f"connection closed after {len(data)} of {n} bytes"
-        data += chunk
-    return data
 
 
 def wait_closed(sock: socket.socket) -> None:
