@@ -23,9 +23,9 @@ from test_tapctl import (
     TapCtl,
     check_ext4_in_image,
     dmesg_io_errors,
+    ext4_with_files,
     finish,
     fio_verify,
-    write_files,
 )
 
 #: fio's 4 KiB random writes per second under load: 1024 writes (4 MiB) take 20 s or more, so
@@ -53,15 +53,7 @@ def test_an_rbd_device_holds_ext4_that_qemu_reads_back(
     name = ceph.create("64M")
     dev = tapctl.create(f"{ceph.spec(name)}:id=admin")
     assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sh("mkfs.ext4", "-q", "-F", dev)
-    sh("mount", dev, mnt)
-    try:
-        digests = write_files(mnt)
-    finally:
-        sh("umount", mnt)
-    sh("e2fsck", "-fn", dev)
+    digests = ext4_with_files(dev, tmp_path)
     tapctl.destroy(dev)
 
     copy = tmp_path / "copy.raw"  # read by qemu-img's rbd driver, not by tapdisk

@@ -79,6 +79,21 @@ def tapctl(nbd_module: None, tmp_path: Path) -> Iterator[TapCtl]:
     ctl.cleanup()
 
 
+def ext4_with_files(dev: str, tmp_path: Path) -> dict[str, str]:
+    """A new ext4 on ``dev`` holding ``write_files``, checked by e2fsck once unmounted
+    (mount point ``tmp_path/mnt``); {relative name: sha256}."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sh("mkfs.ext4", "-q", "-F", dev)
+    sh("mount", dev, mnt)
+    try:
+        digests = write_files(mnt)
+    finally:
+        sh("umount", mnt)
+    sh("e2fsck", "-fn", dev)
+    return digests
+
+
 def write_files(root: Path, count: int = 6) -> dict[str, str]:
     """Random files of assorted sizes under ``root``; {relative name: sha256}."""
     (root / "d").mkdir()
@@ -135,15 +150,8 @@ def test_create_gives_a_device_that_holds_ext4(
         f"tap-ctl create -a {kind}: (spawn + open + connect)", f"{time.monotonic() - start:.1f} s"
     )
     assert int(sh("blockdev", "--getsize64", dev)) == 64 * MiB
+    digests = ext4_with_files(dev, tmp_path)
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sh("mkfs.ext4", "-q", "-F", dev)
-    sh("mount", dev, mnt)
-    try:
-        digests = write_files(mnt)
-    finally:
-        sh("umount", mnt)
-    sh("e2fsck", "-fn", dev)
     sh("mount", "-o", "ro", dev, mnt)
     try:
         for name, digest in digests.items():
