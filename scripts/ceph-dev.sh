@@ -107,15 +107,14 @@ start() {
     >/dev/null 2>&1 || die "ceph-mon --mkfs failed; see $DIR/log"
   start_daemon ceph-mon -i a
   osd_uuid=$(uuidgen)
-  "${CEPH[@]}" osd new "$osd_uuid" >/dev/null
+  monitor osd new "$osd_uuid"
   ceph-osd -c "$CONF" -i 0 --mkfs --mkkey --no-mon-config --osd-uuid "$osd_uuid" \
     >/dev/null 2>&1 ||
     die "ceph-osd --mkfs failed; see $DIR/log"
-  "${CEPH[@]}" auth add osd.0 osd 'allow *' mon 'allow profile osd' \
-    -i "$DIR/osd.0.keyring" >/dev/null 2>&1
+  monitor auth add osd.0 osd 'allow *' mon 'allow profile osd' -i "$DIR/osd.0.keyring"
   start_daemon ceph-osd -i 0
-  "${CEPH[@]}" osd pool create rbd 8 8 >/dev/null 2>&1
-  "${CEPH[@]}" osd pool application enable rbd rbd >/dev/null 2>&1
+  monitor osd pool create rbd 8 8
+  monitor osd pool application enable rbd rbd
   wait_writable
   echo "$CONF"
 }
@@ -125,6 +124,12 @@ restart() {
   pgrep -F "$DIR/run/osd.0.pid" >/dev/null 2>&1 || start_daemon ceph-osd -i 0
   wait_writable
   echo "$CONF"
+}
+
+# A command to the monitor; a failure or a timeout ends the script saying which command.
+monitor() {
+  "${CEPH[@]}" "$@" >/dev/null 2>>"$DIR/log/ceph.stderr" ||
+    die "'ceph $*' failed or took more than 60 s; see $DIR/log/ceph.stderr"
 }
 
 # No manager means no PG statistics to wait on: a write that returns is the proof.
