@@ -193,3 +193,21 @@ def test_a_killed_tapdisk_whose_standby_took_over_comes_back_on_the_standby(
     h = connect(path)
     assert h.pread(8 * MiB, 0) == data
     h.shutdown()
+
+
+def test_list_leaves_a_wedged_tapdisk_out_instead_of_waiting_for_it(tapctl, raw_image):
+    """A stopped tapdisk does not hold every listing up for the 600 s a call may take."""
+    wedged, _, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    healthy, _, _ = tapctl.spawn_open(f"raw:{raw_image('16M')}")
+    os.kill(wedged, signal.SIGSTOP)
+    try:
+        proc = tapctl("list")
+    finally:
+        os.kill(wedged, signal.SIGCONT)
+    assert f"pid={healthy} " in proc.stdout
+    assert f"pid={wedged} " not in proc.stdout
+    assert proc.stderr == (
+        f"tap-ctl: tapdisk {wedged} did not answer within 10 s; not listed "
+        "(tap-ctl restart replaces a wedged tapdisk)\n"
+    )
+    assert f"pid={wedged} " in tapctl.out("list")  # answering again

@@ -21,7 +21,12 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from tapdisk.ctl import minors, protocol, records
-from tapdisk.ctl.client import CallError, Client, daemon_pids
+from tapdisk.ctl.client import CallError, CallTimeout, Client, daemon_pids
+
+#: Seconds a tapdisk has to answer ``list`` (from memory: milliseconds when healthy).  A
+#: stopped or stuck one is left out, with a line on stderr, rather than holding up every
+#: listing (SM lists often) for the 600 s a pause may take.
+LIST_TIMEOUT = 10.0
 
 
 @dataclass
@@ -41,8 +46,15 @@ class Row:
 def daemon_rows(directory: str, pid: int) -> list[Row] | None:
     """The rows of tapdisk ``pid``, its latest minor first; None if nobody answers there."""
     try:
-        with Client.connect(directory, pid) as client:
+        with Client.connect(directory, pid, LIST_TIMEOUT) as client:
             infos = client.call("list")
+    except CallTimeout:
+        print(
+            f"tap-ctl: tapdisk {pid} did not answer within {LIST_TIMEOUT:g} s; not listed "
+            "(tap-ctl restart replaces a wedged tapdisk)",
+            file=sys.stderr,
+        )
+        return None
     except CallError:
         return None  # exited, or a control socket left by a tapdisk that died
     if not infos:
