@@ -305,8 +305,10 @@ def cmd_restart(args: argparse.Namespace) -> None:
         if exc.kind == "unsupported" and minor is not None:
             row = next(row for row in rows if row["minor"] == minor)
             if row["device"] is not None:
-                print(f"tap-ctl: live hand-over failed ({exc}); restarting by RECONFIGURE",
-                      file=sys.stderr)
+                print(
+                    f"tap-ctl: live hand-over failed ({exc}); restarting by RECONFIGURE",
+                    file=sys.stderr,
+                )
                 restart_by_reconfigure(args, pid, minor)
                 return
         raise TapCtlError(f"tapdisk {pid} serves on; the restart failed: {exc}") from None
