@@ -364,7 +364,12 @@ def test_kill_9_keeps_the_mark_of_every_acknowledged_write(disk, tmp_path):
 
         thread = threading.Thread(target=reader)
         thread.start()
-        time.sleep(rng.uniform(0.5, 1.5))
+        # The kill comes at a random moment once the writer is writing (under load its
+        # start-up alone can take longer than the old fixed 0.5-1.5 s).
+        deadline = time.monotonic() + 60
+        while len(lines) <= 20 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         thread.join()
