@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -64,6 +65,11 @@ class Capabilities:
     cache: bool = False
 
 
+#: What ``Image.start_read``/``start_write`` call when the request ends: None, or the
+#: exception it raised.
+IoDone = Callable[[BaseException | None], None]
+
+
 class Image(abc.ABC):
     """An opened disk image, a chain of images, or a layer over another image.
 
@@ -110,6 +116,24 @@ class Image(abc.ABC):
     @abc.abstractmethod
     async def read(self, offset: int, buf: memoryview) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""
+
+    def start_read(self, offset: int, buf: memoryview, done: IoDone) -> bool:
+        """Start filling ``buf`` without a task, for an image whose library completes
+        requests itself (librbd): ``done(None)``, or ``done(exc)`` with what ``read`` would
+        have raised, is called later on the event loop, never before this returns.
+
+        Returns False, having started nothing, when the image cannot (most cannot: their
+        reads block a thread); the caller then awaits ``read``.  ``buf`` must stay valid
+        until ``done`` runs.
+        """
+        return False
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        """``write`` as ``start_read`` reads: started now, ``done`` called on the loop once
+        the write is complete (durable too with ``fua``).  ``data`` must stay valid and
+        unchanged until then.  False: nothing started, the caller awaits ``write``.
+        """
+        return False
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         """Write ``data`` without blocking on I/O if the image can (page cache).

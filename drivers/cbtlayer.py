@@ -30,7 +30,7 @@ import mmap
 import os
 
 from . import cbt
-from .base import Image, ImageError
+from .base import Image, ImageError, IoDone
 from .fileio import io_pool
 from .layer import Layer
 from .paths import open_disk
@@ -173,6 +173,12 @@ class CbtImage(Layer):
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         self._mark(offset, len(data))
         return self.inner.write_nowait(offset, data)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        if fua:
+            return False  # the log is synced first, in write
+        self._mark(offset, len(data))  # as write_nowait: a mark for a write not made is harmless
+        return self.inner.start_write(offset, data, fua, done)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         self._mark(offset, len(data))

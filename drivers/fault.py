@@ -41,7 +41,7 @@ import random
 import time
 from dataclasses import dataclass
 
-from .base import Image, ImageError
+from .base import Image, ImageError, IoDone
 from .layer import Layer
 from .registry import OpenOptions, open_image
 
@@ -186,6 +186,16 @@ class FaultImage(Layer):
         if "read" in self.plan.ops and not self.exhausted:
             return False
         return self.inner.read_nowait(offset, buf)
+
+    def start_read(self, offset: int, buf: memoryview, done: IoDone) -> bool:
+        if "read" in self.plan.ops and not self.exhausted:
+            return False  # as read_nowait: reads that might fault go through read
+        return self.inner.start_read(offset, buf, done)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        if "write" in self.plan.ops and not self.exhausted:
+            return False
+        return self.inner.start_write(offset, data, fua, done)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         if "write" in self.plan.ops and not self.exhausted:

@@ -14,7 +14,7 @@ request costs one call per layer, as before.
 
 from __future__ import annotations
 
-from .base import Capabilities, Extent, Image
+from .base import Capabilities, Extent, Image, IoDone
 
 
 class Layer(Image):
@@ -40,6 +40,12 @@ class Layer(Image):
 
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.inner.read(offset, buf)
+
+    def start_read(self, offset: int, buf: memoryview, done: IoDone) -> bool:
+        return self.inner.start_read(offset, buf, done)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        return self.inner.start_write(offset, data, fua, done)
 
     def write_nowait(self, offset: int, data: memoryview) -> bool:
         return self.inner.write_nowait(offset, data)

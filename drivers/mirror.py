@@ -33,7 +33,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-from .base import ExtentFlags, Image, ImageError
+from .base import ExtentFlags, Image, ImageError, IoDone
 from .layer import Layer
 
 log = logging.getLogger("tapdisk.mirror")
@@ -238,6 +238,11 @@ class MirrorImage(Layer):
         if self.mirroring:
             return False
         return self.inner.write_nowait(offset, data)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        if self.mirroring:
+            return False  # both images, in write
+        return self.inner.start_write(offset, data, fua, done)
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
         await self._both(offset, len(data), "write", lambda image: image.write(offset, data, fua))

@@ -2,9 +2,10 @@
 
 An ``NBDConnection`` (an ``asyncio.BufferedProtocol``) per client socket.
 Requests are validated by the codec, then run against the export's image:
-reads that hit the page cache are answered inline on the event loop, the rest
-run as tasks, so many requests are in flight per connection and replies go out
-in completion order.
+reads that hit the page cache are answered inline on the event loop, reads an
+image starts itself (librbd's) end in a callback, the rest run as tasks, so many
+requests are in flight per connection and replies go out in completion order,
+those of one event-loop turn in one system call.
 
 Memory is bounded per connection: reading from the socket pauses while too many
 requests or payload bytes are in flight, or replies wait for the client; and per
@@ -18,6 +19,7 @@ import asyncio
 import collections
 import logging
 import os
+from functools import partial
 from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image, ImageError
@@ -65,8 +67,6 @@ _HANDSHAKE_VIEW: Final = memoryview(_HANDSHAKE_BUFFER)
 #: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us; 10% of
 #: the event loop's time at 120k writes/s), ``int & int`` does not.
 _FUA: Final = int(CommandFlag.FUA)
-_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
-_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 #: The commands ``_dispatch`` tests for on every request, as plain ints (an enum member is
 #: an attribute lookup on its class).
 _READ: Final = int(Command.READ)
@@ -79,7 +79,6 @@ class AcceptingServer(Protocol):
     (``server.NBDServer``)."""
 
     exports: dict[str, Export]
-    default_export: str | None
     handshake_timeout: float
     admission: Admission
     write_budget: PayloadBudget
@@ -123,7 +122,9 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._replies = ReplyAccount(server.reply_budget, self)
         self._held = False  # reading stopped for a hand-over (daemon/handover.py)
         self._disconnecting = False
-        self._closed = asyncio.get_running_loop().create_future()
+        #: asyncio.get_running_loop() costs a getpid() system call: asked once.
+        self._loop = asyncio.get_running_loop()
+        self._closed = self._loop.create_future()
         #: The socket, read directly while busy-polling (-1: not pollable).
         self._fd = -1
         # Set when transmission begins.
@@ -195,9 +196,6 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._abort()
         except ClientAborted:
             self._close_when_drained()
-
-    def eof_received(self) -> bool:
-        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
@@ -286,14 +284,10 @@ class NBDConnection(asyncio.BufferedProtocol):
 
     def poll_ready(self) -> bool:
         transport = self.transport
-        return (
-            not self._in_flight
-            and not self._read_paused
-            and not self._disconnecting
-            and transport is not None
-            and not transport.is_closing()
-            and not transport.get_write_buffer_size()
-        )
+        if transport is None or self._in_flight or self._batch or self._read_paused:
+            return False  # the client may wait for a reply that has not left
+        busy = self._disconnecting or transport.is_closing() or transport.get_write_buffer_size()
+        return not busy
 
     def poll_receive(self) -> bool | None:
         try:
@@ -313,8 +307,7 @@ class NBDConnection(asyncio.BufferedProtocol):
         while view:
             target = self._reader.get_buffer()
             n = min(len(target), len(view))
-            target[:n] = view[:n]
-            view = view[n:]
+            target[:n], view = view[:n], view[n:]
             self._received(n)
 
     def _hold_payload(self) -> None:
@@ -337,8 +330,11 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._backlog.extend(request.owned() for request in requests)
             return
         # Replies answered inline are collected and sent with one writev at the
-        # end: at queue depth 16 that is one system call instead of sixteen.
-        self._batch = []
+        # end: at queue depth 16 that is one system call instead of sixteen.  A batch
+        # already open (replies of reads that ended this turn) takes them too.
+        opened = self._batch is None
+        if opened:
+            self._batch = []
         try:
             for index, request in enumerate(requests):
                 if self._read_paused:
@@ -346,8 +342,8 @@ class NBDConnection(asyncio.BufferedProtocol):
                     return
                 self._dispatch(request)
         finally:
-            self._flush_batch()
-            self._batch = None
+            if opened:
+                self._close_batch()
 
     def _drain_backlog(self) -> None:
         backlog = self._backlog
@@ -369,104 +365,102 @@ class NBDConnection(asyncio.BufferedProtocol):
             if payload is None:  # zero-length write
                 self._ack(request.cookie)
                 return
-            if not request.flags & _FUA:
-                try:
-                    done = image.write_nowait(request.offset, memoryview(payload))
-                except Exception as exc:
-                    self._fail(request, exc)
-                    return
-                if done:
+            fua = bool(request.flags & _FUA)
+            try:
+                if not fua and image.write_nowait(request.offset, memoryview(payload)):
                     self._ack(request.cookie)
                     return
-            # The task runs after the receive buffer the payload may be borrowed from is reused.
-            self._start(self._run(request.owned()), request.length)
+                # What follows outlives the receive buffer the payload may be borrowed from.
+                request = request.owned()
+                payload = request.payload
+                ended = partial(self._ended, request, None)
+                started = image.start_write(request.offset, memoryview(payload), fua, ended)
+            except Exception as exc:
+                self._fail(request, exc)
+                return
+            if started:
+                self._started(request.length)
+            else:
+                self._start(self._run(request), request.length)
         elif command == _READ:
             if not self._replies.admit(request.length):
                 self._backlog.appendleft(request.owned())  # first when there is room
                 self._update_reading()
                 return
             buf = bytearray(request.length)
+            view = memoryview(buf)
             try:
-                done = image.read_nowait(request.offset, memoryview(buf))
+                if image.read_nowait(request.offset, view):
+                    self._send_read(request, buf)
+                    return
+                # librbd's requests end in a callback: no task (see _ended).
+                started = image.start_read(request.offset, view, partial(self._ended, request, buf))
             except Exception as exc:
                 self._fail(request, exc)
                 return
-            if done:
-                self._send_read(request, buf)
+            if started:
+                self._started(request.length)
             else:
-                self._start(self._read(request, buf), request.length)
+                self._start(self._run(request, buf), request.length)
         elif command == _DISC:
             self._close_when_drained()
         else:
             self._start(self._run(request), 0)
 
     def _start(self, coro, nbytes: int) -> None:  # type: ignore[no-untyped-def]
-        self._in_flight += 1
-        self._bytes_in_flight += nbytes
-        task = asyncio.get_running_loop().create_task(coro)
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         task.nbytes = nbytes  # type: ignore[attr-defined]
+        self._started(nbytes)
+
+    def _started(self, nbytes: int) -> None:
+        self._in_flight += 1
+        self._bytes_in_flight += nbytes
         self._update_reading()
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._in_flight -= 1
-        self._bytes_in_flight -= task.nbytes  # type: ignore[attr-defined]
         if not task.cancelled() and task.exception() is not None:
             log.error("%s: request handler failed", self.subject, exc_info=task.exception())
+        self._answered(task.nbytes)  # type: ignore[attr-defined]
+
+    def _answered(self, nbytes: int) -> None:
+        """A request has its reply: let the next ones in, and close if that was the last."""
+        self._in_flight -= 1
+        self._bytes_in_flight -= nbytes
         if self._backlog:
             self._drain_backlog()
         self._update_reading()
         self._maybe_finished()
 
-    async def _read(self, request: Request, buf: bytearray) -> None:
-        try:
-            await self.image.read(request.offset, memoryview(buf))  # type: ignore[union-attr]
-        except Exception as exc:
-            self._fail(request, exc)
-            return
-        self._send_read(request, buf)
+    def _ended(self, request: Request, buf: bytearray | None, exc: BaseException | None) -> None:
+        """A request the image started itself (``start_read``, or ``start_write`` with no
+        ``buf``) has ended: reply, then what a task's end does."""
+        if exc is not None:
+            self._fail(request, exc)  # type: ignore[arg-type]
+        elif buf is None:
+            self._ack(request.cookie)
+        else:
+            self._send_read(request, buf)
+        self._answered(request.length)
 
-    async def _run(self, request: Request) -> None:
-        image = self.image
-        assert image is not None
-        command, flags, offset, length = (
-            request.command,
-            request.flags,
-            request.offset,
-            request.length,
-        )
-        fua = bool(flags & _FUA)
+    async def _run(self, request: Request, buf: bytearray | None = None) -> None:
+        """A request's task: a READ into ``buf``, or any command but READ and DISC."""
+        assert self.export is not None and self.image is not None
         try:
-            if command == Command.WRITE:
-                if length:
-                    await image.write(offset, memoryview(request.payload), fua)  # type: ignore[arg-type]
-            elif command == Command.FLUSH:
-                await image.flush()
-            elif command == Command.TRIM:
-                if length:
-                    await image.discard(offset, length, fua)
-            elif command == Command.WRITE_ZEROES:
-                if length:
-                    await image.write_zeroes(
-                        offset,
-                        length,
-                        may_unmap=not flags & _NO_HOLE,
-                        fast_only=bool(flags & _FAST_ZERO),
-                        fua=fua,
-                    )
-            elif command == Command.CACHE:
-                if length:
-                    await image.cache(offset, length)
-            elif command == Command.BLOCK_STATUS:
-                assert self.export is not None
-                self._send(*await self.export.block_status(self.contexts, request))
+            if buf is not None:
+                await self.image.read(request.offset, memoryview(buf))
+                self._send_read(request, buf)
                 return
+            chunks = await self.export.perform(request, self.contexts)
         except Exception as exc:
             self._fail(request, exc)
             return
-        self._ack(request.cookie)
+        if chunks is None:
+            self._ack(request.cookie)
+        else:
+            self._send(*chunks)
 
     # -- replies -----------------------------------------------------------------
 
@@ -474,23 +468,31 @@ class NBDConnection(asyncio.BufferedProtocol):
         """Send a simple reply saying the request succeeded (the hot path of writes)."""
         batch = self._batch
         if batch is None:
-            self._send(simple_reply(cookie))
-            return
+            batch = self._open_batch()
         batch.append(simple_reply(cookie))
         self._batch_bytes += SIMPLE_REPLY.size
 
     def _send(self, *data: bytes | bytearray) -> None:
-        """Send one reply (header and payload), batched while dispatching inline."""
+        """Send one reply (header and payload): collected, and sent with the replies of
+        the same event-loop turn (or of the same receive) in one system call."""
         batch = self._batch
-        if batch is not None:
-            batch += data
-            self._batch_bytes += sum(map(len, data))
-            if self._batch_bytes >= BATCH_BYTES:
-                self._flush_batch()
-            return
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.writelines(data)
+        if batch is None:
+            batch = self._open_batch()
+        batch += data
+        self._batch_bytes += sum(map(len, data))
+        if self._batch_bytes >= BATCH_BYTES:
+            self._flush_batch()
+
+    def _open_batch(self) -> list[bytes | bytearray]:
+        """Collect replies until the end of this event-loop turn (the socket's write-buffer
+        marks are 0: each write to the transport is a system call)."""
+        self._batch = batch = []
+        self._loop.call_soon(self._close_batch)
+        return batch
+
+    def _close_batch(self) -> None:
+        self._flush_batch()
+        self._batch = None
 
     def _flush_batch(self) -> None:
         """Hand the batched replies to the transport (which may pause us)."""
@@ -504,18 +506,16 @@ class NBDConnection(asyncio.BufferedProtocol):
         self._replies.flushed()  # also read replies batched after a flush in _send
 
     def _send_read(self, request: Request, buf: bytearray) -> None:
-        if not request.length:
-            self._send(
-                done_chunk(request.cookie) if self.structured else simple_reply(request.cookie)
-            )
-        elif self.structured:
-            if ZEROS.startswith(buf):  # a memcmp: cheap, and it stops at the first data byte
-                self._send(hole_chunk(request.cookie, request.offset, request.length))
-            else:
-                self._send(data_chunk_header(request.cookie, request.offset, request.length), buf)
+        cookie, offset, length = request.cookie, request.offset, request.length
+        if not self.structured:
+            self._send(simple_reply(cookie), buf)
+        elif not length:
+            self._send(done_chunk(cookie))
+        elif ZEROS.startswith(buf):  # a memcmp: cheap, and it stops at the first data byte
+            self._send(hole_chunk(cookie, offset, length))
         else:
-            self._send(simple_reply(request.cookie), buf)
-        self._replies.replied(request.length, self._batch is not None)
+            self._send(data_chunk_header(cookie, offset, length), buf)
+        self._replies.replied(length, True)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         """Answer a request whose I/O raised: every request gets a reply, even after a bug.
@@ -576,6 +576,7 @@ class NBDConnection(asyncio.BufferedProtocol):
     def _maybe_finished(self) -> None:
         if not self._disconnecting or self._in_flight:
             return
+        self._flush_batch()  # replies collected this turn leave before the close
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
         if not self._closed.done():

@@ -17,12 +17,16 @@ from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image
 
-from .nbd.constants import BASE_ALLOCATION, CommandFlag, TransmissionFlag
+from .nbd.constants import BASE_ALLOCATION, Command, CommandFlag, TransmissionFlag
 from .nbd.handshake import ExportInfo
 from .nbd.transmission import MAX_EXTENTS, Request, block_status_chunk
 
 #: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
+#: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us a request).
+_FUA: Final = int(CommandFlag.FUA)
+_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
+_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 #: The metadata context of the blocks a CBT log marks.
 CBT_CONTEXT: Final = "qemu:dirty-bitmap:cbt"
 #: Its flag for a marked (changed) block; unchanged blocks have none.
@@ -96,6 +100,42 @@ class Export:
         if self.changes is None or self.changes.cbt_log is None:
             return self._info
         return replace(self._info, contexts=(*self._info.contexts, CBT_CONTEXT))
+
+    async def perform(
+        self, request: Request, contexts: tuple[tuple[int, str], ...]
+    ) -> list[bytes] | None:
+        """Carry out a request other than READ and DISC on the image (checked already):
+        the reply chunks of a BLOCK_STATUS, else None for a plain success.  Failures
+        raise as the image does."""
+        image, command, flags, offset, length = (
+            self.image,
+            request.command,
+            request.flags,
+            request.offset,
+            request.length,
+        )
+        fua = bool(flags & _FUA)
+        if command == Command.BLOCK_STATUS:
+            return await self.block_status(contexts, request)
+        if not length and command != Command.FLUSH:
+            return None  # a zero-length request does nothing
+        if command == Command.WRITE:
+            await image.write(offset, memoryview(request.payload), fua)  # type: ignore[arg-type]
+        elif command == Command.FLUSH:
+            await image.flush()
+        elif command == Command.TRIM:
+            await image.discard(offset, length, fua)
+        elif command == Command.WRITE_ZEROES:
+            await image.write_zeroes(
+                offset,
+                length,
+                may_unmap=not flags & _NO_HOLE,
+                fast_only=bool(flags & _FAST_ZERO),
+                fua=fua,
+            )
+        elif command == Command.CACHE:
+            await image.cache(offset, length)
+        return None
 
     async def block_status(
         self, contexts: tuple[tuple[int, str], ...], request: Request

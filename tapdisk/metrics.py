@@ -1,6 +1,6 @@
 """Prometheus metrics of tapdisk devices, built at scrape time from VBD stats.
 
-The request path only bumps plain integers (``scheduler.Stats``); this module turns a
+The request path only bumps plain integers (``iostats.Stats``); this module turns a
 list of STATS objects (the shape is documented in ``tapdisk/ctl/protocol.py``) into metric
 families when Prometheus scrapes.  Nothing is kept between scrapes, so a device that
 goes away simply stops appearing and its series go stale.

@@ -24,49 +24,38 @@ Every request from every NBD connection to a VBD passes through one
    list, they do not fail) and a group in back-off goes back to the list, so
    a pause never waits for a retrying request's deadline.
 
+**Direct requests** skip steps 2 and 3: when the image starts requests itself and
+ends them in a callback (librbd, ``Image.start_read``/``start_write``), a read or
+write that finds the device running and a slot free starts at once, with no task
+and no future, on the way from the socket to librbd.  It holds its slot, is
+watched and counted, a FLUSH waits for such a write, and a pause waits for it like
+any executing request; if it fails, it is retried through the queue (step 4)
+before its caller hears of it.  Its deadline then counts from the retry.
+
 A watchdog logs requests that make no progress for ``watchdog`` seconds.
-Statistics are plain integers updated on the request path (see ``Stats``).
+Statistics are plain integers updated on the request path (see ``iostats.Stats``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import errno
 import logging
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Final
 
-from tapdisk.drivers.base import Image
+from tapdisk.drivers.base import Image, IoDone
+
+from .iostats import Stats
 
 log = logging.getLogger("tapdisk.scheduler")
 
 #: Errnos worth retrying: the device or the network may come back.
 TRANSIENT: Final = frozenset({errno.EAGAIN, errno.EBUSY, errno.EINTR, errno.EIO, errno.ETIMEDOUT})
-
-#: Upper bounds (microseconds) of the latency histogram buckets; the last bucket is +Inf.
-LATENCY_BUCKETS_US: Final = (
-    50,
-    100,
-    250,
-    500,
-    1_000,
-    2_500,
-    5_000,
-    10_000,
-    25_000,
-    50_000,
-    100_000,
-    250_000,
-    500_000,
-    1_000_000,
-    2_500_000,
-    5_000_000,
-    10_000_000,
-)
 
 # Request kinds.
 READ: Final = 0
@@ -94,82 +83,6 @@ class SchedulerLimits:
             raise ValueError(f"max_merge must not be negative, got {self.max_merge}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
-
-
-class Stats:
-    """Counters of one VBD; plain integers, read by the control socket."""
-
-    __slots__ = (
-        "bytes_read",
-        "bytes_read_failed",
-        "bytes_written",
-        "bytes_written_failed",
-        "discard_us",
-        "discards",
-        "errors",
-        "flush_us",
-        "flushes",
-        "io_ns",
-        "latency_buckets",
-        "latency_count",
-        "latency_max_us",
-        "latency_sum_us",
-        "read_merges",
-        "read_us",
-        "reads",
-        "retries",
-        "write_merges",
-        "write_us",
-        "writes",
-        "zeroes",
-        "zeroes_us",
-    )
-
-    def __init__(self) -> None:
-        self.reads = 0
-        self.writes = 0
-        self.flushes = 0
-        self.discards = 0
-        self.zeroes = 0
-        self.bytes_read = 0
-        self.bytes_written = 0
-        # Bytes of the reads and writes failed to the client (blktap's stats count them).
-        self.bytes_read_failed = 0
-        self.bytes_written_failed = 0
-        # Summed latency of the requests completed successfully, per kind.
-        self.read_us = 0
-        self.write_us = 0
-        self.flush_us = 0
-        self.discard_us = 0
-        self.zeroes_us = 0
-        self.read_merges = 0
-        self.write_merges = 0
-        self.retries = 0
-        #: Nanoseconds with at least one request in flight, up to the start of the
-        #: current busy period (``Scheduler.io_time_ns`` adds the rest).
-        self.io_ns = 0
-        #: (operation, errno name) -> count of requests that failed with it.
-        self.errors: dict[tuple[str, str], int] = {}
-        self.latency_buckets = [0] * (len(LATENCY_BUCKETS_US) + 1)
-        self.latency_count = 0
-        self.latency_sum_us = 0
-        self.latency_max_us = 0
-
-    @property
-    def merges(self) -> int:
-        """Requests absorbed into a neighbour's I/O, reads and writes together."""
-        return self.read_merges + self.write_merges
-
-    def latency(self, us: int) -> None:
-        self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_US, us)] += 1
-        self.latency_count += 1
-        self.latency_sum_us += us
-        if us > self.latency_max_us:
-            self.latency_max_us = us
-
-    def error(self, op: str, code: int | None) -> None:
-        key = (op, errno.errorcode.get(code or 0, "EIO") if code else "EIO")
-        self.errors[key] = self.errors.get(key, 0) + 1
 
 
 class _Req:
@@ -277,6 +190,25 @@ class Scheduler:
         """Run ``fn(image)`` as a queued, retried, unmerged request; returns its result."""
         return await self._submit(_Req(OTHER, name, fn=fn))
 
+    def start_read(self, offset: int, buf: memoryview, done: IoDone) -> bool:
+        """Start a read now, with no task, no queue and no merging, when nothing stands in
+        its way: the device runs, a slot is free and nobody waits for one, and the image
+        starts reads itself (``Image.start_read``, librbd).  It holds a slot, is watched
+        and counted like a queued read, and a pause waits for it; a failed attempt is
+        retried through the queue (back-off, deadline) before ``done`` hears of it.
+
+        False, having started nothing: the caller awaits ``read``.  The first request of
+        a device always takes the queue (it sets up the watchdog).
+        """
+        return self._start_direct(_Req(READ, "read", offset, buf), done)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        """``start_read`` for a write, which a FLUSH dispatched after it waits for as for a
+        queued one.  Only while nothing is queued: a write never overtakes a queued one."""
+        if self._pending:
+            return False
+        return self._start_direct(_Req(WRITE, "write", offset, data, fua), done)
+
     # -- pause -------------------------------------------------------------------
 
     async def quiesce(self) -> None:
@@ -314,9 +246,7 @@ class Scheduler:
         if self.closed:
             raise OSError(errno.ESHUTDOWN, "device closed")
         if self._free > 0 and not self._slot_waiters:
-            self._free -= 1
-            if self._free == self.limits.queue_depth - 1:
-                self._busy_since = time.monotonic_ns()
+            self._take_slot()
         else:
             await self._wait_slot()
         try:
@@ -334,6 +264,11 @@ class Scheduler:
                     return req.result
         finally:
             self._release_slot()
+
+    def _take_slot(self) -> None:
+        self._free -= 1
+        if self._free == self.limits.queue_depth - 1:
+            self._busy_since = time.monotonic_ns()
 
     async def _wait_slot(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -360,7 +295,7 @@ class Scheduler:
     def _schedule_dispatch(self) -> None:
         if not self._dispatch_scheduled and not self.paused and self._pending:
             self._dispatch_scheduled = True
-            asyncio.get_running_loop().call_soon(self._dispatch)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
@@ -476,8 +411,69 @@ class Scheduler:
             if leader.seq:
                 self._write_done(leader.seq)
                 leader.seq = 0
-            if self._idle is not None and not self._active and not self._idle.done():
-                self._idle.set_result(None)
+            self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        """Wake a pause waiting for the last executing request to end."""
+        if self._idle is not None and not self._active and not self._idle.done():
+            self._idle.set_result(None)
+
+    def _start_direct(self, req: _Req, done: IoDone) -> bool:
+        """Have the image start ``req`` itself if nothing stands in its way (see
+        ``start_read``); it then holds a slot and counts as executing."""
+        image = self.image
+        if self.paused or image is None or self._loop is None or self._slot_waiters:
+            return False
+        if self._free <= 0:
+            return False
+        ended = partial(self._direct_done, req, done)
+        buf = req.buf
+        assert buf is not None
+        if req.kind == READ:
+            started = image.start_read(req.offset, buf, ended)
+        else:
+            started = image.start_write(req.offset, buf, req.fua, ended)
+        if not started:
+            return False
+        self._take_slot()
+        req.submitted = time.monotonic_ns()
+        req.started = time.monotonic()
+        if req.kind == WRITE:
+            self._write_seq += 1
+            req.seq = self._write_seq
+            self._writes_active.add(req.seq)
+        self._active.add(req)
+        return True
+
+    def _direct_done(self, req: _Req, done: IoDone, exc: BaseException | None) -> None:
+        """A request ``_start_direct`` started has ended: account for it, or queue it again."""
+        self._active.discard(req)
+        if req.seq:
+            self._write_done(req.seq)
+            req.seq = 0
+        self._release_slot()
+        self._maybe_idle()
+        if exc is None:
+            self._account(req, None, time.monotonic_ns())
+            done(None)
+            return
+        self.stats.retries += 1
+        assert self._loop is not None
+        self._loop.create_task(self._again(req, done))
+
+    async def _again(self, req: _Req, done: IoDone) -> None:
+        """Retry a failed direct request through the queue, then tell its caller."""
+        buf = req.buf
+        assert buf is not None
+        try:
+            if req.kind == READ:
+                await self.read(req.offset, buf)
+            else:
+                await self.write(req.offset, buf, req.fua)
+        except Exception as exc:
+            done(exc)
+            return
+        done(None)
 
     async def _perform(self, image: Image, group: list[_Req]) -> None:
         leader = group[0]
@@ -533,35 +529,9 @@ class Scheduler:
         With ``leader_first`` the first request is the leader, which returns or
         raises by itself; every other request's future is completed.
         """
-        stats = self.stats
         now = time.monotonic_ns()
         for i, req in enumerate(group):
-            us = (now - req.submitted) // 1000
-            stats.latency(us)
-            kind = req.kind
-            if exc is not None:
-                stats.error(req.name, getattr(exc, "errno", None))
-                if kind == READ:
-                    stats.bytes_read_failed += len(req.buf)  # type: ignore[arg-type]
-                elif kind == WRITE:
-                    stats.bytes_written_failed += len(req.buf)  # type: ignore[arg-type]
-            elif kind == READ:
-                stats.reads += 1
-                stats.bytes_read += len(req.buf)  # type: ignore[arg-type]
-                stats.read_us += us
-            elif kind == WRITE:
-                stats.writes += 1
-                stats.bytes_written += len(req.buf)  # type: ignore[arg-type]
-                stats.write_us += us
-            elif kind == FLUSH:
-                stats.flushes += 1
-                stats.flush_us += us
-            elif req.name == "discard":
-                stats.discards += 1
-                stats.discard_us += us
-            elif req.name == "write_zeroes":
-                stats.zeroes += 1
-                stats.zeroes_us += us
+            self._account(req, exc, now)
             if i == 0 and leader_first:
                 continue
             assert req.future is not None
@@ -573,6 +543,36 @@ class Scheduler:
                 req.future.set_exception(OSError(exc.errno, exc.strerror))
             else:
                 req.future.set_exception(exc)
+
+    def _account(self, req: _Req, exc: BaseException | None, now: int) -> None:
+        """Count one ended request in the statistics (``now`` in monotonic ns)."""
+        stats = self.stats
+        us = (now - req.submitted) // 1000
+        stats.latency(us)
+        kind = req.kind
+        if exc is not None:
+            stats.error(req.name, getattr(exc, "errno", None))
+            if kind == READ:
+                stats.bytes_read_failed += len(req.buf)  # type: ignore[arg-type]
+            elif kind == WRITE:
+                stats.bytes_written_failed += len(req.buf)  # type: ignore[arg-type]
+        elif kind == READ:
+            stats.reads += 1
+            stats.bytes_read += len(req.buf)  # type: ignore[arg-type]
+            stats.read_us += us
+        elif kind == WRITE:
+            stats.writes += 1
+            stats.bytes_written += len(req.buf)  # type: ignore[arg-type]
+            stats.write_us += us
+        elif kind == FLUSH:
+            stats.flushes += 1
+            stats.flush_us += us
+        elif req.name == "discard":
+            stats.discards += 1
+            stats.discard_us += us
+        elif req.name == "write_zeroes":
+            stats.zeroes += 1
+            stats.zeroes_us += us
 
     # -- watchdog ----------------------------------------------------------------
 

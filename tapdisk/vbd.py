@@ -7,7 +7,9 @@ one queue, one set of statistics and one pause state.  Requests go through the
 ``read_nowait``/``write_nowait`` shortcut while the device runs, and any error
 there falls back to the queued path so that it is retried.  A hit is timed with
 a ``perf_counter_ns`` pair (tens of nanoseconds against the microseconds of the
-copy) so that its latency and busy time are real, not zero.
+copy) so that its latency and busy time are real, not zero.  Reads and writes an
+image starts itself (librbd's) skip the queue while the device runs
+(``Scheduler.start_read``).
 
 Pause quiesces the scheduler (new requests wait, in-flight ones drain),
 flushes and closes the image.  Unpause opens the same spec or a new one of
@@ -40,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from time import perf_counter_ns
 from typing import Any, Final
 
-from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError
+from tapdisk.drivers.base import Capabilities, Extent, Image, ImageError, IoDone
 from tapdisk.drivers.cbtlayer import CbtImage
 from tapdisk.drivers.fileio import io_pool
 from tapdisk.drivers.imageops import create_image
@@ -53,7 +55,7 @@ from tapdisk.drivers.registry import (
     snapshotter_for,
 )
 
-from .scheduler import LATENCY_BUCKETS_US, Scheduler, SchedulerLimits
+from .scheduler import Scheduler, SchedulerLimits
 
 log = logging.getLogger("tapdisk.vbd")
 
@@ -228,6 +230,12 @@ class VBD(Image):
         if not scheduler.in_flight:
             stats.io_ns += ns  # the device was idle: this hit is all of its busy time
         return True
+
+    def start_read(self, offset: int, buf: memoryview, done: IoDone) -> bool:
+        return self.scheduler.start_read(offset, buf, done)
+
+    def start_write(self, offset: int, data: memoryview, fua: bool, done: IoDone) -> bool:
+        return self.scheduler.start_write(offset, data, fua, done)
 
     async def read(self, offset: int, buf: memoryview) -> None:
         await self.scheduler.read(offset, buf)
@@ -481,12 +489,7 @@ class VBD(Image):
 
     def stats_dict(self) -> dict[str, Any]:
         """The counters as JSON-ready data; the shape is documented in tapdisk/ctl/protocol.py."""
-        s = self.stats
-        cumulative = 0
-        buckets: list[list[Any]] = []
-        for bound, count in zip((*LATENCY_BUCKETS_US, "+Inf"), s.latency_buckets, strict=True):
-            cumulative += count
-            buckets.append([bound, cumulative])
+        scheduler = self.scheduler
         return {
             "spec": self._spec,
             "format": self._format,
@@ -495,35 +498,10 @@ class VBD(Image):
             "paused": self._paused,
             "cbt_log": self._cbt_log,
             "secondary": self.secondary,
-            "reads": s.reads,
-            "writes": s.writes,
-            "flushes": s.flushes,
-            "discards": s.discards,
-            "write_zeroes": s.zeroes,
-            "bytes_read": s.bytes_read,
-            "bytes_written": s.bytes_written,
-            "read_time_us": s.read_us,
-            "write_time_us": s.write_us,
-            "flush_time_us": s.flush_us,
-            "discard_time_us": s.discard_us,
-            "write_zeroes_time_us": s.zeroes_us,
-            "io_time_us": self.scheduler.io_time_ns() // 1000,
-            "merges": s.merges,
-            "read_merges": s.read_merges,
-            "write_merges": s.write_merges,
-            "retries": s.retries,
-            "in_flight": self.scheduler.in_flight,
-            "queued": self.scheduler.queued,
-            "errors": [
-                {"op": op, "errno": name, "count": count}
-                for (op, name), count in sorted(s.errors.items())
-            ],
-            "latency_us": {
-                "count": s.latency_count,
-                "sum": s.latency_sum_us,
-                "max": s.latency_max_us,
-                "buckets": buckets,
-            },
+            **self.stats.as_dict(),
+            "io_time_us": scheduler.io_time_ns() // 1000,
+            "in_flight": scheduler.in_flight,
+            "queued": scheduler.queued,
         }
 
 

@@ -556,3 +556,22 @@ def test_disc_finishes_in_flight_requests_then_closes(server):
     assert client.simple_reply() == (0, 91)
     client.assert_closed()
     assert server.image.read_bytes()[:4096] == b"d" * 4096
+
+
+def test_disc_after_requests_answered_at_once_still_sends_their_replies(server):
+    """A read from the page cache and a plain write are answered while their receive is
+    decoded; a DISC in the same receive closes only after those replies have left."""
+    client = Client(server.socket)
+    client.go()
+    client.read(0, 4096)  # the image's first page is in the page cache now
+    client.sock.sendall(
+        REQUEST.pack(REQUEST_MAGIC, 0, CMD_READ, 93, 0, 4096)
+        + REQUEST.pack(REQUEST_MAGIC, 0, CMD_WRITE, 94, 8192, 4096)
+        + b"e" * 4096
+        + REQUEST.pack(REQUEST_MAGIC, 0, CMD_DISC, 0, 0, 0)
+    )
+    assert client.simple_reply() == (0, 93)
+    assert client.recv(4096) == b"\x5a" * 4096
+    assert client.simple_reply() == (0, 94)
+    client.assert_closed()
+    assert server.image.read_bytes()[8192:12288] == b"e" * 4096

@@ -257,3 +257,33 @@ def test_an_image_outliving_its_event_loop_serves_the_next_one(ceph: Cluster) ->
     assert asyncio.run(read(0)) == expected[:MiB]
     assert asyncio.run(read(3 * MiB)) == expected[3 * MiB : 4 * MiB]
     asyncio.run(image.close())
+
+
+def test_reads_started_without_a_task_land_in_the_buffer_and_respect_the_fault_layer(
+    ceph: Cluster,
+) -> None:
+    """``start_read`` (the VBD's direct reads) fills the caller's buffer and calls back on
+    the loop; the fault layer declines it, and ``start_write``, while a fault can come."""
+    name = ceph.create("8M")
+    ceph.rbd("bench", "--io-type", "write", "--io-size", "4M", "--io-total", "8M", name)
+    expected = ceph.export(name, Path(ceph.directory) / "started.raw")
+    later = open_image(f"fault:start=600,count=1,ops=read+write:{ceph.spec(name)}", OpenOptions())
+    spent = open_image(f"fault:count=1,ops=read:{ceph.spec(name)}", OpenOptions(read_only=True))
+
+    async def go() -> None:
+        buf = bytearray(64 * 1024)
+        view = memoryview(buf)
+        ended: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
+        await later.read(0, view)  # no fault in its first 600 s; the completions are attached
+        assert not later.start_read(0, view, ended.set_result)  # a fault is still to come
+        assert not later.start_write(0, view, False, ended.set_result)
+        with pytest.raises(OSError):
+            await spent.read(0, view)  # its one fault
+        await spent.read(0, view)
+        assert spent.start_read(3 * MiB, view, ended.set_result)
+        assert await asyncio.wait_for(ended, 30) is None
+        assert bytes(buf) == expected[3 * MiB : 3 * MiB + len(buf)]
+        await later.close()
+        await spent.close()
+
+    asyncio.run(go())

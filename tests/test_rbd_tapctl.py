@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from cbt_helpers import BLOCK, marked, write_log
 from rbd_helpers import Cluster
 from tapctl_helpers import TapCtl, nbd_uri
 
@@ -51,9 +52,12 @@ def test_an_rbd_spec_with_no_cluster_configured_fails_in_one_line(
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("during", ["write", "read"])
 def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
-    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path, during: str
 ) -> None:
+    """A write takes the VBD's queue; a read, after the first request, is started at once
+    (``Scheduler.start_read``) and goes through the queue only once it has failed."""
     name = ceph.create("8M")
     pid = int(tapctl.out("spawn"))
     # librbd gives up on the OSD after 2 s: the request fails with ETIMEDOUT and the VBD
@@ -64,17 +68,21 @@ def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
     handle.connect_uri(nbd_uri(sock))
     handle.pwrite(b"\x01" * MiB, 0)
     errors: list[BaseException] = []
+    got: list[bytes] = []
     done = threading.Event()
 
-    def write_while_down() -> None:
+    def io_while_down() -> None:
         try:
-            handle.pwrite(b"\x02" * MiB, 0)
-            handle.flush()
+            if during == "write":
+                handle.pwrite(b"\x02" * MiB, 0)
+                handle.flush()
+            else:
+                got.append(handle.pread(MiB, 0))
         except BaseException as exc:
             errors.append(exc)
         done.set()
 
-    thread = threading.Thread(target=write_while_down)
+    thread = threading.Thread(target=io_while_down)
     ceph.restart_osd(down=5.0, during=thread.start)
     assert done.wait(120)
     thread.join()
@@ -82,7 +90,10 @@ def test_an_osd_outage_longer_than_the_op_timeout_is_retried_by_the_vbd(
     stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", sock.rsplit(".", 1)[1]))
     assert stats["vbd"]["retries"] >= 1  # librbd did fail it: the retry is what saved it
     handle.shutdown()
-    assert ceph.export(name, tmp_path / "export.raw")[:MiB] == b"\x02" * MiB
+    if during == "read":
+        assert got == [b"\x01" * MiB]
+    else:
+        assert ceph.export(name, tmp_path / "export.raw")[:MiB] == b"\x02" * MiB
 
 
 def test_tapctl_snapshot_of_an_rbd_device_takes_an_rbd_snapshot_in_place(
@@ -127,3 +138,42 @@ def test_the_configuration_takes_rbd_devices_whatever_allowed_dirs_says() -> Non
     assert [d.spec for d in config.devices] == ["rbd:rbd/vm1", "raw:/srv/images/a.img"]
     with pytest.raises(ConfigError, match="ceph_conf: expected an absolute file path"):
         parse("ceph_conf: ceph.conf\n")
+
+
+def test_writes_librbd_starts_itself_are_marked_in_the_cbt_log(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    """After the first request, a write to an rbd device skips the VBD's queue
+    (``start_write``): the CBT layer marks it all the same, before it starts."""
+    name = ceph.create("64M")
+    log = write_log(tmp_path / "disk.cbtlog", 64 * MiB, ())
+    _, _, sock = tapctl.spawn_open(ceph.spec(name), "-C", str(log))
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"a" * 512, 0)  # the first request takes the queue
+    handle.pwrite(b"b" * BLOCK, 7 * BLOCK)
+    handle.pwrite(b"c" * 2, 21 * BLOCK - 1)
+    handle.pwrite(b"d" * 4096, 40 * BLOCK, nbd.CMD_FLAG_FUA)
+    handle.flush()
+    assert marked(log) == {0, 7, 20, 21, 40}
+    handle.shutdown()
+
+
+def test_writes_to_a_mirrored_rbd_device_reach_the_secondary(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    """The mirror layer keeps every write of an rbd primary to itself (no ``start_write``),
+    so each reaches the secondary too."""
+    name = ceph.create("16M")
+    secondary = tmp_path / "s.img"
+    secondary.write_bytes(bytes(16 * MiB))
+    _, _, sock = tapctl.spawn_open(ceph.spec(name), "-2", f"raw:{secondary}")
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    for i in range(8):
+        handle.pwrite(bytes([i + 1]) * MiB, i * MiB)
+    handle.flush()
+    handle.shutdown()
+    expected = b"".join(bytes([i + 1]) * MiB for i in range(8))
+    assert secondary.read_bytes()[: 8 * MiB] == expected
+    assert ceph.export(name, tmp_path / "export.raw")[: 8 * MiB] == expected

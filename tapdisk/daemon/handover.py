@@ -48,9 +48,9 @@ from tapdisk.ctl.protocol import ControlProtocolError, Request, Response
 
 from ..connection import NBDConnection
 from ..export import DirectAttach
+from ..iostats import Stats
 from ..nbd.constants import TransmissionFlag
 from ..nbd.handshake import Handshake
-from ..scheduler import Stats
 from .device import Device
 from .errors import ControlError
 from .holdtime import Phases, all_of, flush_ahead
@@ -73,6 +73,7 @@ class Daemon(Protocol):
     async def open_adopted(
         self, number: int, args: dict[str, Any], timeout: float, path: str
     ) -> Device: ...
+
 
 log = logging.getLogger("tapdisk.daemon")
 
@@ -155,6 +156,7 @@ def _settled(connection: NBDConnection) -> bool:
     return (
         not connection._in_flight
         and not connection._backlog
+        and not connection._batch  # replies collected this turn, sent at its end
         and (transport is None or not transport.get_write_buffer_size())
     )
 
