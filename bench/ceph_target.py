@@ -6,7 +6,7 @@ image would measure the lock going back and forth), both imported from bench.py'
 The OSD keeps its data in memory (memstore): there is no page cache to set before a job, and
 the numbers are librbd's and the servers', not a disk's.  ``rbd bench`` on a third copy, with
 the workloads' pattern, size and depth, is printed as the ceiling: librbd with no NBD and no
-server in the way.
+server in the way (for writes with librbd's cache on and off).
 
 The cluster lives in the target's work directory (``ceph/``) and is stopped by ``stop``.
 """
@@ -86,12 +86,26 @@ def rbd(workdir: Path, *args: str) -> str:
 
 
 def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> str:
-    """``rbd bench`` with a fio workload's shape, on ``rbd/image``: 'N IOPS, M MB/s'."""
+    """``rbd bench`` with a fio workload's shape, on ``rbd/image``: 'N IOPS, M MB/s'.
+
+    A write workload is measured twice: with librbd's cache on (Ceph's default, and what
+    qemu-nbd's default writeback mode asks for) and off (as tapdisk runs, so that a write
+    is in the cluster when it is acknowledged).
+    """
+    if "write" not in rw:
+        return _rbd_bench(workdir, rw, bs, iodepth, numjobs)
+    cached = _rbd_bench(workdir, rw, bs, iodepth, numjobs)
+    uncached = _rbd_bench(workdir, rw, bs, iodepth, numjobs, "--rbd-cache=false")
+    return f"{cached} with librbd's cache, {uncached} without"
+
+
+def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *extra: str) -> str:
     pattern = "rand" if rw.startswith("rand") else "seq"
     io_type = "write" if "write" in rw else "read"
     total = "256M" if bs == "4k" else "4G"
     out = rbd(
         workdir,
+        *extra,
         "bench",
         "--io-type",
         io_type,
