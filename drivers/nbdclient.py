@@ -158,7 +158,12 @@ class _Wire:
             self._writing = False
 
     def check(self) -> None:
-        """``update``, or report the connection dead (after libnbd met an error)."""
+        """``update``, or report the connection dead (after libnbd met an error).
+
+        Called after every libnbd call that may move the connection: a dead handle has
+        closed its socket, and the loop must stop watching that descriptor before it next
+        polls (libuv aborts the process on a closed descriptor it was asked to watch).
+        """
         if self.handle.aio_is_dead() or self.handle.aio_is_closed():
             self._on_dead(self)
         else:
@@ -346,7 +351,9 @@ class NbdImage(Image):
             if wire is not self._wire or code in _CONNECTION_ERRNOS:
                 raise OSError(errno.EAGAIN, f"{where}: connection lost") from None
             raise OSError(code, f"{where}: {_one_line(exc.string)}") from None
-        wire.update()
+        # libnbd may have found the connection dead while sending, and closed its socket,
+        # without failing the call: the loop must stop watching it now (see ``check``).
+        wire.check()
         try:
             code = await future
         finally:

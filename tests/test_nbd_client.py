@@ -237,6 +237,38 @@ def test_reconnects_when_the_server_restarts_during_io(tapctl, tmp_path: Path) -
         up.stop()
 
 
+def test_a_server_gone_before_the_first_request_is_reconnected_to(tapctl, tmp_path: Path) -> None:
+    """The connection made at open dies before any request used it: libnbd closes its socket
+    inside the first write, which must not leave the event loop watching a closed descriptor
+    (uvloop aborted the whole tapdisk); the write is retried once the server is back."""
+    up = nbdkit(tmp_path / "up.sock", "memory", "4M")
+    try:
+        pid, _minor, sock = tapctl.spawn_open(f"nbd:{up.uri()}")
+        up.kill()
+        client = nbd.NBD()
+        client.connect_uri(f"nbd+unix:///?socket={sock}")
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                client.pwrite(b"\x05" * 4096, 8192)
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        time.sleep(1.0)
+        assert pid in tapctl.pids()
+        up.start()
+        thread.join(60)
+        assert not thread.is_alive() and errors == []
+        assert client.pread(4096, 8192) == b"\x05" * 4096
+        client.shutdown()
+        assert pid in tapctl.pids()
+    finally:
+        up.stop()
+
+
 def test_server_gone_past_the_deadline_fails_the_request_and_recovers(
     tapctl, tmp_path: Path
 ) -> None:
