@@ -358,54 +358,53 @@ class NBDConnection(asyncio.BufferedProtocol):
         if error is not None:
             self._send_error(request, error, "invalid request")
             return
-        image = self.image
-        assert image is not None
         if command == _WRITE:
-            payload = request.payload
-            if payload is None:  # zero-length write
+            if request.payload is None:  # zero-length write
                 self._ack(request.cookie)
-                return
-            fua = bool(request.flags & _FUA)
-            try:
-                if not fua and image.write_nowait(request.offset, memoryview(payload)):
-                    self._ack(request.cookie)
-                    return
-                # What follows outlives the receive buffer the payload may be borrowed from.
-                request = request.owned()
-                payload = request.payload
-                ended = partial(self._ended, request, None)
-                started = image.start_write(request.offset, memoryview(payload), fua, ended)
-            except Exception as exc:
-                self._fail(request, exc)
-                return
-            if started:
-                self._started(request.length)
             else:
-                self._start(self._run(request), request.length)
+                self._read_or_write(request, None)
         elif command == _READ:
             if not self._replies.admit(request.length):
                 self._backlog.appendleft(request.owned())  # first when there is room
                 self._update_reading()
                 return
-            buf = bytearray(request.length)
-            view = memoryview(buf)
-            try:
-                if image.read_nowait(request.offset, view):
-                    self._send_read(request, buf)
-                    return
-                # librbd's requests end in a callback: no task (see _ended).
-                started = image.start_read(request.offset, view, partial(self._ended, request, buf))
-            except Exception as exc:
-                self._fail(request, exc)
-                return
-            if started:
-                self._started(request.length)
-            else:
-                self._start(self._run(request, buf), request.length)
+            self._read_or_write(request, bytearray(request.length))
         elif command == _DISC:
             self._close_when_drained()
         else:
             self._start(self._run(request), 0)
+
+    def _read_or_write(self, request: Request, buf: bytearray | None) -> None:
+        """A READ into ``buf``, or a WRITE (``buf`` None), the fastest way the image takes:
+        answered at once (page cache), started by the image and ended in ``_ended`` with no
+        task (librbd's requests end in a callback), or run in a task."""
+        image = self.image
+        assert image is not None
+        try:
+            if buf is not None:
+                if image.read_nowait(request.offset, memoryview(buf)):
+                    self._send_read(request, buf)
+                    return
+                started = image.start_read(
+                    request.offset, memoryview(buf), partial(self._ended, request, buf)
+                )
+            else:
+                fua = bool(request.flags & _FUA)
+                if not fua and image.write_nowait(request.offset, memoryview(request.payload)):
+                    self._ack(request.cookie)
+                    return
+                # What follows outlives the receive buffer the payload may be borrowed from.
+                request = request.owned()
+                payload = memoryview(request.payload)  # type: ignore[arg-type]
+                ended = partial(self._ended, request, None)
+                started = image.start_write(request.offset, payload, fua, ended)
+        except Exception as exc:
+            self._fail(request, exc)
+            return
+        if started:
+            self._started(request.length)
+        else:
+            self._start(self._run(request, buf), request.length)
 
     def _start(self, coro, nbytes: int) -> None:  # type: ignore[no-untyped-def]
         task = self._loop.create_task(coro)
