@@ -17,6 +17,7 @@ import nbd
 import pytest
 from helpers import Served, require, run
 from nbd_servers import Upstream, make_certificates, nbdkit, qemu_nbd, random_file
+from tapctl_helpers import alive
 
 SIZE = 16 << 20
 
@@ -258,13 +259,13 @@ def test_a_server_gone_before_the_first_request_is_reconnected_to(tapctl, tmp_pa
         thread = threading.Thread(target=write)
         thread.start()
         time.sleep(1.0)
-        assert pid in tapctl.pids()
+        assert alive(pid)  # the write waits for the server, the tapdisk with it
         up.start()
         thread.join(60)
         assert not thread.is_alive() and errors == []
         assert client.pread(4096, 8192) == b"\x05" * 4096
         client.shutdown()
-        assert pid in tapctl.pids()
+        assert alive(pid)
     finally:
         up.stop()
 
