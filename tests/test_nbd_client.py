@@ -284,7 +284,7 @@ def test_server_gone_past_the_deadline_fails_the_request_and_recovers(
         up.kill()
         with pytest.raises(nbd.Error):
             client.pwrite(b"\x02" * 4096, 0)
-        assert pid in tapctl.pids()
+        assert alive(pid)
         up.start()  # a new, empty memory export of the same size
         deadline = time.monotonic() + 30
         while True:
@@ -332,7 +332,7 @@ def test_tapctl_opens_nbd_images(tapctl, tmp_path: Path) -> None:
         assert "Pattern verification failed" not in out
         check = run(require("qemu-io"), "-f", "raw", "-r", "-c", "read -P 0x62 1M 1M", up.uri())
         assert "Pattern verification failed" not in check
-        assert pid in tapctl.pids()
+        assert alive(pid)
     finally:
         up.stop()
 
@@ -360,7 +360,7 @@ def test_descriptor_passed_over_nbdclient_socket(tapctl, tmp_path: Path) -> None
         # A name nobody passed is a clear error, and the tapdisk stays up.
         bad = tapctl("open", "-p", str(pid), "-a", "nbd:nobody-sent-this", check=False)
         assert bad.returncode != 0 and "no descriptor was passed" in bad.stderr
-        assert pid in tapctl.pids()
+        assert alive(pid)
     finally:
         up.stop()
 
