@@ -311,15 +311,7 @@ class Scheduler:
                     self.stats.read_merges += len(group) - 1
                 else:
                     self.stats.write_merges += len(group) - 1
-            if leader.kind == WRITE:
-                self._write_seq += 1
-                leader.seq = self._write_seq
-                self._writes_active.add(leader.seq)
-            elif leader.kind == FLUSH:
-                leader.barrier = self._write_seq
-            leader.started = now
-            leader.warned = 0.0
-            self._active.add(leader)
+            self._executing(leader, now)
             assert leader.future is not None
             leader.future.set_result(group)
 
@@ -407,14 +399,28 @@ class Scheduler:
             self._finish(group[1:], OSError(errno.EIO, "request cancelled"), leader_first=False)
             raise
         finally:
-            self._active.discard(leader)
-            if leader.seq:
-                self._write_done(leader.seq)
-                leader.seq = 0
-            self._maybe_idle()
+            self._executed(leader)
 
-    def _maybe_idle(self) -> None:
-        """Wake a pause waiting for the last executing request to end."""
+    def _executing(self, req: _Req, now: float) -> None:
+        """``req`` starts executing (queued or direct): a write takes the sequence number a
+        later FLUSH waits for, a FLUSH its barrier, and a pause waits for it."""
+        if req.kind == WRITE:
+            self._write_seq += 1
+            req.seq = self._write_seq
+            self._writes_active.add(req.seq)
+        elif req.kind == FLUSH:
+            req.barrier = self._write_seq
+        req.started = now
+        req.warned = 0.0
+        self._active.add(req)
+
+    def _executed(self, req: _Req) -> None:
+        """``req`` has stopped executing (ended, failed or requeued): the FLUSHes and the
+        pause waiting for it go on."""
+        self._active.discard(req)
+        if req.seq:
+            self._write_done(req.seq)
+            req.seq = 0
         if self._idle is not None and not self._active and not self._idle.done():
             self._idle.set_result(None)
 
@@ -422,9 +428,9 @@ class Scheduler:
         """Have the image start ``req`` itself if nothing stands in its way (see
         ``start_read``); it then holds a slot and counts as executing."""
         image = self.image
-        if self.paused or image is None or self._loop is None or self._slot_waiters:
+        if self.paused or image is None or self._loop is None:
             return False
-        if self._free <= 0:
+        if self._free <= 0 or self._slot_waiters:
             return False
         ended = partial(self._direct_done, req, done)
         buf = req.buf
@@ -437,22 +443,13 @@ class Scheduler:
             return False
         self._take_slot()
         req.submitted = time.monotonic_ns()
-        req.started = time.monotonic()
-        if req.kind == WRITE:
-            self._write_seq += 1
-            req.seq = self._write_seq
-            self._writes_active.add(req.seq)
-        self._active.add(req)
+        self._executing(req, time.monotonic())
         return True
 
     def _direct_done(self, req: _Req, done: IoDone, exc: BaseException | None) -> None:
         """A request ``_start_direct`` started has ended: account for it, or queue it again."""
-        self._active.discard(req)
-        if req.seq:
-            self._write_done(req.seq)
-            req.seq = 0
+        self._executed(req)
         self._release_slot()
-        self._maybe_idle()
         if exc is None:
             self._account(req, None, time.monotonic_ns())
             done(None)
