@@ -457,19 +457,24 @@ class RbdImage(Image):
                 self._completions.close()
 
 
+def _request_error(result: int) -> OSError:
+    """The error a request's negative librbd result stands for."""
+    return OSError(-result, f"rbd: {os.strerror(-result)}")
+
+
 def _settle(future: asyncio.Future[None], result: int) -> None:
     """Settle ``future`` with a librbd result (a negative errno is an OSError)."""
     if future.done():
         return  # the awaiting caller was cancelled
     if result < 0:
-        future.set_exception(OSError(-result, f"rbd: {os.strerror(-result)}"))
+        future.set_exception(_request_error(result))
     else:
         future.set_result(None)
 
 
 def _report(done: IoDone, result: int) -> None:
     """Tell a ``start_read``/``start_write`` caller how its request ended."""
-    done(OSError(-result, f"rbd: {os.strerror(-result)}") if result < 0 else None)
+    done(_request_error(result) if result < 0 else None)
 
 
 class Completions:
@@ -510,7 +515,7 @@ class Completions:
         result = start(completion)
         if result < 0:
             calls.rbd_aio_release(completion)
-            raise OSError(-result, f"rbd: {os.strerror(-result)}")
+            raise _request_error(result)
         self._pending[completion.value] = (ended, keep)  # type: ignore[index]
 
     def _reap(self) -> None:
