@@ -514,7 +514,7 @@ class NBDConnection(asyncio.BufferedProtocol):
             self._send(hole_chunk(cookie, offset, length))
         else:
             self._send(data_chunk_header(cookie, offset, length), buf)
-        self._replies.replied(length, True)
+        self._replies.replied(length)
 
     def _fail(self, request: Request, exc: Exception) -> None:
         """Answer a request whose I/O raised: every request gets a reply, even after a bug.

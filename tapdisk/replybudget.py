@@ -199,12 +199,9 @@ class ReplyAccount:
         self._credit, self._wanted = self._wanted, 0
         self._unblock()
 
-    def replied(self, nbytes: int, batched: bool) -> None:
-        """A READ's reply was handed to the transport, or collected for it (``batched``)."""
-        if batched:
-            self.batched += nbytes
-        else:
-            self._sent(nbytes)
+    def replied(self, nbytes: int) -> None:
+        """A READ's reply was collected in the connection's batch (``flushed`` sends it)."""
+        self.batched += nbytes
 
     def flushed(self) -> None:
         """The connection's batch was handed to the transport."""
