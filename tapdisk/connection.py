@@ -26,6 +26,7 @@ from tapdisk.drivers.base import Image, ImageError
 
 from . import tls
 from .admission import Admission
+from .allocator import io_buffer
 from .budget import PayloadBudget
 from .busypoll import BusyPoller
 from .export import MAX_PAYLOAD, DirectAttach, Export
@@ -368,7 +369,7 @@ class NBDConnection(asyncio.BufferedProtocol):
                 self._backlog.appendleft(request.owned())  # first when there is room
                 self._update_reading()
                 return
-            self._read_or_write(request, bytearray(request.length))
+            self._read_or_write(request, io_buffer(request.length))
         elif command == _DISC:
             self._close_when_drained()
         else:

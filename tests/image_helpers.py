@@ -26,13 +26,17 @@ def qemu_io(fmt: str, path: Path, *cmds: str) -> str:
 
 
 def read_all(spec: str, **options: object) -> bytes:
-    """Every byte of image ``spec`` (``TYPE:PATH``) read by our driver in odd-sized requests."""
+    """Every byte of image ``spec`` (``TYPE:PATH``) read by our driver in odd-sized requests.
+
+    The buffer starts full of 0xA5, not zeros: a driver must fill all of it (the server hands
+    drivers unzeroed memory), so a hole it skips shows up as bytes no other tool reads there.
+    """
     out = bytearray()
 
     async def go() -> None:
         img = open_image(spec, OpenOptions(read_only=True, **options))  # type: ignore[arg-type]
         try:
-            out.extend(bytes(img.size))
+            out.extend(b"\xa5" * img.size)
             view = memoryview(out)
             step = 1_000_000 + 4096
             for off in range(0, img.size, step):

@@ -22,6 +22,7 @@ import mmap
 from collections.abc import Iterable
 from typing import Final, NamedTuple
 
+from ..allocator import io_buffer
 from .constants import (
     ERROR_PAYLOAD_HEAD,
     EXTENT,
@@ -216,7 +217,7 @@ class RequestReader:
     def _start_payload(self) -> memoryview:
         """The WRITE payload's own buffer, holding what arrived with its header."""
         length = self.payload_bytes
-        payload = bytearray(length)
+        payload = io_buffer(length)
         start, end = self._start, self._end
         payload[: end - start] = self._view[start:end]
         self._start = self._end = 0
