@@ -7,7 +7,12 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tapdisk.nbd.transmission import HEADER_BUFFER_SIZE, SMALL_BUFFER_SIZE, RequestReader
+from tapdisk.nbd.transmission import (
+    HEADER_BUFFER_SIZE,
+    LARGE_PAYLOAD,
+    SMALL_BUFFER_SIZE,
+    RequestReader,
+)
 
 REQUEST = struct.Struct(">IHHQQI")
 REQUEST_MAGIC = 0x25609513
@@ -86,9 +91,38 @@ def test_a_payload_buffer_is_allocated_only_when_asked_for():
     assert reader.payload_bytes == 0
 
 
+def test_after_a_large_payload_the_next_one_goes_whole_into_its_own_buffer():
+    """The receive after a large write takes one header, so the next large write's payload
+    is received straight into its buffer: none of it lands in (and is copied out of) the
+    receive buffer."""
+    reader = RequestReader(MAX_PAYLOAD)
+    size = LARGE_PAYLOAD
+    first = request(WRITE, 1, size, b"\x01" * size)
+    assert receive(reader, first) == [(1, b"\x01" * size)]
+    window = reader.get_buffer()
+    assert len(window) == REQUEST.size
+    window[:] = request(WRITE, 2, size)
+    assert reader.buffer_updated(REQUEST.size) == []
+    target = reader.get_buffer()
+    assert len(target) == size  # the whole payload, from its first byte
+    target[:] = b"\x02" * size
+    (second,) = reader.buffer_updated(size)
+    assert (second.cookie, bytes(second.payload)) == (2, b"\x02" * size)
+    # A small request after it: one header taken alone, then the whole buffer again.
+    assert receive(reader, request(READ, 3, 512) + request(READ, 4, 512)) == [(3, None), (4, None)]
+    assert len(reader.get_buffer()) > REQUEST.size
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    st.lists(st.tuples(st.booleans(), st.integers(0, 70_000)), min_size=1, max_size=8),
+    st.lists(
+        st.tuples(
+            st.booleans(),
+            st.one_of(st.integers(0, 70_000), st.integers(LARGE_PAYLOAD - 1, 300_000)),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
     st.lists(st.integers(1, 200_000), max_size=12),
 )
 def test_releasing_between_any_receives_changes_no_request(batch, cuts):

@@ -6,7 +6,10 @@ Headers land in a reusable buffer.  A WRITE payload that arrived whole with its
 header is handed out as a view into that buffer, valid until the next
 ``get_buffer`` (the server writes it to the image at once or copies it); a
 payload still on its way gets a buffer of its own that the socket fills
-directly, so writes are never copied in user space on the common paths.
+directly, so writes are never copied in user space on the common paths.  What
+of it arrived with its header is copied; so that a stream of large writes does
+not copy up to a receive buffer's worth of each, the receive after a large
+payload takes one request header only.
 
 Buffers follow the traffic, so an idle connection costs next to nothing: the
 receive buffer starts small, grows to ``HEADER_BUFFER_SIZE`` when a receive
@@ -49,6 +52,10 @@ from .errors import ProtocolError
 HEADER_BUFFER_SIZE: Final = 256 * 1024
 #: Receive buffer of a connection that has just started or woken from idle.
 SMALL_BUFFER_SIZE: Final = 16 * 1024
+#: After a payload this large, the next receive takes one header: if another such write
+#: follows, its payload then goes straight to its own buffer, where a full receive buffer
+#: would have taken up to 256 KiB of it to copy (a system call costs less than that copy).
+LARGE_PAYLOAD: Final = 128 * 1024
 #: Most extents sent in one BLOCK_STATUS chunk (the spec suggests at most 2**20).
 MAX_EXTENTS: Final = 1 << 16
 #: Error messages longer than this are cut (the spec allows 4096 bytes).
@@ -120,6 +127,7 @@ class RequestReader:
         "_busy",
         "_end",
         "_header",
+        "_header_only",
         "_max_payload",
         "_payload",
         "_payload_filled",
@@ -145,6 +153,8 @@ class RequestReader:
         self._payload: bytearray | None = None
         self._payload_view: memoryview | None = None
         self._payload_filled = 0
+        # Set when a large payload is received: the next receive takes one header.
+        self._header_only = False
         #: Length of the WRITE payload being received (its buffer is allocated at the next
         #: ``get_buffer``), 0 between payloads.
         self.payload_bytes = 0
@@ -182,6 +192,10 @@ class RequestReader:
             return self._start_payload()
         self._busy = True
         start, end = self._start, self._end
+        if self._header_only:
+            self._header_only = False
+            if start == end and len(self._buf) - end >= REQUEST.size:
+                return self._view[end : end + REQUEST.size]
         if end == len(self._buf) and end < HEADER_BUFFER_SIZE:
             # The last receive filled it (or none came yet): more is likely waiting.
             self._resize(HEADER_BUFFER_SIZE if end else SMALL_BUFFER_SIZE)
@@ -242,6 +256,7 @@ class RequestReader:
         assert self._header is not None and self._payload is not None
         flags, command, cookie, offset, length = self._header
         request = Request(cookie, command, flags, offset, length, self._payload)
+        self._header_only = length >= LARGE_PAYLOAD
         self._header = self._payload = self._payload_view = None
         self._payload_filled = 0
         self.payload_bytes = 0
