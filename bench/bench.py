@@ -121,8 +121,9 @@ class Target:
     files: bool = True
     #: Called with the work directory once the target is done (stops the rbd target's cluster).
     stop: Callable[[Path], None] | None = None
-    #: (work directory, workload) -> a line saying what the storage alone does (``rbd bench``).
-    ceiling: Callable[[Path, Workload], str] | None = None
+    #: (work directory, workload) -> what the storage alone does (``rbd bench``), a sample per
+    #: column; measured in every round after the servers and reported like one.
+    ceiling: Callable[[Path, Workload], dict[str, tuple[float, float, float]]] | None = None
 
 
 def tapdisk_command() -> str:
@@ -546,9 +547,6 @@ def measure_target(
     """(workload, server) -> one (bytes/s, IOPS, latency) sample per round."""
     runtime, ramp, rounds = timing
     image = target.make_image(raw, tdir)
-    if target.ceiling is not None:
-        for workload in workloads:
-            log(f"{target.name}: ceiling {workload.name}: {target.ceiling(tdir, workload)}")
     measured: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     # Files written since their last read-through; each was just made, so all of them.
     written = {each.image_for(image) for each in servers}
@@ -574,6 +572,10 @@ def measure_target(
                     if workload.writes and target.files:
                         write_back(served)
                     measured.setdefault((workload.name, each.server.name), []).append(sample)
+                if target.ceiling is not None:
+                    log(f"{target.name}: {workload.name} ceiling, {turn}")
+                    for column, sample in target.ceiling(tdir, workload).items():
+                        measured.setdefault((workload.name, column), []).append(sample)
     return measured
 
 
@@ -606,17 +608,21 @@ def format_table(results: Sequence[Result], runtime: int, ramp: int, rounds: int
             "MB = 10^6 bytes"
         )
         head1 = f"{'workload':<24}" + "".join(f"{s:>20}" for s in servers)
-        head1 += "".join(f"{'tapdisk/' + p:>18}" for p in peers)
+        widths = {p: max(18, len(p) + 10) for p in peers}
+        head1 += "".join(f"{'tapdisk/' + p:>{widths[p]}}" for p in peers)
         head2 = f"{'':<24}" + "".join(f"{'MB/s':>10}{'IOPS':>10}" for _ in servers)
         lines += [head1, head2]
         for workload in dict.fromkeys(r.workload for r in rows):
             line = f"{workload:<24}"
-            for s in servers:
-                r = by_key[(workload, s)]
-                line += f"{r.mb_per_s:>10.1f}{r.iops:>10.0f}"
+            for s in servers:  # a ceiling column may be missing (no cached read ceiling)
+                r = by_key.get((workload, s))
+                line += f"{r.mb_per_s:>10.1f}{r.iops:>10.0f}" if r else f"{'-':>10}{'-':>10}"
             for p in peers:
-                ratio = by_key[(workload, "tapdisk")].iops / by_key[(workload, p)].iops
-                line += f"{ratio:>17.2f}x"
+                peer = by_key.get((workload, p))
+                if peer is None:
+                    line += f"{'-':>{widths[p]}}"
+                    continue
+                line += f"{by_key[(workload, 'tapdisk')].iops / peer.iops:>{widths[p] - 1}.2f}x"
             lines.append(line)
         lines.append("")
     return "\n".join(lines)

@@ -6,7 +6,8 @@ image would measure the lock going back and forth), both imported from bench.py'
 The OSD keeps its data in memory (memstore): there is no page cache to set before a job, and
 the numbers are librbd's and the servers', not a disk's.  ``rbd bench`` on a third copy, with
 the workloads' pattern, size and depth, is printed as the ceiling: librbd with no NBD and no
-server in the way (for writes with librbd's cache on and off).
+server in the way (for writes with librbd's cache on and off), taken in every round beside
+the servers.
 
 The cluster lives in the target's work directory (``ceph/``) and is stopped by ``stop``.
 """
@@ -85,21 +86,27 @@ def rbd(workdir: Path, *args: str) -> str:
     return proc.stdout
 
 
-def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> str:
-    """``rbd bench`` with a fio workload's shape, on ``rbd/image``: 'N IOPS, M MB/s'.
+#: What ``ceiling`` measures, as bench.py's samples: (bytes/s, IOPS, 0: no latency).
+Sample = tuple[float, float, float]
+#: The ceiling's columns: librbd as tapdisk runs it (no cache), and with its cache.
+UNCACHED, CACHED = "rbd bench", "rbd bench cached"
 
-    A write workload is measured twice: with librbd's cache on (Ceph's default, and what
-    qemu-nbd's default writeback mode asks for) and off (as tapdisk runs, so that a write
-    is in the cluster when it is acknowledged).
+
+def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> dict[str, Sample]:
+    """``rbd bench`` with a fio workload's shape, on ``rbd/image``: column name -> sample.
+
+    Reads are measured once (``UNCACHED``: librbd's cache serves no reads in its default
+    write-around mode); a write workload also with librbd's cache on (``CACHED``: Ceph's
+    default, and what qemu-nbd's default writeback mode asks for), tapdisk's own column
+    having it off (so that a write is in the cluster when it is acknowledged).
     """
-    if "write" not in rw:
-        return _rbd_bench(workdir, rw, bs, iodepth, numjobs)
-    cached = _rbd_bench(workdir, rw, bs, iodepth, numjobs)
     uncached = _rbd_bench(workdir, rw, bs, iodepth, numjobs, "--rbd-cache=false")
-    return f"{cached} with librbd's cache, {uncached} without"
+    if "write" not in rw:
+        return {UNCACHED: uncached}
+    return {UNCACHED: uncached, CACHED: _rbd_bench(workdir, rw, bs, iodepth, numjobs)}
 
 
-def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *extra: str) -> str:
+def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *extra: str) -> Sample:
     pattern = "rand" if rw.startswith("rand") else "seq"
     io_type = "write" if "write" in rw else "read"
     total = "256M" if bs == "4k" else "4G"
@@ -119,10 +126,14 @@ def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *ext
         total,
         str(IMAGE),
     )
-    match = re.search(r"ops/sec:\s*(\S+)\s+bytes/sec:\s*(.+)", out)
+    match = re.search(r"ops/sec:\s*(\S+)", out)
     if match is None:
-        return f"(rbd bench printed no summary: {out.strip().splitlines()[-1:]})"
-    return f"{float(match[1]):,.0f} IOPS, {match[2].strip()}"
+        raise RuntimeError(f"bench: rbd bench printed no summary: {out.strip()[-200:]}")
+    iops = float(match[1])
+    return iops * _BLOCK_SIZES[bs], iops, 0.0
+
+
+_BLOCK_SIZES = {"4k": 4096, "1m": 1 << 20}
 
 
 def stop(workdir: Path) -> None:
