@@ -140,6 +140,9 @@ def test_an_interrupted_migration_leaves_the_device_on_its_source(tapctl, tmp_pa
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as at a terminal: a test run started in the background (``cmd &``) has
+        # SIGINT ignored, which tap-ctl would inherit, and the copy would fail on its own.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert json.loads(proc.stdout.readline())["state"] == "copying"
     proc.send_signal(signal.SIGINT)
