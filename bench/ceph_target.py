@@ -90,15 +90,17 @@ def rbd(workdir: Path, *args: str) -> str:
 Sample = tuple[float, float, float]
 #: The ceiling's columns: librbd as tapdisk runs it (no cache), and with its cache.
 UNCACHED, CACHED = "rbd bench", "rbd bench cached"
+#: Bytes per request of the workloads' block sizes.
+_BLOCK_SIZES = {"4k": 4096, "1m": 1 << 20}
 
 
 def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> dict[str, Sample]:
     """``rbd bench`` with a fio workload's shape, on ``rbd/image``: column name -> sample.
 
-    Reads are measured once (``UNCACHED``: librbd's cache serves no reads in its default
-    write-around mode); a write workload also with librbd's cache on (``CACHED``: Ceph's
-    default, and what qemu-nbd's default writeback mode asks for), tapdisk's own column
-    having it off (so that a write is in the cluster when it is acknowledged).
+    ``UNCACHED`` is librbd without its cache, as tapdisk runs it (a write is acknowledged
+    once it is in the cluster; reads, which the cache's default write-around mode does not
+    serve, are measured this way only).  A write workload is measured with the cache on too
+    (``CACHED``: Ceph's default, and what qemu-nbd's default writeback mode asks for).
     """
     uncached = _rbd_bench(workdir, rw, bs, iodepth, numjobs, "--rbd-cache=false")
     if "write" not in rw:
@@ -131,9 +133,6 @@ def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *ext
         raise RuntimeError(f"bench: rbd bench printed no summary: {out.strip()[-200:]}")
     iops = float(match[1])
     return iops * _BLOCK_SIZES[bs], iops, 0.0
-
-
-_BLOCK_SIZES = {"4k": 4096, "1m": 1 << 20}
 
 
 def stop(workdir: Path) -> None:
