@@ -383,12 +383,11 @@ class NBDConnection(asyncio.BufferedProtocol):
         assert image is not None
         try:
             if buf is not None:
-                if image.read_nowait(request.offset, memoryview(buf)):
+                view = memoryview(buf)
+                if image.read_nowait(request.offset, view):
                     self._send_read(request, buf)
                     return
-                started = image.start_read(
-                    request.offset, memoryview(buf), partial(self._ended, request, buf)
-                )
+                started = image.start_read(request.offset, view, partial(self._ended, request, buf))
             else:
                 fua = bool(request.flags & _FUA)
                 if not fua and image.write_nowait(request.offset, memoryview(request.payload)):
