@@ -111,7 +111,6 @@ def test_holes_of_an_nbd_image_read_as_zeros_after_data(serve, tmp_path: Path) -
 
 def test_holes_of_an_rbd_image_read_as_zeros_after_data(serve, ceph: Cluster) -> None:
     name = ceph.create("8M")
-    ceph.rbd("bench", "--io-type", "write", "--io-size", "1M", "--io-total", "4M", name)
     written = nbd.NBD()
     served = serve(ceph.spec(name))
     written.connect_uri(served.uri())
