@@ -91,7 +91,9 @@ Sample = tuple[float, float, float]
 #: The ceiling's columns: librbd as tapdisk runs it (no cache), and with its cache.
 UNCACHED, CACHED = "rbd bench", "rbd bench cached"
 #: Bytes per request of the workloads' block sizes.
-_BLOCK_SIZES = {"4k": 4096, "1m": 1 << 20}
+BLOCK_SIZES = {"4k": 4096, "1m": 1 << 20}
+#: Bytes one ``rbd bench`` run moves, by block size.
+VOLUMES = {"4k": 256 << 20, "1m": 4 << 30}
 
 
 def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> dict[str, Sample]:
@@ -102,37 +104,37 @@ def ceiling(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int) -> dict
     serve, are measured this way only).  A write workload is measured with the cache on too
     (``CACHED``: Ceph's default, and what qemu-nbd's default writeback mode asks for).
     """
-    uncached = _rbd_bench(workdir, rw, bs, iodepth, numjobs, "--rbd-cache=false")
+    uncached = rbd_bench(workdir, rw, bs, iodepth * numjobs, cached=False)
     if "write" not in rw:
         return {UNCACHED: uncached}
-    return {UNCACHED: uncached, CACHED: _rbd_bench(workdir, rw, bs, iodepth, numjobs)}
+    return {UNCACHED: uncached, CACHED: rbd_bench(workdir, rw, bs, iodepth * numjobs, cached=True)}
 
 
-def _rbd_bench(workdir: Path, rw: str, bs: str, iodepth: int, numjobs: int, *extra: str) -> Sample:
+def rbd_bench(workdir: Path, rw: str, bs: str, threads: int, *, cached: bool) -> Sample:
+    """One ``rbd bench`` run of ``VOLUMES[bs]`` bytes in a fio workload's pattern."""
     pattern = "rand" if rw.startswith("rand") else "seq"
     io_type = "write" if "write" in rw else "read"
-    total = "256M" if bs == "4k" else "4G"
     out = rbd(
         workdir,
-        *extra,
+        *(() if cached else ("--rbd-cache=false",)),
         "bench",
         "--io-type",
         io_type,
         "--io-pattern",
         pattern,
         "--io-size",
-        bs.upper(),
+        str(BLOCK_SIZES[bs]),
         "--io-threads",
-        str(iodepth * numjobs),
+        str(threads),
         "--io-total",
-        total,
+        str(VOLUMES[bs]),
         str(IMAGE),
     )
     match = re.search(r"ops/sec:\s*(\S+)", out)
     if match is None:
         raise RuntimeError(f"bench: rbd bench printed no summary: {out.strip()[-200:]}")
     iops = float(match[1])
-    return iops * _BLOCK_SIZES[bs], iops, 0.0
+    return iops * BLOCK_SIZES[bs], iops, 0.0
 
 
 def stop(workdir: Path) -> None:

@@ -97,12 +97,12 @@ def fio_job(sock: Path, workload: Workload, runtime: int, out: Path) -> Job:
 
 
 def rbd_bench_job(workdir: Path, w: Workload) -> Job:
-    """``rbd bench`` with the workload's shape (the volume ``ceph_target.ceiling`` moves)."""
+    """``rbd bench`` with the workload's shape, without librbd's cache as tapdisk runs."""
 
     def job() -> tuple[float, float]:
-        ceph_target.ceiling(workdir, w.rw, w.bs, w.iodepth, w.numjobs)
-        size, total = (4096, 256 << 20) if w.bs == "4k" else (1 << 20, 4 << 30)
-        return float(total), total / size
+        ceph_target.rbd_bench(workdir, w.rw, w.bs, w.iodepth * w.numjobs, cached=False)
+        total = ceph_target.VOLUMES[w.bs]
+        return float(total), total / ceph_target.BLOCK_SIZES[w.bs]
 
     return job
 
