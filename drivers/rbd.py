@@ -337,12 +337,20 @@ class RbdImage(Image):
     def _write_call(self, offset: int, data: memoryview) -> tuple[Callable[[Any], int], Any]:
         """The aio call that writes ``data`` (librbd sends from it), and what to keep; a
         read-only buffer, which ctypes cannot point into, is copied once."""
+        self._check_writable()
         length = len(data)
         array = ctypes.c_char * length
         source = array.from_buffer_copy(data) if data.readonly else array.from_buffer(data)
         address = ctypes.addressof(source)
         image, aio_write = self._image, self._calls.rbd_aio_write2
         return lambda completion: aio_write(image, offset, length, address, completion, 0), source
+
+    def _check_writable(self) -> None:
+        """EROFS for a write, discard or zeroing on a read-only image (a snapshot, or opened
+        read-only): librbd never completes such a request (measured: the request and the
+        image's close would wait forever), so it is refused before it reaches librbd."""
+        if self.read_only:
+            raise OSError(errno.EROFS, f"{self.spec}: the image is read-only")
 
     def _attached(self) -> Completions | None:
         """The completions collected on the running loop; None before the first awaited
@@ -381,6 +389,7 @@ class RbdImage(Image):
         await self._submit(lambda done: aio_flush(image, done))
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
+        self._check_writable()
         image, aio_discard = self._image, self._calls.rbd_aio_discard
         await self._submit(lambda done: aio_discard(image, offset, length, done))
         if fua and self._cached:
@@ -396,6 +405,7 @@ class RbdImage(Image):
         fua: bool = False,
     ) -> None:
         # librbd zeroes by deallocating whole objects and zeroing partial ones: always fast.
+        self._check_writable()
         image, aio_zero = self._image, self._calls.rbd_aio_write_zeroes
         await self._submit(lambda done: aio_zero(image, offset, length, done, 0, 0))
         if fua and self._cached:

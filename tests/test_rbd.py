@@ -4,6 +4,7 @@ status, an OSD restart under I/O, and bad input."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import nbd
 import pytest
 from helpers import TAPDISK, require, run
 from rbd_helpers import Cluster
+from tapdisk.drivers.base import Image
 from tapdisk.drivers.registry import OpenOptions, open_image
 
 MiB = 1 << 20
@@ -257,6 +259,34 @@ def test_an_image_outliving_its_event_loop_serves_the_next_one(ceph: Cluster) ->
     assert asyncio.run(read(0)) == expected[:MiB]
     assert asyncio.run(read(3 * MiB)) == expected[3 * MiB : 4 * MiB]
     asyncio.run(image.close())
+
+
+def test_writes_to_a_read_only_image_fail_at_once_and_the_image_still_closes(
+    ceph: Cluster,
+) -> None:
+    """librbd never completes a write, discard or zeroing on a snapshot or an image opened
+    read-only; the driver refuses them with EROFS, and the image's close does not wait for
+    them."""
+    name = ceph.create("8M")
+    ceph.rbd("snap", "create", f"{name}@frozen")
+
+    async def refused_then_closed(image: Image) -> None:
+        attempts = (
+            lambda: image.write(0, memoryview(b"x" * 4096)),
+            lambda: image.discard(0, 4096),
+            lambda: image.write_zeroes(0, 4096),
+        )
+        for attempt in attempts:
+            with pytest.raises(OSError) as refused:
+                await asyncio.wait_for(attempt(), 10)
+            assert refused.value.errno == errno.EROFS
+        await asyncio.wait_for(image.flush(), 10)  # nothing to flush, and not refused
+        with pytest.raises(OSError):  # the flush attached the completions: no task
+            image.start_write(0, memoryview(bytearray(4096)), False, lambda _: None)
+        await asyncio.wait_for(image.close(), 30)
+
+    for spec in (f"rbd:{name}@frozen:conf={ceph.conf}", ceph.spec(name)):
+        asyncio.run(refused_then_closed(open_image(spec, OpenOptions(read_only=True))))
 
 
 def test_reads_started_without_a_task_land_in_the_buffer_and_respect_the_fault_layer(
