@@ -329,8 +329,7 @@ class RbdImage(Image):
     def _read_call(self, offset: int, buf: memoryview) -> tuple[Callable[[Any], int], Any]:
         """The aio call that fills ``buf`` (librbd writes into it), and what to keep."""
         length = len(buf)
-        target = (ctypes.c_char * length).from_buffer(buf)
-        address = ctypes.addressof(target)
+        target, address = _pinned(buf)
         image, aio_read = self._image, self._calls.rbd_aio_read2
         return lambda completion: aio_read(image, offset, length, address, completion, 0), target
 
@@ -339,9 +338,7 @@ class RbdImage(Image):
         read-only buffer, which ctypes cannot point into, is copied once."""
         self._check_writable()
         length = len(data)
-        array = ctypes.c_char * length
-        source = array.from_buffer_copy(data) if data.readonly else array.from_buffer(data)
-        address = ctypes.addressof(source)
+        source, address = _pinned(bytearray(data) if data.readonly else data)
         image, aio_write = self._image, self._calls.rbd_aio_write2
         return lambda completion: aio_write(image, offset, length, address, completion, 0), source
 
@@ -368,7 +365,7 @@ class RbdImage(Image):
         completions = self._attached()
         if completions is None:
             return False
-        completions.submit(*self._read_call(offset, buf), partial(_report, done))
+        completions.submit(*self._read_call(offset, buf), done)
         return True
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
@@ -381,7 +378,7 @@ class RbdImage(Image):
         completions = self._attached()
         if completions is None or (fua and self._cached):
             return False
-        completions.submit(*self._write_call(offset, data), partial(_report, done))
+        completions.submit(*self._write_call(offset, data), done)
         return True
 
     async def flush(self) -> None:
@@ -467,24 +464,27 @@ class RbdImage(Image):
                 self._completions.close()
 
 
+def _pinned(buf: memoryview | bytearray) -> tuple[Any, int]:
+    """A ctypes object over writable ``buf``'s first byte, which keeps the buffer from
+    moving while librbd uses it, and the buffer's address (one c_char, not an array type
+    made for each length)."""
+    pin = ctypes.c_char.from_buffer(buf) if len(buf) else (ctypes.c_char * 0).from_buffer(buf)
+    return pin, ctypes.addressof(pin)
+
+
 def _request_error(result: int) -> OSError:
     """The error a request's negative librbd result stands for."""
     return OSError(-result, f"rbd: {os.strerror(-result)}")
 
 
-def _settle(future: asyncio.Future[None], result: int) -> None:
-    """Settle ``future`` with a librbd result (a negative errno is an OSError)."""
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """Settle ``future`` as its request ended: done, or ``error``."""
     if future.done():
         return  # the awaiting caller was cancelled
-    if result < 0:
-        future.set_exception(_request_error(result))
+    if error is not None:
+        future.set_exception(error)
     else:
         future.set_result(None)
-
-
-def _report(done: IoDone, result: int) -> None:
-    """Tell a ``start_read``/``start_write`` caller how its request ended."""
-    done(_request_error(result) if result < 0 else None)
 
 
 class Completions:
@@ -509,16 +509,17 @@ class Completions:
             os.close(self._fd)
             raise
         #: completion -> (what to call with its result, the buffer librbd uses until then)
-        self._pending: dict[int, tuple[Callable[[int], None], Any]] = {}
+        self._pending: dict[int, tuple[IoDone, Any]] = {}
         #: Settled when nothing is pending any more (``settled``).
         self._idle: asyncio.Future[None] | None = None
         self._slots = (handle * self.BATCH)()
         self.loop = loop
         loop.add_reader(self._fd, self._reap)
 
-    def submit(self, start: Callable[[Any], int], keep: Any, ended: Callable[[int], None]) -> None:
-        """Create a completion and start the call with it; ``ended(result)`` runs on the
-        loop once librbd is done (raises OSError, having called nothing, if it refuses)."""
+    def submit(self, start: Callable[[Any], int], keep: Any, ended: IoDone) -> None:
+        """Create a completion and start the call with it; ``ended`` runs on the loop once
+        librbd is done, with the request's error or None (raises OSError, having called
+        nothing, if librbd refuses the call)."""
         calls = self._calls
         completion = handle()
         check(calls.rbd_aio_create_completion(None, None, byref(completion)), "rbd aio")
@@ -540,7 +541,7 @@ class Completions:
                 result = calls.rbd_aio_get_return_value(completion)
                 calls.rbd_aio_release(completion)
                 try:
-                    ended(result)
+                    ended(None if result >= 0 else _request_error(result))
                 except Exception:  # a caller's bug must not strand the rest of the batch
                     log.exception("rbd: a completion's handler failed")
             if count < self.BATCH:

@@ -114,8 +114,10 @@ class Request(NamedTuple):
 
     def owned(self) -> Request:
         """This request with a payload that outlives the receive buffer (copied if borrowed)."""
-        if isinstance(self.payload, memoryview):
-            return self._replace(payload=bytearray(self.payload))
+        payload = self.payload
+        if isinstance(payload, memoryview):
+            cookie, command, flags, offset, length, _ = self
+            return Request(cookie, command, flags, offset, length, bytearray(payload))
         return self
 
 
