@@ -124,6 +124,10 @@ class Target:
     #: (work directory, workload) -> what the storage alone does (``rbd bench``), a sample per
     #: column; measured in every round after the servers and reported like one.
     ceiling: Callable[[Path, Workload], dict[str, tuple[float, float, float]]] | None = None
+    #: Reads slow down where the storage was written (memstore's objects fragment under small
+    #: writes): every read workload runs, all its rounds, before the first write workload, so
+    #: that each image is read as its import left it, not after its own server's writes.
+    reads_first: bool = False
 
 
 def tapdisk_command() -> str:
@@ -292,6 +296,7 @@ TARGETS: tuple[Target, ...] = (
             on_own_copy(Server("qemu-nbd", ceph_target.qemu_nbd_argv)),
         ),
         files=False,
+        reads_first=True,
         stop=ceph_target.stop,
         ceiling=lambda workdir, w: ceph_target.ceiling(workdir, w.rw, w.bs, w.iodepth, w.numjobs),
     ),
@@ -536,6 +541,20 @@ def bench_target(
     return results
 
 
+def schedule(
+    workloads: Sequence[Workload], rounds: int, reads_first: bool
+) -> list[tuple[int, int, Workload]]:
+    """(round, index in ``workloads``, workload) in the order they run: round after round,
+    or with ``reads_first`` every read workload's rounds before the first write's."""
+    numbered = list(enumerate(workloads))
+    groups = (
+        [[(i, w) for i, w in numbered if not w.writes], [(i, w) for i, w in numbered if w.writes]]
+        if reads_first
+        else [numbered]
+    )
+    return [(r, i, w) for group in groups for r in range(1, rounds + 1) for i, w in group]
+
+
 def measure_target(
     target: Target,
     raw: Path,
@@ -551,31 +570,30 @@ def measure_target(
     # Files written since their last read-through; each was just made, so all of them.
     written = {each.image_for(image) for each in servers}
     with running(servers, image, tdir) as live:
-        for round_no in range(1, rounds + 1):
-            for index, workload in enumerate(workloads):
-                # Servers take turns going first: on storage that slows as it is written
-                # (memstore's objects fragment under small writes), the first of each pair
-                # would otherwise always find it fresher.
-                turns = list(live) if (round_no + index) % 2 else list(live)[::-1]
-                for each in turns:
-                    served = each.server.image_for(image)
-                    if target.files and (workload.writes or served in written):
-                        drop_page_cache(served)
-                    if workload.writes:
-                        written.add(served)
-                    elif target.files:
-                        warm_page_cache(served)
-                        written.discard(served)
-                    turn = f"round {round_no}/{rounds}"
-                    log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
-                    sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
-                    if workload.writes and target.files:
-                        write_back(served)
-                    measured.setdefault((workload.name, each.server.name), []).append(sample)
-                if target.ceiling is not None:
-                    log(f"{target.name}: {workload.name} ceiling, {turn}")
-                    for column, sample in target.ceiling(tdir, workload).items():
-                        measured.setdefault((workload.name, column), []).append(sample)
+        for round_no, index, workload in schedule(workloads, rounds, target.reads_first):
+            # Servers take turns going first: on storage that slows as it is written
+            # (memstore's objects fragment under small writes), the first of each pair
+            # would otherwise always find it fresher.
+            turns = list(live) if (round_no + index) % 2 else list(live)[::-1]
+            for each in turns:
+                served = each.server.image_for(image)
+                if target.files and (workload.writes or served in written):
+                    drop_page_cache(served)
+                if workload.writes:
+                    written.add(served)
+                elif target.files:
+                    warm_page_cache(served)
+                    written.discard(served)
+                turn = f"round {round_no}/{rounds}"
+                log(f"{target.name}: {workload.name} on {each.server.name}, {turn}")
+                sample = run_fio(workload, uri_for(each.sock), runtime, ramp, tdir / "fio.json")
+                if workload.writes and target.files:
+                    write_back(served)
+                measured.setdefault((workload.name, each.server.name), []).append(sample)
+            if target.ceiling is not None:
+                log(f"{target.name}: {workload.name} ceiling, {turn}")
+                for column, sample in target.ceiling(tdir, workload).items():
+                    measured.setdefault((workload.name, column), []).append(sample)
     return measured
 
 
