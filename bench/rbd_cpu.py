@@ -36,6 +36,7 @@ from bench import (
     Workload,
     make_raw_image,
     on_own_copy,
+    pick,
     run_fio,
     tapdisk_command,
     uri_for,
@@ -125,7 +126,10 @@ def main() -> int:
     parser.add_argument("--workloads", default="seqread-1m-qd8,randread-4k-qd16,randwrite-4k-qd16")
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     args = parser.parse_args()
-    chosen = [w for w in WORKLOADS if w.name in args.workloads.split(",")]
+    if not args.dir.is_dir():
+        parser.error(f"--dir {args.dir}: no such directory")
+    names = pick(args.workloads, [w.name for w in WORKLOADS], "workload") or set()
+    chosen = [w for w in WORKLOADS if w.name in names]
     with tempfile.TemporaryDirectory(prefix="tapdisk-rbdcpu.", dir=args.dir) as tmp:
         workdir = Path(tmp)
         raw = workdir / "image.raw"
