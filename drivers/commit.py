@@ -36,6 +36,8 @@ async def _commit(
         base_spec = top.backing.spec
         base = open_image(base_spec, OpenOptions(allowed_dirs=allowed_dirs))
         try:
+            if base.read_only:  # an RBD snapshot, say: no write could land
+                raise ImageError(f"cannot commit into {base_spec}: it is read-only")
             size = min(top.size, base.size)
             buf = bytearray(COPY_CHUNK)
             pos = 0

@@ -67,6 +67,24 @@ def test_a_qcow2_overlay_on_an_rbd_snapshot_is_served_and_qemu_agrees(
     run(require("qemu-io"), "-c", "read -P 0x63 2M 64k", "-c", "read -P 0x61 3M 1M", overlay)
 
 
+def test_committing_an_overlay_into_an_rbd_snapshot_fails_in_one_line(
+    ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A snapshot cannot take the overlay's data: tap-img says so at once (librbd never
+    completed the first write, and commit waited forever) and the overlay is untouched."""
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)
+    overlay = tmp_path / "vm.qcow2"
+    run(TAP_IMG, "create", "-q", "-f", "qcow2", "-b", golden, overlay)
+    run(require("qemu-io"), "-c", "write -P 0x63 2M 64k", overlay)
+    failed = subprocess.run(
+        [TAP_IMG, "commit", str(overlay)], text=True, capture_output=True, timeout=60
+    )
+    assert failed.returncode == 1
+    (line,) = failed.stderr.splitlines()
+    assert "read-only" in line and golden in line
+    run(require("qemu-io"), "-c", "read -P 0x63 2M 64k", "-c", "read -P 0x61 3M 1M", overlay)
+
+
 def test_a_tapctl_device_on_an_overlay_uses_the_configuration_s_cluster(
     ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl
 ) -> None:
