@@ -252,6 +252,12 @@ class NbdImage(Image):
         self._reconnected: asyncio.Event | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
+        #: Modifying requests that have ended (acknowledged or failed), and how many of them
+        #: the last flush the server completed covers: a flush with nothing new to cover is
+        #: not sent.  It starts one behind, so that the first flush always goes out: it may
+        #: have to cover writes that a previous tapdisk got acknowledged on this export.
+        self._changes = 1
+        self._flushed = 0
 
     @property
     def capabilities(self) -> Capabilities:
@@ -326,11 +332,17 @@ class NbdImage(Image):
             delay = min(delay * 2, BACKOFF_MAX)
 
     async def _run(
-        self, submit: Callable[[Any, Callable[[Any], int]], Any], what: str, offset: int
+        self,
+        submit: Callable[[Any, Callable[[Any], int]], Any],
+        what: str,
+        offset: int,
+        *,
+        modifies: bool = False,
     ) -> None:
         """Submit one aio command through ``submit(handle, completion)`` and await its end.
 
-        ``what`` and ``offset`` name the request in errors.
+        ``what`` and ``offset`` name the request in errors; a command that ``modifies`` the
+        export is counted, once it has ended, for ``flush``.
         """
         wire = self._wire or await self._wire_up()
         future: asyncio.Future[int] = wire.loop.create_future()
@@ -358,6 +370,8 @@ class NbdImage(Image):
             code = await future
         finally:
             self._in_flight.discard(future)
+            if modifies:  # even a failed one may have changed something
+                self._changes += 1
         if code:
             where = f"{self.spec}: {what} at {offset}"
             if code in _CONNECTION_ERRNOS:
@@ -376,7 +390,9 @@ class NbdImage(Image):
         flags = _nbd().CMD_FLAG_FUA if fua and self._can["fua"] else 0
 
         async def write_one(at: int, part: memoryview) -> None:
-            await self._run(lambda h, done: h.aio_pwrite(part, at, done, flags), "write", at)
+            await self._run(
+                lambda h, done: h.aio_pwrite(part, at, done, flags), "write", at, modifies=True
+            )
 
         await self._split(offset, data, write_one)
         if fua and not flags:
@@ -393,8 +409,14 @@ class NbdImage(Image):
         )
 
     async def flush(self) -> None:
-        if self._can["flush"]:
-            await self._run(lambda h, done: h.aio_flush(completion=done), "flush", 0)
+        """Flush, unless no modifying request has ended since the last completed flush (an
+        idle client's flushes, or the flush at close after the client's own, stay here, and a
+        close with its server gone does not wait for it)."""
+        covered = self._changes
+        if not self._can["flush"] or covered == self._flushed:
+            return
+        await self._run(lambda h, done: h.aio_flush(completion=done), "flush", 0)
+        self._flushed = max(self._flushed, covered)
 
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         if not self._can["trim"]:
@@ -407,6 +429,7 @@ class NbdImage(Image):
                 ),
                 "trim",
                 at,
+                modifies=True,
             )
         if fua and not flags:
             await self.flush()
@@ -438,6 +461,7 @@ class NbdImage(Image):
                 ),
                 "write zeroes",
                 at,
+                modifies=True,
             )
         if fua and not self._can["fua"]:
             await self.flush()

@@ -7,6 +7,8 @@ block status and the failures are what the upstream server holds and says.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -315,6 +317,44 @@ def test_nbd_export_as_mirror_secondary(tapctl, tmp_path: Path) -> None:
         out = run(require("qemu-io"), "-f", "raw", "-r", "-c", "read -P 0x4d 1M 1M", up.uri())
         assert "Pattern verification failed" not in out
         assert primary.read_bytes()[1 << 20 : 2 << 20] == b"\x4d" * (1 << 20)
+    finally:
+        up.stop()
+
+
+def test_a_flush_with_nothing_new_to_cover_stays_in_tapdisk(tapctl, tmp_path: Path) -> None:
+    """The first flush always reaches the server (it may cover a previous tapdisk's writes),
+    later ones only when a write, trim or zeroing ended since the last; so a tapdisk whose
+    server is gone, with everything flushed, stops at once on SIGTERM."""
+    log = tmp_path / "up.log"
+    up = nbdkit(tmp_path / "up.sock", "--filter=log", "memory", "8M", f"logfile={log}")
+
+    def flushes() -> int:
+        return log.read_text().count(" Flush id=")
+
+    try:
+        pid, _minor, sock = tapctl.spawn_open(f"nbd:{up.uri()}")
+        client = nbd.NBD()
+        client.connect_uri(f"nbd+unix:///?socket={sock}")
+        client.flush()
+        assert flushes() == 1
+        client.flush()
+        assert flushes() == 1
+        client.pwrite(b"\x07" * 4096, 0)
+        client.flush()
+        client.flush()
+        assert flushes() == 2
+        client.trim(4096, 8192)
+        client.flush()
+        client.zero(4096, 16384)
+        client.flush()
+        assert flushes() == 4
+        client.shutdown()
+        up.stop()
+        started = time.monotonic()
+        os.kill(pid, signal.SIGTERM)
+        while alive(pid):
+            assert time.monotonic() - started < 5, "tapdisk kept flushing to a server gone"
+            time.sleep(0.05)
     finally:
         up.stop()
 
