@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from ctypes import POINTER, c_char_p, c_int, c_size_t, c_ssize_t, c_uint8, c_uint64
+from ctypes import POINTER, byref, c_char_p, c_int, c_size_t, c_ssize_t, c_uint8, c_uint64
 from functools import cache
 from types import SimpleNamespace
 from typing import Any
@@ -39,6 +39,12 @@ _PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "rados_ioctx_create": (c_int, [handle, c_char_p, POINTER(handle)]),
     "rados_ioctx_set_namespace": (None, [handle, c_char_p]),
     "rados_ioctx_destroy": (None, [handle]),
+    "rados_mon_command": (
+        c_int,
+        [handle, POINTER(c_char_p), c_size_t, c_char_p, c_size_t]
+        + [POINTER(handle), POINTER(c_size_t)] * 2,
+    ),
+    "rados_buffer_free": (None, [handle]),
     # librbd: images
     "rbd_image_options_create": (None, [POINTER(handle)]),
     "rbd_image_options_destroy": (None, [handle]),
@@ -89,3 +95,23 @@ def check(result: int, what: str) -> int:
 
 def encode(text: str | None) -> bytes | None:
     return None if text is None else text.encode()
+
+
+def mon_command(cluster: Any, command: str) -> bytes:
+    """Send a JSON ``command`` to the monitors (blocking, up to ``rados_mon_op_timeout``);
+    its output, or OSError with the monitor's status line."""
+    calls = lib()
+    argv = (c_char_p * 1)(command.encode())
+    out, out_len, status, status_len = handle(), c_size_t(), handle(), c_size_t()
+    result = calls.rados_mon_command(
+        cluster, argv, 1, b"", 0, byref(out), byref(out_len), byref(status), byref(status_len)
+    )
+    try:
+        if result < 0:
+            said = ctypes.string_at(status.value, status_len.value) if status.value else b""
+            raise OSError(-result, said.decode(errors="replace") or os.strerror(-result))
+        return ctypes.string_at(out.value, out_len.value) if out.value else b""
+    finally:
+        for buffer in (out, status):
+            if buffer.value:
+                calls.rados_buffer_free(buffer)

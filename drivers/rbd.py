@@ -16,7 +16,9 @@ status comes from RBD's diff iteration (an object map makes it cheap).  A snapsh
 Connecting is bounded: librados waits ``client_mount_timeout`` for the monitors
 (300 s by default; we lower it), and data operations time out after
 ``rados_osd_op_timeout`` with ETIMEDOUT, which the VBD retries until its
-deadline, so an OSD or monitor restart during I/O reaches no client.  librados and
+deadline, so an OSD or monitor restart during I/O reaches no client.  A full pool
+(Ceph holds its writes until space is freed) is told apart from that by asking the
+monitors: its writes fail with ENOSPC, and a read-write open says so.  librados and
 librbd are loaded on first open: a tapdisk serving files never maps them.
 """
 
@@ -26,17 +28,18 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import json
 import logging
 import os
-import re
+import time
 from collections.abc import Callable
 from ctypes import byref, c_uint64
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from .base import Capabilities, Extent, ExtentFlags, Image, ImageError, IoDone
-from .librbd import DIFF_CALLBACK, EVENT_TYPE_EVENTFD, check, encode, handle, lib
+from .librbd import DIFF_CALLBACK, EVENT_TYPE_EVENTFD, check, encode, handle, lib, mon_command
+from .rbdname import RbdName, location_end, parse_name, valid_name
 from .registry import NewBacking, OpenOptions
 
 log = logging.getLogger("tapdisk.rbd")
@@ -51,71 +54,10 @@ OSD_OP_TIMEOUT = 15
 #: and bytes the VBD and the NBD connections admit, so a submission never waits for them.
 OBJECTER_INFLIGHT_OPS = 65536
 OBJECTER_INFLIGHT_BYTES = 4 << 30
+#: Seconds between two warnings that an image's pool is full.
+FULL_WARNING_INTERVAL = 60
 #: Largest range one block status call walks, so a huge image answers in pieces.
 EXTENTS_WINDOW = 1 << 30
-_NAME = re.compile(r"[^/@\s]+")
-_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*")
-
-
-@dataclass(frozen=True)
-class RbdName:
-    """A parsed ``rbd:`` spec: where the image is and how to reach its cluster."""
-
-    pool: str
-    image: str
-    namespace: str = ""
-    snapshot: str | None = None
-    conf: str | None = None
-    user: str | None = None
-    #: Further Ceph options (``KEY=VALUE``) set on the connection.
-    options: tuple[tuple[str, str], ...] = field(default_factory=tuple)
-
-    def __str__(self) -> str:
-        where = f"{self.pool}/{self.namespace + '/' if self.namespace else ''}{self.image}"
-        return where + (f"@{self.snapshot}" if self.snapshot else "")
-
-
-def _split_escaped(text: str, sep: str) -> list[str]:
-    """Split at ``sep`` except where a backslash escapes it (qemu's rule); unescape."""
-    parts, current, chars = [], [], iter(text)
-    for char in chars:
-        if char == "\\":
-            current.append(next(chars, ""))
-        elif char == sep:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    parts.append("".join(current))
-    return parts
-
-
-def parse_name(path: str) -> RbdName:
-    """Parse what follows ``rbd:``; raise ImageError naming the part that is wrong."""
-    spec = f"rbd:{path}"
-    location, *pairs = _split_escaped(path, ":")
-    location, at, snapshot = location.partition("@")
-    parts = location.split("/")
-    if len(parts) not in (2, 3) or not all(_NAME.fullmatch(p) for p in parts):
-        raise ImageError(f"bad rbd spec {spec!r}: expected rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]")
-    if at and not _NAME.fullmatch(snapshot):
-        raise ImageError(f"bad rbd spec {spec!r}: empty or bad snapshot name")
-    values: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not _OPTION.fullmatch(key) or key in values:
-            raise ImageError(f"bad rbd spec {spec!r}: option {pair!r} is not a single KEY=VALUE")
-        values[key] = value
-    conf, user = values.pop("conf", None), values.pop("id", None)
-    return RbdName(
-        pool=parts[0],
-        image=parts[-1],
-        namespace=parts[1] if len(parts) == 3 else "",
-        snapshot=snapshot or None,
-        conf=conf,
-        user=user,
-        options=tuple(values.items()),
-    )
 
 
 def connect(name: RbdName, options: OpenOptions) -> Any:
@@ -177,6 +119,22 @@ def _reason(exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
+def pool_full(cluster: Any, pool: str) -> bool:
+    """Whether the monitors' OSD map marks ``pool`` (or the whole cluster) full, when Ceph
+    holds writes until space is freed: they wait, then time out like an absent OSD.  False
+    when the monitors cannot say (no answer, or a key without ``osd`` read capability)."""
+    try:
+        osd_map = json.loads(mon_command(cluster, '{"prefix": "osd dump", "format": "json"}'))
+    except (OSError, ValueError):
+        return False
+    if "full" in osd_map.get("flags", "").split(","):
+        return True
+    return any(
+        entry.get("pool_name") == pool and "full" in entry.get("flags_names", "").split(",")
+        for entry in osd_map.get("pools", [])
+    )
+
+
 def _open_pool(cluster: Any, name: RbdName) -> Any:
     """The ``rados_ioctx_t`` of the image's pool and namespace; ImageError if there is none."""
     calls = lib()
@@ -233,12 +191,22 @@ def open_rbd(path: str, options: OpenOptions) -> RbdImage:
                 what = f"snapshot {name.snapshot!r} of " if name.snapshot else ""
                 where = str(name).split("@")[0]
                 raise ImageError(f"rbd:{name}: no {what}image {where!r}")
-            reason = _reason(OSError(-result, os.strerror(-result)))
+            reason = _open_failure(cluster, name, result, read_only)
             raise ImageError(f"rbd:{name}: cannot open the image: {reason}")
     except BaseException:
         calls.rados_shutdown(cluster)
         raise
     return RbdImage(path, name, (cluster, ioctx, image), read_only=read_only)
+
+
+def _open_failure(cluster: Any, name: RbdName, result: int, read_only: bool) -> str:
+    """Why ``rbd_open`` failed with ``result``: a timeout is the OSDs' (a read-write open
+    writes, which a full pool holds), anything else ``_reason``'s."""
+    if result != -errno.ETIMEDOUT:
+        return _reason(OSError(-result, os.strerror(-result)))
+    if not read_only and pool_full(cluster, name.pool):
+        return f"pool {name.pool!r} is full (a read-write open writes; read-only opens work)"
+    return f"no OSD answered within {OSD_OP_TIMEOUT} s (is an OSD of pool {name.pool!r} up?)"
 
 
 def create_snapshot(spec: str, name: str, options: OpenOptions) -> str:
@@ -247,28 +215,15 @@ def create_snapshot(spec: str, name: str, options: OpenOptions) -> str:
     image = parse_name(path)
     if kind != "rbd" or image.snapshot is not None:
         raise ImageError(f"{spec}: only an rbd image's head can be snapshotted")
-    if not _NAME.fullmatch(name):
+    if not valid_name(name):
         raise ImageError(f"{spec}: bad snapshot name {name!r}")
     opened = open_rbd(path, options)
     try:
         opened.snapshot(name)
     finally:
         opened._release()
-    cut = _location_end(path)
+    cut = location_end(path)
     return f"rbd:{path[:cut]}@{name}{path[cut:]}"
-
-
-def _location_end(path: str) -> int:
-    """Index of the first unescaped ``:`` in ``path`` (where the options start), or its end."""
-    i = 0
-    while i < len(path):
-        if path[i] == "\\":
-            i += 2
-            continue
-        if path[i] == ":":
-            return i
-        i += 1
-    return len(path)
 
 
 class RbdImage(Image):
@@ -291,6 +246,7 @@ class RbdImage(Image):
         calls.rados_conf_get(self._cluster, b"rbd_cache", value, len(value))
         self._cached = value.value == b"true"
         self._completions: Completions | None = None
+        self._full_warned = -float(FULL_WARNING_INTERVAL)
         writable = not read_only
         self._caps = Capabilities(
             trim=writable, zero=writable, fast_zero=writable, extents=True, multi_conn=True
@@ -357,6 +313,37 @@ class RbdImage(Image):
             return None
         return completions
 
+    async def _modify(self, start: Callable[[Any], int], keep: Any = None) -> None:
+        """``_submit`` for a write, discard or zeroing: a timeout in a full pool becomes
+        ENOSPC (not retried: space has to be freed first), with a warning in the log."""
+        try:
+            await self._submit(start, keep)
+        except OSError as exc:
+            pool = self.name.pool
+            if _timed_out(exc) and await asyncio.to_thread(pool_full, self._cluster, pool):
+                raise self._pool_full_error() from None
+            raise
+
+    def _write_ended(self, done: IoDone, error: BaseException | None) -> None:
+        """A direct write's end: a timeout is first checked for a full pool (off the loop)."""
+        if not _timed_out(error):
+            done(error)
+            return
+        loop = asyncio.get_running_loop()
+        asked = loop.run_in_executor(None, pool_full, self._cluster, self.name.pool)
+        asked.add_done_callback(
+            lambda full: done(self._pool_full_error() if full.result() else error)
+        )
+
+    def _pool_full_error(self) -> OSError:
+        """ENOSPC for a write to the full pool, warned about once a minute at most."""
+        message = f"{self.spec}: pool {self.name.pool!r} is full: Ceph refuses writes"
+        now = time.monotonic()
+        if now - self._full_warned >= FULL_WARNING_INTERVAL:
+            self._full_warned = now
+            log.warning("%s until space is freed; they fail with ENOSPC", message)
+        return OSError(errno.ENOSPC, message)
+
     async def read(self, offset: int, buf: memoryview) -> None:
         await self._submit(*self._read_call(offset, buf))
 
@@ -369,7 +356,7 @@ class RbdImage(Image):
         return True
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        await self._submit(*self._write_call(offset, data))
+        await self._modify(*self._write_call(offset, data))
         if fua and self._cached:
             await self.flush()
 
@@ -378,7 +365,7 @@ class RbdImage(Image):
         completions = self._attached()
         if completions is None or (fua and self._cached):
             return False
-        completions.submit(*self._write_call(offset, data), done)
+        completions.submit(*self._write_call(offset, data), partial(self._write_ended, done))
         return True
 
     async def flush(self) -> None:
@@ -388,7 +375,7 @@ class RbdImage(Image):
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
         image, aio_discard = self._image, self._calls.rbd_aio_discard
-        await self._submit(lambda done: aio_discard(image, offset, length, done))
+        await self._modify(lambda done: aio_discard(image, offset, length, done))
         if fua and self._cached:
             await self.flush()
 
@@ -404,7 +391,7 @@ class RbdImage(Image):
         # librbd zeroes by deallocating whole objects and zeroing partial ones: always fast.
         self._check_writable()
         image, aio_zero = self._image, self._calls.rbd_aio_write_zeroes
-        await self._submit(lambda done: aio_zero(image, offset, length, done, 0, 0))
+        await self._modify(lambda done: aio_zero(image, offset, length, done, 0, 0))
         if fua and self._cached:
             await self.flush()
 
@@ -470,6 +457,10 @@ def _pinned(buf: memoryview | bytearray) -> tuple[Any, int]:
     made for each length)."""
     pin = ctypes.c_char.from_buffer(buf) if len(buf) else (ctypes.c_char * 0).from_buffer(buf)
     return pin, ctypes.addressof(pin)
+
+
+def _timed_out(error: BaseException | None) -> bool:
+    return isinstance(error, OSError) and error.errno == errno.ETIMEDOUT
 
 
 def _request_error(result: int) -> OSError:
