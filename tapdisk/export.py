@@ -17,16 +17,20 @@ from typing import Final, Protocol
 
 from tapdisk.drivers.base import Image
 
-from .nbd.constants import BASE_ALLOCATION, Command, CommandFlag, TransmissionFlag
+from .nbd.constants import (
+    BASE_ALLOCATION,
+    FAST_ZERO_BIT,
+    FUA_BIT,
+    NO_HOLE_BIT,
+    Command,
+    CommandFlag,
+    TransmissionFlag,
+)
 from .nbd.handshake import ExportInfo
 from .nbd.transmission import MAX_EXTENTS, Request, block_status_chunk
 
 #: Largest READ/WRITE payload we accept and advertise (the kernel's maximum).
 MAX_PAYLOAD: Final = 32 * 1024 * 1024
-#: Command flags as plain ints: ``int & IntFlag`` builds a new IntFlag (0.5 us a request).
-_FUA: Final = int(CommandFlag.FUA)
-_NO_HOLE: Final = int(CommandFlag.NO_HOLE)
-_FAST_ZERO: Final = int(CommandFlag.FAST_ZERO)
 #: The metadata context of the blocks a CBT log marks.
 CBT_CONTEXT: Final = "qemu:dirty-bitmap:cbt"
 #: Its flag for a marked (changed) block; unchanged blocks have none.
@@ -114,7 +118,7 @@ class Export:
             request.offset,
             request.length,
         )
-        fua = bool(flags & _FUA)
+        fua = bool(flags & FUA_BIT)
         if command == Command.BLOCK_STATUS:
             return await self.block_status(contexts, request)
         if not length and command != Command.FLUSH:
@@ -129,8 +133,8 @@ class Export:
             await image.write_zeroes(
                 offset,
                 length,
-                may_unmap=not flags & _NO_HOLE,
-                fast_only=bool(flags & _FAST_ZERO),
+                may_unmap=not flags & NO_HOLE_BIT,
+                fast_only=bool(flags & FAST_ZERO_BIT),
                 fua=fua,
             )
         elif command == Command.CACHE:

@@ -121,6 +121,13 @@ class CommandFlag(enum.IntFlag):
     FAST_ZERO = 1 << 4
 
 
+#: Command flags as plain ints for the per-request path: ``int & IntFlag`` builds a new
+#: IntFlag (0.5 us; 10% of the event loop's time at 120k writes/s), ``int & int`` does not.
+FUA_BIT: Final = int(CommandFlag.FUA)
+NO_HOLE_BIT: Final = int(CommandFlag.NO_HOLE)
+FAST_ZERO_BIT: Final = int(CommandFlag.FAST_ZERO)
+
+
 class ChunkType(enum.IntEnum):
     NONE = 0
     OFFSET_DATA = 1
