@@ -54,7 +54,10 @@ def test_writes_to_a_pool_that_fills_fail_with_enospc_and_resume_once_it_has_roo
             with pytest.raises(nbd.Error) as failed:
                 handle.pwrite(b"\x22" * 4096, offset)
             assert failed.value.errno == "ENOSPC"
-        assert handle.pread(4096, 0) == b"\x11" * 4096  # reads go on
+        with pytest.raises(nbd.Error) as failed:
+            handle.zero(4096, 0)  # a zeroing runs in a task, not directly
+        assert failed.value.errno == "ENOSPC"
+        assert handle.pread(4096, 4096) == b"\x11" * 4096  # reads go on
     finally:
         set_ratios(ceph, DEFAULT_RATIOS, full=False)
     handle.pwrite(b"\x33" * 4096, 2 * MiB)
