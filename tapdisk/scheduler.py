@@ -29,8 +29,9 @@ ends them in a callback (librbd, ``Image.start_read``/``start_write``), a read o
 write that finds the device running and a slot free starts at once, with no task
 and no future, on the way from the socket to librbd.  It holds its slot, is
 watched and counted, a FLUSH waits for such a write, and a pause waits for it like
-any executing request; if it fails, it is retried through the queue (step 4)
-before its caller hears of it.  Its deadline then counts from the retry.
+any executing request.  If it fails with a transient error, it is retried through the
+queue (step 4) before its caller hears of it, its deadline counting from the retry; any
+other error goes to the caller at once.
 
 A watchdog logs requests that make no progress for ``watchdog`` seconds.
 Statistics are plain integers updated on the request path (see ``iostats.Stats``).
@@ -83,6 +84,11 @@ class SchedulerLimits:
             raise ValueError(f"max_merge must not be negative, got {self.max_merge}")
         if not self.timeout > 0:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
+
+
+def _transient(exc: BaseException | None) -> bool:
+    """Whether the failure ``exc`` may pass if the request is tried again (see Retry)."""
+    return isinstance(exc, OSError) and exc.errno in TRANSIENT
 
 
 class _Req:
@@ -194,8 +200,9 @@ class Scheduler:
         """Start a read now, with no task, no queue and no merging, when nothing stands in
         its way: the device runs, a slot is free and nobody waits for one, and the image
         starts reads itself (``Image.start_read``, librbd).  It holds a slot, is watched
-        and counted like a queued read, and a pause waits for it; a failed attempt is
-        retried through the queue (back-off, deadline) before ``done`` hears of it.
+        and counted like a queued read, and a pause waits for it; an attempt that fails
+        transiently is retried through the queue (back-off, deadline) before ``done`` hears
+        of it.
 
         False, having started nothing: the caller awaits ``read``.  The first request of
         a device always takes the queue (it sets up the watchdog).
@@ -373,7 +380,7 @@ class Scheduler:
                 try:
                     await self._perform(image, group)
                 except Exception as exc:
-                    transient = isinstance(exc, OSError) and exc.errno in TRANSIENT
+                    transient = _transient(exc)
                     remaining = deadline - time.monotonic()
                     if transient and remaining > 0 and not self.paused:
                         if delay == limits.backoff_initial:
@@ -450,9 +457,9 @@ class Scheduler:
         """A request ``_start_direct`` started has ended: account for it, or queue it again."""
         self._executed(req)
         self._release_slot()
-        if exc is None:
-            self._account(req, None, time.monotonic_ns())
-            done(None)
+        if not _transient(exc):  # done, or an error another attempt would repeat
+            self._account(req, exc, time.monotonic_ns())
+            done(exc)
             return
         self.stats.retries += 1
         assert self._loop is not None

@@ -1,7 +1,7 @@
 """A full Ceph pool: Ceph holds writes until space is freed, which librados reports as a
 timeout.  tapdisk tells the two apart by asking the monitors: writes fail with ENOSPC and a
-warning naming the pool, a read-write open says the pool is full, reads go on, and writes
-work again once there is room."""
+warning naming the pool (a tap-ctl device's VBD passes it on without a retry), a read-write
+open says the pool is full, reads go on, and writes work again once there is room."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import nbd
 import pytest
 from helpers import TAPDISK, run
 from rbd_helpers import Cluster
+from tapctl_helpers import TapCtl, nbd_uri
 
 MiB = 1 << 20
 #: Ceph's default ratios, in the order they are raised back.
@@ -92,3 +93,26 @@ def test_a_read_write_open_in_a_full_pool_says_the_pool_is_full(ceph: Cluster, s
         f"tapdisk: rbd:{name}: cannot open the image: pool 'rbd' is full"
         " (a read-write open writes; read-only opens work)"
     ]
+
+
+def test_a_tapctl_device_s_write_to_a_full_pool_fails_at_once_without_a_retry(
+    ceph: Cluster, tapctl: TapCtl
+) -> None:
+    """ENOSPC is not transient: the VBD passes it on instead of trying the write again."""
+    name = ceph.create("8M")
+    pid = int(tapctl.out("spawn"))
+    spec = f"{ceph.spec(name)}:rados_osd_op_timeout={OSD_OP_TIMEOUT}"
+    sock = tapctl.out("open", "-p", str(pid), "-a", spec)
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x44" * MiB, 0)  # the device's first request takes the queue
+    set_ratios(ceph, TINY_RATIOS, full=True)
+    try:
+        with pytest.raises(nbd.Error) as failed:
+            handle.pwrite(b"\x55" * 4096, MiB)  # started directly (Scheduler.start_write)
+        assert failed.value.errno == "ENOSPC"
+    finally:
+        set_ratios(ceph, DEFAULT_RATIOS, full=False)
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", sock.rsplit(".", 1)[1]))
+    assert stats["vbd"]["retries"] == 0
+    handle.shutdown()
