@@ -100,9 +100,7 @@ def test_a_tapctl_device_s_write_to_a_full_pool_fails_at_once_without_a_retry(
 ) -> None:
     """ENOSPC is not transient: the VBD passes it on instead of trying the write again."""
     name = ceph.create("8M")
-    pid = int(tapctl.out("spawn"))
-    spec = f"{ceph.spec(name)}:rados_osd_op_timeout={OSD_OP_TIMEOUT}"
-    sock = tapctl.out("open", "-p", str(pid), "-a", spec)
+    pid, minor, sock = tapctl.spawn_open(f"{ceph.spec(name)}:rados_osd_op_timeout={OSD_OP_TIMEOUT}")
     handle = nbd.NBD()
     handle.connect_uri(nbd_uri(sock))
     handle.pwrite(b"\x44" * MiB, 0)  # the device's first request takes the queue
@@ -113,6 +111,6 @@ def test_a_tapctl_device_s_write_to_a_full_pool_fails_at_once_without_a_retry(
         assert failed.value.errno == "ENOSPC"
     finally:
         set_ratios(ceph, DEFAULT_RATIOS, full=False)
-    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", sock.rsplit(".", 1)[1]))
+    stats = json.loads(tapctl.out("stats", "-p", str(pid), "-m", str(minor)))
     assert stats["vbd"]["retries"] == 0
     handle.shutdown()
