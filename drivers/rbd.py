@@ -260,18 +260,22 @@ class RbdImage(Image):
     def format_name(self) -> str:
         return "rbd"
 
-    def _submit(self, start: Callable[[Any], int], keep: Any = None) -> asyncio.Future[None]:
+    def _submit(
+        self, start: Callable[[Any], int], keep: Any = None, *, modifies: bool = False
+    ) -> asyncio.Future[None]:
         """Start one librbd aio call; the future settles on the event loop.
 
         ``start(completion)`` submits the call; ``keep`` (the buffer librbd reads or
         fills) stays referenced until librbd is done with it, even if the caller is
-        cancelled meanwhile.
+        cancelled meanwhile.  A call that ``modifies`` the image ends through
+        ``_modify_ended``.
         """
         # asyncio.get_running_loop() costs a getpid() system call: asked only when the
         # loop the completions were collected on is gone (or there is none yet).
         completions = self._attached() or self._attach(asyncio.get_running_loop())
         future = completions.loop.create_future()
-        completions.submit(start, keep, partial(_settle, future))
+        ended = partial(_settle, future)
+        completions.submit(start, keep, partial(self._modify_ended, ended) if modifies else ended)
         return future
 
     def _attach(self, loop: asyncio.AbstractEventLoop) -> Completions:
@@ -313,19 +317,9 @@ class RbdImage(Image):
             return None
         return completions
 
-    async def _modify(self, start: Callable[[Any], int], keep: Any = None) -> None:
-        """``_submit`` for a write, discard or zeroing: a timeout in a full pool becomes
-        ENOSPC (not retried: space has to be freed first), with a warning in the log."""
-        try:
-            await self._submit(start, keep)
-        except OSError as exc:
-            pool = self.name.pool
-            if _timed_out(exc) and await asyncio.to_thread(pool_full, self._cluster, pool):
-                raise self._pool_full_error() from None
-            raise
-
-    def _write_ended(self, done: IoDone, error: BaseException | None) -> None:
-        """A direct write's end: a timeout is first checked for a full pool (off the loop)."""
+    def _modify_ended(self, done: IoDone, error: BaseException | None) -> None:
+        """The end of a write, discard or zeroing: a timeout is first checked for a full pool
+        (off the loop), where it becomes ENOSPC (not retried: space has to be freed first)."""
         if not _timed_out(error):
             done(error)
             return
@@ -356,7 +350,7 @@ class RbdImage(Image):
         return True
 
     async def write(self, offset: int, data: memoryview, fua: bool = False) -> None:
-        await self._modify(*self._write_call(offset, data))
+        await self._submit(*self._write_call(offset, data), modifies=True)
         if fua and self._cached:
             await self.flush()
 
@@ -365,7 +359,7 @@ class RbdImage(Image):
         completions = self._attached()
         if completions is None or (fua and self._cached):
             return False
-        completions.submit(*self._write_call(offset, data), partial(self._write_ended, done))
+        completions.submit(*self._write_call(offset, data), partial(self._modify_ended, done))
         return True
 
     async def flush(self) -> None:
@@ -375,7 +369,7 @@ class RbdImage(Image):
     async def discard(self, offset: int, length: int, fua: bool = False) -> None:
         self._check_writable()
         image, aio_discard = self._image, self._calls.rbd_aio_discard
-        await self._modify(lambda done: aio_discard(image, offset, length, done))
+        await self._submit(lambda done: aio_discard(image, offset, length, done), modifies=True)
         if fua and self._cached:
             await self.flush()
 
@@ -391,7 +385,7 @@ class RbdImage(Image):
         # librbd zeroes by deallocating whole objects and zeroing partial ones: always fast.
         self._check_writable()
         image, aio_zero = self._image, self._calls.rbd_aio_write_zeroes
-        await self._modify(lambda done: aio_zero(image, offset, length, done, 0, 0))
+        await self._submit(lambda done: aio_zero(image, offset, length, done, 0, 0), modifies=True)
         if fua and self._cached:
             await self.flush()
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from .base import ImageError
 
 #: A pool, namespace, image or snapshot name.
-NAME_PATTERN = re.compile(r"[^/@\s]+")
+_NAME = re.compile(r"[^/@\s]+")
 #: A Ceph option's name.
-OPTION_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*")
+_OPTION = re.compile(r"[A-Za-z][A-Za-z0-9_ ]*")
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,14 @@ def parse_name(path: str) -> RbdName:
     location, *pairs = _split_escaped(path, ":")
     location, at, snapshot = location.partition("@")
     parts = location.split("/")
-    if len(parts) not in (2, 3) or not all(NAME_PATTERN.fullmatch(p) for p in parts):
+    if len(parts) not in (2, 3) or not all(_NAME.fullmatch(p) for p in parts):
         raise ImageError(f"bad rbd spec {spec!r}: expected rbd:POOL/[NAMESPACE/]IMAGE[@SNAP]")
-    if at and not NAME_PATTERN.fullmatch(snapshot):
+    if at and not _NAME.fullmatch(snapshot):
         raise ImageError(f"bad rbd spec {spec!r}: empty or bad snapshot name")
     values: dict[str, str] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not OPTION_PATTERN.fullmatch(key) or key in values:
+        if not sep or not _OPTION.fullmatch(key) or key in values:
             raise ImageError(f"bad rbd spec {spec!r}: option {pair!r} is not a single KEY=VALUE")
         values[key] = value
     conf, user = values.pop("conf", None), values.pop("id", None)
@@ -93,4 +93,4 @@ def location_end(path: str) -> int:
 
 def valid_name(text: str) -> bool:
     """Whether ``text`` can name a pool, namespace, image or snapshot in a spec."""
-    return NAME_PATTERN.fullmatch(text) is not None
+    return _NAME.fullmatch(text) is not None
