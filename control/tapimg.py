@@ -111,11 +111,16 @@ def info_dict(image: Image, path: str) -> dict[str, Any]:
             },
         }
     elif backing is not None:
-        out["backing-filename"] = backing.spec.partition(":")[2]
+        out["backing-filename"] = name_of(backing.spec)
         out["backing-filename-format"] = backing.format_name
     if backing is not None:
-        out["full-backing-filename"] = backing.spec.partition(":")[2]
+        out["full-backing-filename"] = name_of(backing.spec)
     return out
+
+
+def name_of(spec: str) -> str:
+    """How qemu-img names an image: a file by its path, a cluster image by its spec."""
+    return spec if remote_spec(spec) is not None else spec.partition(":")[2]
 
 
 def print_info(d: dict[str, Any]) -> None:
@@ -154,7 +159,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 break
             current = current.backing
             if current is not None:
-                path = current.spec.partition(":")[2]
+                path = name_of(current.spec)
     finally:
         asyncio.run(image.close())
     if args.output == "json":
@@ -248,7 +253,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     spec = spec_of(args.filename, args.f)
     base = imageops.commit(spec, progress=progress_bar(True), allowed_dirs=tuple(args.allowed_dir))
     if not args.q:
-        print(f"Image committed into {base.partition(':')[2]}.")
+        print(f"Image committed into {name_of(base)}.")
     return 0
 
 

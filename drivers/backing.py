@@ -30,9 +30,11 @@ librados reads or whom it connects to.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import os
+import threading
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -187,6 +189,15 @@ def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOpt
     if fmt not in (None, "raw", kind):
         raise ImageFormatError(f"{child}: backing file format {fmt!r} of {name!r} is not raw")
     return open_image(name, dataclasses.replace(options, read_only=True, direct=False))
+
+
+def close_unserved(image: Image) -> None:
+    """Close ``image`` in a thread of its own, where no event loop runs: an open that fails
+    after a backing image in a cluster opened below it (librados's connection and threads
+    would otherwise outlive the failed open)."""
+    worker = threading.Thread(target=asyncio.run, args=(image.close(),), name="close-backing")
+    worker.start()
+    worker.join()
 
 
 def open_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:

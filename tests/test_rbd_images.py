@@ -1,8 +1,10 @@
-"""tap-img on rbd: images, and qcow2 overlays on a golden image in Ceph, checked with qemu."""
+"""tap-img on rbd: images, and qcow2 overlays and VHD children on a golden image in Ceph,
+checked with qemu (qcow2), vhd-util (VHD) and ``rbd export``."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 from helpers import require, run
 from rbd_helpers import Cluster
 from tapctl_helpers import TapCtl, nbd_uri
+from tapdisk.drivers.vhd.create import create_vhd
 
 MiB = 1 << 20
 TAP_IMG = str(Path(sys.executable).with_name("tap-img"))
@@ -55,6 +58,8 @@ def test_a_qcow2_overlay_on_an_rbd_snapshot_is_served_and_qemu_agrees(
     run(TAP_IMG, "create", "-q", "-f", "qcow2", "-b", golden, overlay)
     info = json.loads(run(require("qemu-img"), "info", "--output", "json", overlay))
     assert (info["backing-filename"], info["backing-filename-format"]) == (golden, "raw")
+    chain = json.loads(run(TAP_IMG, "info", "--output", "json", "--backing-chain", overlay))
+    assert [i["filename"] for i in chain] == [str(overlay), golden]
     served = serve(f"qcow2:{overlay}")
     handle = nbd.NBD()
     handle.connect_uri(served.uri())
@@ -85,53 +90,130 @@ def test_committing_an_overlay_into_an_rbd_snapshot_fails_in_one_line(
     run(require("qemu-io"), "-c", "read -P 0x63 2M 64k", "-c", "read -P 0x61 3M 1M", overlay)
 
 
+def overlay_on(golden: str, fmt: str, path: Path) -> None:
+    """A 16 MiB ``fmt`` image over ``golden`` at ``path``, made without reaching the cluster
+    (so nothing but the daemon's configuration tells where it is)."""
+    if fmt == "vhd":
+        create_vhd(str(path), 16 * MiB, parent=golden, parent_raw=True)
+        return
+    qemu_img = require("qemu-img")
+    run(qemu_img, "create", "-q", "-u", "-f", fmt, "-F", "raw", "-b", golden, path, "16M")
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
 def test_a_tapctl_device_on_an_overlay_uses_the_configuration_s_cluster(
-    ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl
+    ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl, fmt: str
 ) -> None:
-    overlay = tmp_path / "vm.qcow2"
-    run(
-        require("qemu-img"),
-        "create",
-        "-q",
-        "-u",
-        "-f",
-        "qcow2",
-        "-F",
-        "raw",
-        "-b",
-        golden,
-        overlay,
-        "16M",
-    )
+    overlay = tmp_path / f"vm.{fmt}"
+    overlay_on(golden, fmt, overlay)
     config = tmp_path / "tapdisk.yaml"
     config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
     pid = int(tapctl.out("spawn", "--config", str(config)))
-    sock = tapctl.out("open", "-p", str(pid), "-a", f"qcow2:{overlay}")
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"{fmt}:{overlay}")
     handle = nbd.NBD()
     handle.connect_uri(nbd_uri(sock))
     assert handle.pread(MiB, MiB) == b"\x61" * MiB
     handle.shutdown()
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
 def test_a_backing_name_carrying_ceph_options_is_refused(
+    ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve, fmt: str
+) -> None:
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)
+    overlay = tmp_path / f"hostile.{fmt}"
+    overlay_on(f"{golden}:conf={tmp_path}/other.conf", fmt, overlay)
+    with pytest.raises(AssertionError, match="carries options"):
+        serve(f"{fmt}:{overlay}")
+
+
+VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
+
+
+def test_a_vhd_child_on_an_rbd_snapshot_is_served_and_vhd_util_follows_it(
+    ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve
+) -> None:
+    """tap-img makes the child over the snapshot; reads fall through to Ceph, writes stay in
+    the child, the snapshot is untouched; vhd-util checks the child and names its parent."""
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)
+    child = tmp_path / "vm.vhd"
+    run(TAP_IMG, "create", "-q", "-f", "vhd", "-b", golden, child)
+    info = json.loads(run(TAP_IMG, "info", "--output", "json", "--backing-chain", child))
+    assert [(i["filename"], i["virtual-size"]) for i in info] == [
+        (str(child), 16 * MiB),
+        (golden, 16 * MiB),
+    ]
+    assert info[0]["backing-filename"] == golden
+    served = serve(f"vhd:{child}")
+    handle = nbd.NBD()
+    handle.connect_uri(served.uri())
+    assert handle.pread(MiB, 2 * MiB) == b"\x61" * MiB
+    handle.pwrite(b"\x63" * 65536, 2 * MiB + 4096)
+    handle.flush()
+    handle.shutdown()
+    served.stop()
+    again = serve(f"vhd:{child}", "--read-only")
+    handle = nbd.NBD()
+    handle.connect_uri(again.uri())
+    assert handle.pread(8192, 2 * MiB) == b"\x61" * 4096 + b"\x63" * 4096
+    assert handle.pread(4096, 2 * MiB + 69632) == b"\x61" * 4096
+    assert handle.pread(4096, 8 * MiB) == bytes(4096)
+    handle.shutdown()
+    assert run(VHD_UTIL, "query", "-n", child, "-p").strip() == golden
+    assert run(VHD_UTIL, "query", "-n", child, "-d").strip() == "chain depth: 2"
+    assert "is valid" in run(VHD_UTIL, "check", "-n", child)
+    name = golden.removeprefix("rbd:")
+    exported = ceph.export(name, tmp_path / "base.raw")
+    assert exported[MiB : 4 * MiB] == b"\x61" * (3 * MiB)
+
+
+def test_a_vhd_child_commits_into_an_rbd_image_but_not_into_a_snapshot(
     ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve
 ) -> None:
     monkeypatch.setenv("CEPH_CONF", ceph.conf)
-    overlay = tmp_path / "hostile.qcow2"
-    hostile = f"{golden}:conf={tmp_path}/other.conf"
-    run(
-        require("qemu-img"),
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-F",
-        "raw",
-        "-b",
-        hostile,
-        overlay,
-        "16M",
+    on_snapshot = tmp_path / "snap.vhd"
+    run(TAP_IMG, "create", "-q", "-f", "vhd", "-b", golden, on_snapshot)
+    refused = subprocess.run(
+        [TAP_IMG, "commit", str(on_snapshot)], text=True, capture_output=True, timeout=60
     )
-    with pytest.raises(AssertionError, match="carries options"):
-        serve(f"qcow2:{overlay}")
+    assert refused.returncode == 1
+    (line,) = refused.stderr.splitlines()
+    assert "read-only" in line and golden in line
+    head = golden.removeprefix("rbd:").partition("@")[0]
+    child = tmp_path / "head.vhd"
+    run(TAP_IMG, "create", "-q", "-f", "vhd", "-b", f"rbd:{head}", child)
+    served = serve(f"vhd:{child}")
+    handle = nbd.NBD()
+    handle.connect_uri(served.uri())
+    handle.pwrite(b"\x64" * 8192, 3 * MiB)
+    handle.flush()
+    handle.shutdown()
+    served.stop()
+    said = run(TAP_IMG, "commit", child)
+    assert said.strip().endswith(f"Image committed into rbd:{head}.")
+    exported = ceph.export(head, tmp_path / "head.raw")
+    assert exported[3 * MiB : 3 * MiB + 8192] == b"\x64" * 8192
+    assert exported[MiB : 3 * MiB] == b"\x61" * (2 * MiB)
+
+
+def test_a_failed_open_above_an_rbd_image_leaves_no_cluster_connection(
+    ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl
+) -> None:
+    """The child's VHD parent, itself over Ceph, has been replaced by another image: the open
+    fails on the UUID after that parent connected to the cluster, and the daemon keeps no
+    connection (librados's threads) from it."""
+    middle = tmp_path / "middle.vhd"
+    create_vhd(str(middle), 16 * MiB, parent=golden, parent_raw=True)
+    child = tmp_path / "child.vhd"
+    create_vhd(str(child), 0, parent=str(middle))
+    middle.unlink()
+    create_vhd(str(middle), 16 * MiB, parent=golden, parent_raw=True)
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"vhd:{middle}")
+    tapctl.out("close", "-p", str(pid), "-m", sock.rsplit(".", 1)[1])
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    failed = tapctl("open", "-p", str(pid), "-a", f"vhd:{child}", check=False)
+    assert failed.returncode != 0 and "does not match the UUID" in failed.stderr
+    assert len(os.listdir(f"/proc/{pid}/task")) == threads

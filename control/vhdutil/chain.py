@@ -11,7 +11,7 @@ import os
 
 from tapdisk.drivers.backing import extend_chain, file_identity
 from tapdisk.drivers.paths import open_disk
-from tapdisk.drivers.vhd.chain import find_parent, locator_paths
+from tapdisk.drivers.vhd.chain import cluster_parent, find_parent, locator_paths
 from tapdisk.drivers.vhd.meta import Metadata, load
 
 ANYWHERE = ("/",)
@@ -27,11 +27,15 @@ def open_meta(path: str) -> Metadata:
 
 
 def parent_of(path: str, meta: Metadata, resolve: bool = True) -> str:
-    """The parent's path, found on disk; with ``resolve`` False, the first locator's text."""
+    """The parent's path, found on disk, or the spec of a parent in a cluster; with
+    ``resolve`` False, the first locator's text."""
     fd = open_disk(path, os.O_RDONLY)
     try:
         if not resolve:
             return locator_paths(fd, meta)[0][1]
+        in_cluster = cluster_parent(fd, meta)
+        if in_cluster is not None:
+            return in_cluster
         return find_parent(os.path.abspath(path), fd, meta, ANYWHERE)
     finally:
         os.close(fd)

@@ -7,6 +7,11 @@ allowed directories, or that is not a regular file or block device (a FIFO, a
 socket, a character device), is never opened.  The caller opens the parent under
 ``backing.chain_guard`` (loops, depth) and checks its UUID with
 ``check_parent_uuid``.
+
+A parent may also be an image in a cluster (``cluster_parent``): a golden image in
+Ceph under a local VHD.  Such a child records a raw parent (a null parent UUID) and
+the cluster image's spec, as it is, in a MacX locator and the header's parent name.
+blktap's tools read that as a raw parent they cannot find.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import uuid
 from collections.abc import Iterable
 from errno import ENOENT
 
+from ..backing import is_remote_backing
 from ..base import ImageFormatError
 from ..paths import is_inside, refused_kind
 from .format import PLAT_MACX, PLAT_W2KU, PLAT_W2RU, Footer
@@ -60,6 +66,17 @@ def locator_paths(fd: int, meta: Metadata) -> list[tuple[str, str]]:
     if meta.header.parent_name:
         found.append(("header.parent_name", os.path.basename(meta.header.parent_name)))
     return found
+
+
+def cluster_parent(fd: int, meta: Metadata) -> str | None:
+    """The spec (``rbd:POOL/IMAGE[@SNAP]``) of the cluster image a differencing image has
+    as its raw parent, or None when its parent is a file."""
+    if meta.header is None or meta.header.parent_uuid != bytes(16):
+        return None
+    for _, text in locator_paths(fd, meta):
+        if is_remote_backing(text):
+            return text
+    return None
 
 
 def _is_absolute(path: str) -> bool:

@@ -21,7 +21,7 @@ from ..backing import extend_chain, file_identity
 from ..base import ImageError, ImageFormatError
 from ..paths import open_disk
 from . import bitmap as bits
-from .chain import find_parent
+from .chain import cluster_parent, find_parent
 from .format import (
     BAT_UNUSED,
     BATMAP_VERSION,
@@ -142,7 +142,7 @@ def _check_one(
             if options.stats:
                 _collect_stats(fd, meta, result)
         backing = None
-        if meta.is_diff and meta.header is not None:
+        if meta.is_diff and meta.header is not None and cluster_parent(fd, meta) is None:
             try:
                 backing = find_parent(path, fd, meta, roots)
                 if meta.header.parent_uuid == bytes(16):

@@ -2,8 +2,10 @@
 
 The child is read directly (its own sectors only, from its bitmaps); the
 parent is opened read-write through its driver, so a VHD parent allocates with
-the same crash ordering as any write and a raw parent is written in place.
-The parent is flushed before returning; the child is left untouched.
+the same crash ordering as any write and a raw parent (a file, or an image in a
+cluster) is written in place; a parent that opens read-only (an RBD snapshot) is
+refused before anything is copied.  The parent is flushed before returning; the
+child is left untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 from collections.abc import Callable
 
 from ..base import Image, ImageError
-from ..raw import RawImage
+from ..registry import OpenOptions, open_image
 from . import bitmap as bits
 from .format import BAT_UNUSED, SECTOR
 from .image import VhdImage
@@ -24,14 +26,14 @@ Progress = Callable[[int, int], None]
 
 def commit(spec: str, progress: Progress | None, allowed_dirs: tuple[str, ...]) -> str:
     """``Committer`` registered for ``vhd:``: coalesce into the parent (progress in blocks)."""
-    backing_path, _ = coalesce(spec.partition(":")[2], progress=progress, allowed_dirs=allowed_dirs)
-    return f"vhd:{backing_path}"
+    backing_spec, _ = coalesce(spec.partition(":")[2], progress=progress, allowed_dirs=allowed_dirs)
+    return backing_spec
 
 
 def coalesce(
     child_path: str, *, progress: Progress | None = None, allowed_dirs: tuple[str, ...] = ()
 ) -> tuple[str, int]:
-    """Copy ``child_path``'s data into its parent; returns (parent path, sectors copied)."""
+    """Copy ``child_path``'s data into its parent; returns (parent's spec, sectors copied)."""
     return asyncio.run(_coalesce(child_path, progress, allowed_dirs))
 
 
@@ -43,18 +45,20 @@ async def _coalesce(
         if child.backing is None or child.store is None:
             raise ImageError(f"{child_path} is not a differencing VHD: nothing to coalesce into")
         below = child.backing
-        backing_path = below.spec.partition(":")[2]
+        roots = allowed_dirs or (os.path.dirname(child.path),)
         backing: Image = (
-            VhdImage(backing_path, allowed_dirs=allowed_dirs or (os.path.dirname(child.path),))
+            VhdImage(below.path, allowed_dirs=roots)
             if isinstance(below, VhdImage)
-            else RawImage(backing_path)
+            else open_image(below.spec, OpenOptions(allowed_dirs=roots))
         )
         try:
+            if backing.read_only:
+                raise ImageError(f"cannot coalesce into {below.spec}: it is read-only")
             sectors = await _copy_sectors(child, backing, progress)
             await backing.flush()
         finally:
             await backing.close()
-        return backing_path, sectors
+        return below.spec, sectors
     finally:
         await child.close()
 

@@ -5,7 +5,8 @@ Layout of a dynamic or differencing image we write::
     0     footer copy
     512   dynamic header
     1536  BAT (padded to a sector), then the ``tdbatmap`` header and map
-          differencing: MacX, W2ku, W2ru parent locators (relative paths)
+          differencing: MacX, W2ku, W2ru parent locators (relative paths; a
+          parent in a cluster: its spec in MacX)
     ...   data blocks, appended as written, data areas 4 KiB aligned
     end   footer
 
@@ -21,6 +22,7 @@ import errno
 import os
 import stat
 
+from ..backing import is_remote_backing
 from ..base import ImageError
 from ..paths import open_disk
 from ..registry import NewBacking
@@ -30,6 +32,7 @@ from .format import (
     FOOTER_SIZE,
     HEADER_SIZE,
     MAX_VIRTUAL_SIZE,
+    PARENT_NAME_CHARS,
     PLAT_MACX,
     PLAT_W2KU,
     PLAT_W2RU,
@@ -83,9 +86,10 @@ def create_from_options(
 ) -> None:
     """Creator registered for ``vhd:`` (takes no options); a differencing image over a
     backing file takes that file's size."""
+    in_cluster = backing is not None and is_remote_backing(backing.path)
     create_vhd(
         path,
-        size if backing is None else 0,
+        size if backing is None or in_cluster else 0,
         parent=None if backing is None else backing.path,
         parent_raw=backing is not None and backing.format == "raw",
     )
@@ -104,11 +108,20 @@ def create_vhd(
 
     ``size`` is the virtual size in bytes.  With ``parent`` the image is a
     differencing child of that VHD (or raw file with ``parent_raw``) and
-    ``size`` may be 0 to take the parent's size.  ``max_size`` preallocates
+    ``size`` may be 0 to take the parent's size.  A ``parent`` that is an image in a
+    cluster (``rbd:POOL/IMAGE@SNAP``) is a raw parent whose spec the child records as it
+    is (see ``chain.cluster_parent``); ``size`` must be given.  ``max_size`` preallocates
     BAT and batmap room for a later fast resize (``vhd-util create -S``).
     """
     pinfo: tuple[bytes, int, int] | None = None
-    if parent is not None:
+    in_cluster = parent is not None and is_remote_backing(parent)
+    if in_cluster:
+        if not size:
+            raise ImageError(f"a VHD over {parent} needs its size")
+        if len(parent) > PARENT_NAME_CHARS:
+            raise ImageError(f"{parent}: longer than a VHD parent name ({PARENT_NAME_CHARS})")
+        pinfo = bytes(16), 0, size
+    elif parent is not None:
         pinfo = _parent_info(parent, parent_raw)
         size = size or pinfo[2]
     _check_size(size)
@@ -130,13 +143,8 @@ def create_vhd(
     pieces: list[tuple[int, bytes]] = []
     if parent is not None and pinfo is not None:
         header.parent_uuid, header.parent_timestamp = pinfo[0], pinfo[1]
-        header.parent_name = os.path.basename(parent)
-        rel = relative_locator_path(path, parent)
-        encoded = [
-            (PLAT_MACX, f"file://{rel}".encode()),
-            (PLAT_W2KU, rel.replace("/", "\\").encode("utf-16-le")),
-            (PLAT_W2RU, rel.replace("/", "\\").encode("utf-16-le")),
-        ]
+        encoded = _parent_locators(path, parent, in_cluster)
+        header.parent_name = parent if in_cluster else os.path.basename(parent)
         for slot, (code, data) in enumerate(encoded):
             space = pad_sector(len(data))
             header.locators[slot] = Locator(code, space, len(data), pos)
@@ -153,6 +161,19 @@ def create_vhd(
         (batmap_hdr_off, bmh.pack() + bmap),
     ]
     _write_new(path, pieces, fbytes, pos)
+
+
+def _parent_locators(child: str, parent: str, in_cluster: bool) -> list[tuple[int, bytes]]:
+    """(platform code, data) of each parent locator: a cluster image's spec in MacX alone
+    (no other platform names it), a file's path relative to the child in all three."""
+    if in_cluster:
+        return [(PLAT_MACX, parent.encode())]
+    rel = relative_locator_path(child, parent)
+    return [
+        (PLAT_MACX, f"file://{rel}".encode()),
+        (PLAT_W2KU, rel.replace("/", "\\").encode("utf-16-le")),
+        (PLAT_W2RU, rel.replace("/", "\\").encode("utf-16-le")),
+    ]
 
 
 def _parent_info(parent: str, raw: bool) -> tuple[bytes, int, int]:

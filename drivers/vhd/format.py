@@ -45,6 +45,8 @@ BATMAP_VERSION_OLD = 0x00010001
 
 #: Seconds between the Unix epoch and the VHD epoch (2000-01-01 UTC).
 VHD_EPOCH = 946684800
+#: The header's parent name: 512 bytes of UTF-16.
+PARENT_NAME_CHARS = 256
 #: QEMU's limit, 0xFF000000 sectors (2040 GiB); larger sizes are refused as absurd.
 MAX_VIRTUAL_SIZE = 0xFF000000 * SECTOR
 MIN_BLOCK_SIZE = SECTOR
@@ -286,8 +288,10 @@ class Header:
 
     def pack(self) -> bytes:
         name = self.parent_name.encode("utf-16-be")
-        if len(name) > 512:
-            raise ValueError(f"parent name {self.parent_name!r} longer than 256 characters")
+        if len(name) > 2 * PARENT_NAME_CHARS:
+            raise ValueError(
+                f"parent name {self.parent_name!r} longer than {PARENT_NAME_CHARS} characters"
+            )
         locs = b"".join(loc.pack() for loc in self.locators)
 
         def fields(csum: int) -> bytes:

@@ -15,14 +15,14 @@ from __future__ import annotations
 import errno
 import os
 
-from ..backing import chain_guard
+from ..backing import chain_guard, close_unserved, open_remote_backing
 from ..base import Capabilities, Extent, ExtentFlags, Image, ImageFormatError
 from ..fileio import ImageFile
 from ..raw import RawImage
 from ..registry import OpenOptions
 from . import bitmap as bits
 from .alloc import ZERO_CHUNK, BlockStore
-from .chain import check_parent_uuid, find_parent
+from .chain import check_parent_uuid, cluster_parent, find_parent
 from .format import BAT_UNUSED, FOOTER_SIZE, KEYHASH_XATTR, POISON_COOKIE, SECTOR
 from .meta import Metadata, cut_to, load
 
@@ -33,7 +33,9 @@ EXTENTS_SPAN = 1 << 30
 
 def open_vhd(path: str, options: OpenOptions) -> VhdImage:
     """Opener registered for ``vhd:``."""
-    return VhdImage(path, read_only=options.read_only, allowed_dirs=options.allowed_dirs)
+    return VhdImage(
+        path, read_only=options.read_only, allowed_dirs=options.allowed_dirs, options=options
+    )
 
 
 class VhdImage(Image):
@@ -45,7 +47,11 @@ class VhdImage(Image):
         *,
         read_only: bool = False,
         allowed_dirs: tuple[str, ...] = (),
+        options: OpenOptions | None = None,
     ) -> None:
+        """``allowed_dirs``: where file parents may live (default: beside ``path``);
+        ``options``: how a parent in a cluster opens (the daemon's ``ceph_conf``/``ceph_id``;
+        default: Ceph's own)."""
         path = os.path.abspath(path)
         self.spec = f"vhd:{path}"
         self.path = path
@@ -67,7 +73,8 @@ class VhdImage(Image):
                 )
             if self.meta.is_diff:
                 roots = allowed_dirs or (os.path.dirname(path),)
-                self.backing = _open_backing(path, self.file.fd, self.meta, roots)
+                below = options or OpenOptions()
+                self.backing = _open_backing(path, self.file.fd, self.meta, roots, below)
             if not read_only and self.meta.footer_recovered:
                 self._restore_footer()
         except BaseException:
@@ -89,6 +96,8 @@ class VhdImage(Image):
             backing._close_files()
         elif isinstance(backing, RawImage):
             backing.file.close()
+        elif backing is not None:
+            close_unserved(backing)
 
     def _restore_footer(self) -> None:
         """Rewrite a footer torn by a crash from the backup copy, dropping the torn tail."""
@@ -465,15 +474,20 @@ def _append(out: list[Extent], more: list[Extent]) -> None:
             out.append(ext)
 
 
-def _open_backing(path: str, fd: int, meta: Metadata, roots: tuple[str, ...]) -> Image:
+def _open_backing(
+    path: str, fd: int, meta: Metadata, roots: tuple[str, ...], options: OpenOptions
+) -> Image:
     """Open the backing image (the VHD parent) read-only: a VHD whose UUID matches, or raw
-    when the UUID is null."""
+    when the UUID is null (a file, or an image in a cluster)."""
     assert meta.header is not None
+    spec = cluster_parent(fd, meta)
+    if spec is not None:
+        return open_remote_backing(path, spec, "raw", options)
     backing_path = find_parent(path, fd, meta, roots)
     with chain_guard(path, backing_path, "parent"):
         if meta.header.parent_uuid == bytes(16):
             return RawImage(backing_path, read_only=True)
-        backing = VhdImage(backing_path, read_only=True, allowed_dirs=roots)
+        backing = VhdImage(backing_path, read_only=True, allowed_dirs=roots, options=options)
     try:
         check_parent_uuid(path, meta, backing_path, backing.meta.footer)
     except ImageFormatError:
