@@ -162,6 +162,8 @@ def test_a_vhd_child_on_an_rbd_snapshot_is_served_and_vhd_util_follows_it(
     assert run(VHD_UTIL, "query", "-n", child, "-p").strip() == golden
     assert run(VHD_UTIL, "query", "-n", child, "-d").strip() == "chain depth: 2"
     assert "is valid" in run(VHD_UTIL, "check", "-n", child)
+    scanned = run(VHD_UTIL, "scan", "-f", "-m", str(child), "-v")
+    assert f"parent={golden}" in scanned and "not found" not in scanned
     name = golden.removeprefix("rbd:")
     exported = ceph.export(name, tmp_path / "base.raw")
     assert exported[MiB : 4 * MiB] == b"\x61" * (3 * MiB)
