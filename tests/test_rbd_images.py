@@ -125,6 +125,14 @@ def test_a_backing_name_carrying_ceph_options_is_refused(
     overlay_on(f"{golden}:conf={tmp_path}/other.conf", fmt, overlay)
     with pytest.raises(AssertionError, match="carries options"):
         serve(f"{fmt}:{overlay}")
+    if fmt == "vhd":  # tap-img does not make such a child
+        made = subprocess.run(
+            [TAP_IMG, "create", "-f", "vhd", "-b", ceph.spec(golden[4:]), tmp_path / "no.vhd"],
+            text=True,
+            capture_output=True,
+        )
+        assert made.returncode == 1 and "carries options" in made.stderr
+        assert not (tmp_path / "no.vhd").exists()
 
 
 VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))

@@ -85,8 +85,14 @@ def create_from_options(
     path: str, size: int, backing: NewBacking | None, options: dict[str, str]
 ) -> None:
     """Creator registered for ``vhd:`` (takes no options); a differencing image over a
-    backing file takes that file's size."""
+    backing file takes that file's size.  A parent in a cluster is refused with options in
+    its spec: tapdisk would refuse to open the child (see ``backing.open_remote_backing``)."""
     in_cluster = backing is not None and is_remote_backing(backing.path)
+    if backing is not None and in_cluster and ":" in backing.path.partition(":")[2]:
+        raise ImageError(
+            f"backing {backing.path!r} carries options; a VHD child names its parent bare "
+            "(tapdisk opens it with its own ceph_conf and ceph_id; CEPH_CONF works here)"
+        )
     create_vhd(
         path,
         size if backing is None or in_cluster else 0,
