@@ -18,6 +18,7 @@ from tapdisk.drivers.vhd.create import create_vhd
 
 MiB = 1 << 20
 TAP_IMG = str(Path(sys.executable).with_name("tap-img"))
+VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
 
 
 def test_tap_img_creates_inspects_and_converts_rbd_images(ceph: Cluster, tmp_path: Path) -> None:
@@ -135,9 +136,6 @@ def test_a_backing_name_carrying_ceph_options_is_refused(
         assert not (tmp_path / "no.vhd").exists()
 
 
-VHD_UTIL = str(Path(sys.executable).with_name("vhd-util"))
-
-
 def test_a_vhd_child_on_an_rbd_snapshot_is_served_and_vhd_util_follows_it(
     ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve
 ) -> None:
@@ -227,3 +225,30 @@ def test_a_failed_open_above_an_rbd_image_leaves_no_cluster_connection(
     failed = tapctl("open", "-p", str(pid), "-a", f"vhd:{child}", check=False)
     assert failed.returncode != 0 and "does not match the UUID" in failed.stderr
     assert len(os.listdir(f"/proc/{pid}/task")) == threads
+
+
+def test_sm_s_snapshot_of_a_vhd_device_on_rbd_reopens_the_chain_with_the_daemon_s_cluster(
+    ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl
+) -> None:
+    """SM's way: pause, ``vhd-util snapshot``, unpause on the new leaf: the chain opens again
+    down to Ceph with the configuration's cluster, and both layers' data read back."""
+    leaf = tmp_path / "vm.vhd"
+    create_vhd(str(leaf), 16 * MiB, parent=golden, parent_raw=True)
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"vhd:{leaf}")
+    minor = sock.rsplit(".", 1)[1]
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    handle.pwrite(b"\x65" * 65536, 2 * MiB)
+    handle.flush()
+    tapctl.out("pause", "-p", str(pid), "-m", minor)
+    snap = tmp_path / "snap.vhd"
+    run(VHD_UTIL, "snapshot", "-n", snap, "-p", leaf)
+    tapctl.out("unpause", "-p", str(pid), "-m", minor, "-a", f"vhd:{snap}")
+    handle.pwrite(b"\x66" * 4096, 3 * MiB)
+    assert handle.pread(4096, 2 * MiB) == b"\x65" * 4096
+    assert handle.pread(8192, 3 * MiB - 4096) == b"\x61" * 4096 + b"\x66" * 4096
+    handle.shutdown()
+    assert run(VHD_UTIL, "query", "-n", snap, "-d").strip() == "chain depth: 3"
