@@ -240,7 +240,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    """New overlay ``overlay`` over ``base`` (format of the overlay: -f, default qcow2)."""
+    """New overlay ``overlay`` over ``base`` (format of the overlay: -f, default qcow2); a
+    base in a cluster (``rbd:...``) is recorded by its spec."""
+    if remote_spec(args.base) is not None:
+        imageops.create_image(args.f or "qcow2", args.overlay, None, backing=args.base)
+        return 0
     base_fmt = imageops.normalise_format(args.F) if args.F else imageops.detect_format(args.base)
     fmt = args.f or ("vhd" if base_fmt == "vhd" else "qcow2")
     overlay_dir = os.path.dirname(os.path.abspath(args.overlay))

@@ -252,3 +252,18 @@ def test_sm_s_snapshot_of_a_vhd_device_on_rbd_reopens_the_chain_with_the_daemon_
     assert handle.pread(8192, 3 * MiB - 4096) == b"\x61" * 4096 + b"\x66" * 4096
     handle.shutdown()
     assert run(VHD_UTIL, "query", "-n", snap, "-d").strip() == "chain depth: 3"
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
+def test_tap_img_snapshot_puts_an_overlay_on_an_rbd_image(
+    ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str
+) -> None:
+    monkeypatch.setenv("CEPH_CONF", ceph.conf)
+    overlay = tmp_path / f"top.{fmt}"
+    run(TAP_IMG, "snapshot", "-f", fmt, golden, overlay)
+    info = json.loads(run(TAP_IMG, "info", "--output", "json", overlay))
+    assert (info["format"], info["backing-filename"], info["virtual-size"]) == (
+        fmt,
+        golden,
+        16 * MiB,
+    )
