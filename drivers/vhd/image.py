@@ -39,7 +39,8 @@ def open_vhd(path: str, options: OpenOptions) -> VhdImage:
 
 
 class VhdImage(Image):
-    """One VHD file, with its backing chain (its VHD parents) opened read-only below it."""
+    """One VHD file, with its backing chain opened read-only below it: VHD parents, down to
+    a raw file or an image in a cluster."""
 
     def __init__(
         self,
