@@ -179,7 +179,8 @@ def is_remote_backing(name: str) -> bool:
 
 
 def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
-    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only."""
+    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only;
+    a failure names ``child`` too (the image a user asked for, which names this one)."""
     kind, _, rest = name.partition(":")
     if ":" in rest or "\\" in rest:
         raise ImageFormatError(
@@ -188,7 +189,10 @@ def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOpt
         )
     if fmt not in (None, "raw", kind):
         raise ImageFormatError(f"{child}: backing file format {fmt!r} of {name!r} is not raw")
-    return open_image(name, dataclasses.replace(options, read_only=True, direct=False))
+    try:
+        return open_image(name, dataclasses.replace(options, read_only=True, direct=False))
+    except ImageError as exc:
+        raise ImageError(f"{child}: backing file {exc}") from None
 
 
 def close_unserved(image: Image) -> None:

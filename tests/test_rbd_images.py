@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,15 @@ def test_tap_img_snapshot_puts_an_overlay_on_an_rbd_image(
         golden,
         16 * MiB,
     )
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
+def test_an_unreachable_cluster_below_an_overlay_is_named_with_the_overlay(
+    ceph: Cluster, golden: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, serve, fmt: str
+) -> None:
+    overlay = tmp_path / f"vm.{fmt}"
+    overlay_on(golden, fmt, overlay)
+    monkeypatch.setenv("CEPH_CONF", str(tmp_path / "absent.conf"))
+    said = re.escape(f"{overlay}: backing file {golden}: cannot connect")
+    with pytest.raises(AssertionError, match=said):
+        serve(f"{fmt}:{overlay}")
