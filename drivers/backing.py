@@ -178,15 +178,23 @@ def is_remote_backing(name: str) -> bool:
     return name.partition(":")[0] in CLUSTER_KINDS
 
 
-def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
-    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only;
-    a failure names ``child`` too (the image a user asked for, which names this one)."""
-    kind, _, rest = name.partition(":")
+def refuse_cluster_options(child: str, name: str) -> None:
+    """ImageFormatError unless the cluster image ``name`` that ``child`` names is bare:
+    options (``:conf=``, ``:id=``...) or escapes would let an image choose the file librados
+    reads or the cluster it connects to."""
+    rest = name.partition(":")[2]
     if ":" in rest or "\\" in rest:
         raise ImageFormatError(
             f"{child}: backing_file {name!r} carries options; a backing image in a cluster "
             "is opened with the daemon's own ceph_conf and ceph_id"
         )
+
+
+def open_remote_backing(child: str, name: str, fmt: str | None, options: OpenOptions) -> Image:
+    """Open the cluster image ``name`` that image ``child`` names as its backing, read-only;
+    a failure names ``child`` too (the image a user asked for, which names this one)."""
+    kind = name.partition(":")[0]
+    refuse_cluster_options(child, name)
     if fmt not in (None, "raw", kind):
         raise ImageFormatError(f"{child}: backing file format {fmt!r} of {name!r} is not raw")
     try:

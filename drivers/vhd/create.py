@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 
-from ..backing import is_remote_backing
+from ..backing import is_remote_backing, refuse_cluster_options
 from ..base import ImageError
 from ..paths import open_disk
 from ..registry import NewBacking
@@ -88,11 +88,8 @@ def create_from_options(
     backing file takes that file's size.  A parent in a cluster is refused with options in
     its spec: tapdisk would refuse to open the child (see ``backing.open_remote_backing``)."""
     in_cluster = backing is not None and is_remote_backing(backing.path)
-    if backing is not None and in_cluster and ":" in backing.path.partition(":")[2]:
-        raise ImageError(
-            f"backing {backing.path!r} carries options; a VHD child names its parent bare "
-            "(tapdisk opens it with its own ceph_conf and ceph_id; CEPH_CONF works here)"
-        )
+    if backing is not None and in_cluster:
+        refuse_cluster_options(path, backing.path)
     create_vhd(
         path,
         size if backing is None or in_cluster else 0,
