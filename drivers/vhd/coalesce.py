@@ -46,11 +46,7 @@ async def _coalesce(
             raise ImageError(f"{child_path} is not a differencing VHD: nothing to coalesce into")
         below = child.backing
         roots = allowed_dirs or (os.path.dirname(child.path),)
-        backing: Image = (
-            VhdImage(below.path, allowed_dirs=roots)
-            if isinstance(below, VhdImage)
-            else open_image(below.spec, OpenOptions(allowed_dirs=roots))
-        )
+        backing = open_image(below.spec, OpenOptions(allowed_dirs=roots))
         try:
             if backing.read_only:
                 raise ImageError(f"cannot coalesce into {below.spec}: it is read-only")
