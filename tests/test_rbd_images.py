@@ -102,15 +102,20 @@ def overlay_on(golden: str, fmt: str, path: Path) -> None:
     run(qemu_img, "create", "-q", "-u", "-f", fmt, "-F", "raw", "-b", golden, path, "16M")
 
 
+def spawn_on(ceph: Cluster, tmp_path: Path, tapctl: TapCtl) -> int:
+    """A tapdisk whose YAML alone names the cluster (``ceph_conf``) and allows ``tmp_path``."""
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
+    return int(tapctl.out("spawn", "--config", str(config)))
+
+
 @pytest.mark.parametrize("fmt", ["qcow2", "vhd"])
 def test_a_tapctl_device_on_an_overlay_uses_the_configuration_s_cluster(
     ceph: Cluster, golden: str, tmp_path: Path, tapctl: TapCtl, fmt: str
 ) -> None:
     overlay = tmp_path / f"vm.{fmt}"
     overlay_on(golden, fmt, overlay)
-    config = tmp_path / "tapdisk.yaml"
-    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
-    pid = int(tapctl.out("spawn", "--config", str(config)))
+    pid = spawn_on(ceph, tmp_path, tapctl)
     sock = tapctl.out("open", "-p", str(pid), "-a", f"{fmt}:{overlay}")
     handle = nbd.NBD()
     handle.connect_uri(nbd_uri(sock))
@@ -217,9 +222,7 @@ def test_a_failed_open_above_an_rbd_image_leaves_no_cluster_connection(
     create_vhd(str(child), 0, parent=str(middle))
     middle.unlink()
     create_vhd(str(middle), 16 * MiB, parent=golden, parent_raw=True)
-    config = tmp_path / "tapdisk.yaml"
-    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
-    pid = int(tapctl.out("spawn", "--config", str(config)))
+    pid = spawn_on(ceph, tmp_path, tapctl)
     sock = tapctl.out("open", "-p", str(pid), "-a", f"vhd:{middle}")
     tapctl.out("close", "-p", str(pid), "-m", sock.rsplit(".", 1)[1])
     threads = len(os.listdir(f"/proc/{pid}/task"))
@@ -235,9 +238,7 @@ def test_sm_s_snapshot_of_a_vhd_device_on_rbd_reopens_the_chain_with_the_daemon_
     down to Ceph with the configuration's cluster, and both layers' data read back."""
     leaf = tmp_path / "vm.vhd"
     create_vhd(str(leaf), 16 * MiB, parent=golden, parent_raw=True)
-    config = tmp_path / "tapdisk.yaml"
-    config.write_text(f"ceph_conf: {ceph.conf}\nallowed_dirs: [{tmp_path}]\n")
-    pid = int(tapctl.out("spawn", "--config", str(config)))
+    pid = spawn_on(ceph, tmp_path, tapctl)
     sock = tapctl.out("open", "-p", str(pid), "-a", f"vhd:{leaf}")
     minor = sock.rsplit(".", 1)[1]
     handle = nbd.NBD()
