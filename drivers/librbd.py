@@ -25,6 +25,8 @@ handle = ctypes.c_void_p
 
 #: ``rbd_set_image_notification``'s kind of file descriptor (librbd.h: EVENT_TYPE_EVENTFD).
 EVENT_TYPE_EVENTFD = 2
+#: ``rbd_aio_write_zeroes``'s flag for a zeroed range left allocated (librbd.h).
+WRITE_ZEROES_FLAG_THICK_PROVISION = 1
 #: ``rbd_diff_iterate2``'s callback: (offset, length, exists, arg) -> 0 to go on.
 DIFF_CALLBACK = ctypes.CFUNCTYPE(c_int, c_uint64, c_size_t, c_int, handle)
 

@@ -38,7 +38,16 @@ from functools import partial
 from typing import Any
 
 from .base import Capabilities, Extent, ExtentFlags, Image, ImageError, IoDone
-from .librbd import DIFF_CALLBACK, EVENT_TYPE_EVENTFD, check, encode, handle, lib, mon_command
+from .librbd import (
+    DIFF_CALLBACK,
+    EVENT_TYPE_EVENTFD,
+    WRITE_ZEROES_FLAG_THICK_PROVISION,
+    check,
+    encode,
+    handle,
+    lib,
+    mon_command,
+)
 from .rbdname import RbdName, location_end, parse_name, valid_name
 from .registry import NewBacking, OpenOptions
 
@@ -382,10 +391,15 @@ class RbdImage(Image):
         fast_only: bool = False,
         fua: bool = False,
     ) -> None:
-        # librbd zeroes by deallocating whole objects and zeroing partial ones: always fast.
+        # librbd zeroes by deallocating whole objects and zeroing partial ones, or, when the
+        # range must stay allocated (NBD's NO_HOLE), by a write-same of zeroes that the OSDs
+        # expand: neither sends the zeroes, so both are fast.
         self._check_writable()
         image, aio_zero = self._image, self._calls.rbd_aio_write_zeroes
-        await self._submit(lambda done: aio_zero(image, offset, length, done, 0, 0), modifies=True)
+        flags = 0 if may_unmap else WRITE_ZEROES_FLAG_THICK_PROVISION
+        await self._submit(
+            lambda done: aio_zero(image, offset, length, done, flags, 0), modifies=True
+        )
         if fua and self._cached:
             await self.flush()
 

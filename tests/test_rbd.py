@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -104,6 +105,22 @@ def test_fua_write_zeroes_and_discard_reach_the_cluster(
     expected[MiB : 3 * MiB] = bytes(2 * MiB)
     expected[4 * MiB : 8 * MiB] = bytes(4 * MiB)
     assert exported == expected
+
+
+def test_write_zeroes_with_no_hole_leaves_the_objects_allocated(ceph: Cluster, serve) -> None:
+    """NBD's NO_HOLE asks for the zeroed range fully provisioned (qemu's rule for librbd:
+    thick-provisioned zeroing); without it, whole objects are deallocated."""
+    name = ceph.create("16M")
+    served = serve(ceph.spec(name))
+    handle = nbd_client(served.uri())
+    handle.pwrite(pattern(16 * MiB, 6), 0)
+    handle.zero(4 * MiB, 0, nbd.CMD_FLAG_NO_HOLE)
+    handle.zero(4 * MiB, 8 * MiB)
+    handle.flush()
+    assert handle.pread(4 * MiB, 0) == handle.pread(4 * MiB, 8 * MiB) == bytes(4 * MiB)
+    handle.shutdown()
+    extents = json.loads(ceph.rbd("diff", "--format", "json", name))
+    assert sorted(extent["offset"] // MiB for extent in extents) == [0, 4, 12]
 
 
 def test_block_status_reports_allocated_extents_and_holes(ceph: Cluster, serve) -> None:
