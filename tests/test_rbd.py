@@ -135,6 +135,30 @@ def test_block_status_reports_allocated_extents_and_holes(ceph: Cluster, serve) 
     assert allocation(handle, 32 * MiB) == [(8 * MiB, 3), (64 << 10, 0), (24 * MiB - (64 << 10), 3)]
 
 
+def test_a_clone_serves_its_parent_s_data_as_allocated_and_copies_whole(
+    ceph: Cluster, serve, tmp_path: Path
+) -> None:
+    """A clone of a protected snapshot (how Ceph users make a VM disk from a golden image)
+    reads through to its parent, and block status counts the parent's data: a copy that
+    skips holes (nbdcopy, a live migration) takes all of it."""
+    parent = ceph.create("16M")
+    run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x31 0 4M", ceph.spec(parent))
+    ceph.rbd("snap", "create", f"{parent}@gold")
+    ceph.rbd("snap", "protect", f"{parent}@gold")
+    clone = f"{parent}-vm"
+    ceph.rbd("clone", f"{parent}@gold", clone)
+    served = serve(ceph.spec(clone))
+    handle = nbd_client(served.uri())
+    handle.pwrite(b"\x32" * MiB, 8 * MiB)
+    handle.flush()
+    assert allocation(handle, 16 * MiB) == [(4 * MiB, 0), (4 * MiB, 3), (MiB, 0), (7 * MiB, 3)]
+    handle.shutdown()
+    copy = tmp_path / "copy.raw"
+    run(require("nbdcopy"), served.uri(), copy)
+    expected = b"\x31" * (4 * MiB) + bytes(4 * MiB) + b"\x32" * MiB + bytes(7 * MiB)
+    assert copy.read_bytes() == expected
+
+
 def test_a_snapshot_serves_its_own_data_read_only(ceph: Cluster, serve) -> None:
     name = ceph.create("8M")
     run(require("qemu-io"), "-f", "raw", "-c", "write -P 0x11 0 1M", ceph.spec(name))
