@@ -12,8 +12,9 @@ from pathlib import Path
 import nbd
 import pytest
 from cbt_helpers import BLOCK, marked, write_log
+from migration_helpers import SIZE, Writers
 from rbd_helpers import Cluster
-from tapctl_helpers import TapCtl, nbd_uri
+from tapctl_helpers import TapCtl, nbd_uri, wait_gone
 
 from tapdisk.config import ConfigError, parse
 
@@ -177,3 +178,30 @@ def test_writes_to_a_mirrored_rbd_device_reach_the_secondary(
     expected = b"".join(bytes([i + 1]) * MiB for i in range(8))
     assert secondary.read_bytes()[: 8 * MiB] == expected
     assert ceph.export(name, tmp_path / "export.raw")[: 8 * MiB] == expected
+
+
+def test_a_restart_hands_an_rbd_device_over_under_verifying_writers(
+    ceph: Cluster, tapctl: TapCtl, tmp_path: Path
+) -> None:
+    """``tap-ctl restart`` (an upgrade under running VMs): the old tapdisk closes the image
+    in the hold, so its librbd lets go of the exclusive lock and the watch, and the new one
+    opens it with the same configuration; no write is lost and one client holds the image."""
+    name = ceph.create(f"{SIZE}B")
+    config = write_config(tmp_path / "tapdisk.yaml", ceph)
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"rbd:{name}")
+    ref = bytearray(SIZE)  # a new image reads as zeroes
+    writers = Writers(sock, ref, seed=71)
+    for _ in range(2):
+        writers.go_on(5)
+        old, pid = pid, int(tapctl.out("restart", "-p", str(pid)))
+        assert wait_gone(old), f"the old tapdisk {old} did not exit"
+    writers.go_on(5)
+    writers.finish()
+    assert tapctl.pids() == [pid]
+    assert ceph.rbd("status", name).count("watcher=") == 1
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    step = 16 * MiB
+    assert b"".join(handle.pread(step, start) for start in range(0, SIZE, step)) == ref
+    handle.shutdown()
