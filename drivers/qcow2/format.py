@@ -245,9 +245,10 @@ class Extensions:
     end: int = 0  # offset just past the end-of-extensions marker
 
 
-def parse_extensions(buf: bytes, header: Header, path: str) -> Extensions:
-    """Walk the extension list after the header, inside the header cluster."""
-    ext = Extensions()
+def walk_extensions(buf: bytes, header: Header, path: str) -> tuple[list[tuple[int, bytes]], int]:
+    """The extensions after the header, inside the header cluster, as (type, data) in
+    their order on disk, and the offset just past the end-of-extensions marker."""
+    entries: list[tuple[int, bytes]] = []
     pos = header.header_length
     limit = header.backing_file_offset or min(len(buf), header.cluster_size)
     seen: set[int] = set()
@@ -255,8 +256,7 @@ def parse_extensions(buf: bytes, header: Header, path: str) -> Extensions:
         kind, length = EXT_HEADER.unpack_from(buf, pos)
         pos += EXT_HEADER.size
         if kind == EXT_END:
-            ext.end = pos
-            return ext
+            return entries, pos
         if pos + length > limit:
             raise ImageFormatError(
                 f"{path}: header extension {kind:#x} length {length} runs past the header cluster"
@@ -264,20 +264,27 @@ def parse_extensions(buf: bytes, header: Header, path: str) -> Extensions:
         if kind in seen:
             raise ImageFormatError(f"{path}: header extension {kind:#x} appears twice")
         seen.add(kind)
-        data = bytes(buf[pos : pos + length])
+        entries.append((kind, bytes(buf[pos : pos + length])))
+        pos += -(-length // 8) * 8
+    return entries, pos
+
+
+def parse_extensions(buf: bytes, header: Header, path: str) -> Extensions:
+    """What the extensions after the header say."""
+    entries, end = walk_extensions(buf, header, path)
+    ext = Extensions(end=end)
+    for kind, data in entries:
         if kind == EXT_BACKING_FORMAT:
             ext.backing_format = data.decode("ascii", "replace")
         elif kind == EXT_DATA_FILE:
             ext.data_file = data.decode("utf-8", "replace")
-        elif kind == EXT_BITMAPS and length >= BITMAPS_EXT.size:
+        elif kind == EXT_BITMAPS and len(data) >= BITMAPS_EXT.size:
             count, _, dsize, doff = BITMAPS_EXT.unpack_from(data)
             ext.bitmaps = (count, dsize, doff)
         elif kind == EXT_FEATURE_TABLE:
-            for i in range(0, length - 47, 48):
+            for i in range(0, len(data) - 47, 48):
                 name = data[i + 2 : i + 48].rstrip(b"\0").decode("ascii", "replace")
                 ext.feature_names[(data[i], data[i + 1])] = name
-        pos += -(-length // 8) * 8
-    ext.end = pos
     return ext
 
 

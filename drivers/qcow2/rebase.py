@@ -1,0 +1,64 @@
+"""Pointing a QCOW2 image at another backing file, its data untouched (``qemu-img rebase -u``).
+
+An online commit drops an image from the middle of a chain: once its data is in its
+backing file, the image above it must name that backing file instead.  The header
+cluster is rebuilt as qemu rebuilds it: the header fields, every extension as it was
+on disk (unknown ones too, such as a storage manager's own flags) except the backing
+format, which is replaced, the end marker, then the backing file's name.  It is
+written in one ``pwrite`` and synced.  The image may be open (read-only or not): its
+in-memory header learns the new name too, so no later header write can undo it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..base import ImageError
+from ..fileio import pread_full, pwrite_full
+from .format import (
+    EXT_BACKING_FORMAT,
+    EXT_END,
+    MAX_BACKING_NAME,
+    Header,
+    extension_bytes,
+    walk_extensions,
+)
+from .image import Qcow2Image
+
+
+def rewrite_backing(image: Qcow2Image, name: str, backing_format: str | None) -> None:
+    """Make ``image`` name ``name`` (of ``backing_format``, if given) as its backing file
+    on disk and in memory.  Raises ImageError when the new header does not fit in the
+    header cluster."""
+    encoded = name.encode()
+    if not encoded or len(encoded) > MAX_BACKING_NAME:
+        raise ImageError(f"{image.path}: backing file name of {len(encoded)} bytes")
+    fd = os.open(image.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        header_cluster = bytearray(image.cluster_size)
+        pread_full(fd, memoryview(header_cluster), 0)
+        header = Header.unpack(bytes(header_cluster))
+        entries, _ = walk_extensions(bytes(header_cluster), header, image.path)
+        kept = [(kind, data) for kind, data in entries if kind != EXT_BACKING_FORMAT]
+        if backing_format:
+            kept.append((EXT_BACKING_FORMAT, backing_format.encode()))
+        extensions = b"".join(extension_bytes(kind, data) for kind, data in kept)
+        extensions += extension_bytes(EXT_END, b"")
+        old_end = header.backing_file_offset + header.backing_file_size
+        header.backing_file_offset = header.header_length + len(extensions)
+        header.backing_file_size = len(encoded)
+        cluster = header.pack() + extensions + encoded
+        if len(cluster) > image.cluster_size:
+            raise ImageError(
+                f"{image.path}: the header, its extensions and the backing file name "
+                f"{name!r} do not fit in its {image.cluster_size}-byte header cluster"
+            )
+        cluster += bytes(max(0, old_end - len(cluster)))  # no trace of a longer old name
+        pwrite_full(fd, memoryview(cluster), 0)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    image.header.backing_file_offset = header.backing_file_offset
+    image.header.backing_file_size = header.backing_file_size
+    image.ext.backing_format = backing_format
+    image.backing_name = name
