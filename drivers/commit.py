@@ -10,13 +10,21 @@ ordering, and is flushed before returning; the image itself is left untouched.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
-from .base import ImageError
+from .base import Image, ImageError
 from .l2tables import BACKING, ZERO
 from .registry import BlockStatus, OpenOptions, Progress, open_image
 
 #: Largest piece copied at once, in bytes.
 COPY_CHUNK = 2 << 20
+#: Largest range zeroed at once, and asked about at once: a sparse image of terabytes is
+#: walked in a few thousand steps, not a million.
+ZERO_CHUNK = 256 << 20
+SCAN_CHUNK = 1 << 30
+#: ``own(offset, length)``: (kind, run) of what an image itself holds from ``offset``
+#: (``l2tables``' kinds: DATA, ZERO, BACKING, or compressed data).
+OwnStatus = Callable[[int, int], Awaitable[tuple[int, int]]]
 
 
 def commit_clusters(
@@ -38,23 +46,39 @@ async def _commit(
         try:
             if base.read_only:  # an RBD snapshot, say: no write could land
                 raise ImageError(f"cannot commit into {base_spec}: it is read-only")
-            size = min(top.size, base.size)
-            buf = bytearray(COPY_CHUNK)
-            pos = 0
-            while pos < size:
-                kind, _, run = status(top, pos, min(size - pos, COPY_CHUNK))
-                if kind == ZERO:
-                    await base.write_zeroes(pos, run)
-                elif kind != BACKING:
-                    view = memoryview(buf)[:run]
-                    await top.read(pos, view)
-                    await base.write(pos, view)
-                pos += run
-                if progress:
-                    progress(pos, size)
-            await base.flush()
+
+            async def own(offset: int, length: int) -> tuple[int, int]:
+                kind, _, run = status(top, offset, length)
+                return kind, run
+
+            await copy_own_clusters(top, base, own, progress)
         finally:
             await base.close()
         return base_spec
     finally:
         await top.close()
+
+
+async def copy_own_clusters(
+    top: Image, base: Image, own: OwnStatus, progress: Progress | None = None
+) -> None:
+    """Copy what ``top`` holds itself (``own``) into ``base``, which is then flushed: data
+    is copied, zeroed ranges zeroed, ranges left to the backing file skipped.  Used by
+    ``commit_clusters`` and by a running device's online commit (tapdisk/commitjob.py)."""
+    size = min(top.size, base.size)
+    buf = bytearray(COPY_CHUNK)
+    pos = 0
+    while pos < size:
+        kind, run = await own(pos, min(size - pos, SCAN_CHUNK))
+        if kind == ZERO:
+            run = min(run, ZERO_CHUNK)
+            await base.write_zeroes(pos, run)
+        elif kind != BACKING:
+            run = min(run, COPY_CHUNK)
+            view = memoryview(buf)[:run]
+            await top.read(pos, view)
+            await base.write(pos, view)
+        pos += run
+        if progress:
+            progress(pos, size)
+    await base.flush()

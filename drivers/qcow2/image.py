@@ -420,6 +420,14 @@ class Qcow2Image(Qcow2Allocation):
             pos += run
         return out or [Extent(length, ExtentFlags.DATA)]
 
+    async def own_status(self, offset: int, length: int) -> tuple[int, int]:
+        """(kind, run) of what the image itself holds from ``offset`` (``OwnStatus``)."""
+        try:
+            kind, _, run = await self._map(offset, length)
+        except Qcow2Corruption as exc:
+            raise self._corruption(exc) from None
+        return kind, run
+
     def block_status(self, offset: int, length: int) -> tuple[int, int, int]:
         """(kind, host offset, run) for tools such as ``tap-img map`` (blocking)."""
         mapping = self._map_cached(offset, length)
