@@ -27,6 +27,9 @@ are blktap's, as XCP-ng's storage manager (SM) calls them, plus this project's:
     tap-ctl stats -p PID [-m MINOR]                            blktap's JSON
     tap-ctl restart -p PID                                     every VBD moves, live
     tap-ctl mirror -p PID -m MINOR -a TYPE:PATH [--switch]    live migration, with progress
+    tap-ctl commit -p PID -m MINOR -a PATH                    merge PATH into its parent, live
+    tap-ctl query -p PID -m MINOR                             Commit status 'STATE' (DONE/TOTAL)
+    tap-ctl cancel -p PID -m MINOR [-w]                       stop the commit
     tap-ctl shutdown -p PID
 
 ``-C LOG`` (open, create) marks every written 64 KiB block in the CBT log LOG,
@@ -78,6 +81,7 @@ from .commands import (
     cmd_unpause,
     simple_command,
 )
+from .commit import cmd_cancel, cmd_commit, cmd_query
 from .listing import cmd_list
 from .mirror import cmd_mirror
 from .processes import SpawnError
@@ -126,6 +130,9 @@ COMMAND_EXAMPLES = {
     "  tap-ctl mirror -p 1234 -m 0 -a raw:/images/copy.img     copy, then keep mirroring\n",
     "restart": "  tap-ctl restart -d /dev/nbd0                  prints the new tapdisk's pid\n"
     "  tap-ctl restart -p 1234                       every VBD of tapdisk 1234\n",
+    "commit": "  tap-ctl commit -p 1234 -m 0 -a /sr/base-2.qcow2   then poll tap-ctl query\n",
+    "query": "  tap-ctl query -p 1234 -m 0        Commit status 'running' (1048576/8589934592)\n",
+    "cancel": "  tap-ctl cancel -p 1234 -m 0 -w\n",
 }
 
 
@@ -336,6 +343,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--switch",
         action="store_true",
         help="once copied, run the device on the target and close the source",
+    )
+    p = add("commit", cmd_commit, "merge an image below the leaf into its parent, live")
+    add_target(p)
+    p.add_argument("-a", "--args", metavar="PATH", required=True, help="the image to merge")
+    p = add("query", cmd_query, "how far the commit got: Commit status 'STATE' (DONE/TOTAL)")
+    add_target(p)
+    p = add("cancel", cmd_cancel, "stop the commit; the chain stays as it was")
+    add_target(p)
+    p.add_argument(
+        "-w", "--wait", action="store_true", help="accepted: cancel always waits for the stop"
     )
     p = add("shutdown", cmd_shutdown, "close every image of a tapdisk and stop it")
     add_target(p, device=False)

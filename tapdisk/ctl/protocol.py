@@ -55,6 +55,9 @@ stats       [minor]                                         STATS, or [STATS, ..
 mirror      minor, spec, [switch]                           MIRROR-STATUS (the copy started)
 mirror_status  minor                                        MIRROR-STATUS
 mirror_cancel  minor                                        MIRROR-STATUS (once stopped)
+commit      minor, path                                     COMMIT-STATUS (the copy started)
+commit_status  minor                                        COMMIT-STATUS
+commit_cancel  minor                                        COMMIT-STATUS (once stopped)
 shutdown    --                                              null (the process then exits)
 ==========  ==============================================  ==============================
 
@@ -97,6 +100,15 @@ stops it (the device stays on its source).  MIRROR-STATUS: ``{"state":
 TEXT or null}``; ``done`` bytes of ``total`` are copied (``copied`` of them as data,
 ``zeroed`` as zeroes); ``mirroring``: copied, the mirror kept on; ``switched``: the
 device runs on the target.
+
+``commit`` merges ``path``, a QCOW2 image below the leaf of a running device's chain,
+into its parent and then drops it from the chain (tapdisk/commitjob.py): it answers
+once the copy has begun, ``commit_status`` tells how far it got, ``commit_cancel``
+stops it (the chain stays as it was).  COMMIT-STATUS: ``{"state":
+"undefined|running|concluded|failed|cancelled", "path": PATH or null, "total": INT,
+"done": INT, "error": TEXT or null}``: ``done`` bytes of ``total`` (the image's virtual
+size) scanned; ``concluded``: the image is out of the chain.  A job that has ended is
+reported once, then forgotten (``undefined``: no job), as blktap's query does.
 
 ``takeover`` and ``release`` restart a tapdisk under a live device (tap-ctl
 restart): the old daemon pauses the VBD, then ``release`` cuts its kernel
@@ -278,6 +290,9 @@ OPS: Final[dict[str, dict[str, tuple[tuple[type, ...], bool]]]] = {
     "mirror": {"minor": (_INT, True), "spec": (_STR, True), "switch": (_BOOL, False)},
     "mirror_status": {"minor": (_INT, True)},
     "mirror_cancel": {"minor": (_INT, True)},
+    "commit": {"minor": (_INT, True), "path": (_STR, True)},
+    "commit_status": {"minor": (_INT, True)},
+    "commit_cancel": {"minor": (_INT, True)},
     "shutdown": {},
 }
 

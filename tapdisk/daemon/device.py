@@ -7,6 +7,7 @@ from typing import Any
 
 from tapdisk.ctl import protocol
 
+from ..commitjob import CommitJob
 from ..migration import Migration
 from ..server import NBDServer
 from ..vbd import VBD
@@ -36,6 +37,8 @@ class Device:
     resume_failed: bool = False
     #: The live migration (``tap-ctl mirror``) started last, running or finished.
     migration: Migration | None = None
+    #: The online commit (``tap-ctl commit``) running, or ended and not yet queried.
+    commit: CommitJob | None = None
 
     @property
     def served(self) -> str:

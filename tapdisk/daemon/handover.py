@@ -177,6 +177,17 @@ def _handed_over(connection: NBDConnection) -> bool:
     )
 
 
+def _busy(device: Device) -> str | None:
+    """What a device is doing that a hand-over cannot carry (None: nothing)."""
+    if device.closing:
+        return "closing"
+    if device.migration is not None and device.migration.running:
+        return "migrating"
+    if device.commit is not None and device.commit.running:
+        return f"committing {device.commit.path} (tap-ctl cancel stops it)"
+    return None
+
+
 def _passed_sockets(daemon: Daemon) -> list[str]:
     """Why each VBD whose image or secondary is a socket passed to this process cannot move:
     libnbd connects a socket only by negotiating on it, and the server negotiates once."""
@@ -317,10 +328,9 @@ async def give(
         return
     successor = request.args["pid"]
     busy = [
-        f"minor {m.number} is {'closing' if m.device.closing else 'migrating'}"
+        f"minor {m.number} is {why}"
         for m in daemon.minors.values()
-        if m.device is not None
-        and (m.device.closing or (m.device.migration is not None and m.device.migration.running))
+        if m.device is not None and (why := _busy(m.device))
     ] + _passed_sockets(daemon)
     if busy or daemon.handing_over:
         why = busy[0] if busy else "a hand-over is under way"

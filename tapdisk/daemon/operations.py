@@ -34,7 +34,7 @@ from ..scheduler import SchedulerLimits
 from ..server import NBDServer
 from ..tls import ServerTLS
 from ..vbd import VBD, VBDError, open_stack
-from . import handoff, handover, recovery
+from . import commitops, handoff, handover, recovery
 from .confinement import Confinement
 from .device import Device
 from .errors import ControlError
@@ -108,6 +108,9 @@ class Daemon:
             "mirror": self._op_mirror,
             "mirror_status": self._op_mirror_status,
             "mirror_cancel": self._op_mirror_cancel,
+            "commit": self._op_commit,
+            "commit_status": self._op_commit_status,
+            "commit_cancel": self._op_commit_cancel,
             "shutdown": self._op_shutdown,
         }
 
@@ -421,6 +424,7 @@ class Daemon:
             raise ControlError("state", f"minor {minor.number} is already closing")
         device.closing = True
         try:
+            await commitops.stop(device)
             if device.migration is not None:
                 await device.migration.cancel()  # the device goes back to its source first
             if device.kernel_index is not None and disconnect:
@@ -479,6 +483,7 @@ class Daemon:
     async def _op_pause(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
         _not_migrating(device)
+        await commitops.stop(device)
         await device.vbd.pause()
         return self.info(minor)
 
@@ -503,6 +508,7 @@ class Daemon:
     async def _op_snapshot(self, request: Request) -> dict[str, Any]:
         minor, device = self._device(request)
         _not_migrating(device)
+        await commitops.stop(device)
         if configuration.is_remote(request.args.get("format", "") + ":"):
             snapshot = await device.vbd.snapshot_in_store(request.args["path"])
             return {**self.info(minor), "snapshot": snapshot}
@@ -549,6 +555,15 @@ class Daemon:
         migration = self._migration(request)
         await migration.cancel()
         return migration.status()
+
+    async def _op_commit(self, request: Request) -> dict[str, Any]:
+        return await commitops.start(self._device(request)[1], request.args["path"])
+
+    async def _op_commit_status(self, request: Request) -> dict[str, Any]:
+        return commitops.status(self._device(request)[1])
+
+    async def _op_commit_cancel(self, request: Request) -> dict[str, Any]:
+        return await commitops.cancel(self._device(request)[1])
 
     async def _op_shutdown(self, request: Request) -> None:
         self._shutdown_soon()

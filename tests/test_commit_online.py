@@ -1,0 +1,260 @@
+"""Online commit (``tap-ctl commit``, ``query``, ``cancel``), as XCP-ng's storage manager
+coalesces a QCOW2 chain that a running VM holds open.
+
+Chains are made by qemu-img; libnbd writers keep writing to the leaf and verifying
+every read while the image below it is merged into its parent and dropped; the chain
+left on disk (leaf over base, the middle image deleted) is then compared by qemu-img
+with what the writers wrote.  The query lines are parsed with SM's own pattern.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import struct
+import subprocess
+import time
+from pathlib import Path
+
+import nbd
+import pytest
+from helpers import require, run
+from migration_helpers import SIZE, MiB, Writers, compare_with, holds_open
+from tapctl_helpers import TAP_CTL, TapCtl, nbd_uri
+
+#: SM's parse of ``tap-ctl query`` (xcp-ng/sm, drivers/blktap2.py, TapCtl.query).
+QUERY = re.compile(r"Commit status '(.+)' \((\d+)\/(\d+)\)")
+#: The header extension XCP-ng's SM keeps its "hidden" flag in (type "vate", 8 bytes).
+HIDDEN_EXTENSION = 0x76617465
+#: The virtual size (all of it data) of the middle image a job is stopped in.
+BIG = 256 * MiB
+
+
+def qemu_io(path: Path, *commands: str) -> None:
+    args = [arg for command in commands for arg in ("-c", command)]
+    run(require("qemu-io"), "-f", "qcow2", *args, path)
+
+
+def chain(tmp_path: Path) -> tuple[Path, Path, Path, bytearray]:
+    """base <- mid <- leaf, each holding data of its own, and what the leaf reads."""
+    base, mid, leaf = (tmp_path / f"{name}.qcow2" for name in ("base", "mid", "leaf"))
+    qemu_img = require("qemu-img")
+    run(qemu_img, "create", "-q", "-f", "qcow2", base, str(SIZE))
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    ref = bytearray(SIZE)
+    for path, pattern, start, length in (
+        (base, 0x11, 0, 24 * MiB),
+        (mid, 0x22, 8 * MiB, 24 * MiB),
+        (leaf, 0x33, 28 * MiB, 8 * MiB),
+    ):
+        qemu_io(path, f"write -P {pattern} {start} {length}")
+        ref[start : start + length] = bytes([pattern]) * length
+    qemu_io(mid, f"write -z {4 * MiB} {2 * MiB}")  # zeroes over the base's data
+    ref[4 * MiB : 6 * MiB] = bytes(2 * MiB)
+    return base, mid, leaf, ref
+
+
+def add_hidden_flag(path: Path, value: int) -> None:
+    """Add SM's extension (as its qcow2util does: before the end marker, the backing file
+    name moved up behind it)."""
+    data = bytearray(path.read_bytes()[:65536])
+    name_offset, name_size = struct.unpack_from(">QI", data, 8)
+    name = bytes(data[name_offset : name_offset + name_size])
+    pos = struct.unpack_from(">I", data, 100)[0]  # header_length (v3)
+    while struct.unpack_from(">I", data, pos)[0] != 0:
+        pos += 8 + -(-struct.unpack_from(">I", data, pos + 4)[0] // 8) * 8
+    tail = struct.pack(">IIQ", HIDDEN_EXTENSION, 8, value << 56) + bytes(8) + name
+    struct.pack_into(">Q", data, 8, pos + 24)
+    data[pos : pos + len(tail)] = tail
+    with open(path, "r+b") as f:
+        f.write(data[: pos + len(tail)])
+
+
+def hidden_flag(path: Path) -> int | None:
+    data = path.read_bytes()[:65536]
+    pos = struct.unpack_from(">I", data, 100)[0]
+    while (kind := struct.unpack_from(">I", data, pos)[0]) != 0:
+        length = struct.unpack_from(">I", data, pos + 4)[0]
+        if kind == HIDDEN_EXTENSION:
+            return data[pos + 8]
+        pos += 8 + -(-length // 8) * 8
+    return None
+
+
+def query(tapctl: TapCtl, pid: int, minor: int) -> tuple[str, int, int]:
+    match = QUERY.match(tapctl.out("query", "-p", str(pid), "-m", str(minor)))
+    assert match, "tap-ctl query printed no status line SM can parse"
+    return match.group(1), int(match.group(2)), int(match.group(3))
+
+
+def wait_concluded(tapctl: TapCtl, pid: int, minor: int) -> int:
+    """Poll as SM's coalesceOnline does; the bytes coalesced."""
+    deadline = time.monotonic() + 120
+    status, done, total = query(tapctl, pid, minor)
+    while status != "concluded":
+        assert status == "running", status
+        assert time.monotonic() < deadline, "the commit did not conclude within 120 s"
+        time.sleep(0.05)
+        status, done, total = query(tapctl, pid, minor)
+    assert done == total == SIZE
+    return done
+
+
+def backing_of(path: Path) -> tuple[str, str]:
+    info = run(require("qemu-img"), "info", "--output=json", "-U", path)
+    fields = dict(re.findall(r'"(backing-filename(?:-format)?)": "([^"]*)"', info))
+    return fields["backing-filename"], fields["backing-filename-format"]
+
+
+def test_a_middle_image_is_merged_and_dropped_under_verifying_writers(
+    tapctl: TapCtl, tmp_path: Path
+) -> None:
+    base, mid, leaf, ref = chain(tmp_path)
+    add_hidden_flag(mid, 1)
+    add_hidden_flag(leaf, 0)
+    pid, minor, sock = tapctl.spawn_open(f"qcow2:{leaf}")
+    writers = Writers(sock, ref, seed=81)
+    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
+    assert wait_concluded(tapctl, pid, minor) == SIZE
+    assert query(tapctl, pid, minor) == ("undefined", 0, 0)  # reported once, then forgotten
+    assert not holds_open(pid, mid) and holds_open(pid, base)
+    assert backing_of(leaf) == ("base.qcow2", "qcow2")
+    assert hidden_flag(leaf) == 0  # SM's extension survives the header's rewrite
+    writers.go_on(10)
+    writers.finish()
+    tapctl("pause", "-p", str(pid), "-m", str(minor))
+    mid.unlink()  # the chain on disk no longer needs it
+    compare_with(ref, leaf, "qcow2", tmp_path)
+    run(require("qemu-img"), "check", "-q", base)
+    tapctl("unpause", "-p", str(pid), "-m", str(minor))
+    [row] = tapctl.listing()
+    assert row["spec"] == f"qcow2:{leaf}"
+
+
+def test_commit_refuses_the_leaf_an_image_outside_the_chain_and_a_second_job(
+    tapctl: TapCtl, tmp_path: Path
+) -> None:
+    base, mid, leaf, _ = chain(tmp_path)
+    pid, minor, _ = tapctl.spawn_open(f"qcow2:{leaf}")
+    target = ("-p", str(pid), "-m", str(minor))
+    assert query(tapctl, pid, minor) == ("undefined", 0, 0)
+    for path, why in (
+        (leaf, "leaf, which the guest writes"),
+        (tmp_path / "other.qcow2", "is not in minor"),
+        (base, "has no parent to commit into"),
+    ):
+        proc = tapctl("commit", *target, "-a", str(path), check=False)
+        assert proc.returncode != 0 and why in proc.stderr, proc.stderr
+        assert proc.stderr.startswith(f"tap-ctl: commit of {path} refused: ")
+        assert proc.stderr.count("\n") == 1
+    tapctl("cancel", *target, "-w")  # nothing to cancel: no error
+    assert holds_open(pid, mid)
+
+
+def test_a_commit_that_fails_leaves_the_chain_and_says_why_once(
+    tapctl: TapCtl, tmp_path: Path, tiny_fs: Path
+) -> None:
+    """The parent sits on a 4 MiB file system: the copy of 24 MiB fails with ENOSPC."""
+    base = tiny_fs / "base.qcow2"
+    run(require("qemu-img"), "create", "-q", "-f", "qcow2", base, str(SIZE))
+    mid, leaf = tmp_path / "mid.qcow2", tmp_path / "leaf.qcow2"
+    run(require("qemu-img"), "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    run(require("qemu-img"), "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    qemu_io(mid, f"write -P 0x44 0 {24 * MiB}")
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"allowed_dirs: [{tmp_path}, {tiny_fs}]\n")
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"qcow2:{leaf}")
+    minor = int(sock.rsplit(".", 1)[1])
+    target = ("-p", str(pid), "-m", str(minor))
+    tapctl("commit", *target, "-a", str(mid))
+    deadline = time.monotonic() + 60
+    while (proc := tapctl("query", *target, check=False)).returncode == 0:
+        assert QUERY.match(proc.stdout).group(1) == "running"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert proc.stderr.startswith(f"tap-ctl: commit of {mid} failed: ")
+    assert "No space left on device" in proc.stderr and proc.stderr.count("\n") == 1
+    assert query(tapctl, pid, minor) == ("undefined", 0, 0)
+    assert holds_open(pid, mid) and backing_of(leaf) == ("mid.qcow2", "qcow2")
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    assert handle.pread(MiB, 0) == b"\x44" * MiB  # still read through mid
+    handle.shutdown()
+
+
+def big_chain(tmp_path: Path) -> tuple[Path, Path]:
+    """base <- mid (256 MiB of data, 128 copy steps) <- leaf; returns (mid, leaf)."""
+    base, mid, leaf = (tmp_path / f"{name}.qcow2" for name in ("base", "mid", "leaf"))
+    qemu_img = require("qemu-img")
+    run(qemu_img, "create", "-q", "-f", "qcow2", base, str(BIG))
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    qemu_io(mid, f"write -P 0x55 0 {BIG}")
+    return mid, leaf
+
+
+def while_stopped(pid: int, tapctl: TapCtl, *args: str) -> subprocess.CompletedProcess:
+    """Run ``tap-ctl ARGS`` against a tapdisk frozen (SIGSTOP) just after a commit started:
+    its request waits in the control socket, so the daemon takes it up within its first
+    turns once it runs again, long before the copy's 128 steps are done."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        command = subprocess.Popen(
+            [TAP_CTL, *args],
+            env=tapctl.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.5)  # tap-ctl starts, connects and sends
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out, err = command.communicate(timeout=60)
+    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+
+
+@pytest.mark.parametrize("stop", ["cancel", "pause"])
+def test_a_cancelled_or_paused_commit_leaves_the_chain_and_is_not_concluded(
+    tapctl: TapCtl, tmp_path: Path, stop: str
+) -> None:
+    mid, leaf = big_chain(tmp_path)
+    pid, minor, sock = tapctl.spawn_open(f"qcow2:{leaf}")
+    target = ("-p", str(pid), "-m", str(minor))
+    tapctl("commit", *target, "-a", str(mid))
+    args = ("cancel", *target, "-w") if stop == "cancel" else ("pause", *target)
+    stopped = while_stopped(pid, tapctl, *args)
+    assert stopped.returncode == 0, stopped.stderr
+    proc = tapctl("query", *target, check=False)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (
+        f"tap-ctl: commit of {mid} cancelled: stopped by tap-ctl cancel, a pause or a close; "
+        "the chain is as it was\n"
+    )
+    if stop == "pause":
+        tapctl("unpause", *target)
+    assert holds_open(pid, mid) and backing_of(leaf) == ("mid.qcow2", "qcow2")
+    handle = nbd.NBD()
+    handle.connect_uri(nbd_uri(sock))
+    assert handle.pread(MiB, BIG - MiB) == b"\x55" * MiB
+    handle.shutdown()
+    tapctl("commit", *target, "-a", str(mid))  # a new job starts from the beginning
+    status, done, total = query(tapctl, pid, minor)
+    deadline = time.monotonic() + 120
+    while status != "concluded":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        status, done, total = query(tapctl, pid, minor)
+    assert done == total == BIG and backing_of(leaf) == ("base.qcow2", "qcow2")
+
+
+def test_a_restart_is_refused_while_a_commit_runs(tapctl: TapCtl, tmp_path: Path) -> None:
+    mid, leaf = big_chain(tmp_path)
+    pid, minor, _ = tapctl.spawn_open(f"qcow2:{leaf}")
+    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
+    refused = while_stopped(pid, tapctl, "restart", "-p", str(pid))
+    assert refused.returncode != 0
+    assert f"minor {minor} is committing {mid}" in refused.stderr, refused.stderr
+    assert tapctl.pids() == [pid]
