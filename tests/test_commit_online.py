@@ -258,3 +258,15 @@ def test_a_restart_is_refused_while_a_commit_runs(tapctl: TapCtl, tmp_path: Path
     assert refused.returncode != 0
     assert f"minor {minor} is committing {mid}" in refused.stderr, refused.stderr
     assert tapctl.pids() == [pid]
+
+
+def test_a_migration_is_refused_while_a_commit_runs(tapctl: TapCtl, tmp_path: Path) -> None:
+    mid, leaf = big_chain(tmp_path)
+    target = tmp_path / "target.img"
+    run(require("qemu-img"), "create", "-q", "-f", "raw", target, str(BIG))
+    pid, minor, _ = tapctl.spawn_open(f"qcow2:{leaf}")
+    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
+    args = ("mirror", "-p", str(pid), "-m", str(minor), "-a", f"raw:{target}")
+    refused = while_stopped(pid, tapctl, *args)
+    assert refused.returncode != 0
+    assert f"minor {minor} is committing {mid}; migrate once it ends" in refused.stderr

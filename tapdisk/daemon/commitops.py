@@ -58,6 +58,17 @@ async def cancel(device: Device) -> dict[str, Any]:
     return job.status()
 
 
+def refuse_during(device: Device, what: str) -> None:
+    """Refuse to start ``what`` (a migration) while a job runs on ``device``'s chain."""
+    job = device.commit
+    if job is not None and job.running:
+        raise ControlError(
+            "state",
+            f"minor {device.minor} is committing {job.path}; {what} once it ends "
+            "(tap-ctl query), or stop it (tap-ctl cancel)",
+        )
+
+
 async def stop(device: Device) -> None:
     """Cancel a running job before the device's chain closes (pause, snapshot, close)."""
     job = device.commit

@@ -530,6 +530,7 @@ class Daemon:
         self.confinement.check_spec(spec)
         if device.migration is not None and device.migration.running:
             raise ControlError("state", f"minor {minor.number} is already migrating")
+        commitops.refuse_during(device, "migrate")
 
         def switched(target: str) -> None:
             device.spec = target
