@@ -11,24 +11,24 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import struct
-import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbd
 import pytest
 from helpers import require, run
 from migration_helpers import SIZE, MiB, Writers, compare_with, holds_open
-from tapctl_helpers import TAP_CTL, TapCtl, nbd_uri
+from nbd_servers import nbdkit
+from tapctl_helpers import TapCtl, nbd_uri
 
 #: SM's parse of ``tap-ctl query`` (xcp-ng/sm, drivers/blktap2.py, TapCtl.query).
 QUERY = re.compile(r"Commit status '(.+)' \((\d+)\/(\d+)\)")
 #: The header extension XCP-ng's SM keeps its "hidden" flag in (type "vate", 8 bytes).
 HIDDEN_EXTENSION = 0x76617465
-#: The virtual size (all of it data) of the middle image a job is stopped in.
-BIG = 256 * MiB
+#: Seconds each write to the slow parent takes (nbdkit's delay filter).
+WRITE_DELAY = 4
 
 
 def qemu_io(path: Path, *commands: str) -> None:
@@ -133,7 +133,7 @@ def test_a_middle_image_is_merged_and_dropped_under_verifying_writers(
     assert row["spec"] == f"qcow2:{leaf}"
 
 
-def test_commit_refuses_the_leaf_an_image_outside_the_chain_and_a_second_job(
+def test_commit_refuses_the_leaf_an_image_outside_the_chain_and_the_base(
     tapctl: TapCtl, tmp_path: Path
 ) -> None:
     base, mid, leaf, _ = chain(tmp_path)
@@ -185,88 +185,92 @@ def test_a_commit_that_fails_leaves_the_chain_and_says_why_once(
     handle.shutdown()
 
 
-def big_chain(tmp_path: Path) -> tuple[Path, Path]:
-    """base <- mid (256 MiB of data, 128 copy steps) <- leaf; returns (mid, leaf)."""
-    base, mid, leaf = (tmp_path / f"{name}.qcow2" for name in ("base", "mid", "leaf"))
+@pytest.fixture
+def slow_parent(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
+    """leaf <- mid (8 MiB of data) <- a raw parent served by nbdkit, whose every write takes
+    ``WRITE_DELAY`` seconds: a commit stays in its first write that long, so what a test
+    does meanwhile meets a running job.  Yields (mid, leaf, the tapdisk's config)."""
+    base = tmp_path / "base.raw"
+    base.write_bytes(b"")
+    os.truncate(base, SIZE)
+    sock = tmp_path / "parent.sock"
+    server = nbdkit(sock, "--filter=delay", "file", str(base), f"wdelay={WRITE_DELAY}")
+    mid, leaf = tmp_path / "mid.qcow2", tmp_path / "leaf.qcow2"
     qemu_img = require("qemu-img")
-    run(qemu_img, "create", "-q", "-f", "qcow2", base, str(BIG))
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
+    run(
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        server.uri(),
+        "-F",
+        "raw",
+        mid,
+        str(SIZE),
+    )
     run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
-    qemu_io(mid, f"write -P 0x55 0 {BIG}")
-    return mid, leaf
-
-
-def while_stopped(pid: int, tapctl: TapCtl, *args: str) -> subprocess.CompletedProcess:
-    """Run ``tap-ctl ARGS`` against a tapdisk frozen (SIGSTOP) just after a commit started:
-    its request waits in the control socket, so the daemon takes it up within its first
-    turns once it runs again, long before the copy's 128 steps are done."""
-    os.kill(pid, signal.SIGSTOP)
+    qemu_io(mid, f"write -P 0x55 0 {8 * MiB}")
+    config = tmp_path / "tapdisk.yaml"
+    config.write_text(f"allowed_dirs: [{tmp_path}]\nremote_backing: true\n")
     try:
-        command = subprocess.Popen(
-            [TAP_CTL, *args],
-            env=tapctl.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        time.sleep(1.5)  # tap-ctl starts, connects and sends
+        yield mid, leaf, config
     finally:
-        os.kill(pid, signal.SIGCONT)
-    out, err = command.communicate(timeout=60)
-    return subprocess.CompletedProcess(command.args, command.returncode, out, err)
+        server.stop()
+
+
+def committing(tapctl: TapCtl, mid: Path, leaf: Path, config: Path) -> tuple[int, int, str]:
+    """A tapdisk serving ``leaf``, committing ``mid`` into the slow parent: (pid, minor, sock)."""
+    pid = int(tapctl.out("spawn", "--config", str(config)))
+    sock = tapctl.out("open", "-p", str(pid), "-a", f"qcow2:{leaf}")
+    minor = int(sock.rsplit(".", 1)[1])
+    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
+    assert query(tapctl, pid, minor)[0] == "running"
+    return pid, minor, sock
 
 
 @pytest.mark.parametrize("stop", ["cancel", "pause"])
 def test_a_cancelled_or_paused_commit_leaves_the_chain_and_is_not_concluded(
-    tapctl: TapCtl, tmp_path: Path, stop: str
+    tapctl: TapCtl, slow_parent: tuple[Path, Path, Path], stop: str
 ) -> None:
-    mid, leaf = big_chain(tmp_path)
-    pid, minor, sock = tapctl.spawn_open(f"qcow2:{leaf}")
+    mid, leaf, config = slow_parent
+    pid, minor, sock = committing(tapctl, mid, leaf, config)
     target = ("-p", str(pid), "-m", str(minor))
-    tapctl("commit", *target, "-a", str(mid))
-    args = ("cancel", *target, "-w") if stop == "cancel" else ("pause", *target)
-    stopped = while_stopped(pid, tapctl, *args)
-    assert stopped.returncode == 0, stopped.stderr
+    tapctl(*(("cancel", *target, "-w") if stop == "cancel" else ("pause", *target)))
     proc = tapctl("query", *target, check=False)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == (
         f"tap-ctl: commit of {mid} cancelled: stopped by tap-ctl cancel, a pause or a close; "
         "the chain is as it was\n"
     )
+    assert query(tapctl, pid, minor) == ("undefined", 0, 0)
     if stop == "pause":
         tapctl("unpause", *target)
     assert holds_open(pid, mid) and backing_of(leaf) == ("mid.qcow2", "qcow2")
     handle = nbd.NBD()
     handle.connect_uri(nbd_uri(sock))
-    assert handle.pread(MiB, BIG - MiB) == b"\x55" * MiB
+    assert handle.pread(MiB, 7 * MiB) == b"\x55" * MiB
     handle.shutdown()
-    tapctl("commit", *target, "-a", str(mid))  # a new job starts from the beginning
-    status, done, total = query(tapctl, pid, minor)
-    deadline = time.monotonic() + 120
-    while status != "concluded":
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-        status, done, total = query(tapctl, pid, minor)
-    assert done == total == BIG and backing_of(leaf) == ("base.qcow2", "qcow2")
 
 
-def test_a_restart_is_refused_while_a_commit_runs(tapctl: TapCtl, tmp_path: Path) -> None:
-    mid, leaf = big_chain(tmp_path)
-    pid, minor, _ = tapctl.spawn_open(f"qcow2:{leaf}")
-    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
-    refused = while_stopped(pid, tapctl, "restart", "-p", str(pid))
+@pytest.mark.parametrize("command", ["restart", "mirror", "commit"])
+def test_a_restart_a_migration_or_a_second_commit_is_refused_while_a_commit_runs(
+    tapctl: TapCtl, slow_parent: tuple[Path, Path, Path], tmp_path: Path, command: str
+) -> None:
+    mid, leaf, config = slow_parent
+    pid, minor, _ = committing(tapctl, mid, leaf, config)
+    copy = tmp_path / "copy.img"
+    copy.write_bytes(b"")
+    os.truncate(copy, SIZE)
+    args = {
+        "restart": ("restart", "-p", str(pid)),
+        "mirror": ("mirror", "-p", str(pid), "-m", str(minor), "-a", f"raw:{copy}"),
+        "commit": ("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid)),
+    }[command]
+    refused = tapctl(*args, check=False)
     assert refused.returncode != 0
-    assert f"minor {minor} is committing {mid}" in refused.stderr, refused.stderr
+    assert f"minor {minor} is" in refused.stderr and f"committing {mid}" in refused.stderr
     assert tapctl.pids() == [pid]
-
-
-def test_a_migration_is_refused_while_a_commit_runs(tapctl: TapCtl, tmp_path: Path) -> None:
-    mid, leaf = big_chain(tmp_path)
-    target = tmp_path / "target.img"
-    run(require("qemu-img"), "create", "-q", "-f", "raw", target, str(BIG))
-    pid, minor, _ = tapctl.spawn_open(f"qcow2:{leaf}")
-    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
-    args = ("mirror", "-p", str(pid), "-m", str(minor), "-a", f"raw:{target}")
-    refused = while_stopped(pid, tapctl, *args)
-    assert refused.returncode != 0
-    assert f"minor {minor} is committing {mid}; migrate once it ends" in refused.stderr
+    assert query(tapctl, pid, minor)[0] == "running"
