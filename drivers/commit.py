@@ -70,15 +70,21 @@ async def copy_own_clusters(
     pos = 0
     while pos < size:
         kind, run = await own(pos, min(size - pos, SCAN_CHUNK))
-        if kind == ZERO:
-            run = min(run, ZERO_CHUNK)
-            await base.write_zeroes(pos, run)
-        elif kind != BACKING:
-            run = min(run, COPY_CHUNK)
-            view = memoryview(buf)[:run]
-            await top.read(pos, view)
-            await base.write(pos, view)
-        pos += run
+        end = pos + run
+        if kind == BACKING:
+            pos = end
+        while pos < end:  # the run in pieces, with no second look at its mapping
+            if kind == ZERO:
+                piece = min(end - pos, ZERO_CHUNK)
+                await base.write_zeroes(pos, piece)
+            else:
+                piece = min(end - pos, COPY_CHUNK)
+                view = memoryview(buf)[:piece]
+                await top.read(pos, view)
+                await base.write(pos, view)
+            pos += piece
+            if progress:
+                progress(pos, size)
         if progress:
             progress(pos, size)
     await base.flush()
