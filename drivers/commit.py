@@ -85,6 +85,9 @@ async def copy_own_clusters(
             pos += piece
             if progress:
                 progress(pos, size)
+            # Reads and writes that the page cache takes inline never give the event loop
+            # back: without this a running device's requests would wait for the whole run.
+            await asyncio.sleep(0)
         if progress:
             progress(pos, size)
     await base.flush()

@@ -15,10 +15,10 @@ holding the chain does the work, so no other process writes under its caches.  A
    its reads of the image's ranges are still served by the image, unchanged.  The
    parent is flushed, then closed.
 3. **Drop**: the parent is opened afresh read-only (the chain's old handle cached the
-   parent's tables from before the copy), and behind a brief drain (``VBD.swap``) the
-   image above is rewritten on disk to name the parent (``rewrite_backing``, as
-   ``qemu-img rebase -u`` would), reads through it go to the fresh parent, and the
-   image and the old parent handle are closed: no file of it stays open.
+   parent's tables from before the copy), the image above is rewritten on disk to name
+   the parent (``rewrite_backing``, as ``qemu-img rebase -u`` would), and behind a brief
+   drain (``VBD.swap``) reads through it go to the fresh parent and the image and the
+   old parent handle are closed: no file of it stays open.
 
 The status ``query`` reports: ``running`` during the copy, ``concluded`` once the image
 is out of the chain.  A job that failed or was cancelled (``cancel``, or a pause or
@@ -160,14 +160,17 @@ class CommitJob:
         log.error("%s: commit of %s %s: %s", self.vbd.name, self.path, state, reason)
 
     async def _drop(self, image: Qcow2Image, child: Qcow2Image) -> None:
-        """Point ``child`` at ``image``'s parent, on disk and in memory, and close ``image``."""
+        """Point ``child`` at ``image``'s parent, on disk and in memory, and close ``image``.
+
+        The header is rewritten (and synced, which also writes back the guest's data in
+        ``child``) before the drain: the parent already holds all of ``image``'s data, so
+        either name is right on disk, and the drain only moves references."""
         name, fmt = _backing_name_for(child, image)
         fresh = await asyncio.to_thread(open_backing, child.path, name, fmt, self.options)
 
         async def unlink(top: Image) -> Image:
             if child.backing is not image:
                 raise VBDError(f"{self.vbd.name}'s chain changed during the commit")
-            await asyncio.to_thread(rewrite_backing, child, name, fmt)
             stale, image.backing = image.backing, None
             child.backing = fresh
             await image.close()
@@ -176,6 +179,7 @@ class CommitJob:
             return top
 
         try:
+            await asyncio.to_thread(rewrite_backing, child, name, fmt)
             await self.vbd.swap(unlink)
         except BaseException:
             if child.backing is not fresh:
