@@ -46,16 +46,16 @@ def tool(*argv: str, env: dict[str, str]) -> str:
 class Writer(threading.Thread):
     """64 KiB writes at queue depth 1; each latency goes to the current phase."""
 
-    def __init__(self, sock: str, size: int) -> None:
+    def __init__(self, uri: str, size: int) -> None:
         super().__init__(daemon=True)
-        self.sock, self.size = sock, size
+        self.uri, self.size = uri, size
         self.phase = "before"
         self.latencies: dict[str, list[float]] = {"before": [], "during": [], "after": []}
         self.stop = threading.Event()
 
     def run(self) -> None:
         h = nbd.NBD()
-        h.connect_uri(f"nbd+unix:///?socket={self.sock}")
+        h.connect_uri(self.uri)
         rng = random.Random(1)
         data = rng.randbytes(WRITE)
         while not self.stop.is_set():
@@ -134,7 +134,7 @@ def main() -> None:
     pid = tool("tap-ctl", "spawn", env=env)
     try:
         sock = tool("tap-ctl", "open", "-p", pid, "-a", f"raw:{source}", env=env)
-        writer = Writer(sock, size)
+        writer = Writer(f"nbd+unix:///?socket={sock}", size)
         writer.start()
         time.sleep(args.settle)
         writer.phase = "during"

@@ -19,46 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import nbd
-from migration import summary, tool
+from migration import Writer, summary, tool
 
 BIN = Path(sys.executable).parent
-WRITE = 64 << 10
 POLL = 0.05
-
-
-class Writer(threading.Thread):
-    """64 KiB writes at queue depth 1 on the leaf; each latency goes to the current phase."""
-
-    def __init__(self, uri: str, size: int) -> None:
-        super().__init__(daemon=True)
-        self.uri, self.size = uri, size
-        self.phase = "before"
-        self.latencies: dict[str, list[float]] = {"before": [], "during": [], "after": []}
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        h = nbd.NBD()
-        h.connect_uri(self.uri)
-        rng = random.Random(1)
-        data = rng.randbytes(WRITE)
-        while not self.stop.is_set():
-            offset = rng.randrange(self.size // WRITE) * WRITE
-            start = time.perf_counter()
-            h.pwrite(data, offset)
-            self.latencies[self.phase].append(time.perf_counter() - start)
-        h.shutdown()
 
 
 def make_chain(directory: Path, size_mib: int) -> None:
