@@ -8,6 +8,8 @@ leaf over NBD and commits mid into base with QMP ``block-commit`` (the job XCP-n
 QEMU-based tapdisk runs).  In both, one libnbd writer does 64 KiB writes at queue depth 1
 on the leaf throughout; each write's latency goes to the phase it fell in (before, during,
 after the commit).  Prints each commit's time and rate, the ratio, and the writes' latency.
+tapdisk's time includes starting ``tap-ctl`` for the commit and every query (about 0.2 s
+each here), so small sizes measure that more than the copy: use 1 GiB or more.
 Everything runs in a private directory, removed at the end.
 
 Run it from the checkout's venv: ``.venv/bin/python bench/online_commit.py --size 1024``.
