@@ -116,7 +116,8 @@ def test_a_middle_image_is_merged_and_dropped_under_verifying_writers(
     add_hidden_flag(leaf, 0)
     pid, minor, sock = tapctl.spawn_open(f"qcow2:{leaf}")
     writers = Writers(sock, ref, seed=81)
-    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", str(mid))
+    # A relative path, and the type SM's tap-ctl call leaves out: both name the same image.
+    tapctl("commit", "-p", str(pid), "-m", str(minor), "-a", f"qcow2:{mid.name}", cwd=tmp_path)
     assert wait_concluded(tapctl, pid, minor) == SIZE
     assert query(tapctl, pid, minor) == ("undefined", 0, 0)  # reported once, then forgotten
     assert not holds_open(pid, mid) and holds_open(pid, base)

@@ -12,6 +12,7 @@ image's children to a parent that lacks its data.
 from __future__ import annotations
 
 import argparse
+import os
 
 from tapdisk.ctl.client import CallError
 
@@ -19,9 +20,10 @@ from .commands import TapCtlError, client, target
 
 
 def image_path(args: argparse.Namespace) -> str:
-    """The image ``-a`` names: a path, as SM passes it, or ``qcow2:PATH``."""
+    """The image ``-a`` names (a path, as SM passes it, or ``qcow2:PATH``), absolute: the
+    tapdisk does not share this command's working directory."""
     kind, colon, rest = args.args.partition(":")
-    return rest if colon and kind == "qcow2" else args.args
+    return os.path.abspath(rest if colon and kind == "qcow2" else args.args)
 
 
 def cmd_commit(args: argparse.Namespace) -> None:
