@@ -71,10 +71,10 @@ async def copy_own_clusters(
     while pos < size:
         kind, run = await own(pos, min(size - pos, SCAN_CHUNK))
         end = pos + run
-        if kind == BACKING:
-            pos = end
         while pos < end:  # the run in pieces, with no second look at its mapping
-            if kind == ZERO:
+            if kind == BACKING:
+                piece = end - pos  # left to the backing file: nothing to do
+            elif kind == ZERO:
                 piece = min(end - pos, ZERO_CHUNK)
                 await base.write_zeroes(pos, piece)
             else:
@@ -88,6 +88,4 @@ async def copy_own_clusters(
             # Reads and writes that the page cache takes inline never give the event loop
             # back: without this a running device's requests would wait for the whole run.
             await asyncio.sleep(0)
-        if progress:
-            progress(pos, size)
     await base.flush()
