@@ -25,11 +25,9 @@ UNDEFINED: dict[str, Any] = {
 
 async def start(device: Device, path: str) -> dict[str, Any]:
     """Start committing ``path`` on ``device``; its COMMIT-STATUS once the copy runs."""
-    if device.commit is not None and device.commit.running:
-        raise ControlError(
-            "state", f"minor {device.minor} is already committing {device.commit.path}"
-        )
-    if device.migration is not None and device.migration.running:
+    if (running := device.running_commit) is not None:
+        raise ControlError("state", f"minor {device.minor} is already committing {running.path}")
+    if device.running_migration is not None:
         raise ControlError(
             "state", f"minor {device.minor} is being migrated; commit once tap-ctl mirror ends"
         )
@@ -60,8 +58,8 @@ async def cancel(device: Device) -> dict[str, Any]:
 
 def refuse_during(device: Device, what: str) -> None:
     """Refuse to start ``what`` (a migration) while a job runs on ``device``'s chain."""
-    job = device.commit
-    if job is not None and job.running:
+    job = device.running_commit
+    if job is not None:
         raise ControlError(
             "state",
             f"minor {device.minor} is committing {job.path}; {what} once it ends "
@@ -71,6 +69,6 @@ def refuse_during(device: Device, what: str) -> None:
 
 async def stop(device: Device) -> None:
     """Cancel a running job before the device's chain closes (pause, snapshot, close)."""
-    job = device.commit
-    if job is not None and job.running:
+    job = device.running_commit
+    if job is not None:
         await job.cancel()

@@ -41,6 +41,16 @@ class Device:
     commit: CommitJob | None = None
 
     @property
+    def running_migration(self) -> Migration | None:
+        """The live migration, while it copies or is about to switch."""
+        return self.migration if self.migration is not None and self.migration.running else None
+
+    @property
+    def running_commit(self) -> CommitJob | None:
+        """The online commit, while it runs on the device's chain."""
+        return self.commit if self.commit is not None and self.commit.running else None
+
+    @property
     def served(self) -> str:
         """Spec of the image served: ``spec``, or the standby's once it took over (``-s``)."""
         return self.vbd.spec if self.vbd.taken_over else self.spec

@@ -181,10 +181,10 @@ def _busy(device: Device) -> str | None:
     """What a device is doing that a hand-over cannot carry (None: nothing)."""
     if device.closing:
         return "closing"
-    if device.migration is not None and device.migration.running:
+    if device.running_migration is not None:
         return "migrating"
-    if device.commit is not None and device.commit.running:
-        return f"committing {device.commit.path} (tap-ctl cancel stops it)"
+    if (job := device.running_commit) is not None:
+        return f"committing {job.path} (tap-ctl cancel stops it)"
     return None
 
 

@@ -528,7 +528,7 @@ class Daemon:
         minor, device = self._device(request)
         spec = request.args["spec"]
         self.confinement.check_spec(spec)
-        if device.migration is not None and device.migration.running:
+        if device.running_migration is not None:
             raise ControlError("state", f"minor {minor.number} is already migrating")
         commitops.refuse_during(device, "migrate")
 
@@ -572,9 +572,9 @@ class Daemon:
 
 def _not_migrating(device: Device) -> None:
     """Refuse to pause a device while ``tap-ctl mirror`` copies it."""
-    if device.migration is not None and device.migration.running:
+    if (migration := device.running_migration) is not None:
         raise ControlError(
             "state",
-            f"minor {device.minor} is being migrated to {device.migration.target}; "
+            f"minor {device.minor} is being migrated to {migration.target}; "
             "wait for tap-ctl mirror to finish, or interrupt it",
         )
