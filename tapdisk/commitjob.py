@@ -42,6 +42,7 @@ from tapdisk.drivers.qcow2.image import Qcow2Image
 from tapdisk.drivers.qcow2.rebase import rewrite_backing
 from tapdisk.drivers.registry import OpenOptions, open_image
 
+from .config import image_path
 from .vbd import VBD, VBDError
 
 log = logging.getLogger("tapdisk.commit")
@@ -111,8 +112,8 @@ class CommitJob:
             raise VBDError(f"{self.vbd.name} is paused: its chain is closed")
         wanted = os.path.realpath(self.path)
         for depth, image in enumerate(chain):
-            where = image.spec.partition(":")[2]
-            if not os.path.isabs(where) or os.path.realpath(where) != wanted:
+            where = image_path(image.spec)
+            if where is None or os.path.realpath(where) != wanted:
                 continue
             if depth == 0:
                 raise VBDError(
