@@ -9,6 +9,7 @@ with what the writers wrote.  The query lines are parsed with SM's own pattern.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import struct
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from helpers import require, run
+from image_helpers import qemu_img, qemu_io
 from migration_helpers import SIZE, MiB, Writers, compare_with, holds_open
 from nbd_servers import nbdkit
 from tapctl_helpers import TapCtl, nbd_uri
@@ -31,27 +32,21 @@ HIDDEN_EXTENSION = 0x76617465
 WRITE_DELAY = 4
 
 
-def qemu_io(path: Path, *commands: str) -> None:
-    args = [arg for command in commands for arg in ("-c", command)]
-    run(require("qemu-io"), "-f", "qcow2", *args, path)
-
-
 def chain(tmp_path: Path) -> tuple[Path, Path, Path, bytearray]:
     """base <- mid <- leaf, each holding data of its own, and what the leaf reads."""
     base, mid, leaf = (tmp_path / f"{name}.qcow2" for name in ("base", "mid", "leaf"))
-    qemu_img = require("qemu-img")
-    run(qemu_img, "create", "-q", "-f", "qcow2", base, str(SIZE))
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    qemu_img("create", "-q", "-f", "qcow2", base, str(SIZE))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", mid)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
     ref = bytearray(SIZE)
     for path, pattern, start, length in (
         (base, 0x11, 0, 24 * MiB),
         (mid, 0x22, 8 * MiB, 24 * MiB),
         (leaf, 0x33, 28 * MiB, 8 * MiB),
     ):
-        qemu_io(path, f"write -P {pattern} {start} {length}")
+        qemu_io("qcow2", path, f"write -P {pattern} {start} {length}")
         ref[start : start + length] = bytes([pattern]) * length
-    qemu_io(mid, f"write -z {4 * MiB} {2 * MiB}")  # zeroes over the base's data
+    qemu_io("qcow2", mid, f"write -z {4 * MiB} {2 * MiB}")  # zeroes over the base's data
     ref[4 * MiB : 6 * MiB] = bytes(2 * MiB)
     return base, mid, leaf, ref
 
@@ -103,9 +98,8 @@ def wait_concluded(tapctl: TapCtl, pid: int, minor: int) -> int:
 
 
 def backing_of(path: Path) -> tuple[str, str]:
-    info = run(require("qemu-img"), "info", "--output=json", "-U", path)
-    fields = dict(re.findall(r'"(backing-filename(?:-format)?)": "([^"]*)"', info))
-    return fields["backing-filename"], fields["backing-filename-format"]
+    info = json.loads(qemu_img("info", "--output=json", "-U", path))
+    return info["backing-filename"], info["backing-filename-format"]
 
 
 def test_a_middle_image_is_merged_and_dropped_under_verifying_writers(
@@ -128,7 +122,7 @@ def test_a_middle_image_is_merged_and_dropped_under_verifying_writers(
     tapctl("pause", "-p", str(pid), "-m", str(minor))
     mid.unlink()  # the chain on disk no longer needs it
     compare_with(ref, leaf, "qcow2", tmp_path)
-    run(require("qemu-img"), "check", "-q", base)
+    qemu_img("check", "-q", base)
     tapctl("unpause", "-p", str(pid), "-m", str(minor))
     [row] = tapctl.listing()
     assert row["spec"] == f"qcow2:{leaf}"
@@ -159,11 +153,11 @@ def test_a_commit_that_fails_leaves_the_chain_and_says_why_once(
 ) -> None:
     """The parent sits on a 4 MiB file system: the copy of 24 MiB fails with ENOSPC."""
     base = tiny_fs / "base.qcow2"
-    run(require("qemu-img"), "create", "-q", "-f", "qcow2", base, str(SIZE))
+    qemu_img("create", "-q", "-f", "qcow2", base, str(SIZE))
     mid, leaf = tmp_path / "mid.qcow2", tmp_path / "leaf.qcow2"
-    run(require("qemu-img"), "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
-    run(require("qemu-img"), "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
-    qemu_io(mid, f"write -P 0x44 0 {24 * MiB}")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    qemu_io("qcow2", mid, f"write -P 0x44 0 {24 * MiB}")
     config = tmp_path / "tapdisk.yaml"
     config.write_text(f"allowed_dirs: [{tmp_path}, {tiny_fs}]\n")
     pid = int(tapctl.out("spawn", "--config", str(config)))
@@ -197,23 +191,9 @@ def slow_parent(tmp_path: Path) -> Iterator[tuple[Path, Path, Path]]:
     sock = tmp_path / "parent.sock"
     server = nbdkit(sock, "--filter=delay", "file", str(base), f"wdelay={WRITE_DELAY}")
     mid, leaf = tmp_path / "mid.qcow2", tmp_path / "leaf.qcow2"
-    qemu_img = require("qemu-img")
-    run(
-        qemu_img,
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        server.uri(),
-        "-F",
-        "raw",
-        mid,
-        str(SIZE),
-    )
-    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
-    qemu_io(mid, f"write -P 0x55 0 {8 * MiB}")
+    qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", server.uri(), "-F", "raw", mid, str(SIZE))
+    qemu_img("create", "-q", "-f", "qcow2", "-b", mid.name, "-F", "qcow2", leaf)
+    qemu_io("qcow2", mid, f"write -P 0x55 0 {8 * MiB}")
     config = tmp_path / "tapdisk.yaml"
     config.write_text(f"allowed_dirs: [{tmp_path}]\nremote_backing: true\n")
     try:
