@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -41,6 +42,11 @@ class Cluster:
     def spec(self, name: str) -> str:
         """Our (and qemu's) spec for ``rbd/NAME`` on this cluster."""
         return f"rbd:{name}:conf={self.conf}"
+
+    def allocated(self, name: str) -> list[tuple[int, int]]:
+        """(offset, length) of the image's allocated extents, in order (``rbd diff``)."""
+        extents = json.loads(self.rbd("diff", "--format", "json", name))
+        return sorted((extent["offset"], extent["length"]) for extent in extents)
 
     def export(self, name: str, dest: Path) -> bytes:
         """The image's bytes as ``rbd export`` writes them."""
