@@ -16,15 +16,12 @@ from ..registry import NewBacking
 from ..sizes import parse_size
 from .format import (
     COMPRESSION_FIELD,
-    EXT_BACKING_FORMAT,
-    EXT_END,
-    MAX_BACKING_NAME,
     MAX_CLUSTER_BITS,
     MIN_CLUSTER_BITS,
     V2_HEADER,
     V3_HEADER_LEN,
     Header,
-    extension_bytes,
+    pack_header_cluster,
 )
 from .refcount import encode_block
 
@@ -90,19 +87,7 @@ def create_qcow2(
         refcount_order=order,
         header_length=V3_HEADER_LEN + COMPRESSION_FIELD.size if version == 3 else V2_HEADER.size,
     )
-    ext = b""
-    if backing_format:
-        ext += extension_bytes(EXT_BACKING_FORMAT, backing_format.encode())
-    ext += extension_bytes(EXT_END, b"")
-    name = backing_file.encode() if backing_file else b""
-    if len(name) > MAX_BACKING_NAME:
-        raise ImageError(f"backing file name longer than {MAX_BACKING_NAME} bytes")
-    if name:
-        header.backing_file_offset = header.header_length + len(ext)
-        header.backing_file_size = len(name)
-    cluster0 = header.pack() + ext + name
-    if len(cluster0) > cluster_size:
-        raise ImageError("header, extensions and backing name do not fit in one cluster")
+    cluster0 = pack_header_cluster(header, [], backing_file, backing_format, path)
     used = 3 + l1_clusters
     block_entries = cluster_size * 8 // refcount_bits
     if used > block_entries:

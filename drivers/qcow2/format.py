@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from ..base import ImageFormatError
+from ..base import ImageError, ImageFormatError
 
 MAGIC = 0x514649FB
 #: Largest and smallest cluster_bits qemu accepts (512 B .. 2 MiB).
@@ -292,6 +292,36 @@ def extension_bytes(kind: int, data: bytes) -> bytes:
     """One encoded header extension, padded to 8 bytes."""
     pad = -len(data) % 8
     return EXT_HEADER.pack(kind, len(data)) + data + bytes(pad)
+
+
+def pack_header_cluster(
+    header: Header,
+    extensions: list[tuple[int, bytes]],
+    backing_name: str | None,
+    backing_format: str | None,
+    path: str,
+) -> bytes:
+    """The header cluster as qemu lays it out: ``header``'s fields, ``extensions`` in their
+    order with ``backing_format`` in place of any backing format among them, the end
+    marker, then the backing file's name; ``header``'s backing offset and size are set to
+    match.  ImageError when the name is too long or the whole does not fit in a cluster."""
+    name = backing_name.encode() if backing_name else b""
+    if len(name) > MAX_BACKING_NAME:
+        raise ImageError(f"{path}: backing file name longer than {MAX_BACKING_NAME} bytes")
+    kept = [(kind, data) for kind, data in extensions if kind != EXT_BACKING_FORMAT]
+    if backing_format:
+        kept.append((EXT_BACKING_FORMAT, backing_format.encode()))
+    encoded = b"".join(extension_bytes(kind, data) for kind, data in kept)
+    encoded += extension_bytes(EXT_END, b"")
+    header.backing_file_offset = header.header_length + len(encoded) if name else 0
+    header.backing_file_size = len(name)
+    cluster = header.pack() + encoded + name
+    if len(cluster) > header.cluster_size:
+        raise ImageError(
+            f"{path}: the header, its extensions and the backing file name do not fit in "
+            f"one {header.cluster_size}-byte cluster"
+        )
+    return cluster
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,7 @@ import os
 
 from ..base import ImageError
 from ..fileio import pread_full, pwrite_full
-from .format import (
-    EXT_BACKING_FORMAT,
-    EXT_END,
-    MAX_BACKING_NAME,
-    Header,
-    extension_bytes,
-    walk_extensions,
-)
+from .format import Header, pack_header_cluster, walk_extensions
 from .image import Qcow2Image
 
 
@@ -30,29 +23,16 @@ def rewrite_backing(image: Qcow2Image, name: str, backing_format: str | None) ->
     """Make ``image`` name ``name`` (of ``backing_format``, if given) as its backing file
     on disk and in memory.  Raises ImageError when the new header does not fit in the
     header cluster."""
-    encoded = name.encode()
-    if not encoded or len(encoded) > MAX_BACKING_NAME:
-        raise ImageError(f"{image.path}: backing file name of {len(encoded)} bytes")
+    if not name:
+        raise ImageError(f"{image.path}: an empty backing file name")
     fd = os.open(image.path, os.O_RDWR | os.O_CLOEXEC)
     try:
         header_cluster = bytearray(image.cluster_size)
         pread_full(fd, memoryview(header_cluster), 0)
         header = Header.unpack(bytes(header_cluster))
         entries, _ = walk_extensions(bytes(header_cluster), header, image.path)
-        kept = [(kind, data) for kind, data in entries if kind != EXT_BACKING_FORMAT]
-        if backing_format:
-            kept.append((EXT_BACKING_FORMAT, backing_format.encode()))
-        extensions = b"".join(extension_bytes(kind, data) for kind, data in kept)
-        extensions += extension_bytes(EXT_END, b"")
         old_end = header.backing_file_offset + header.backing_file_size
-        header.backing_file_offset = header.header_length + len(extensions)
-        header.backing_file_size = len(encoded)
-        cluster = header.pack() + extensions + encoded
-        if len(cluster) > image.cluster_size:
-            raise ImageError(
-                f"{image.path}: the header, its extensions and the backing file name "
-                f"{name!r} do not fit in its {image.cluster_size}-byte header cluster"
-            )
+        cluster = pack_header_cluster(header, entries, name, backing_format, image.path)
         cluster += bytes(max(0, old_end - len(cluster)))  # no trace of a longer old name
         pwrite_full(fd, memoryview(cluster), 0)
         os.fdatasync(fd)
